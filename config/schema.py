@@ -1,0 +1,83 @@
+"""The canonical customer model: the column contract between stages.
+
+Every source is mapped onto these columns (docs/canonical-model.md). The raw
+text of each mapped field is kept as-is; normalisation adds `*_norm` columns
+beside it so that auditors and return files can always show what the business
+unit sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+from mdm_pipeline.config.errors import DataContractError
+
+# Identification and lineage, set by the loader.
+SOURCE = "source"
+SOURCE_KEY = "source_key"
+SOURCE_LINE = "source_line"  # physical line (CSV) or 1-based row number (Parquet, SQL)
+RECORD_TYPE = "record_type"  # "person" | "organisation"
+TRUST = "trust"
+
+# Text fields mapped from the business units' columns (raw, as sent).
+TEXT_FIELDS: tuple[str, ...] = (
+    "civility",
+    "first_name",
+    "last_name",
+    "birth_name",
+    "email",
+    "phone",
+    "address_lines",  # all raw address lines, newline-separated, in the order sent
+    "postcode",
+    "city",
+    "country",
+    "company_name",
+    "siren",
+    "siret",
+)
+DATE_FIELDS: tuple[str, ...] = ("birth_date",)
+DATETIME_FIELDS: tuple[str, ...] = ("source_updated_at",)
+BOOL_FIELDS: tuple[str, ...] = ("consent_email", "consent_sms", "consent_post")
+
+#: Fields a source mapping may fill (besides `source_key` and `full_name`).
+MAPPABLE_FIELDS: tuple[str, ...] = (
+    (RECORD_TYPE,) + TEXT_FIELDS + DATE_FIELDS + DATETIME_FIELDS + BOOL_FIELDS
+)
+
+#: Typed fields keep their raw text in `<field>_raw`.
+TYPED_FIELDS: tuple[str, ...] = DATE_FIELDS + DATETIME_FIELDS + BOOL_FIELDS
+
+CANONICAL_COLUMNS: tuple[str, ...] = (
+    (SOURCE, SOURCE_KEY, SOURCE_LINE, RECORD_TYPE, TRUST)
+    + TEXT_FIELDS
+    + DATE_FIELDS
+    + DATETIME_FIELDS
+    + BOOL_FIELDS
+    + tuple(f"{f}_raw" for f in TYPED_FIELDS)
+)
+
+RECORD_TYPES = ("person", "organisation")
+
+# Quarantine frame: one row per input row that did not become a record.
+QUARANTINE_COLUMNS: tuple[str, ...] = (
+    SOURCE,
+    "location",  # file path or table/query label
+    "line",
+    SOURCE_KEY,
+    "reason",
+    "raw",  # the row as read, kept for reprocessing (store only, never logged)
+)
+
+
+def require_columns(frame: pd.DataFrame, columns: Iterable[str], boundary: str) -> None:
+    """Fail loudly when a stage receives a frame missing columns it relies on."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataContractError(f"{boundary}: missing columns {', '.join(missing)}")
+
+
+def empty_quarantine() -> pd.DataFrame:
+    """A quarantine frame with no rows and the contract's columns."""
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in QUARANTINE_COLUMNS})
