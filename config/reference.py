@@ -50,6 +50,11 @@ def first_name_keys() -> frozenset[str]:
     first = frame.loc[frame["kind"].str.startswith("first"), "name"]
     keys = {unidecode(n).upper() for n in first}
     keys |= {part for n in keys for part in n.split("-")}
-    surnames = {unidecode(n).upper() for n in frame.loc[frame["kind"] == "last", "name"]}
-    # A word that is also a common surname (e.g. MARTIN, THOMAS) decides nothing.
-    return frozenset(keys - surnames)
+    return frozenset(keys)
+
+
+@cache
+def surname_keys() -> frozenset[str]:
+    """Upper-case, unaccented common surnames."""
+    frame = names()
+    return frozenset(unidecode(n).upper() for n in frame.loc[frame["kind"] == "last", "name"])

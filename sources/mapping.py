@@ -1,0 +1,287 @@
+"""Map one extract's rows onto the canonical customer model.
+
+All checks are vectorised: each produces a mask and a reason, and a row
+failing any check goes to quarantine with every reason that applies. Reasons
+name fields and formats, never the offending value (it is personal data).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from unidecode import unidecode
+
+from mdm_pipeline.config import schema
+from mdm_pipeline.config.reference import first_name_keys, surname_keys
+from mdm_pipeline.config.schema import QUARANTINE_COLUMNS, SOURCE, SOURCE_KEY
+from mdm_pipeline.config.settings import (
+    BoolFieldSpec,
+    DateFieldSpec,
+    FieldSpec,
+    FullNameSpec,
+    Source,
+)
+from mdm_pipeline.sources.readers import LINE, RawExtract
+
+_EMPTY = {"": None}
+
+
+@dataclass(frozen=True)
+class MappedSource:
+    """The canonical records of one source and what was quarantined on the way."""
+
+    source: str
+    location: str
+    records: pd.DataFrame
+    quarantine: pd.DataFrame
+    rows_read: int
+    duplicates: int  # rows superseded by a later version of the same source key
+    fingerprint: str
+
+
+def _clean(series: pd.Series) -> pd.Series:
+    """Strip blanks and turn empty text into None."""
+    text = series.astype(object).where(series.notna(), None)
+    text = text.str.strip().str.replace(r"[ \t]+", " ", regex=True)
+    return text.where(text.notna() & (text != ""), None)
+
+
+def _join_columns(parts: list[pd.Series], sep: str) -> pd.Series:
+    """Join several text columns, skipping empty ones, column by column (no row loop)."""
+    out = parts[0]
+    for part in parts[1:]:
+        both = out.notna() & part.notna()
+        joined = out.where(~both, out + sep + part)
+        out = joined.where(joined.notna(), part)
+    return out
+
+
+def _field_text(rows: pd.DataFrame, spec: FieldSpec, sep: str) -> pd.Series:
+    if spec.constant is not None:
+        out = pd.Series(spec.constant, index=rows.index, dtype=object)
+    elif spec.column is not None:
+        out = _clean(rows[spec.column])
+    else:
+        out = _join_columns([_clean(rows[c]) for c in spec.source_columns], sep)
+    if spec.values:
+        recoded = out.map(spec.values)
+        out = recoded.where(recoded.notna(), out)
+    return out
+
+
+def split_full_name(full: pd.Series, order: str) -> tuple[pd.Series, pd.Series]:
+    """Split "DUPONT Jean", "Jean Dupont" or "Dupont, Jean-Pierre" into (first, last).
+
+    A comma means "last, first". Otherwise words written in capitals, beside
+    words that are not, are the surname (the French administrative habit).
+    Otherwise `order` decides; `auto` looks the first and last words up in the
+    first-name and surname lists and falls back to "first last".
+    """
+    text = _clean(full)
+    first = pd.Series(None, index=full.index, dtype=object)
+    last = pd.Series(None, index=full.index, dtype=object)
+    present = text.notna()
+    comma = present & text.str.contains(",", regex=False)
+    parts = text[comma].str.split(",", n=1, expand=True)
+    if comma.any():
+        last[comma] = _clean(parts[0])
+        first[comma] = _clean(parts[1])
+
+    rest = present & ~comma
+    if rest.any():
+        words = text[rest].str.split(" ").explode()
+        pos = words.groupby(level=0).cumcount()
+        n_words = words.groupby(level=0).transform("size")
+        is_upper = words.str.isupper() & (words.str.len() > 1)
+        has_lower = words.str.contains(r"[a-zà-ÿ]", regex=True)
+        row_upper = is_upper.groupby(level=0).transform("any")
+        row_lower = has_lower.groupby(level=0).transform("any")
+        mixed = row_upper & row_lower
+
+        uniq = words.dropna().unique()
+        keys = words.map(dict(zip(uniq, (unidecode(w).upper() for w in uniq), strict=True)))
+        # +1 looks like a first name, -1 like a surname, 0 undecided.
+        given_score = keys.isin(first_name_keys()).astype(int) - keys.isin(surname_keys())
+        first_score = given_score.where(pos == 0, 0).groupby(level=0).transform("sum")
+        last_score = given_score.where(pos == n_words - 1, 0).groupby(level=0).transform("sum")
+        if order == "first_last":
+            last_first = pd.Series(False, index=words.index)
+        elif order == "last_first":
+            last_first = pd.Series(True, index=words.index)
+        else:
+            last_first = last_score > first_score
+        single = n_words == 1
+        # Which words are the surname.
+        surname_word = np.where(
+            mixed,
+            is_upper,
+            np.where(last_first, pos < n_words - 1, (pos >= 1) | single),
+        )
+        surname_word = pd.Series(surname_word, index=words.index).astype(bool)
+        spaced = words + " "
+        sur = spaced.where(surname_word, "").groupby(level=0).sum().str.strip()
+        giv = spaced.where(~surname_word, "").groupby(level=0).sum().str.strip()
+        last[rest] = sur.reindex(text[rest].index).replace("", None)
+        first[rest] = giv.reindex(text[rest].index).replace("", None)
+    return first, last
+
+
+def _parse_dates(text: pd.Series, spec: DateFieldSpec) -> pd.Series:
+    parsed = pd.Series(pd.NaT, index=text.index, dtype="datetime64[ns]")
+    for fmt in spec.formats:
+        todo = text.notna() & parsed.isna()
+        if not todo.any():
+            break
+        attempt = pd.to_datetime(text[todo], format=fmt, errors="coerce")
+        if getattr(attempt.dt, "tz", None) is not None:
+            attempt = attempt.dt.tz_convert("UTC").dt.tz_localize(None)
+        parsed[todo] = attempt.astype("datetime64[ns]")
+    if not spec.with_time:
+        parsed = parsed.dt.normalize()
+    return parsed
+
+
+def _parse_bools(text: pd.Series, spec: BoolFieldSpec) -> tuple[pd.Series, pd.Series]:
+    lowered = text.str.lower()
+    yes = lowered.isin([v.lower() for v in spec.true_values])
+    no = lowered.isin([v.lower() for v in spec.false_values])
+    value = pd.Series(pd.NA, index=text.index, dtype="boolean")
+    value[yes] = True
+    value[no] = False
+    invalid = text.notna() & ~yes & ~no
+    return value, invalid
+
+
+class _Reasons:
+    """Collects, per row, why it cannot become a record."""
+
+    def __init__(self, index: pd.Index) -> None:
+        self.text = pd.Series("", index=index, dtype=object)
+
+    def add(self, mask: pd.Series, reason: str) -> None:
+        mask = mask.fillna(False).astype(bool)
+        if mask.any():
+            sep = np.where(self.text[mask] == "", "", "; ")
+            self.text[mask] = self.text[mask] + sep + reason
+
+    @property
+    def failed(self) -> pd.Series:
+        return self.text != ""
+
+
+def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> MappedSource:
+    """Turn a raw extract into canonical records; unmappable rows go to quarantine."""
+    rows = extract.rows
+    mapping = spec.mapping
+    specs = mapping.specs()
+    out = pd.DataFrame(index=rows.index)
+    out[SOURCE] = spec.name
+    reasons = _Reasons(rows.index)
+
+    for field, fspec in specs.items():
+        if field == "full_name":
+            continue
+        sep = "\n" if field == "address_lines" else " "
+        text = _field_text(rows, fspec, sep)
+        if isinstance(fspec, DateFieldSpec):
+            value = _parse_dates(text, fspec)
+            invalid = text.notna() & value.isna()
+            if field == "birth_date":
+                out_of_range = value.notna() & (
+                    (value < pd.Timestamp("1900-01-01")) | (value > run_date)
+                )
+                invalid |= out_of_range
+                value = value.where(~out_of_range)
+            out[f"{field}_raw"] = text
+        elif isinstance(fspec, BoolFieldSpec):
+            value, invalid = _parse_bools(text, fspec)
+            out[f"{field}_raw"] = text
+        else:
+            value, invalid = text, pd.Series(False, index=rows.index)
+        if fspec.on_invalid == "quarantine":
+            reasons.add(invalid, f"{field}: value does not fit the declared format")
+        else:
+            value = value.where(~invalid)
+        if fspec.required:
+            reasons.add(text.isna(), f"{field}: required but empty")
+        out[field] = value
+
+    if mapping.full_name is not None:
+        fn: FullNameSpec = mapping.full_name
+        first, last = split_full_name(_field_text(rows, fn, " "), fn.order)
+        for field, value in (("first_name", first), ("last_name", last)):
+            if field in out:
+                out[field] = out[field].where(out[field].notna(), value)
+            else:
+                out[field] = value
+
+    out[SOURCE_KEY] = out.pop("source_key")
+    reasons.add(out[SOURCE_KEY].isna(), "source_key: empty")
+    if "record_type" not in out:
+        out["record_type"] = spec.record_type
+    else:
+        out["record_type"] = out["record_type"].fillna(spec.record_type).str.lower()
+        reasons.add(~out["record_type"].isin(schema.RECORD_TYPES),
+                    "record_type: not person or organisation")
+    out[schema.TRUST] = spec.trust
+    out[schema.SOURCE_LINE] = rows[LINE].to_numpy()
+
+    for col in schema.CANONICAL_COLUMNS:
+        if col not in out:
+            if col in schema.DATE_FIELDS or col in schema.DATETIME_FIELDS:
+                out[col] = pd.Series(pd.NaT, index=rows.index, dtype="datetime64[ns]")
+            elif col in schema.BOOL_FIELDS:
+                out[col] = pd.Series(pd.NA, index=rows.index, dtype="boolean")
+            else:
+                out[col] = pd.Series(None, index=rows.index, dtype=object)
+    out = out[list(schema.CANONICAL_COLUMNS)]
+
+    failed = reasons.failed
+    quarantined = _to_quarantine(extract, rows, out, failed, reasons.text)
+    good = out[~failed]
+
+    # Duplicate source keys: the latest source_updated_at wins, then the later line.
+    order = good.sort_values(
+        ["source_updated_at", schema.SOURCE_LINE], na_position="first", kind="stable"
+    )
+    superseded = order.duplicated(SOURCE_KEY, keep="last")
+    n_dup = int(superseded.sum())
+    if n_dup:
+        winners = order[~superseded].set_index(SOURCE_KEY)[schema.SOURCE_LINE]
+        losers = order[superseded]
+        dup_reason = "duplicate source_key: superseded by line " + losers[SOURCE_KEY].map(
+            winners
+        ).astype(str)
+        quarantined = pd.concat(
+            [quarantined,
+             _to_quarantine(extract, rows, out, out.index.isin(losers.index), dup_reason)],
+            ignore_index=True,
+        )
+        good = order[~superseded].sort_index()
+    records = good.reset_index(drop=True)
+    quarantine = pd.concat([extract.quarantine, quarantined], ignore_index=True)
+    return MappedSource(spec.name, extract.location, records, quarantine,
+                        extract.rows_read, n_dup, extract.fingerprint)
+
+
+def _to_quarantine(extract: RawExtract, rows: pd.DataFrame, out: pd.DataFrame,
+                   mask: pd.Series | np.ndarray, reason: pd.Series) -> pd.DataFrame:
+    mask = pd.Series(mask, index=rows.index).astype(bool)
+    if not mask.any():
+        return pd.DataFrame(columns=list(QUARANTINE_COLUMNS))
+    sel = rows[mask].drop(columns=[LINE])
+    raws = [json.dumps(r, ensure_ascii=False) for r in sel.to_dict(orient="records")]
+    return pd.DataFrame(
+        {
+            SOURCE: extract.source,
+            "location": extract.location,
+            "line": rows.loc[mask, LINE].to_numpy(),
+            SOURCE_KEY: out.loc[mask, SOURCE_KEY].to_numpy(),
+            "reason": reason[mask].to_numpy(),
+            "raw": raws,
+        },
+        columns=list(QUARANTINE_COLUMNS),
+    )
