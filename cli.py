@@ -1,18 +1,174 @@
-"""The `mdm` command."""
+"""The `mdm` command: parses arguments, draws progress, maps errors to exit codes.
+
+Exit codes: 0 success; 1 the run failed on its data (unreadable source, store
+refused, internal error); 2 usage or configuration error. Every failure is
+one line on stderr; tracebacks only with --debug. Messages never carry a
+customer's personal data: internal errors are reported by type and place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-app = typer.Typer()
+from mdm_pipeline.config.errors import ConfigError, MdmError
+
+app = typer.Typer(
+    help="mdm-pipeline: nightly customer master-data consolidation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="The deployment's YAML configuration.")
+]
+
+
+def _fail(exc: BaseException, debug: bool) -> typer.Exit:
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, ConfigError):
+        for line in exc.messages:
+            err.print(f"error: {line}", markup=False, highlight=False)
+        return typer.Exit(code=2)
+    if isinstance(exc, MdmError):
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        return typer.Exit(code=exc.exit_code)
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+    err.print(f"error: internal error ({type(exc).__name__}{where}); rerun with --debug "
+              "for the traceback", markup=False, highlight=False)
+    return typer.Exit(code=1)
+
+
+class _StageProgress:
+    """Draws one progress bar per stage from the pipeline's events."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, stage: str, event: str, info: dict[str, Any]) -> None:
+        if event == "start":
+            self.tasks[stage] = self.progress.add_task(stage, total=info.get("total") or 1)
+        elif event == "advance":
+            self.progress.advance(self.tasks[stage])
+        elif event == "end":
+            task = self.tasks[stage]
+            self.progress.update(task, completed=self.progress.tasks[task].total)
+
+
+def _summary_table(summary: Any) -> Table:
+    table = Table(title=f"run {summary.run_id}", show_lines=False)
+    for col in ("source", "rows read", "records", "quarantined", "duplicate keys"):
+        table.add_column(col, justify="right" if col != "source" else "left")
+    for s in summary.sources:
+        table.add_row(s.name, f"{s.rows_read:,}", f"{s.records:,}", f"{s.quarantined:,}",
+                      f"{s.duplicates:,}")
+    total = [sum(getattr(s, k) for s in summary.sources)
+             for k in ("rows_read", "records", "quarantined", "duplicates")]
+    table.add_row("total", *(f"{v:,}" for v in total), style="bold")
+    return table
+
+
+def _figures_table(summary: Any) -> Table:
+    table = Table(show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("candidate pairs", f"{summary.candidate_pairs:,}"),
+        *((f"  rule {k}", f"{v:,}") for k, v in summary.pairs_per_rule.items()),
+        ("clusters", f"{summary.clusters:,}"),
+        ("largest cluster", f"{summary.largest_cluster:,}"),
+        ("golden records created", f"{summary.golden_created:,}"),
+        ("golden records updated", f"{summary.golden_updated:,}"),
+        ("golden records unchanged", f"{summary.golden_unchanged:,}"),
+        ("golden records retired", f"{summary.golden_retired:,}"),
+        *((f"time {k}", f"{v:.2f} s") for k, v in summary.seconds.items()),
+        ("time total", f"{sum(summary.seconds.values()):.2f} s"),
+        ("peak memory", f"{summary.peak_rss_mib:,.0f} MiB"),
+        ("store", summary.store),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    return table
 
 
 @app.command()
-def version() -> None:
-    """Print the version."""
-    from mdm_pipeline import __version__
+def run(
+    config: ConfigOption,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Run the nightly job: load, normalise, match, cluster, store golden records, export."""
+    from mdm_pipeline.pipeline.run import Pipeline
 
-    typer.echo(__version__)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+    try:
+        pipeline = Pipeline.from_config(config)
+        with Progress(TextColumn("{task.description:<10}"), BarColumn(), TimeElapsedColumn(),
+                      console=err, transient=json_output, disable=json_output) as progress:
+            summary = pipeline.run(on_event=_StageProgress(progress))
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    if json_output:
+        out.print_json(json.dumps(asdict(summary)))
+        return
+    out.print(_summary_table(summary))
+    out.print(_figures_table(summary))
+    for path in summary.exports:
+        out.print(f"return file: {path}", highlight=False)
+
+
+@app.command("validate-config")
+def validate_config(
+    config: Annotated[Path, typer.Argument(help="The YAML configuration to check.")],
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Check the configuration and that every mapped column exists in its source."""
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    try:
+        pipeline = Pipeline.from_config(config)
+        pipeline.check_sources()
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    n = len(pipeline.settings.sources)
+    out.print(f"{config}: OK ({n} sources, every mapped column found)", highlight=False)
+
+
+@app.command()
+def generate(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the extracts to.")],
+    records: Annotated[int, typer.Option(min=20, help="Number of records across the BUs.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 20261122,
+) -> None:
+    """Write synthetic extracts of four business units, with truth and a config."""
+    from mdm_pipeline.sources.synthetic import generate as make
+
+    made = make(out_dir, records, seed)
+    total = sum(made.records.values())
+    out.print(f"wrote {total:,} records of {made.entities:,} customers to {out_dir}",
+              highlight=False)
 
 
 def main() -> None:
-    """Entry point of the console script."""
-    app()
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("error: interrupted; the store was left as it was")
+        sys.exit(1)

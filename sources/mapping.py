@@ -36,6 +36,7 @@ class MappedSource:
     source: str
     location: str
     records: pd.DataFrame
+    raw: pd.DataFrame  # the extract's own columns of each record, aligned with `records`
     quarantine: pd.DataFrame
     rows_read: int
     duplicates: int  # rows superseded by a later version of the same source key
@@ -261,9 +262,10 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
             ignore_index=True,
         )
         good = order[~superseded].sort_index()
+    raw = rows.loc[good.index].drop(columns=[LINE]).reset_index(drop=True)
     records = good.reset_index(drop=True)
     quarantine = pd.concat([extract.quarantine, quarantined], ignore_index=True)
-    return MappedSource(spec.name, extract.location, records, quarantine,
+    return MappedSource(spec.name, extract.location, records, raw, quarantine,
                         extract.rows_read, n_dup, extract.fingerprint)
 
 

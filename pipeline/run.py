@@ -1,0 +1,234 @@
+"""The nightly run: load → normalise → match → cluster → golden records → files back.
+
+This is the only module that knows the order of the stages. It reports
+progress through a callback (the CLI draws it), checks at run time that no
+input row was lost, writes the store in one transaction and leaves a
+manifest of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy.engine import make_url
+
+from mdm_pipeline import __version__
+from mdm_pipeline.config import schema
+from mdm_pipeline.config.errors import ConfigError, DataContractError
+from mdm_pipeline.config.loader import config_hash, load_settings, store_url
+from mdm_pipeline.config.settings import Settings
+from mdm_pipeline.golden_records import store
+from mdm_pipeline.golden_records.survivorship import survive
+from mdm_pipeline.matching.clustering import connected_clusters
+from mdm_pipeline.matching.exact import exact_links
+from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
+from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
+
+log = logging.getLogger(__name__)
+
+#: (stage, event, info): event is "start", "advance" or "end".
+EventCallback = Callable[[str, str, dict[str, Any]], None]
+
+STAGES = ("load", "normalize", "match", "cluster", "survive", "store", "export")
+
+#: Columns added to each business unit's return file.
+RETURN_COLUMNS = {
+    "golden_id": "mdm_golden_id",
+    "street_norm": "mdm_street",
+    "postcode_norm": "mdm_postcode",
+    "city_norm": "mdm_city",
+    "email_norm": "mdm_email",
+    "phone_norm": "mdm_phone",
+}
+
+
+@dataclass
+class SourceCounts:
+    """Where every row of one source went."""
+
+    name: str
+    rows_read: int
+    records: int
+    quarantined: int
+    duplicates: int
+
+
+@dataclass
+class RunSummary:
+    """What the run did, for the CLI's table and the manifest."""
+
+    run_id: str
+    store: str
+    sources: list[SourceCounts] = field(default_factory=list)
+    candidate_pairs: int = 0
+    pairs_per_rule: dict[str, int] = field(default_factory=dict)
+    matched_edges: int = 0
+    clusters: int = 0
+    largest_cluster: int = 0
+    golden_created: int = 0
+    golden_updated: int = 0
+    golden_unchanged: int = 0
+    golden_retired: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0
+    exports: list[str] = field(default_factory=list)
+
+
+def _noop(stage: str, event: str, info: dict[str, Any]) -> None:
+    return None
+
+
+def new_run_id(now: datetime) -> str:
+    """Sortable by time, unique across concurrent starts."""
+    return f"R{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class Pipeline:
+    """One configured deployment; `run()` executes the nightly job once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> Pipeline:
+        """Load and validate the YAML configuration."""
+        return cls(load_settings(path))
+
+    def check_sources(self) -> None:
+        """Every mapped column exists in its extract; raises ConfigError listing all that don't."""
+        label = self.settings.config_path.name if self.settings.config_path else "config"
+        errors: list[str] = []
+        for i, spec in enumerate(self.settings.sources):
+            errors += check_columns(spec, self.settings, label, i)
+        if errors:
+            raise ConfigError(errors)
+
+    @contextmanager
+    def _stage(self, name: str, summary: RunSummary, on_event: EventCallback,
+               total: int | None = None) -> Iterator[None]:
+        on_event(name, "start", {"total": total})
+        t0 = time.perf_counter()
+        yield
+        summary.seconds[name] = round(time.perf_counter() - t0, 3)
+        on_event(name, "end", {"seconds": summary.seconds[name]})
+        log.info("stage %s done in %.2fs", name, summary.seconds[name])
+
+    def run(self, on_event: EventCallback | None = None,
+            run_date: pd.Timestamp | None = None) -> RunSummary:
+        """Run the whole chain once; the store changes only if every stage succeeds."""
+        emit = on_event or _noop
+        settings = self.settings
+        now = datetime.now(UTC)
+        run_date = run_date or pd.Timestamp(now.date())
+        url = store_url(settings)
+        summary = RunSummary(run_id=new_run_id(now),
+                             store=make_url(url).render_as_string(hide_password=True))
+        self.check_sources()
+
+        mapped: list[MappedSource] = []
+        with self._stage("load", summary, emit, total=len(settings.sources)):
+            for spec in settings.sources:
+                m = load_source(spec, settings, run_date)
+                if m.rows_read != len(m.records) + len(m.quarantine):
+                    raise DataContractError(
+                        f"source '{spec.name}': {m.rows_read} rows read but "
+                        f"{len(m.records)} records + {len(m.quarantine)} quarantined"
+                    )
+                mapped.append(m)
+                summary.sources.append(SourceCounts(spec.name, m.rows_read, len(m.records),
+                                                    len(m.quarantine), m.duplicates))
+                emit("load", "advance", {"source": spec.name})
+        records = pd.concat([m.records for m in mapped], ignore_index=True)
+
+        with self._stage("normalize", summary, emit):
+            records = normalize_records(records, settings.normalize)
+
+        with self._stage("match", summary, emit):
+            links = exact_links(records, settings.matching.exact_rules)
+        summary.pairs_per_rule = links.pairs_per_rule
+        summary.candidate_pairs = sum(links.pairs_per_rule.values())
+        summary.matched_edges = len(links.edges)
+
+        with self._stage("cluster", summary, emit):
+            labels = pd.Series(connected_clusters(len(records), links.edges), index=records.index)
+        sizes = labels.value_counts()
+        summary.clusters = len(sizes)
+        summary.largest_cluster = int(sizes.max()) if len(sizes) else 0
+
+        with self._stage("survive", summary, emit):
+            golden, lineage = survive(records, labels)
+
+        payload_columns = [c for c in (*schema.CANONICAL_COLUMNS, *NORMALISED_COLUMNS)
+                           if c not in ("source", "source_key", "source_line")]
+        quarantined = pd.concat([m.quarantine for m in mapped], ignore_index=True)
+        export_dir = settings.resolve(settings.export.dir)
+        staging = Path(tempfile.mkdtemp(prefix=".mdm-export-", dir=_existing_parent(export_dir)))
+        engine = store.connect(url)
+        try:
+            with store.transaction(engine) as conn:
+                with self._stage("store", summary, emit):
+                    store.start_run(conn, summary.run_id, config_hash(settings))
+                    written, record_gid = store.write_run(
+                        conn, summary.run_id, records, payload_columns, labels, golden,
+                        lineage, quarantined, [s.name for s in settings.sources])
+                summary.golden_created = written.golden_created
+                summary.golden_updated = written.golden_updated
+                summary.golden_unchanged = written.golden_unchanged
+                summary.golden_retired = written.golden_retired
+                with self._stage("export", summary, emit, total=len(mapped)):
+                    staged = self._export(mapped, records.assign(golden_id=record_gid), staging,
+                                          emit) if settings.export.enabled else []
+                summary.peak_rss_mib = round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+                store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
+            # Committed: only now do the return files replace the previous ones.
+            for path in staged:
+                export_dir.mkdir(parents=True, exist_ok=True)
+                final = export_dir / path.name
+                path.replace(final)
+                summary.exports.append(str(final))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            engine.dispose()
+        return summary
+
+    def _export(self, mapped: list[MappedSource], records: pd.DataFrame, out_dir: Path,
+                emit: EventCallback) -> list[Path]:
+        paths = []
+        offset = 0
+        for m in mapped:
+            part = records.iloc[offset: offset + len(m.records)]
+            offset += len(m.records)
+            added = part[list(RETURN_COLUMNS)].rename(columns=RETURN_COLUMNS)
+            paths.append(write_back(self.settings.source(m.source), m.raw, added, out_dir))
+            emit("export", "advance", {"source": m.source})
+        return paths
+
+    def _manifest(self, summary: RunSummary, mapped: list[MappedSource]) -> dict[str, Any]:
+        return {
+            "run_id": summary.run_id,
+            "version": __version__,
+            "config_hash": config_hash(self.settings),
+            "inputs": {m.source: m.fingerprint for m in mapped},
+            "summary": asdict(summary),
+        }
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest existing folder, so staging files live on the same filesystem."""
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return candidate
+    return Path(tempfile.gettempdir())
