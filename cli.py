@@ -30,11 +30,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The deployment's YAML configuration.")
 ]
+
+
+def _error_line(message: str) -> None:
+    """One unwrapped line on stderr (rich would wrap long paths)."""
+    typer.echo(f"error: {message}", err=True)
 
 
 def _fail(exc: BaseException, debug: bool) -> typer.Exit:
@@ -42,15 +47,16 @@ def _fail(exc: BaseException, debug: bool) -> typer.Exit:
         traceback.print_exception(exc)
     if isinstance(exc, ConfigError):
         for line in exc.messages:
-            err.print(f"error: {line}", markup=False, highlight=False)
+            _error_line(line)
         return typer.Exit(code=2)
     if isinstance(exc, MdmError):
-        err.print(f"error: {exc}", markup=False, highlight=False)
+        _error_line(str(exc))
         return typer.Exit(code=exc.exit_code)
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
-    err.print(f"error: internal error ({type(exc).__name__}{where}); rerun with --debug "
-              "for the traceback", markup=False, highlight=False)
+    _error_line(
+        f"internal error ({type(exc).__name__}{where}); rerun with --debug for the traceback"
+    )
     return typer.Exit(code=1)
 
 
@@ -76,10 +82,13 @@ def _summary_table(summary: Any) -> Table:
     for col in ("source", "rows read", "records", "quarantined", "duplicate keys"):
         table.add_column(col, justify="right" if col != "source" else "left")
     for s in summary.sources:
-        table.add_row(s.name, f"{s.rows_read:,}", f"{s.records:,}", f"{s.quarantined:,}",
-                      f"{s.duplicates:,}")
-    total = [sum(getattr(s, k) for s in summary.sources)
-             for k in ("rows_read", "records", "quarantined", "duplicates")]
+        table.add_row(
+            s.name, f"{s.rows_read:,}", f"{s.records:,}", f"{s.quarantined:,}", f"{s.duplicates:,}"
+        )
+    total = [
+        sum(getattr(s, k) for s in summary.sources)
+        for k in ("rows_read", "records", "quarantined", "duplicates")
+    ]
     table.add_row("total", *(f"{v:,}" for v in total), style="bold")
     return table
 
@@ -119,8 +128,14 @@ def run(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
     try:
         pipeline = Pipeline.from_config(config)
-        with Progress(TextColumn("{task.description:<10}"), BarColumn(), TimeElapsedColumn(),
-                      console=err, transient=json_output, disable=json_output) as progress:
+        with Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=json_output,
+            disable=json_output,
+        ) as progress:
             summary = pipeline.run(on_event=_StageProgress(progress))
     except Exception as exc:
         raise _fail(exc, debug) from None
@@ -161,8 +176,9 @@ def generate(
 
     made = make(out_dir, records, seed)
     total = sum(made.records.values())
-    out.print(f"wrote {total:,} records of {made.entities:,} customers to {out_dir}",
-              highlight=False)
+    out.print(
+        f"wrote {total:,} records of {made.entities:,} customers to {out_dir}", highlight=False
+    )
 
 
 def main() -> None:
@@ -170,5 +186,5 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        err.print("error: interrupted; the store was left as it was")
+        _error_line("interrupted; the store was left as it was")
         sys.exit(1)

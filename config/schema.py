@@ -43,19 +43,27 @@ BOOL_FIELDS: tuple[str, ...] = ("consent_email", "consent_sms", "consent_post")
 
 #: Fields a source mapping may fill (besides `source_key` and `full_name`).
 MAPPABLE_FIELDS: tuple[str, ...] = (
-    (RECORD_TYPE,) + TEXT_FIELDS + DATE_FIELDS + DATETIME_FIELDS + BOOL_FIELDS
+    RECORD_TYPE,
+    *TEXT_FIELDS,
+    *DATE_FIELDS,
+    *DATETIME_FIELDS,
+    *BOOL_FIELDS,
 )
 
 #: Typed fields keep their raw text in `<field>_raw`.
 TYPED_FIELDS: tuple[str, ...] = DATE_FIELDS + DATETIME_FIELDS + BOOL_FIELDS
 
 CANONICAL_COLUMNS: tuple[str, ...] = (
-    (SOURCE, SOURCE_KEY, SOURCE_LINE, RECORD_TYPE, TRUST)
-    + TEXT_FIELDS
-    + DATE_FIELDS
-    + DATETIME_FIELDS
-    + BOOL_FIELDS
-    + tuple(f"{f}_raw" for f in TYPED_FIELDS)
+    SOURCE,
+    SOURCE_KEY,
+    SOURCE_LINE,
+    RECORD_TYPE,
+    TRUST,
+    *TEXT_FIELDS,
+    *DATE_FIELDS,
+    *DATETIME_FIELDS,
+    *BOOL_FIELDS,
+    *tuple(f"{f}_raw" for f in TYPED_FIELDS),
 )
 
 RECORD_TYPES = ("person", "organisation")

@@ -201,8 +201,13 @@ class CsvSource(_SourceBase):
     @field_validator("encoding", mode="before")
     @classmethod
     def _encoding_alias(cls, value: Any) -> Any:
-        aliases = {"utf8": "utf-8", "windows-1252": "cp1252", "latin1": "latin-1",
-                   "iso-8859-1": "latin-1", "utf-8-bom": "utf-8-sig"}
+        aliases = {
+            "utf8": "utf-8",
+            "windows-1252": "cp1252",
+            "latin1": "latin-1",
+            "iso-8859-1": "latin-1",
+            "utf-8-bom": "utf-8-sig",
+        }
         return aliases.get(str(value).lower(), str(value).lower())
 
 
@@ -266,8 +271,18 @@ class ExactRule(Strict):
 
 
 MATCHABLE_FIELDS = (
-    "first_name", "last_name", "birth_name", "birth_date", "email", "phone",
-    "postcode", "city", "street", "company_name", "siren", "siret",
+    "first_name",
+    "last_name",
+    "birth_name",
+    "birth_date",
+    "email",
+    "phone",
+    "postcode",
+    "city",
+    "street",
+    "company_name",
+    "siren",
+    "siret",
 )
 
 

@@ -28,7 +28,8 @@ from mdm_pipeline.config.errors import StoreError
 metadata = sa.MetaData()
 
 runs = sa.Table(
-    "mdm_runs", metadata,
+    "mdm_runs",
+    metadata,
     sa.Column("run_id", sa.String(40), primary_key=True),
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("finished_at", sa.DateTime),
@@ -38,7 +39,8 @@ runs = sa.Table(
 )
 
 source_records = sa.Table(
-    "mdm_source_records", metadata,
+    "mdm_source_records",
+    metadata,
     sa.Column("source", sa.String(40), primary_key=True),
     sa.Column("source_key", sa.String(200), primary_key=True),
     sa.Column("golden_id", sa.String(40), nullable=False, index=True),
@@ -50,7 +52,8 @@ source_records = sa.Table(
 )
 
 golden_records = sa.Table(
-    "mdm_golden_records", metadata,
+    "mdm_golden_records",
+    metadata,
     sa.Column("golden_id", sa.String(40), primary_key=True),
     sa.Column("record_type", sa.String(16), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),  # active | retired
@@ -63,7 +66,8 @@ golden_records = sa.Table(
 )
 
 quarantine = sa.Table(
-    "mdm_quarantine", metadata,
+    "mdm_quarantine",
+    metadata,
     sa.Column("source", sa.String(40), primary_key=True),
     sa.Column("location", sa.String(500), primary_key=True),
     sa.Column("line", sa.Integer, primary_key=True),
@@ -80,8 +84,10 @@ def connect(url: str) -> Engine:
         engine = sa.create_engine(url)
         metadata.create_all(engine)
     except sa.exc.SQLAlchemyError as exc:
-        raise StoreError(f"store {sa.engine.make_url(url).render_as_string(hide_password=True)}: "
-                         f"cannot open ({exc.__class__.__name__})") from None
+        raise StoreError(
+            f"store {sa.engine.make_url(url).render_as_string(hide_password=True)}: "
+            f"cannot open ({exc.__class__.__name__})"
+        ) from None
     return engine
 
 
@@ -113,8 +119,13 @@ def assign_golden_ids(clusters: pd.DataFrame, previous: pd.DataFrame) -> pd.Seri
     assigned: dict[int, str] = {}
     if len(previous):
         shared = clusters.merge(previous, on=["source", "source_key"], how="inner")
-        counts = (shared.groupby(["cluster", "golden_id"]).size().rename("n").reset_index()
-                  .sort_values(["n", "cluster", "golden_id"], ascending=[False, True, True]))
+        counts = (
+            shared.groupby(["cluster", "golden_id"])
+            .size()
+            .rename("n")
+            .reset_index()
+            .sort_values(["n", "cluster", "golden_id"], ascending=[False, True, True])
+        )
         taken: set[str] = set()
         while len(counts):  # each round settles at least one cluster
             best = counts.drop_duplicates("cluster").drop_duplicates("golden_id")
@@ -148,9 +159,13 @@ def _delete_keys(conn: Connection, table: sa.Table, keys: pd.DataFrame) -> None:
     if len(keys):
         cols = list(keys.columns)
         cond = sa.and_(*[table.c[c] == sa.bindparam(f"k_{c}") for c in cols])
-        conn.execute(table.delete().where(cond),
-                     [{f"k_{c}": v for c, v in zip(cols, row, strict=True)}
-                      for row in keys.itertuples(index=False)])
+        conn.execute(
+            table.delete().where(cond),
+            [
+                {f"k_{c}": v for c, v in zip(cols, row, strict=True)}
+                for row in keys.itertuples(index=False)
+            ],
+        )
 
 
 def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
@@ -168,8 +183,15 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 
 def previous_xref(conn: Connection) -> pd.DataFrame:
     """The stored cross-reference: (source, source_key, golden_id, record_hash)."""
-    return _read(conn, sa.select(source_records.c.source, source_records.c.source_key,
-                                 source_records.c.golden_id, source_records.c.record_hash))
+    return _read(
+        conn,
+        sa.select(
+            source_records.c.source,
+            source_records.c.source_key,
+            source_records.c.golden_id,
+            source_records.c.record_hash,
+        ),
+    )
 
 
 def write_run(
@@ -191,34 +213,47 @@ def write_run(
     keys = records[["source", "source_key"]].assign(cluster=cluster.to_numpy())
     prev = previous_xref(conn)
     gid_of_cluster = assign_golden_ids(keys, prev[["source", "source_key", "golden_id"]])
-    record_gid = pd.Series(gid_of_cluster.reindex(cluster.to_numpy()).to_numpy(),
-                           index=records.index)
+    record_gid = pd.Series(
+        gid_of_cluster.reindex(cluster.to_numpy()).to_numpy(), index=records.index
+    )
 
     # Golden records: compare with the stored ones and write only the changes.
-    lin = lineage.assign(source=records["source"].to_numpy()[lineage["record"].to_numpy()],
-                         source_key=records["source_key"].to_numpy()[lineage["record"].to_numpy()])
+    lin = lineage.assign(
+        source=records["source"].to_numpy()[lineage["record"].to_numpy()],
+        source_key=records["source_key"].to_numpy()[lineage["record"].to_numpy()],
+    )
     # Lineage per golden record as JSON {attribute: "source|source_key|rule"}, built
     # column-wise: a pivot and one to_json call, no loop over clusters.
     lin = lin.assign(v=lin["source"] + "|" + lin["source_key"].astype(str) + "|" + lin["rule"])
     wide = lin.pivot(index="cluster", columns="attribute", values="v").reindex(golden.index)
     lin_json = pd.Series(
         wide.to_json(orient="records", lines=True).splitlines() if len(wide) else [],
-        index=wide.index, dtype=object,
+        index=wide.index,
+        dtype=object,
     )
     attrs = golden.drop(columns=["record_type", "members"])
     g_hash, g_json = _hash_rows(attrs)
-    new_golden = pd.DataFrame({
-        "golden_id": gid_of_cluster.reindex(golden.index).to_numpy(),
-        "record_type": golden["record_type"].to_numpy(),
-        "status": "active",
-        "members": golden["members"].astype(int).to_numpy(),
-        "record_hash": g_hash.to_numpy(),
-        "attributes": g_json.to_numpy(),
-        "lineage": lin_json.to_numpy(),
-    })
-    stored = _read(conn, sa.select(golden_records.c.golden_id, golden_records.c.record_hash,
-                                   golden_records.c.members, golden_records.c.status,
-                                   golden_records.c.created_run))
+    new_golden = pd.DataFrame(
+        {
+            "golden_id": gid_of_cluster.reindex(golden.index).to_numpy(),
+            "record_type": golden["record_type"].to_numpy(),
+            "status": "active",
+            "members": golden["members"].astype(int).to_numpy(),
+            "record_hash": g_hash.to_numpy(),
+            "attributes": g_json.to_numpy(),
+            "lineage": lin_json.to_numpy(),
+        }
+    )
+    stored = _read(
+        conn,
+        sa.select(
+            golden_records.c.golden_id,
+            golden_records.c.record_hash,
+            golden_records.c.members,
+            golden_records.c.status,
+            golden_records.c.created_run,
+        ),
+    )
     merged = new_golden.merge(stored, on="golden_id", how="left", suffixes=("", "_old"))
     is_new = merged["record_hash_old"].isna()
     changed = ~is_new & (
@@ -236,7 +271,9 @@ def write_run(
     _insert(conn, golden_records, write[[c.name for c in golden_records.columns]])
 
     # Golden records no cluster kept are retired (their ID is never reused).
-    gone = stored[(stored["status"] == "active") & ~stored["golden_id"].isin(new_golden["golden_id"])]
+    gone = stored[
+        (stored["status"] == "active") & ~stored["golden_id"].isin(new_golden["golden_id"])
+    ]
     if len(gone):
         conn.execute(
             golden_records.update()
@@ -248,19 +285,24 @@ def write_run(
 
     # Cross-reference and payload of every source record.
     r_hash, r_json = _hash_rows(records[payload_columns])
-    new_xref = pd.DataFrame({
-        "source": records["source"].to_numpy(),
-        "source_key": records["source_key"].astype(str).to_numpy(),
-        "golden_id": record_gid.to_numpy(),
-        "record_type": records["record_type"].to_numpy(),
-        "source_line": records["source_line"].astype(int).to_numpy(),
-        "record_hash": r_hash.to_numpy(),
-        "payload": r_json.to_numpy(),
-        "updated_run": run_id,
-    })
+    new_xref = pd.DataFrame(
+        {
+            "source": records["source"].to_numpy(),
+            "source_key": records["source_key"].astype(str).to_numpy(),
+            "golden_id": record_gid.to_numpy(),
+            "record_type": records["record_type"].to_numpy(),
+            "source_line": records["source_line"].astype(int).to_numpy(),
+            "record_hash": r_hash.to_numpy(),
+            "payload": r_json.to_numpy(),
+            "updated_run": run_id,
+        }
+    )
     both = new_xref.merge(prev, on=["source", "source_key"], how="left", suffixes=("", "_old"))
-    dirty = both["record_hash_old"].isna() | (both["record_hash"] != both["record_hash_old"]) | (
-        both["golden_id"] != both["golden_id_old"])
+    dirty = (
+        both["record_hash_old"].isna()
+        | (both["record_hash"] != both["record_hash_old"])
+        | (both["golden_id"] != both["golden_id_old"])
+    )
     to_write = both[dirty][[c.name for c in source_records.columns]]
     _delete_keys(conn, source_records, to_write[["source", "source_key"]])
     _insert(conn, source_records, to_write)
@@ -283,8 +325,11 @@ def write_run(
         same_keys = set(map(tuple, same[key].to_numpy()))
     else:
         same_keys = set()
-    stale = q_old[[tuple(r) not in same_keys for r in q_old[key].astype(str).to_numpy()]] \
-        if len(q_old) else q_old
+    stale = (
+        q_old[[tuple(r) not in same_keys for r in q_old[key].astype(str).to_numpy()]]
+        if len(q_old)
+        else q_old
+    )
     fresh = q_new[[tuple(r) not in same_keys for r in q_new[key].astype(str).to_numpy()]]
     _delete_keys(conn, quarantine, stale[key])
     _insert(conn, quarantine, fresh[[c.name for c in quarantine.columns]])
@@ -294,12 +339,25 @@ def write_run(
 
 def start_run(conn: Connection, run_id: str, config_hash: str) -> None:
     """Log the run as started (inside the run's transaction)."""
-    conn.execute(runs.insert().values(run_id=run_id, started_at=datetime.now(UTC).replace(
-        tzinfo=None), status="running", config_hash=config_hash, manifest="{}"))
+    conn.execute(
+        runs.insert().values(
+            run_id=run_id,
+            started_at=datetime.now(UTC).replace(tzinfo=None),
+            status="running",
+            config_hash=config_hash,
+            manifest="{}",
+        )
+    )
 
 
 def finish_run(conn: Connection, run_id: str, manifest: dict[str, object]) -> None:
     """Record the run's manifest and mark it succeeded."""
-    conn.execute(runs.update().where(runs.c.run_id == run_id).values(
-        finished_at=datetime.now(UTC).replace(tzinfo=None), status="succeeded",
-        manifest=json.dumps(manifest, default=str, sort_keys=True)))
+    conn.execute(
+        runs.update()
+        .where(runs.c.run_id == run_id)
+        .values(
+            finished_at=datetime.now(UTC).replace(tzinfo=None),
+            status="succeeded",
+            manifest=json.dumps(manifest, default=str, sort_keys=True),
+        )
+    )

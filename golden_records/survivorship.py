@@ -41,8 +41,9 @@ GOLDEN_ATTRIBUTES: tuple[str, ...] = (
 )
 
 
-def _winners(frame: pd.DataFrame, cluster: pd.Series, columns: dict[str, str],
-             rule: str) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+def _winners(
+    frame: pd.DataFrame, cluster: pd.Series, columns: dict[str, str], rule: str
+) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
     """Per cluster, the first non-null value of each column in `frame`'s order."""
     rid = pd.Series(frame.index, index=frame.index)
     values = frame[list(columns.values())].set_axis(list(columns), axis=1)
@@ -50,8 +51,16 @@ def _winners(frame: pd.DataFrame, cluster: pd.Series, columns: dict[str, str],
     lineage = []
     for attr, col in columns.items():
         won = rid.where(frame[col].notna()).groupby(cluster.loc[frame.index]).first().dropna()
-        lineage.append(pd.DataFrame({"cluster": won.index, "attribute": attr,
-                                     "record": won.astype("int64").to_numpy(), "rule": rule}))
+        lineage.append(
+            pd.DataFrame(
+                {
+                    "cluster": won.index,
+                    "attribute": attr,
+                    "record": won.astype("int64").to_numpy(),
+                    "rule": rule,
+                }
+            )
+        )
     return firsts, lineage
 
 
@@ -64,22 +73,29 @@ def survive(records: pd.DataFrame, cluster: pd.Series) -> tuple[pd.DataFrame, pd
     """
     by_trust = records.sort_values(
         ["trust", "source_updated_at", "source", "source_key"],
-        ascending=[False, False, True, True], na_position="last", kind="stable",
+        ascending=[False, False, True, True],
+        na_position="last",
+        kind="stable",
     )
     values, lineage = _winners(by_trust, cluster, VALUE_ATTRIBUTES, "trust_then_recent")
 
     by_recent = records.sort_values(
         ["source_updated_at", "trust", "source", "source_key"],
-        ascending=[False, False, True, True], na_position="last", kind="stable",
+        ascending=[False, False, True, True],
+        na_position="last",
+        kind="stable",
     )
-    consent, consent_lineage = _winners(by_recent, cluster, CONSENT_ATTRIBUTES,
-                                        "most_recent_explicit")
+    consent, consent_lineage = _winners(
+        by_recent, cluster, CONSENT_ATTRIBUTES, "most_recent_explicit"
+    )
 
     # The address block: the best record that has a street and a postcode.
     complete = records["street_norm"].notna() & records["postcode_norm"].notna()
     ranked = records.assign(__complete=complete).sort_values(
         ["__complete", "trust", "source_updated_at", "source", "source_key"],
-        ascending=[False, False, False, True, True], na_position="last", kind="stable",
+        ascending=[False, False, False, True, True],
+        na_position="last",
+        kind="stable",
     )
     best = ranked.groupby(cluster.loc[ranked.index], sort=True).head(1)
     has_address = best[list(ADDRESS_BLOCK.values())].notna().any(axis=1)
@@ -87,10 +103,14 @@ def survive(records: pd.DataFrame, cluster: pd.Series) -> tuple[pd.DataFrame, pd
     address = best[list(ADDRESS_BLOCK.values())].set_axis(list(ADDRESS_BLOCK), axis=1)
     address.index = cluster.loc[best.index].to_numpy()
     address_lineage = [
-        pd.DataFrame({"cluster": address.index, "attribute": attr,
-                      "record": best.index.to_numpy(), "rule": "address_block"})[
-            best[col].notna().to_numpy()
-        ]
+        pd.DataFrame(
+            {
+                "cluster": address.index,
+                "attribute": attr,
+                "record": best.index.to_numpy(),
+                "rule": "address_block",
+            }
+        )[best[col].notna().to_numpy()]
         for attr, col in ADDRESS_BLOCK.items()
     ]
 

@@ -18,8 +18,9 @@ def connected_clusters(n_records: int, edges: pd.DataFrame) -> np.ndarray:
         return np.array([], dtype=np.int64)
     left = edges["left"].to_numpy(dtype=np.int64)
     right = edges["right"].to_numpy(dtype=np.int64)
-    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)),
-                       shape=(n_records, n_records))
+    graph = coo_matrix(
+        (np.ones(len(left), dtype=np.int8), (left, right)), shape=(n_records, n_records)
+    )
     _, labels = connected_components(graph, directed=False)
     # Renumber by first appearance so labels do not depend on scipy's internals.
     _, first_seen = np.unique(labels, return_index=True)

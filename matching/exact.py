@@ -50,13 +50,18 @@ def exact_links(records: pd.DataFrame, rules: list[ExactRule]) -> ExactLinks:
         same = g_sorted[1:] == g_sorted[:-1]
         sizes = np.bincount(group) if len(group) else np.array([], dtype=np.int64)
         per_rule[rule.name] = int((sizes * (sizes - 1) // 2).sum())
-        frames.append(pd.DataFrame({"left": id_sorted[:-1][same], "right": id_sorted[1:][same],
-                                    "match_key": rule.name}))
+        frames.append(
+            pd.DataFrame(
+                {"left": id_sorted[:-1][same], "right": id_sorted[1:][same], "match_key": rule.name}
+            )
+        )
     edges = (
         pd.concat(frames, ignore_index=True)
         if frames
-        else pd.DataFrame({c: pd.Series(dtype="int64") for c in PAIR_COLUMNS[:2]}
-                          | {"match_key": pd.Series(dtype=object)})
+        else pd.DataFrame(
+            {c: pd.Series(dtype="int64") for c in PAIR_COLUMNS[:2]}
+            | {"match_key": pd.Series(dtype=object)}
+        )
     )
     edges = edges.drop_duplicates(["left", "right"], keep="first").reset_index(drop=True)
     return ExactLinks(edges, per_rule)

@@ -15,8 +15,15 @@ import phonenumbers
 from mdm_pipeline.normalize.text import fold, per_distinct
 
 _CIVILITY = {
-    "M": "M", "MR": "M", "MONSIEUR": "M", "MM": "M",
-    "MME": "MME", "MADAME": "MME", "MLLE": "MME", "MADEMOISELLE": "MME", "MS": "MME",
+    "M": "M",
+    "MR": "M",
+    "MONSIEUR": "M",
+    "MM": "M",
+    "MME": "MME",
+    "MADAME": "MME",
+    "MLLE": "MME",
+    "MADEMOISELLE": "MME",
+    "MS": "MME",
 }
 
 _EMAIL = re.compile(r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]{2,}$")

@@ -11,9 +11,20 @@ from mdm_pipeline.normalize.text import fold
 
 #: Columns this stage adds.
 NORMALISED_COLUMNS: tuple[str, ...] = (
-    "civility_norm", "first_name_norm", "last_name_norm", "birth_name_norm", "email_norm",
-    "email_valid", "phone_norm", "street_norm", "postcode_norm", "city_norm", "country_norm",
-    "company_name_norm", "siren_norm", "siret_norm",
+    "civility_norm",
+    "first_name_norm",
+    "last_name_norm",
+    "birth_name_norm",
+    "email_norm",
+    "email_valid",
+    "phone_norm",
+    "street_norm",
+    "postcode_norm",
+    "city_norm",
+    "country_norm",
+    "company_name_norm",
+    "siren_norm",
+    "siret_norm",
 )
 
 

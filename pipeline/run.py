@@ -116,8 +116,9 @@ class Pipeline:
             raise ConfigError(errors)
 
     @contextmanager
-    def _stage(self, name: str, summary: RunSummary, on_event: EventCallback,
-               total: int | None = None) -> Iterator[None]:
+    def _stage(
+        self, name: str, summary: RunSummary, on_event: EventCallback, total: int | None = None
+    ) -> Iterator[None]:
         on_event(name, "start", {"total": total})
         t0 = time.perf_counter()
         yield
@@ -125,16 +126,18 @@ class Pipeline:
         on_event(name, "end", {"seconds": summary.seconds[name]})
         log.info("stage %s done in %.2fs", name, summary.seconds[name])
 
-    def run(self, on_event: EventCallback | None = None,
-            run_date: pd.Timestamp | None = None) -> RunSummary:
+    def run(
+        self, on_event: EventCallback | None = None, run_date: pd.Timestamp | None = None
+    ) -> RunSummary:
         """Run the whole chain once; the store changes only if every stage succeeds."""
         emit = on_event or _noop
         settings = self.settings
         now = datetime.now(UTC)
         run_date = run_date or pd.Timestamp(now.date())
         url = store_url(settings)
-        summary = RunSummary(run_id=new_run_id(now),
-                             store=make_url(url).render_as_string(hide_password=True))
+        summary = RunSummary(
+            run_id=new_run_id(now), store=make_url(url).render_as_string(hide_password=True)
+        )
         self.check_sources()
 
         mapped: list[MappedSource] = []
@@ -147,8 +150,11 @@ class Pipeline:
                         f"{len(m.records)} records + {len(m.quarantine)} quarantined"
                     )
                 mapped.append(m)
-                summary.sources.append(SourceCounts(spec.name, m.rows_read, len(m.records),
-                                                    len(m.quarantine), m.duplicates))
+                summary.sources.append(
+                    SourceCounts(
+                        spec.name, m.rows_read, len(m.records), len(m.quarantine), m.duplicates
+                    )
+                )
                 emit("load", "advance", {"source": spec.name})
         records = pd.concat([m.records for m in mapped], ignore_index=True)
 
@@ -170,8 +176,11 @@ class Pipeline:
         with self._stage("survive", summary, emit):
             golden, lineage = survive(records, labels)
 
-        payload_columns = [c for c in (*schema.CANONICAL_COLUMNS, *NORMALISED_COLUMNS)
-                           if c not in ("source", "source_key", "source_line")]
+        payload_columns = [
+            c
+            for c in (*schema.CANONICAL_COLUMNS, *NORMALISED_COLUMNS)
+            if c not in ("source", "source_key", "source_line")
+        ]
         quarantined = pd.concat([m.quarantine for m in mapped], ignore_index=True)
         export_dir = settings.resolve(settings.export.dir)
         staging = Path(tempfile.mkdtemp(prefix=".mdm-export-", dir=_existing_parent(export_dir)))
@@ -181,17 +190,29 @@ class Pipeline:
                 with self._stage("store", summary, emit):
                     store.start_run(conn, summary.run_id, config_hash(settings))
                     written, record_gid = store.write_run(
-                        conn, summary.run_id, records, payload_columns, labels, golden,
-                        lineage, quarantined, [s.name for s in settings.sources])
+                        conn,
+                        summary.run_id,
+                        records,
+                        payload_columns,
+                        labels,
+                        golden,
+                        lineage,
+                        quarantined,
+                        [s.name for s in settings.sources],
+                    )
                 summary.golden_created = written.golden_created
                 summary.golden_updated = written.golden_updated
                 summary.golden_unchanged = written.golden_unchanged
                 summary.golden_retired = written.golden_retired
                 with self._stage("export", summary, emit, total=len(mapped)):
-                    staged = self._export(mapped, records.assign(golden_id=record_gid), staging,
-                                          emit) if settings.export.enabled else []
+                    staged = (
+                        self._export(mapped, records.assign(golden_id=record_gid), staging, emit)
+                        if settings.export.enabled
+                        else []
+                    )
                 summary.peak_rss_mib = round(
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+                )
                 store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
             # Committed: only now do the return files replace the previous ones.
             for path in staged:
@@ -204,12 +225,13 @@ class Pipeline:
             engine.dispose()
         return summary
 
-    def _export(self, mapped: list[MappedSource], records: pd.DataFrame, out_dir: Path,
-                emit: EventCallback) -> list[Path]:
+    def _export(
+        self, mapped: list[MappedSource], records: pd.DataFrame, out_dir: Path, emit: EventCallback
+    ) -> list[Path]:
         paths = []
         offset = 0
         for m in mapped:
-            part = records.iloc[offset: offset + len(m.records)]
+            part = records.iloc[offset : offset + len(m.records)]
             offset += len(m.records)
             added = part[list(RETURN_COLUMNS)].rename(columns=RETURN_COLUMNS)
             paths.append(write_back(self.settings.source(m.source), m.raw, added, out_dir))

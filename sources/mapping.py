@@ -225,8 +225,9 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
         out["record_type"] = spec.record_type
     else:
         out["record_type"] = out["record_type"].fillna(spec.record_type).str.lower()
-        reasons.add(~out["record_type"].isin(schema.RECORD_TYPES),
-                    "record_type: not person or organisation")
+        reasons.add(
+            ~out["record_type"].isin(schema.RECORD_TYPES), "record_type: not person or organisation"
+        )
     out[schema.TRUST] = spec.trust
     out[schema.SOURCE_LINE] = rows[LINE].to_numpy()
 
@@ -257,20 +258,35 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
             winners
         ).astype(str)
         quarantined = pd.concat(
-            [quarantined,
-             _to_quarantine(extract, rows, out, out.index.isin(losers.index), dup_reason)],
+            [
+                quarantined,
+                _to_quarantine(extract, rows, out, out.index.isin(losers.index), dup_reason),
+            ],
             ignore_index=True,
         )
         good = order[~superseded].sort_index()
     raw = rows.loc[good.index].drop(columns=[LINE]).reset_index(drop=True)
     records = good.reset_index(drop=True)
     quarantine = pd.concat([extract.quarantine, quarantined], ignore_index=True)
-    return MappedSource(spec.name, extract.location, records, raw, quarantine,
-                        extract.rows_read, n_dup, extract.fingerprint)
+    return MappedSource(
+        spec.name,
+        extract.location,
+        records,
+        raw,
+        quarantine,
+        extract.rows_read,
+        n_dup,
+        extract.fingerprint,
+    )
 
 
-def _to_quarantine(extract: RawExtract, rows: pd.DataFrame, out: pd.DataFrame,
-                   mask: pd.Series | np.ndarray, reason: pd.Series) -> pd.DataFrame:
+def _to_quarantine(
+    extract: RawExtract,
+    rows: pd.DataFrame,
+    out: pd.DataFrame,
+    mask: pd.Series | np.ndarray,
+    reason: pd.Series,
+) -> pd.DataFrame:
     mask = pd.Series(mask, index=rows.index).astype(bool)
     if not mask.any():
         return pd.DataFrame(columns=list(QUARANTINE_COLUMNS))

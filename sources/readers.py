@@ -46,8 +46,9 @@ def _fingerprint(path: Path) -> str:
     return f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
-def _quarantine(source: str, location: str, lines: list[int], reasons: list[str],
-                raws: list[str]) -> pd.DataFrame:
+def _quarantine(
+    source: str, location: str, lines: list[int], reasons: list[str], raws: list[str]
+) -> pd.DataFrame:
     if not lines:
         return empty_quarantine()
     return pd.DataFrame(
@@ -122,11 +123,15 @@ def read_csv(spec: CsvSource, path: Path) -> RawExtract:
         raws.append(joined.iat[i].encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
     keep = good & ~undecodable
-    frame = pd.DataFrame(
-        [r for r, k in zip(body, keep, strict=True) if k] if not keep.all() else body,
-        columns=header,
-        dtype=object,
-    ) if keep.any() else pd.DataFrame({h: pd.Series(dtype=object) for h in header})
+    frame = (
+        pd.DataFrame(
+            [r for r, k in zip(body, keep, strict=True) if k] if not keep.all() else body,
+            columns=header,
+            dtype=object,
+        )
+        if keep.any()
+        else pd.DataFrame({h: pd.Series(dtype=object) for h in header})
+    )
     frame[LINE] = start[keep]
     return RawExtract(
         source=spec.name,
@@ -162,8 +167,9 @@ def read_parquet(spec: ParquetSource, path: Path) -> RawExtract:
         raise SourceError(f"{path}: source '{spec.name}': unreadable Parquet ({exc})") from None
     frame = _as_text(frame.reset_index(drop=True))
     frame[LINE] = np.arange(1, len(frame) + 1)
-    return RawExtract(spec.name, str(path), frame, empty_quarantine(), len(frame),
-                      _fingerprint(path))
+    return RawExtract(
+        spec.name, str(path), frame, empty_quarantine(), len(frame), _fingerprint(path)
+    )
 
 
 def read_sql(spec: SqlSource) -> RawExtract:
@@ -190,8 +196,9 @@ def read_sql(spec: SqlSource) -> RawExtract:
         engine.dispose()
     frame = _as_text(frame)
     frame[LINE] = np.arange(1, len(frame) + 1)
-    return RawExtract(spec.name, label, frame, empty_quarantine(), len(frame),
-                      f"{label}:{len(frame)}")
+    return RawExtract(
+        spec.name, label, frame, empty_quarantine(), len(frame), f"{label}:{len(frame)}"
+    )
 
 
 def read_source(spec: Source, settings: Settings) -> RawExtract:
@@ -210,8 +217,14 @@ def inspect_columns(spec: Source, settings: Settings) -> list[str]:
         if not path.is_file():
             raise SourceError(f"{path}: source '{spec.name}': file not found")
         with path.open("r", encoding=spec.encoding, errors="replace", newline="") as handle:
-            first = next(csv.reader(io.StringIO(handle.read(1 << 16)), delimiter=spec.delimiter,
-                                    quotechar=spec.quotechar), [])
+            first = next(
+                csv.reader(
+                    io.StringIO(handle.read(1 << 16)),
+                    delimiter=spec.delimiter,
+                    quotechar=spec.quotechar,
+                ),
+                [],
+            )
         return [c.strip().lstrip("\ufeff") for c in first]
     if isinstance(spec, ParquetSource):
         import pyarrow.parquet as pq

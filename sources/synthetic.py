@@ -38,36 +38,124 @@ FILES = {
 }
 
 STREET_NAMES = (
-    "de la République", "Victor Hugo", "Jean Jaurès", "du Général de Gaulle", "de la Gare",
-    "des Lilas", "Pasteur", "du Moulin", "de l'Église", "des Écoles", "Gambetta", "de la Paix",
-    "des Acacias", "du Château", "Voltaire", "Émile Zola", "de la Liberté", "des Tilleuls",
-    "du Stade", "Jules Ferry", "Saint-Michel", "des Fleurs", "du Maréchal Foch", "de Verdun",
-    "des Peupliers", "Sainte-Anne", "du 8 Mai 1945", "Anatole France", "de la Fontaine",
-    "des Vignes", "du Commandant Charcot", "Georges Clemenceau", "de Bretagne", "des Roses",
-    "du Professeur Calmette", "Paul Bert", "Lamartine", "d'Alsace-Lorraine", "de la Mairie",
-    "des Jardins", "Saint-Exupéry", "des Mimosas", "du Port", "de Lattre de Tassigny",
+    "de la République",
+    "Victor Hugo",
+    "Jean Jaurès",
+    "du Général de Gaulle",
+    "de la Gare",
+    "des Lilas",
+    "Pasteur",
+    "du Moulin",
+    "de l'Église",
+    "des Écoles",
+    "Gambetta",
+    "de la Paix",
+    "des Acacias",
+    "du Château",
+    "Voltaire",
+    "Émile Zola",
+    "de la Liberté",
+    "des Tilleuls",
+    "du Stade",
+    "Jules Ferry",
+    "Saint-Michel",
+    "des Fleurs",
+    "du Maréchal Foch",
+    "de Verdun",
+    "des Peupliers",
+    "Sainte-Anne",
+    "du 8 Mai 1945",
+    "Anatole France",
+    "de la Fontaine",
+    "des Vignes",
+    "du Commandant Charcot",
+    "Georges Clemenceau",
+    "de Bretagne",
+    "des Roses",
+    "du Professeur Calmette",
+    "Paul Bert",
+    "Lamartine",
+    "d'Alsace-Lorraine",
+    "de la Mairie",
+    "des Jardins",
+    "Saint-Exupéry",
+    "des Mimosas",
+    "du Port",
+    "de Lattre de Tassigny",
 )
-STREET_TYPES = ("Rue", "Avenue", "Boulevard", "Chemin", "Impasse", "Allée", "Place", "Route",
-                "Square", "Quai", "Lotissement")
+STREET_TYPES = (
+    "Rue",
+    "Avenue",
+    "Boulevard",
+    "Chemin",
+    "Impasse",
+    "Allée",
+    "Place",
+    "Route",
+    "Square",
+    "Quai",
+    "Lotissement",
+)
 STREET_TYPE_P = (0.46, 0.12, 0.06, 0.08, 0.07, 0.06, 0.04, 0.05, 0.02, 0.02, 0.02)
 ABBREVIATIONS = {
-    "Rue": ("R.", "R"), "Avenue": ("Av.", "AV", "Ave"), "Boulevard": ("Bd", "BLD", "Bvd"),
-    "Chemin": ("Ch.", "CHE"), "Impasse": ("Imp.", "IMP"), "Allée": ("All.", "ALL"),
-    "Place": ("Pl.", "PL"), "Route": ("Rte", "RTE"), "Square": ("Sq",), "Quai": ("Q.",),
+    "Rue": ("R.", "R"),
+    "Avenue": ("Av.", "AV", "Ave"),
+    "Boulevard": ("Bd", "BLD", "Bvd"),
+    "Chemin": ("Ch.", "CHE"),
+    "Impasse": ("Imp.", "IMP"),
+    "Allée": ("All.", "ALL"),
+    "Place": ("Pl.", "PL"),
+    "Route": ("Rte", "RTE"),
+    "Square": ("Sq",),
+    "Quai": ("Q.",),
     "Lotissement": ("Lot.", "LOT"),
 }
-COMPLEMENTS = ("Appartement {n}", "Apt {n}", "Bâtiment {l}", "Résidence Les Pins",
-               "Résidence du Parc", "Escalier {n}", "Étage {n}", "Chez M. Bernard",
-               "Entrée {l}", "Immeuble Le Central")
-EMAIL_DOMAINS = ("gmail.com", "orange.fr", "free.fr", "hotmail.fr", "laposte.net", "sfr.fr",
-                 "wanadoo.fr", "yahoo.fr", "outlook.fr", "icloud.com")
-COMPANY_WORDS = ("Boulangerie", "Garage", "Transports", "Menuiserie", "Cabinet", "Atelier",
-                 "Pharmacie", "Plomberie", "Imprimerie", "Librairie", "Fromagerie", "Électricité")
+COMPLEMENTS = (
+    "Appartement {n}",
+    "Apt {n}",
+    "Bâtiment {l}",
+    "Résidence Les Pins",
+    "Résidence du Parc",
+    "Escalier {n}",
+    "Étage {n}",
+    "Chez M. Bernard",
+    "Entrée {l}",
+    "Immeuble Le Central",
+)
+EMAIL_DOMAINS = (
+    "gmail.com",
+    "orange.fr",
+    "free.fr",
+    "hotmail.fr",
+    "laposte.net",
+    "sfr.fr",
+    "wanadoo.fr",
+    "yahoo.fr",
+    "outlook.fr",
+    "icloud.com",
+)
+COMPANY_WORDS = (
+    "Boulangerie",
+    "Garage",
+    "Transports",
+    "Menuiserie",
+    "Cabinet",
+    "Atelier",
+    "Pharmacie",
+    "Plomberie",
+    "Imprimerie",
+    "Librairie",
+    "Fromagerie",
+    "Électricité",
+)
 LEGAL_FORMS = ("SARL", "SAS", "SA", "EURL", "SASU")
 NPAI_MOTIFS = (
-    "N'habite pas à l'adresse indiquée", "Destinataire inconnu à l'adresse",
-    "Défaut d'accès ou d'adressage", "Pli refusé par le destinataire",
-    "Pli avisé et non réclamé", "Décédé",
+    "N'habite pas à l'adresse indiquée",
+    "Destinataire inconnu à l'adresse",
+    "Défaut d'accès ou d'adressage",
+    "Pli refusé par le destinataire",
+    "Pli avisé et non réclamé",
+    "Décédé",
 )
 BU_SHARE = {"ecommerce": 0.40, "stores": 0.35, "callcentre": 0.25}
 REFERENCE_DATE = pd.Timestamp("2026-11-01")
@@ -213,11 +301,11 @@ def _typo(word: str, r: float, pos: float, letter: str) -> str:
         return word
     i = int(pos * (len(word) - 1))
     if r < 0.3:
-        return word[:i] + letter + word[i + 1:]
+        return word[:i] + letter + word[i + 1 :]
     if r < 0.55:
-        return word[:i] + word[i + 1:]
+        return word[:i] + word[i + 1 :]
     if r < 0.8 and i + 1 < len(word):
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
     return word[:i] + letter + word[i:]
 
 
@@ -259,8 +347,14 @@ def _people(rng: np.random.Generator, n: int) -> pd.DataFrame:
     first = np.where(female, _zipf_choice(rng, fem, n, 0.8), _zipf_choice(rng, mal, n, 0.8))
     surname = _zipf_choice(rng, last, n, 1.0)
     birth = REFERENCE_DATE - pd.to_timedelta(rng.integers(18 * 365, 88 * 365, n), unit="D")
-    people = pd.DataFrame({"female": female, "first_name": first, "last_name": surname,
-                           "birth_date": birth.normalize()})
+    people = pd.DataFrame(
+        {
+            "female": female,
+            "first_name": first,
+            "last_name": surname,
+            "birth_date": birth.normalize(),
+        }
+    )
 
     # Addresses: a real postcode-commune pair; a fifth in Paris, Lyon or Marseille.
     plm = base[base["insee"].str.match(r"^(751\d\d|6938\d|132\d\d)$")].index.to_numpy()
@@ -271,26 +365,48 @@ def _people(rng: np.random.Generator, n: int) -> pd.DataFrame:
         number = rng.integers(1, 160, size)
         rep = rng.choice(["", "", "", "", "", "", "", "", "bis", "ter"], size)
         stype = rng.choice(np.array(STREET_TYPES), size, p=STREET_TYPE_P)
-        sname = np.where(rng.random(size) < 0.8, rng.choice(np.array(STREET_NAMES), size),
-                         "de la Croix " + rng.choice(last, size))
+        sname = np.where(
+            rng.random(size) < 0.8,
+            rng.choice(np.array(STREET_NAMES), size),
+            "de la Croix " + rng.choice(last, size),
+        )
         template = np.where(rng.random(size) < 0.25, rng.choice(np.array(COMPLEMENTS), size), "")
         n_compl = rng.integers(1, 40, size)
         l_compl = rng.choice(list("ABCDEF"), size)
-        compl = pd.Series([t.format(n=a, l=b) for t, a, b in zip(template, n_compl, l_compl,
-                                                                 strict=True)], dtype=object)
-        return pd.DataFrame({"number": number, "rep": rep, "street_type": stype,
-                             "street_name": sname, "complement": compl})
+        compl = pd.Series(
+            [t.format(n=a, l=b) for t, a, b in zip(template, n_compl, l_compl, strict=True)],
+            dtype=object,
+        )
+        return pd.DataFrame(
+            {
+                "number": number,
+                "rep": rep,
+                "street_type": stype,
+                "street_name": sname,
+                "complement": compl,
+            }
+        )
 
-    people = pd.concat([people, address(n), commune[["postcode", "routing_label", "insee"]]],
-                       axis=1)
+    people = pd.concat(
+        [people, address(n), commune[["postcode", "routing_label", "insee"]]], axis=1
+    )
 
     # Households: a fifth of people live with someone already drawn (same address and
     # surname, often the landline): family members, never one customer.
     joins = np.flatnonzero(rng.random(n) < 0.2)
     joins = joins[joins > 0]
     hosts = (rng.random(len(joins)) * joins).astype(int)
-    shared = ["number", "rep", "street_type", "street_name", "complement", "postcode",
-              "routing_label", "insee", "last_name"]
+    shared = [
+        "number",
+        "rep",
+        "street_type",
+        "street_name",
+        "complement",
+        "postcode",
+        "routing_label",
+        "insee",
+        "last_name",
+    ]
     people.loc[joins, shared] = people.loc[hosts, shared].to_numpy()
     people["household"] = np.arange(n)
     people.loc[joins, "household"] = people.loc[hosts, "household"].to_numpy()
@@ -326,8 +442,9 @@ def _people(rng: np.random.Generator, n: int) -> pd.DataFrame:
     return people
 
 
-def _street_line(recs: pd.DataFrame, rng: np.random.Generator, abbreviate: float,
-                 prefix: str = "") -> pd.Series:
+def _street_line(
+    recs: pd.DataFrame, rng: np.random.Generator, abbreviate: float, prefix: str = ""
+) -> pd.Series:
     n = len(recs)
     stype = recs[prefix + "street_type"].astype(str)
     short = np.array([rng.choice(ABBREVIATIONS[t]) for t in stype], dtype=object) if n else []
@@ -336,8 +453,14 @@ def _street_line(recs: pd.DataFrame, rng: np.random.Generator, abbreviate: float
     rep = recs[prefix + "rep"].astype(str)
     rep_form = np.where(rng.random(n) < 0.5, " " + rep, rep.str[:1].str.upper())
     rep = pd.Series(np.where(rep == "", "", rep_form), index=recs.index)
-    return (recs[prefix + "number"].astype(str) + rep + " " + stype + " "
-            + recs[prefix + "street_name"].astype(str))
+    return (
+        recs[prefix + "number"].astype(str)
+        + rep
+        + " "
+        + stype
+        + " "
+        + recs[prefix + "street_name"].astype(str)
+    )
 
 
 def _city_variant(label: pd.Series, postcode: pd.Series, rng: np.random.Generator) -> pd.Series:
@@ -351,9 +474,13 @@ def _city_variant(label: pd.Series, postcode: pd.Series, rng: np.random.Generato
     arr_num = pd.to_numeric(postcode.str[-2:], errors="coerce").fillna(0).astype(int)
     form = rng.random(n)
     with_arr = np.where(
-        form < 0.4, label + " " + arr_num.astype(str),
-        np.where(form < 0.6, title + " " + arr_num.astype(str) + "e",
-                 np.where(form < 0.65, label + " CEDEX " + arr_num.map("{:02d}".format), label)),
+        form < 0.4,
+        label + " " + arr_num.astype(str),
+        np.where(
+            form < 0.6,
+            title + " " + arr_num.astype(str) + "e",
+            np.where(form < 0.65, label + " CEDEX " + arr_num.map("{:02d}".format), label),
+        ),
     )
     return pd.Series(np.where(plm, with_arr, out), index=label.index)
 
@@ -365,8 +492,15 @@ def _phone_variant(phone: pd.Series, rng: np.random.Generator) -> pd.Series:
     dotted = phone.str.replace(r"(\d\d)(?=\d)", r"\1.", regex=True)
     intl = "+33 " + phone.str[1:].str.replace(r"(\d\d?)(?=(\d\d)+$)", r"\1 ", regex=True)
     return pd.Series(
-        np.where(r < 0.35, phone, np.where(r < 0.6, spaced, np.where(r < 0.75, dotted,
-                 np.where(r < 0.9, intl, "0033" + phone.str[1:])))),
+        np.where(
+            r < 0.35,
+            phone,
+            np.where(
+                r < 0.6,
+                spaced,
+                np.where(r < 0.75, dotted, np.where(r < 0.9, intl, "0033" + phone.str[1:])),
+            ),
+        ),
         index=phone.index,
     )
 
@@ -388,8 +522,15 @@ def _records(people: pd.DataFrame, rng: np.random.Generator, n_person_records: i
     # Older records of movers carry the old address.
     first_copy = ~recs.duplicated("entity", keep="first")
     use_old = (recs["moved"] & first_copy & recs.duplicated("entity", keep=False)).to_numpy()
-    for col in ("number", "rep", "street_type", "street_name", "complement", "postcode",
-                "routing_label"):
+    for col in (
+        "number",
+        "rep",
+        "street_type",
+        "street_name",
+        "complement",
+        "postcode",
+        "routing_label",
+    ):
         recs[col] = recs[col].astype(object).where(~use_old, recs["old_" + col])
     recs.loc[use_old, "updated"] = recs.loc[use_old, "updated"] - pd.Timedelta(days=3 * 365)
     recs["old_address"] = use_old
@@ -401,14 +542,17 @@ def _records(people: pd.DataFrame, rng: np.random.Generator, n_person_records: i
     recs["first_name"] = _apply_typos(recs["first_name"].astype(str), rng.random(m) < 0.05, rng)
     recs["last_name"] = _apply_typos(recs["last_name"], rng.random(m) < 0.06, rng)
     swap = rng.random(m) < 0.03
-    recs.loc[swap, ["first_name", "last_name"]] = recs.loc[swap, ["last_name", "first_name"]].to_numpy()
+    recs.loc[swap, ["first_name", "last_name"]] = recs.loc[
+        swap, ["last_name", "first_name"]
+    ].to_numpy()
     recs["phone"] = np.where(rng.random(m) < 0.75, recs["mobile"], recs["landline"])
     recs["email"] = recs["email"].where(rng.random(m) >= 0.04, recs["email"].str.upper())
     recs["postcode"] = recs["postcode"].astype(str)
     typo_pc = rng.random(m) < 0.01
     pc = recs["postcode"]
-    recs.loc[typo_pc, "postcode"] = pc[typo_pc].str[0] + pc[typo_pc].str[2] + pc[typo_pc].str[1] \
-        + pc[typo_pc].str[3:]
+    recs.loc[typo_pc, "postcode"] = (
+        pc[typo_pc].str[0] + pc[typo_pc].str[2] + pc[typo_pc].str[1] + pc[typo_pc].str[3:]
+    )
     return recs
 
 
@@ -423,20 +567,24 @@ def _ecommerce(recs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     line = street.where(recs["complement"] == "", street + ", " + recs["complement"])
     accentless = rng.random(m) < 0.3
     first = recs["first_name"].where(~accentless, recs["first_name"].map(unidecode))
-    return pd.DataFrame({
-        "customer_id": keys,
-        "email": _blank(recs["email"], 0.05, rng),
-        "first_name": first,
-        "last_name": recs["last_name"].where(rng.random(m) < 0.7, recs["last_name"].str.upper()),
-        "birth_date": _blank(_fmt_dates(recs["birth_date"], "%Y-%m-%d"), 0.25, rng),
-        "phone": _blank(_phone_variant(recs["phone"], rng), 0.2, rng),
-        "address": line,
-        "zip": recs["postcode"],
-        "city": _city_variant(recs["routing_label"].astype(str), recs["postcode"], rng),
-        "country": rng.choice(["FR", "France", ""], m, p=[0.6, 0.3, 0.1]),
-        "newsletter_optin": rng.choice(["true", "false", ""], m, p=[0.4, 0.4, 0.2]),
-        "updated_at": recs["updated"].dt.strftime("%Y-%m-%dT%H:%M:%S").to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "customer_id": keys,
+            "email": _blank(recs["email"], 0.05, rng),
+            "first_name": first,
+            "last_name": recs["last_name"].where(
+                rng.random(m) < 0.7, recs["last_name"].str.upper()
+            ),
+            "birth_date": _blank(_fmt_dates(recs["birth_date"], "%Y-%m-%d"), 0.25, rng),
+            "phone": _blank(_phone_variant(recs["phone"], rng), 0.2, rng),
+            "address": line,
+            "zip": recs["postcode"],
+            "city": _city_variant(recs["routing_label"].astype(str), recs["postcode"], rng),
+            "country": rng.choice(["FR", "France", ""], m, p=[0.6, 0.3, 0.1]),
+            "newsletter_optin": rng.choice(["true", "false", ""], m, p=[0.4, 0.4, 0.2]),
+            "updated_at": recs["updated"].dt.strftime("%Y-%m-%dT%H:%M:%S").to_numpy(),
+        }
+    )
 
 
 def _stores(recs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
@@ -451,21 +599,28 @@ def _stores(recs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     lines[:, 1] = recs["complement"].str.upper().to_numpy()
     order = np.argsort(rng.random((m, 4)), axis=1)  # inconsistent column order
     lines = np.take_along_axis(lines, order, axis=1)
-    return pd.DataFrame({
-        "NUM_CARTE": keys,
-        "CIVILITE": _blank(pd.Series(civility), 0.1, rng),
-        "NOM": recs["last_name"].str.upper(),
-        "PRENOM": recs["first_name"].str.upper(),
-        "DATE_NAISSANCE": _blank(_fmt_dates(recs["birth_date"], "%d/%m/%Y"), 0.1, rng),
-        "TEL": _blank(_phone_variant(recs["phone"], rng), 0.15, rng),
-        "EMAIL": _blank(recs["email"], 0.4, rng),
-        "ADR1": lines[:, 0], "ADR2": lines[:, 1], "ADR3": lines[:, 2], "ADR4": lines[:, 3],
-        "CP": recs["postcode"],
-        "VILLE": _city_variant(recs["routing_label"].astype(str), recs["postcode"], rng).str.upper(),
-        "OPTIN_SMS": rng.choice(["O", "N", ""], m, p=[0.3, 0.5, 0.2]),
-        "OPTIN_COURRIER": rng.choice(["O", "N", ""], m, p=[0.5, 0.3, 0.2]),
-        "DATE_MAJ": recs["updated"].dt.strftime("%d/%m/%Y %H:%M").to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "NUM_CARTE": keys,
+            "CIVILITE": _blank(pd.Series(civility), 0.1, rng),
+            "NOM": recs["last_name"].str.upper(),
+            "PRENOM": recs["first_name"].str.upper(),
+            "DATE_NAISSANCE": _blank(_fmt_dates(recs["birth_date"], "%d/%m/%Y"), 0.1, rng),
+            "TEL": _blank(_phone_variant(recs["phone"], rng), 0.15, rng),
+            "EMAIL": _blank(recs["email"], 0.4, rng),
+            "ADR1": lines[:, 0],
+            "ADR2": lines[:, 1],
+            "ADR3": lines[:, 2],
+            "ADR4": lines[:, 3],
+            "CP": recs["postcode"],
+            "VILLE": _city_variant(
+                recs["routing_label"].astype(str), recs["postcode"], rng
+            ).str.upper(),
+            "OPTIN_SMS": rng.choice(["O", "N", ""], m, p=[0.3, 0.5, 0.2]),
+            "OPTIN_COURRIER": rng.choice(["O", "N", ""], m, p=[0.5, 0.3, 0.2]),
+            "DATE_MAJ": recs["updated"].dt.strftime("%d/%m/%Y %H:%M").to_numpy(),
+        }
+    )
 
 
 def _callcentre(recs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
@@ -473,38 +628,58 @@ def _callcentre(recs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     keys = pd.Series(np.arange(1, m + 1)).map("CC-{:07d}".format).to_numpy()
     first, last = recs["first_name"], recs["last_name"]
     r = rng.random(m)
-    full = np.where(r < 0.35, last.str.upper() + " " + first,
-                    np.where(r < 0.7, first + " " + last,
-                             np.where(r < 0.85, last + ", " + first, first + " " + last.str.upper())))
+    full = np.where(
+        r < 0.35,
+        last.str.upper() + " " + first,
+        np.where(
+            r < 0.7,
+            first + " " + last,
+            np.where(r < 0.85, last + ", " + first, first + " " + last.str.upper()),
+        ),
+    )
     street = _street_line(recs, rng, 0.3)
     city = _city_variant(recs["routing_label"].astype(str), recs["postcode"], rng)
     with_compl = street.where(recs["complement"] == "", recs["complement"] + "\n" + street)
     sep = np.where(rng.random(m) < 0.5, "\n", ", ")
     address = with_compl + sep + recs["postcode"] + " " + city
-    return pd.DataFrame({
-        "REF_CLIENT": keys,
-        "NOM_COMPLET": full,
-        "TELEPHONE": _blank(_phone_variant(recs["phone"], rng), 0.05, rng),
-        "MAIL": _blank(recs["email"].str.lower(), 0.5, rng),
-        "ADRESSE": address.to_numpy(),
-        "NE_LE": _blank(_fmt_dates(recs["birth_date"], "%d.%m.%Y"), 0.7, rng),
-        "ACCORD_SMS": rng.choice(["oui", "non", ""], m, p=[0.3, 0.3, 0.4]),
-        "DERNIER_CONTACT": recs["updated"].dt.strftime("%d/%m/%Y %H:%M:%S").to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "REF_CLIENT": keys,
+            "NOM_COMPLET": full,
+            "TELEPHONE": _blank(_phone_variant(recs["phone"], rng), 0.05, rng),
+            "MAIL": _blank(recs["email"].str.lower(), 0.5, rng),
+            "ADRESSE": address.to_numpy(),
+            "NE_LE": _blank(_fmt_dates(recs["birth_date"], "%d.%m.%Y"), 0.7, rng),
+            "ACCORD_SMS": rng.choice(["oui", "non", ""], m, p=[0.3, 0.3, 0.4]),
+            "DERNIER_CONTACT": recs["updated"].dt.strftime("%d/%m/%Y %H:%M:%S").to_numpy(),
+        }
+    )
 
 
-def _b2b(rng: np.random.Generator, n_records: int, people: pd.DataFrame,
-         first_entity: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _b2b(
+    rng: np.random.Generator, n_records: int, people: pd.DataFrame, first_entity: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Companies (one establishment each) with 1-3 account records."""
     n_orgs = max(1, int(n_records / 1.6))
     siren = _luhn_complete(rng.integers(0, 10, (n_orgs, 8)))
-    siret = _digits_to_str(_luhn_complete(np.concatenate(
-        [siren, np.zeros((n_orgs, 3), dtype=int), rng.integers(1, 10, (n_orgs, 1))], axis=1)))
-    trade = rng.choice(np.array(COMPANY_WORDS), n_orgs) + " " + people["last_name"].sample(
-        n_orgs, replace=True, random_state=rng.integers(1 << 31)).to_numpy()
+    siret = _digits_to_str(
+        _luhn_complete(
+            np.concatenate(
+                [siren, np.zeros((n_orgs, 3), dtype=int), rng.integers(1, 10, (n_orgs, 1))], axis=1
+            )
+        )
+    )
+    trade = (
+        rng.choice(np.array(COMPANY_WORDS), n_orgs)
+        + " "
+        + people["last_name"]
+        .sample(n_orgs, replace=True, random_state=rng.integers(1 << 31))
+        .to_numpy()
+    )
     form = rng.choice(np.array(LEGAL_FORMS), n_orgs)
     orgs = people.sample(n_orgs, replace=True, random_state=rng.integers(1 << 31)).reset_index(
-        drop=True)
+        drop=True
+    )
     orgs["siret"] = siret
     orgs["trade"] = trade
     orgs["form"] = form
@@ -513,33 +688,50 @@ def _b2b(rng: np.random.Generator, n_records: int, people: pd.DataFrame,
     recs = orgs.loc[idx].reset_index(names="org")
     m = len(recs)
     name_r = rng.random(m)
-    company = np.where(name_r < 0.4, recs["trade"] + " " + recs["form"],
-                       np.where(name_r < 0.7, recs["form"] + " " + recs["trade"],
-                                np.where(name_r < 0.85, recs["trade"].str.upper(),
-                                         recs["trade"] + " " + recs["form"].str.replace(
-                                             r"(.)", r"\1.", regex=True))))
-    spaced_siret = recs["siret"].str.replace(r"^(\d{3})(\d{3})(\d{3})(\d{5})$", r"\1 \2 \3 \4",
-                                             regex=True)
-    siret_col = np.where(rng.random(m) < 0.2, None,
-                         np.where(rng.random(m) < 0.3, spaced_siret, recs["siret"]))
+    company = np.where(
+        name_r < 0.4,
+        recs["trade"] + " " + recs["form"],
+        np.where(
+            name_r < 0.7,
+            recs["form"] + " " + recs["trade"],
+            np.where(
+                name_r < 0.85,
+                recs["trade"].str.upper(),
+                recs["trade"] + " " + recs["form"].str.replace(r"(.)", r"\1.", regex=True),
+            ),
+        ),
+    )
+    spaced_siret = recs["siret"].str.replace(
+        r"^(\d{3})(\d{3})(\d{3})(\d{5})$", r"\1 \2 \3 \4", regex=True
+    )
+    siret_col = np.where(
+        rng.random(m) < 0.2, None, np.where(rng.random(m) < 0.3, spaced_siret, recs["siret"])
+    )
     updated = REFERENCE_DATE - pd.to_timedelta(rng.integers(1, 2 * 365 * 24, m), unit="h")
-    frame = pd.DataFrame({
-        "account_id": pd.Series(np.arange(1, m + 1)).map("ACC{:06d}".format),
-        "raison_sociale": company,
-        "siret": siret_col,
-        "contact_prenom": _blank(recs["first_name"].astype(str), 0.1, rng),
-        "contact_nom": _blank(recs["last_name"].astype(str), 0.1, rng),
-        "contact_email": _blank(recs["email"], 0.3, rng),
-        "contact_tel": _blank(_phone_variant(recs["landline"], rng), 0.2, rng),
-        "adresse_1": _street_line(recs, rng, 0.3).to_numpy(),
-        "adresse_2": recs["complement"].where(recs["complement"] != "", None).to_numpy(),
-        "code_postal": recs["postcode"].astype(str),
-        "ville": recs["routing_label"].astype(str),
-        "pays": "FR",
-        "updated_at": updated.to_numpy(),
-    })
-    truth = pd.DataFrame({"source": "b2b", "source_key": frame["account_id"],
-                          "entity_id": (first_entity + recs["org"]).map("O{:07d}".format)})
+    frame = pd.DataFrame(
+        {
+            "account_id": pd.Series(np.arange(1, m + 1)).map("ACC{:06d}".format),
+            "raison_sociale": company,
+            "siret": siret_col,
+            "contact_prenom": _blank(recs["first_name"].astype(str), 0.1, rng),
+            "contact_nom": _blank(recs["last_name"].astype(str), 0.1, rng),
+            "contact_email": _blank(recs["email"], 0.3, rng),
+            "contact_tel": _blank(_phone_variant(recs["landline"], rng), 0.2, rng),
+            "adresse_1": _street_line(recs, rng, 0.3).to_numpy(),
+            "adresse_2": recs["complement"].where(recs["complement"] != "", None).to_numpy(),
+            "code_postal": recs["postcode"].astype(str),
+            "ville": recs["routing_label"].astype(str),
+            "pays": "FR",
+            "updated_at": updated.to_numpy(),
+        }
+    )
+    truth = pd.DataFrame(
+        {
+            "source": "b2b",
+            "source_key": frame["account_id"],
+            "entity_id": (first_entity + recs["org"]).map("O{:07d}".format),
+        }
+    )
     return frame, truth
 
 
@@ -549,15 +741,16 @@ def _break_rows(frames: dict[str, pd.DataFrame], rng: np.random.Generator) -> No
     n_bad = max(1, len(eco) // 200)
     bad = rng.choice(len(eco), n_bad, replace=False)
     eco.loc[bad[: max(1, n_bad // 2)], "birth_date"] = "1985-13-45"
-    eco.loc[bad[max(1, n_bad // 2):], "customer_id"] = ""
+    eco.loc[bad[max(1, n_bad // 2) :], "customer_id"] = ""
     # A customer exported twice: the older version must be superseded, not merged.
     dup = eco.iloc[[int(rng.integers(len(eco)))]].copy()
     dup["updated_at"] = "2020-01-01T00:00:00"
     frames["ecommerce"] = pd.concat([eco, dup], ignore_index=True)
 
 
-def _write_csv(frame: pd.DataFrame, path: Path, encoding: str, sep: str,
-               extra_fields: int = 0) -> None:
+def _write_csv(
+    frame: pd.DataFrame, path: Path, encoding: str, sep: str, extra_fields: int = 0
+) -> None:
     frame.to_csv(path, sep=sep, index=False, encoding=encoding, lineterminator="\n")
     if extra_fields:  # a few lines with a field too many, as hand-edited extracts have
         lines = path.read_bytes().split(b"\n")
@@ -588,8 +781,15 @@ def generate(out_dir: Path, n_records: int = 2000, seed: int = 20261122) -> Gene
         frame = build(part, rng)
         frames[bu] = frame
         key_col = frame.columns[0]
-        truths.append(pd.DataFrame({"source": bu, "source_key": frame[key_col],
-                                    "entity_id": part["entity"].map("P{:07d}".format)}))
+        truths.append(
+            pd.DataFrame(
+                {
+                    "source": bu,
+                    "source_key": frame[key_col],
+                    "entity_id": part["entity"].map("P{:07d}".format),
+                }
+            )
+        )
     b2b, b2b_truth = _b2b(rng, n_b2b, people, 0)
     truths.append(b2b_truth)
     truth = pd.concat(truths, ignore_index=True)
@@ -597,27 +797,43 @@ def generate(out_dir: Path, n_records: int = 2000, seed: int = 20261122) -> Gene
     # NPAI returns: mostly the addresses people left, some others.
     eco_keys = frames["ecommerce"]["customer_id"]
     stores_part = recs[recs["bu"] == "stores"].reset_index(drop=True)
-    returned = np.flatnonzero(stores_part["old_address"].to_numpy() | (rng.random(len(stores_part))
-                                                                        < 0.01))
+    returned = np.flatnonzero(
+        stores_part["old_address"].to_numpy() | (rng.random(len(stores_part)) < 0.01)
+    )
     eco_returned = rng.choice(len(eco_keys), max(1, len(eco_keys) // 100), replace=False)
-    npai = pd.concat([
-        pd.DataFrame({"CODE_BU": "stores",
-                      "REFERENCE_CLIENT": frames["stores"]["NUM_CARTE"].iloc[returned]}),
-        pd.DataFrame({"CODE_BU": "ecommerce", "REFERENCE_CLIENT": eco_keys.iloc[eco_returned]}),
-    ], ignore_index=True)
-    npai["DATE_RETOUR"] = (REFERENCE_DATE - pd.to_timedelta(
-        rng.integers(1, 300, len(npai)), unit="D")).strftime("%d/%m/%Y")
-    npai["MOTIF"] = rng.choice(np.array(NPAI_MOTIFS), len(npai),
-                               p=[0.35, 0.25, 0.2, 0.08, 0.08, 0.04])
+    npai = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "CODE_BU": "stores",
+                    "REFERENCE_CLIENT": frames["stores"]["NUM_CARTE"].iloc[returned],
+                }
+            ),
+            pd.DataFrame({"CODE_BU": "ecommerce", "REFERENCE_CLIENT": eco_keys.iloc[eco_returned]}),
+        ],
+        ignore_index=True,
+    )
+    npai["DATE_RETOUR"] = (
+        REFERENCE_DATE - pd.to_timedelta(rng.integers(1, 300, len(npai)), unit="D")
+    ).strftime("%d/%m/%Y")
+    npai["MOTIF"] = rng.choice(
+        np.array(NPAI_MOTIFS), len(npai), p=[0.35, 0.25, 0.2, 0.08, 0.08, 0.04]
+    )
 
     _break_rows(frames, rng)
     _write_csv(frames["ecommerce"], out_dir / FILES["ecommerce"], "utf-8", ",")
-    _write_csv(frames["stores"], out_dir / FILES["stores"], "cp1252", ";",
-               extra_fields=max(1, len(frames["stores"]) // 400))
+    _write_csv(
+        frames["stores"],
+        out_dir / FILES["stores"],
+        "cp1252",
+        ";",
+        extra_fields=max(1, len(frames["stores"]) // 400),
+    )
     _write_csv(frames["callcentre"], out_dir / FILES["callcentre"], "latin-1", "|")
     b2b.to_parquet(out_dir / FILES["b2b"], index=False)
-    npai.to_csv(out_dir / FILES["npai"], sep=";", index=False, encoding="utf-8",
-                lineterminator="\n")
+    npai.to_csv(
+        out_dir / FILES["npai"], sep=";", index=False, encoding="utf-8", lineterminator="\n"
+    )
     truth.to_csv(out_dir / FILES["truth"], index=False, lineterminator="\n")
     (out_dir / "config.yaml").write_text(SAMPLE_CONFIG, encoding="utf-8")
     counts = {bu: len(f) for bu, f in frames.items()} | {"b2b": len(b2b)}

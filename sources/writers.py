@@ -39,8 +39,15 @@ def write_back(spec: Source, raw: pd.DataFrame, added: pd.DataFrame, out_dir: Pa
     frame = neutralise_formulas(frame)
     path = out_dir / f"{spec.name}_return.csv"
     if isinstance(spec, CsvSource):
-        frame.to_csv(path, sep=spec.delimiter, quotechar=spec.quotechar, index=False,
-                     encoding=spec.encoding, errors="replace", lineterminator="\n")
+        frame.to_csv(
+            path,
+            sep=spec.delimiter,
+            quotechar=spec.quotechar,
+            index=False,
+            encoding=spec.encoding,
+            errors="replace",
+            lineterminator="\n",
+        )
     else:
         frame.to_csv(path, index=False, encoding="utf-8", lineterminator="\n")
     return path

@@ -1,0 +1,196 @@
+"""The `mdm` command end to end on the shipped samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from mdm_pipeline.cli import app
+from mdm_pipeline.golden_records import store
+from mdm_pipeline.matching.evaluation import pair_scores
+
+runner = CliRunner()
+
+
+def _run(config: Path, *extra: str, env: dict | None = None):
+    return runner.invoke(app, ["run", "--config", str(config), *extra], env=env)
+
+
+def _counts(url: str) -> dict[str, int]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        out = {
+            t: conn.execute(sa.select(sa.func.count()).select_from(sa.table(t))).scalar_one()
+            for t in ("mdm_source_records", "mdm_golden_records", "mdm_quarantine", "mdm_runs")
+        }
+    engine.dispose()
+    return out
+
+
+def _xref(url: str) -> pd.DataFrame:
+    engine = sa.create_engine(url)
+    frame = pd.read_sql(
+        "select source, source_key, golden_id, updated_run from mdm_source_records", engine
+    )
+    engine.dispose()
+    return frame
+
+
+def test_run_on_samples_summary_accounting_and_quality(samples: Path) -> None:
+    result = _run(samples / "config.yaml", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    for s in summary["sources"]:
+        assert s["rows_read"] == s["records"] + s["quarantined"]
+    url = f"sqlite:///{samples / 'mdm.sqlite'}"
+    counts = _counts(url)
+    assert counts["mdm_source_records"] == sum(s["records"] for s in summary["sources"])
+    assert counts["mdm_quarantine"] == sum(s["quarantined"] for s in summary["sources"])
+    assert counts["mdm_golden_records"] == summary["clusters"] == summary["golden_created"]
+    # Exact-key matching: precise, recall limited until probabilistic matching lands.
+    xref = _xref(url)
+    truth = pd.read_csv(samples / "truth.csv", dtype=str)
+    both = xref.merge(truth, on=["source", "source_key"], validate="one_to_one")
+    assert len(both) == len(xref)
+    scores = pair_scores(both["golden_id"], both["entity_id"])
+    assert scores.precision >= 0.95 and scores.recall >= 0.65
+    # Every BU gets its file back, in its own format, with the golden ID.
+    names = sorted(Path(p).name for p in summary["exports"])
+    assert names == [
+        "b2b_return.parquet",
+        "callcentre_return.csv",
+        "ecommerce_return.csv",
+        "stores_return.csv",
+    ]
+    back = pd.read_csv(samples / "out" / "stores_return.csv", sep=";", encoding="cp1252", dtype=str)
+    assert back.columns[0] == "NUM_CARTE" and "mdm_golden_id" in back.columns
+    assert back["mdm_golden_id"].notna().all()
+
+
+def test_human_summary_table(samples: Path) -> None:
+    result = _run(samples / "config.yaml")
+    assert result.exit_code == 0, result.output
+    for text in (
+        "rows read",
+        "quarantined",
+        "candidate pairs",
+        "clusters",
+        "golden records created",
+        "time load",
+        "run R",
+    ):
+        assert text in result.stdout
+
+
+def test_rerun_on_same_input_changes_nothing(samples: Path) -> None:
+    assert _run(samples / "config.yaml").exit_code == 0
+    url = f"sqlite:///{samples / 'mdm.sqlite'}"
+    before = _xref(url)
+    second = _run(samples / "config.yaml", "--json")
+    summary = json.loads(second.stdout)
+    assert summary["golden_created"] == summary["golden_updated"] == 0
+    assert summary["golden_unchanged"] == summary["clusters"]
+    after = _xref(url)
+    pd.testing.assert_frame_equal(
+        before.sort_values(["source", "source_key"]).reset_index(drop=True),
+        after.sort_values(["source", "source_key"]).reset_index(drop=True),
+    )
+
+
+def test_failure_mid_write_leaves_store_unchanged(samples: Path, monkeypatch) -> None:
+    assert _run(samples / "config.yaml").exit_code == 0
+    url = f"sqlite:///{samples / 'mdm.sqlite'}"
+    before = _counts(url)
+    stores = samples / "magasins_fidelite.csv"
+    stores.write_bytes(stores.read_bytes().replace(b"\n2900", b"\n3900", 50))
+
+    real = store._insert
+    calls = {"n": 0}
+
+    def failing_insert(conn, table, frame):
+        calls["n"] += 1
+        real(conn, table, frame)
+        if table is store.source_records:
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(store, "_insert", failing_insert)
+    result = _run(samples / "config.yaml")
+    assert result.exit_code == 1
+    assert "internal error (RuntimeError" in result.stderr
+    assert calls["n"] >= 2  # it failed after writing golden records, inside the transaction
+    assert _counts(url) == before
+    assert not list((samples / "out").glob(".mdm-export-*"))
+
+
+def test_config_error_exit_2_one_line(samples: Path) -> None:
+    cfg = samples / "config.yaml"
+    cfg.write_text(cfg.read_text().replace('format: "%d/%m/%Y"', 'format: "%d/%m/%y"', 1))
+    result = _run(cfg)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: config.yaml: sources[1].mapping.birth_date: "
+        "unknown date format '%d/%m/%y' (two-digit years are "
+        "ambiguous; use %Y)"
+    )
+
+
+def test_missing_source_file_exit_1(samples: Path) -> None:
+    (samples / "centre_appels.csv").unlink()
+    result = _run(samples / "config.yaml")
+    assert result.exit_code == 1
+    assert "centre_appels.csv" in result.stderr and "file not found" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_validate_config_checks_columns(samples: Path) -> None:
+    ok = runner.invoke(app, ["validate-config", str(samples / "config.yaml")])
+    assert ok.exit_code == 0 and "OK (4 sources" in ok.stdout
+    cfg = samples / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("postcode: CP", "postcode: CODE_POSTAL"))
+    bad = runner.invoke(app, ["validate-config", str(cfg)])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == (
+        "error: config.yaml: sources[1].mapping.postcode: column "
+        "'CODE_POSTAL' not found in source 'stores'"
+    )
+
+
+def test_generate_command(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["generate", "--out", str(tmp_path), "--records", "300"])
+    assert result.exit_code == 0 and "records of" in result.stdout
+    assert runner.invoke(app, ["validate-config", str(tmp_path / "config.yaml")]).exit_code == 0
+
+
+def test_usage_error_exit_2() -> None:
+    assert runner.invoke(app, ["run"]).exit_code == 2
+
+
+def test_no_personal_data_in_errors_or_logs(samples: Path, caplog) -> None:
+    caplog.set_level("DEBUG")
+    result = _run(samples / "config.yaml", "--json")
+    assert result.exit_code == 0
+    truth_names = pd.read_csv(samples / "ecommerce_clients.csv", dtype=str)["last_name"]
+    logged = caplog.text + result.stderr
+    assert not any(f" {n} " in logged for n in truth_names.dropna().unique() if len(n) > 3)
+
+
+@pytest.mark.postgres
+def test_run_into_postgres_then_rerun_changes_nothing(samples: Path, pg_url: str) -> None:
+    env = {"MDM_STORE_URL": pg_url}
+    first = _run(samples / "config.yaml", "--json", env=env)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert summary["store"].startswith("postgresql")
+    counts = _counts(pg_url)
+    assert counts["mdm_golden_records"] == summary["golden_created"] > 0
+    before = _xref(pg_url)
+    second = json.loads(_run(samples / "config.yaml", "--json", env=env).stdout)
+    assert second["golden_created"] == second["golden_updated"] == 0
+    after = _xref(pg_url)
+    assert set(map(tuple, before.to_numpy())) == set(map(tuple, after.to_numpy()))
+    assert not (samples / "mdm.sqlite").exists()

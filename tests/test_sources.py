@@ -1,0 +1,265 @@
+"""Source connectors and mapping: every row read ends as a record or in quarantine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from mdm_pipeline.config.errors import SourceError
+from mdm_pipeline.config.settings import Settings
+from mdm_pipeline.sources import load_source
+from mdm_pipeline.sources.mapping import split_full_name
+from mdm_pipeline.sources.readers import LINE, read_source
+
+RUN_DATE = pd.Timestamp("2026-11-22")
+
+
+def _settings(tmp_path: Path, source: dict) -> Settings:
+    return Settings.model_validate({"sources": [source], "base_dir": tmp_path})
+
+
+def _csv_source(**over) -> dict:
+    src = {
+        "name": "bu",
+        "format": "csv",
+        "path": "x.csv",
+        "encoding": "utf-8",
+        "delimiter": ",",
+        "mapping": {"source_key": "id", "last_name": "nom", "first_name": "prenom"},
+    }
+    src.update(over)
+    return src
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp1252", "latin-1"])
+@pytest.mark.parametrize("delimiter", [",", ";", "|", "\t"])
+def test_csv_encodings_and_delimiters(tmp_path: Path, encoding: str, delimiter: str) -> None:
+    text = delimiter.join(["id", "nom", "prenom"]) + "\n"
+    text += delimiter.join(["1", "Lefèvre", "Hélène"]) + "\n"
+    text += delimiter.join(["2", "Œuvray" if encoding != "latin-1" else "Oeuvray", "Zoé"]) + "\n"
+    (tmp_path / "x.csv").write_bytes(text.encode(encoding))
+    settings = _settings(tmp_path, _csv_source(encoding=encoding, delimiter=delimiter))
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    assert mapped.records["last_name"].tolist()[0] == "Lefèvre"
+    assert mapped.records["first_name"].tolist() == ["Hélène", "Zoé"]
+    assert mapped.records["source_line"].tolist() == [2, 3]
+    assert mapped.quarantine.empty
+
+
+def test_utf8_bom_declared_as_plain_utf8_still_finds_first_column(tmp_path: Path) -> None:
+    (tmp_path / "x.csv").write_bytes("id,nom,prenom\n1,A,B\n".encode("utf-8-sig"))
+    settings = _settings(tmp_path, _csv_source())
+    assert load_source(settings.sources[0], settings, RUN_DATE).records["source_key"].tolist() == [
+        "1"
+    ]
+
+
+def test_embedded_newlines_keep_physical_line_numbers(tmp_path: Path) -> None:
+    text = (
+        "id,nom,prenom,adresse\n"
+        '1,A,B,"12 rue X\n75011 PARIS"\n'  # lines 2-3
+        '2,C,D,"BAT B\n\n3 rue Y\n69003 LYON"\n'  # lines 4-7
+        "\n"  # line 8: blank, not a row
+        '3,E,F,"x",EXTRA\n'  # line 9: one field too many
+        "4,G,H,z\n"  # line 10
+    )
+    (tmp_path / "x.csv").write_text(text, encoding="utf-8")
+    src = _csv_source()
+    src["mapping"]["address_lines"] = "adresse"
+    settings = _settings(tmp_path, src)
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    assert mapped.records["source_line"].tolist() == [2, 4, 10]
+    assert mapped.records["address_lines"].iloc[1] == "BAT B\n\n3 rue Y\n69003 LYON"
+    assert mapped.quarantine["line"].tolist() == [9]
+    assert mapped.quarantine["reason"].iloc[0] == "expected 4 fields, found 5"
+    assert mapped.rows_read == len(mapped.records) + len(mapped.quarantine) == 4
+
+
+def test_bytes_invalid_in_declared_encoding_quarantine_the_row_only(tmp_path: Path) -> None:
+    good = b"id,nom,prenom\n1,Durand,Jean\n"
+    bad = "2,Lefèvre,Zoé\n".encode("cp1252")  # cp1252 bytes in a file declared UTF-8
+    (tmp_path / "x.csv").write_bytes(good + bad + b"3,Petit,Luc\n")
+    settings = _settings(tmp_path, _csv_source())
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    assert mapped.records["source_key"].tolist() == ["1", "3"]
+    assert mapped.quarantine["line"].tolist() == [3]
+    assert "declared encoding utf-8" in mapped.quarantine["reason"].iloc[0]
+    # The reason never carries the row's personal data.
+    assert "Lef" not in mapped.quarantine["reason"].iloc[0]
+
+
+def test_missing_file_is_a_source_error(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, _csv_source())
+    with pytest.raises(SourceError, match=r"x\.csv: source 'bu': file not found"):
+        read_source(settings.sources[0], settings)
+
+
+def test_mapping_dates_bools_constants_values_and_quarantine_reasons(tmp_path: Path) -> None:
+    text = (
+        "id;civ;nom;prenom;ne;optin;maj\n"
+        "1;1;DURAND;Jean;31/12/1980;O;01/02/2026 10:00\n"
+        "2;2;PETIT;Anne;31/02/1980;N;01/02/2026 10:00\n"  # impossible date
+        ";2;MOREL;Luc;01/01/1990;;01/02/2026 10:00\n"  # empty key
+        "4;2;ROUX;Eve;01/01/2090;peut-etre;01/02/2026 10:00\n"  # future date, bad bool
+    )
+    (tmp_path / "x.csv").write_text(text, encoding="utf-8")
+    src = _csv_source(delimiter=";", trust=5)
+    src["mapping"] = {
+        "source_key": "id",
+        "civility": {"column": "civ", "values": {"1": "M", "2": "MME"}},
+        "last_name": "nom",
+        "first_name": "prenom",
+        "birth_date": {"column": "ne", "format": "%d/%m/%Y"},
+        "consent_sms": "optin",
+        "country": {"constant": "FR"},
+        "source_updated_at": {"column": "maj", "format": "%d/%m/%Y %H:%M"},
+    }
+    settings = _settings(tmp_path, src)
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    rec = mapped.records.iloc[0]
+    assert rec["civility"] == "M" and rec["country"] == "FR" and rec["trust"] == 5
+    assert rec["birth_date"] == pd.Timestamp("1980-12-31")
+    assert rec["birth_date_raw"] == "31/12/1980"
+    assert bool(rec["consent_sms"]) is True
+    assert rec["source_updated_at"] == pd.Timestamp("2026-02-01 10:00")
+    reasons = dict(zip(mapped.quarantine["line"], mapped.quarantine["reason"], strict=True))
+    assert reasons == {
+        3: "birth_date: value does not fit the declared format",
+        4: "source_key: empty",
+        5: "birth_date: value does not fit the declared format; "
+        "consent_sms: value does not fit the declared format",
+    }
+
+
+def test_on_invalid_null_keeps_the_record(tmp_path: Path) -> None:
+    (tmp_path / "x.csv").write_text("id,nom,prenom,ne\n1,A,B,99.99.1999\n", encoding="utf-8")
+    src = _csv_source()
+    src["mapping"]["birth_date"] = {"column": "ne", "format": "%d.%m.%Y", "on_invalid": "null"}
+    settings = _settings(tmp_path, src)
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    assert len(mapped.records) == 1 and pd.isna(mapped.records["birth_date"].iloc[0])
+    assert mapped.records["birth_date_raw"].iloc[0] == "99.99.1999"
+
+
+def test_duplicate_keys_latest_update_wins_others_quarantined(tmp_path: Path) -> None:
+    text = (
+        "id,nom,prenom,maj\n"
+        "7,OLD,A,2025-01-01T00:00:00\n"
+        "7,NEW,A,2026-01-01T00:00:00\n"
+        "7,MID,A,2025-06-01T00:00:00\n"
+        "8,X,Y,2025-06-01T00:00:00\n"
+    )
+    (tmp_path / "x.csv").write_text(text, encoding="utf-8")
+    src = _csv_source()
+    src["mapping"]["source_updated_at"] = {"column": "maj"}
+    settings = _settings(tmp_path, src)
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    assert mapped.records.set_index("source_key")["last_name"].to_dict() == {"7": "NEW", "8": "X"}
+    assert mapped.duplicates == 2
+    assert sorted(mapped.quarantine["line"]) == [2, 4]
+    assert set(mapped.quarantine["reason"]) == {"duplicate source_key: superseded by line 3"}
+    assert mapped.rows_read == len(mapped.records) + len(mapped.quarantine)
+
+
+def test_address_spread_over_columns_in_any_order(tmp_path: Path) -> None:
+    text = "id,nom,prenom,A1,A2,A3\n1,A,B,,12 RUE X,BAT C\n2,C,D,APT 4,,3 AV Y\n"
+    (tmp_path / "x.csv").write_text(text, encoding="utf-8")
+    src = _csv_source()
+    src["mapping"]["address_lines"] = {"columns": ["A1", "A2", "A3"]}
+    settings = _settings(tmp_path, src)
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    assert mapped.records["address_lines"].tolist() == ["12 RUE X\nBAT C", "APT 4\n3 AV Y"]
+
+
+@pytest.mark.parametrize(
+    ("full", "first", "last"),
+    [
+        ("DUPONT Jean", "Jean", "DUPONT"),
+        ("Jean Dupont", "Jean", "Dupont"),
+        ("Dupont, Jean-Pierre", "Jean-Pierre", "Dupont"),
+        ("Marie-Claire DE LA FONTAINE", "Marie-Claire", "DE LA FONTAINE"),
+        ("MARTIN SOPHIE", "SOPHIE", "MARTIN"),
+        ("dupont jean", "jean", "dupont"),
+        ("Sophie Le Goff", "Sophie", "Le Goff"),
+        ("  Jean   Martin ", "Jean", "Martin"),
+    ],
+)
+def test_full_name_split(full: str, first: str, last: str) -> None:
+    f, lst = split_full_name(pd.Series([full]), "auto")
+    assert (f.iloc[0], lst.iloc[0]) == (first, last)
+
+
+def test_full_name_declared_order() -> None:
+    f, lst = split_full_name(pd.Series(["Dupont Jean", "Jean Dupont"]), "last_first")
+    assert f.tolist() == ["Jean", "Dupont"] and lst.tolist() == ["Dupont", "Jean"]
+
+
+def test_parquet_source(tmp_path: Path) -> None:
+    pd.DataFrame({"id": [1, 2], "nom": ["A", None], "prenom": ["B", "C"]}).to_parquet(
+        tmp_path / "x.parquet"
+    )
+    src = _csv_source(format="parquet", path="x.parquet")
+    del src["encoding"], src["delimiter"]
+    settings = _settings(tmp_path, src)
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    assert mapped.records["source_key"].tolist() == ["1", "2"]
+    assert mapped.records["source_line"].tolist() == [1, 2]
+    assert mapped.records["last_name"].iloc[1] is None
+
+
+def _sql_source(url: str, **what) -> dict:
+    return {
+        "name": "crm",
+        "format": "sql",
+        "url": url,
+        **what,
+        "mapping": {"source_key": "id", "last_name": "nom", "first_name": "prenom"},
+    }
+
+
+def _fill(url: str) -> None:
+    engine = sa.create_engine(url)
+    pd.DataFrame(
+        {"id": [10, 11, 12], "nom": ["A", "B", "C"], "prenom": ["x", "y", None], "actif": [1, 0, 1]}
+    ).to_sql("clients", engine, index=False, if_exists="replace")
+    engine.dispose()
+
+
+def test_sql_table_and_query_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'crm.db'}"
+    _fill(url)
+    for what, keys in (
+        ({"table": "clients"}, ["10", "11", "12"]),
+        ({"query": "select * from clients where actif = 1"}, ["10", "12"]),
+    ):
+        settings = _settings(tmp_path, _sql_source(url, **what))
+        mapped = load_source(settings.sources[0], settings, RUN_DATE)
+        assert mapped.records["source_key"].tolist() == keys
+
+
+@pytest.mark.postgres
+def test_sql_query_postgres(tmp_path: Path, pg_url: str) -> None:
+    _fill(pg_url)
+    settings = _settings(tmp_path, _sql_source(pg_url, query="select * from clients order by id"))
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    assert mapped.records["source_key"].tolist() == ["10", "11", "12"]
+    assert mapped.records["first_name"].iloc[2] is None
+
+
+def test_sql_error_is_one_line_source_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'crm.db'}"
+    _fill(url)
+    settings = _settings(tmp_path, _sql_source(url, query="select * from nowhere"))
+    with pytest.raises(SourceError, match=r"source 'crm': SQL read failed") as info:
+        load_source(settings.sources[0], settings, RUN_DATE)
+    assert "\n" not in str(info.value)
+
+
+def test_reader_line_column_never_collides_with_extract_columns(tmp_path: Path) -> None:
+    (tmp_path / "x.csv").write_text("id,nom,prenom\n1,A,B\n", encoding="utf-8")
+    settings = _settings(tmp_path, _csv_source())
+    raw = read_source(settings.sources[0], settings)
+    assert LINE in raw.rows.columns and LINE.startswith("__")
