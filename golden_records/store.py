@@ -267,7 +267,7 @@ def write_run(
     write = merged[is_new | changed].copy()
     write["created_run"] = write["created_run"].fillna(run_id)
     write["updated_run"] = run_id
-    _delete_keys(conn, golden_records, write[["golden_id"]])
+    _delete_keys(conn, golden_records, write.loc[~is_new[write.index], ["golden_id"]])
     _insert(conn, golden_records, write[[c.name for c in golden_records.columns]])
 
     # Golden records no cluster kept are retired (their ID is never reused).
@@ -304,7 +304,8 @@ def write_run(
         | (both["golden_id"] != both["golden_id_old"])
     )
     to_write = both[dirty][[c.name for c in source_records.columns]]
-    _delete_keys(conn, source_records, to_write[["source", "source_key"]])
+    existed = both.loc[dirty, "record_hash_old"].notna()
+    _delete_keys(conn, source_records, to_write.loc[existed, ["source", "source_key"]])
     _insert(conn, source_records, to_write)
     result.records_written = len(to_write)
     # Records no longer delivered by a loaded source leave the cross-reference.

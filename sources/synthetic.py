@@ -428,7 +428,20 @@ def _people(rng: np.random.Generator, n: int) -> pd.DataFrame:
         + people["last_name"].map(lambda s: unidecode(s).lower().replace(" ", ""))
     )
     suffix = np.where(rng.random(n) < 0.4, rng.integers(1, 99, n).astype(str), "")
-    people["email"] = key + suffix + "@" + rng.choice(np.array(EMAIL_DOMAINS), n)
+    local = key + suffix
+    domain = pd.Series(rng.choice(np.array(EMAIL_DOMAINS), n))
+    # An address belongs to one person: namesakes get told apart by a digit...
+    clash = (local + "@" + domain).duplicated(keep="first")
+    while clash.any():
+        local[clash] = local[clash] + rng.integers(0, 10, int(clash.sum())).astype(str)
+        clash = (local + "@" + domain).duplicated(keep="first")
+    email = local + "@" + domain
+    people["email"] = email
+    # ...but some family members share one address (a hard case for matching).
+    family_mail = joins[rng.random(len(joins)) < 0.15]
+    people.loc[family_mail, "email"] = people.loc[
+        hosts[np.isin(joins, family_mail)], "email"
+    ].to_numpy()
 
     # A tenth moved: their old address shows up in older extracts.
     moved = rng.random(n) < 0.1
