@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -64,9 +65,16 @@ def main() -> None:
         workdir = args.keep or Path(tempfile.mkdtemp(prefix="mdm-bench-"))
         print(json.dumps(_one(args.records[0], workdir)))
         return
-    print(json.dumps({"machine": platform.machine(), "python": platform.python_version(),
-                      "cpus": __import__("os").cpu_count(),
-                      "date": time.strftime("%Y-%m-%d")}))
+    print(
+        json.dumps(
+            {
+                "machine": platform.machine(),
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+    )
     for n in args.records:
         cmd = [sys.executable, __file__, "--child", "--records", str(n)]
         if args.keep:
