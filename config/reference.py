@@ -58,3 +58,19 @@ def surname_keys() -> frozenset[str]:
     """Upper-case, unaccented common surnames."""
     frame = names()
     return frozenset(unidecode(n).upper() for n in frame.loc[frame["kind"] == "last", "name"])
+
+
+@cache
+def street_types() -> pd.DataFrame:
+    """NF Z10-011 street types: full word -> standard abbreviation."""
+    return pd.read_csv(
+        REFERENCE_DIR / "street_types_nfz10011.csv", dtype=str, keep_default_na=False
+    )
+
+
+@cache
+def address_words() -> pd.DataFrame:
+    """Titles, SAINT, repetition indexes, complements, distribution services, common words."""
+    return pd.read_csv(
+        REFERENCE_DIR / "address_words_nfz10011.csv", dtype=str, keep_default_na=False
+    )
