@@ -252,7 +252,7 @@ def _explode_lines(lines: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 
 def _first_words(series: pd.Series, k: int) -> pd.Series:
-    return series.str.extract(r"^((?:\S+ ){%d}\S+)" % (k - 1), expand=False)
+    return series.str.extract(rf"^((?:\S+ ){{{k - 1}}}\S+)", expand=False)
 
 
 def _split_type(rest: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -414,7 +414,7 @@ def street_label(street_type: pd.Series, street_name: pd.Series) -> tuple[pd.Ser
     original = label.copy()
 
     def long_(s: pd.Series) -> pd.Series:
-        return s.str.len().fillna(0) > MAX_STREET_LABEL
+        return s.fillna("").str.len() > MAX_STREET_LABEL
 
     # 1. The street type, at the start of the label only.
     if long_(label).any():
@@ -476,7 +476,7 @@ def assemble_block(
     block = block.replace("", None)
     truncated = pd.Series(False, index=block.index)
     for col in block.columns:
-        over = block[col].str.len().fillna(0) > MAX_LINE
+        over = block[col].fillna("").str.len() > MAX_LINE
         if over.any():
             block.loc[over, col] = block.loc[over, col].str[:MAX_LINE].str.rstrip()
             truncated |= over

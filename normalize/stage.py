@@ -6,7 +6,8 @@ import pandas as pd
 
 from mdm_pipeline.config import schema
 from mdm_pipeline.config.settings import NormalizeSettings
-from mdm_pipeline.normalize import address, fields
+from mdm_pipeline.normalize import fields
+from mdm_pipeline.normalize.addresses import normalize_addresses
 from mdm_pipeline.normalize.text import fold
 
 #: Columns this stage adds.
@@ -38,14 +39,43 @@ def normalize_records(records: pd.DataFrame, settings: NormalizeSettings) -> pd.
     out["email_norm"], out["email_valid"] = fields.email(records["email"])
     out["phone_norm"] = fields.phone(records["phone"], settings.phone_region)
 
-    parts = address.split_lines(records["address_lines"])
-    out["street_norm"] = parts["street"]
-    postcode = records["postcode"].where(records["postcode"].notna(), parts["postcode_in_lines"])
-    town = records["city"].where(records["city"].notna(), parts["city_in_lines"])
-    out["postcode_norm"] = fields.postcode(postcode)
-    out["city_norm"] = fields.city(town)
     country = fold(records["country"])
     out["country_norm"] = country.where(country.notna(), settings.default_country)
+    person = records["record_type"] == "person"
+    identity = (
+        out["civility_norm"].fillna("")
+        + " "
+        + records["first_name"].fillna("")
+        + " "
+        + records["last_name"].fillna("")
+    ).str.strip()
+    identity = identity.where(person, records["company_name"]).replace("", None)
+    addr = normalize_addresses(
+        records["address_lines"],
+        records["postcode"],
+        records["city"],
+        out["country_norm"],
+        identity,
+    )
+    out = pd.concat([out, addr], axis=1)
+    # Comparison forms for matching: the full street (never the shortened print form),
+    # La Poste's postcode and routing label where the address could be checked.
+    street = (
+        addr["addr_number"].fillna("")
+        + " "
+        + addr["addr_repetition"].fillna("")
+        + " "
+        + addr["addr_street_type"].fillna("")
+        + " "
+        + addr["addr_street_name"].fillna("")
+    )
+    out["street_norm"] = street.str.replace(r"\s+", " ", regex=True).str.strip().replace("", None)
+    out["postcode_norm"] = addr["addr_postcode"].where(
+        addr["addr_postcode"].notna(), fields.postcode(records["postcode"])
+    )
+    out["city_norm"] = addr["addr_routing_label"].where(
+        addr["addr_routing_label"].notna(), fields.city(records["city"])
+    )
 
     out["company_name_norm"] = fold(records["company_name"])
     out["siret_norm"] = fields.siret(records["siret"])
