@@ -86,13 +86,14 @@ def town_key(city: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 def _best_fuzzy(query: pd.Series, postcode: pd.Series) -> pd.DataFrame:
     """Best commune of the same postcode for misspelt towns (unique best above the bar)."""
+    empty = pd.DataFrame(columns=["key", "postcode", "routing_label", "insee", "line5", "score"])
     if query.empty:
-        return pd.DataFrame(columns=["key", "score"])
+        return empty
     cand = pd.DataFrame(
         {"rid": query.index, "postcode": postcode.to_numpy(), "q": query.to_numpy()}
     ).merge(_keys(), on="postcode")
     if cand.empty:
-        return pd.DataFrame(columns=["key", "score"])
+        return empty
     cand["score"] = process.cpdist(
         cand["q"].tolist(), cand["key"].tolist(), scorer=fuzz.ratio, workers=1
     )

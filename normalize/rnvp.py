@@ -163,6 +163,7 @@ COMPONENTS = (
     "street_type",
     "street_name",
     "lieu_dit",
+    "lieu_dit_line",
     "service",
     "postcode_in_lines",
     "locality_in_lines",
@@ -243,12 +244,31 @@ def _explode_lines(lines: pd.Series) -> tuple[pd.Series, pd.Series]:
     Returns (lines with a positional index, the record label of each line);
     empty lines are dropped and the order within a record is kept.
     """
-    pieces = lines.dropna().str.split(r"[\n,;]", regex=True).explode()
+    # "12, rue de la Paix": a comma right after the house number does not end the line.
+    text = lines.dropna().str.replace(
+        r"(^|\n)\s*(\d{1,4}\s*(?:bis|ter|quater|[a-dA-D])?)\s*,\s*",
+        r"\1\2 ",
+        regex=True,
+        flags=re.IGNORECASE,
+    )
+    pieces = text.str.split(r"[\n,;]", regex=True).explode()
     # A house-number range keeps its first number (15/17 -> 15).
     pieces = pieces.str.replace(r"^\s*(\d{1,4})\s*[/-]\s*\d{1,4}\b", r"\1", regex=True)
     folded = fold(pieces).dropna()
     record = pd.Series(folded.index, dtype=object)
-    return folded.reset_index(drop=True), record
+    folded = folded.reset_index(drop=True)
+    # A line holding only a house number (ADR1 = "12", ADR2 = "RUE DE LA PAIX") belongs to
+    # the line that follows it in the same record.
+    bare = folded.str.match(r"^\d{1,4}(?: (?:BIS|TER|QUATER|QUINQUIES|[A-D]))?$", na=False)
+    has_next = record.shift(-1).eq(record)
+    next_is_postcode = folded.shift(-1).str.match(_POSTCODE_LINE, na=False)
+    glue = bare & has_next & ~next_is_postcode
+    if glue.any():
+        nxt = glue[glue].index + 1
+        folded[nxt] = folded[glue].to_numpy() + " " + folded[nxt].to_numpy()
+        keep = ~glue
+        folded, record = folded[keep].reset_index(drop=True), record[keep].reset_index(drop=True)
+    return folded, record
 
 
 def _first_words(series: pd.Series, k: int) -> pd.Series:
@@ -362,9 +382,15 @@ def parse_addresses(lines: pd.Series) -> pd.DataFrame:
     kind[as_street] = "street"
     kind[rest & ~as_street] = "lieu_dit"
 
-    # One street per record: the first; extra street-like lines become line-3 complements.
-    street_rank = (kind == "street").groupby(record).cumsum()
-    kind[(kind == "street") & (street_rank > 1)] = "outside"
+    # One street per record: the first numbered one, else the last street-like line (in the
+    # standard's order line 4 follows line 3); other street-like lines become line-3 complements.
+    is_street = kind == "street"
+    numbered_street = is_street & exploded.str.match(r"^\d", na=False)
+    has_numbered = numbered_street.groupby(record).transform("any")
+    first_numbered = numbered_street & numbered_street.groupby(record).cumsum().eq(1)
+    last_street = is_street & ~is_street[::-1].groupby(record[::-1]).cumsum().gt(1)[::-1]
+    chosen = np.where(has_numbered, first_numbered, last_street)
+    kind[is_street & ~chosen] = "outside"
 
     index = lines.index
     out = pd.DataFrame(index=index)
@@ -375,9 +401,13 @@ def parse_addresses(lines: pd.Series) -> pd.DataFrame:
     street.index = record[street_lines.index].to_numpy()
     for col in ("number", "repetition", "street_type", "street_name"):
         out[col] = street[col].reindex(index)
-    lieu = exploded[kind == "lieu_dit"].str.replace(
-        r"^(LIEU DIT|LIEUDIT|LD|L D)\s+", "", regex=True
+    # Line 5 keeps "LIEU DIT" (so that the line reads the same when parsed again); the
+    # component used for matching is the name alone.
+    lieu_line = exploded[kind == "lieu_dit"].str.replace(
+        r"^(LIEUDIT|LD|L D)\b", "LIEU DIT", regex=True
     )
+    out["lieu_dit_line"] = _join_group(lieu_line, record, index)
+    lieu = lieu_line.str.replace(r"^LIEU DIT\s+", "", regex=True)
     out["lieu_dit"] = _join_group(lieu, record, index)
     service = exploded[kind == "service"].str.replace(r"^B P\b", "BP", regex=True)
     service = service.str.replace(r"^BOITE POSTALE\b", "BP", regex=True)
@@ -421,8 +451,9 @@ def street_label(street_type: pd.Series, street_name: pd.Series) -> tuple[pd.Ser
         sel = long_(label) & street_type.notna()
         abbr = street_type[sel].map(type_abbreviation())
         label[sel] = (abbr.fillna(street_type[sel]) + " " + street_name[sel].fillna("")).str.strip()
-    # 2. Titles.
-    label = _shorten_step(label, long_(label), _word_table("titre"))
+    # 2. Titles (military, religious, civil, and DOCTEUR, PROFESSEUR...).
+    titles = _word_table("titre") | _word_table("civilite_titre")
+    label = _shorten_step(label, long_(label), titles)
     # 3. First names to initials (not the last word: it is the main word of the name).
     if long_(label).any():
         sel = long_(label)
@@ -455,7 +486,7 @@ def assemble_block(
     label, shortened = street_label(parts["street_type"], parts["street_name"])
     number = (parts["number"].fillna("") + " " + parts["repetition"].fillna("")).str.strip()
     line4 = (number + " " + label.fillna("")).str.strip()
-    line5 = parts["service"].where(parts["service"].notna(), parts["lieu_dit"])
+    line5 = parts["service"].where(parts["service"].notna(), parts["lieu_dit_line"])
     line5 = line5.where(line5.notna(), line5_laposte)
     cedex = np.where(
         parts["cedex"].fillna(False).astype(bool),
