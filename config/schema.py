@@ -64,6 +64,7 @@ CANONICAL_COLUMNS: tuple[str, ...] = (
     *DATETIME_FIELDS,
     *BOOL_FIELDS,
     *tuple(f"{f}_raw" for f in TYPED_FIELDS),
+    "quality_codes",  # '|'-joined codes of what was wrong with the record's values
 )
 
 RECORD_TYPES = ("person", "organisation")

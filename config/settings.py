@@ -88,10 +88,15 @@ class FieldSpec(Strict):
 
 
 class DateFieldSpec(FieldSpec):
-    """A date read with one or more strptime formats, tried in order."""
+    """A date read with one or more strptime formats, tried in order.
+
+    An impossible date (31/02) becomes null with a quality code by default: one
+    bad optional field should not keep a customer out of the consolidation.
+    """
 
     format: str | list[str] = "ISO8601"
     with_time: bool = False
+    on_invalid: Literal["quarantine", "null"] = "null"
 
     @model_validator(mode="after")
     def _formats(self) -> DateFieldSpec:

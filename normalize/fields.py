@@ -11,6 +11,8 @@ import re
 import numpy as np
 import pandas as pd
 import phonenumbers
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
 
 from mdm_pipeline.normalize.text import fold, per_distinct
 
@@ -18,13 +20,83 @@ _CIVILITY = {
     "M": "M",
     "MR": "M",
     "MONSIEUR": "M",
-    "MM": "M",
     "MME": "MME",
     "MADAME": "MME",
-    "MLLE": "MME",
-    "MADEMOISELLE": "MME",
     "MS": "MME",
+    "MLLE": "MLLE",
+    "MADEMOISELLE": "MLLE",
+    "MM": "MM",
+    "MESSIEURS": "MM",
+    "MMES": "MMES",
+    "MESDAMES": "MMES",
 }
+_CIVILITY_PREFIX = (
+    r"^\s*(MONSIEUR|MADAME|MADEMOISELLE|MESSIEURS|MESDAMES|MLLE|MME|MMES|MR|MM|M)\.?\s+"
+)
+_LEGAL_FORMS = (
+    "SARL",
+    "SASU",
+    "SAS",
+    "SA",
+    "EURL",
+    "SCI",
+    "SNC",
+    "SCOP",
+    "SELARL",
+    "SELAS",
+    "EIRL",
+    "EI",
+    "SCM",
+    "SCP",
+    "GIE",
+    "SEM",
+    "SCA",
+    "ASSOCIATION",
+)
+_REAL_TLDS = {
+    "com",
+    "net",
+    "org",
+    "fr",
+    "de",
+    "es",
+    "it",
+    "be",
+    "ch",
+    "co.uk",
+    "uk",
+    "ca",
+    "eu",
+    "lu",
+    "nl",
+    "pt",
+    "info",
+    "re",
+    "mc",
+}
+#: Domains people mistype most, for the typo check.
+COMMON_DOMAINS = (
+    "gmail.com",
+    "hotmail.fr",
+    "hotmail.com",
+    "orange.fr",
+    "free.fr",
+    "sfr.fr",
+    "wanadoo.fr",
+    "laposte.net",
+    "yahoo.fr",
+    "yahoo.com",
+    "outlook.fr",
+    "outlook.com",
+    "icloud.com",
+    "live.fr",
+    "bbox.fr",
+    "neuf.fr",
+    "aol.com",
+    "gmx.fr",
+    "numericable.fr",
+    "protonmail.com",
+)
 
 _EMAIL = re.compile(r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]{2,}$")
 
@@ -35,8 +107,44 @@ def names(series: pd.Series) -> pd.Series:
 
 
 def civility(series: pd.Series) -> pd.Series:
-    """M or MME (French administrations no longer use MLLE); anything else is dropped."""
+    """M, MME, MLLE, MM or MMES from any spelling; anything else is dropped."""
     return fold(series).str.replace(" ", "", regex=False).map(_CIVILITY)
+
+
+def split_civility(names: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """A civility typed inside a name field ("Mme Hélène", "M. DUPONT"): (civility, name)."""
+    upper = names.str.upper()
+    prefix = upper.str.extract(_CIVILITY_PREFIX, expand=False)
+    rest = names.str.replace(_CIVILITY_PREFIX, "", regex=True, case=False)
+    rest = rest.where(prefix.notna(), names)
+    return civility(prefix), rest.where(rest.str.strip() != "", None)
+
+
+def display_name(series: pd.Series) -> pd.Series:
+    """Proper case with accents kept: "jean-pierre DE LA FONTAINE" -> "Jean-Pierre de La Fontaine".
+
+    Lower-case particles (de, du, des, d') only inside a name, never at its start.
+    """
+    text = series.str.strip().str.replace(r"\s+", " ", regex=True).str.lower()
+    text = text.str.title()  # capitalises after spaces, hyphens and apostrophes
+    text = text.str.replace(
+        r"(?<=\S) (De|Du|Des)(?= )", lambda m: " " + m.group(1).lower(), regex=True
+    )
+    text = text.str.replace(r"(?<=\S) D'", " d'", regex=True)
+    return text.where(text.notna() & (text != ""), None)
+
+
+def company(series: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(company name without its legal form, legal form): "S.A.R.L. Dupont" -> (DUPONT, SARL)."""
+    text = fold(series)
+    # Dotted forms fold to spaced letters: S A R L -> SARL.
+    text = text.str.replace(r"\b([A-Z]) (?=[A-Z]\b)", r"\1", regex=True)
+    forms = "|".join(_LEGAL_FORMS)
+    start = text.str.extract(rf"^({forms})\s+", expand=False)
+    end = text.str.extract(rf"\s+({forms})$", expand=False)
+    form = start.where(start.notna(), end)
+    name = text.str.replace(rf"^({forms})\s+|\s+({forms})$", "", regex=True)
+    return name.where(name != "", None), form
 
 
 def email(series: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -44,6 +152,61 @@ def email(series: pd.Series) -> tuple[pd.Series, pd.Series]:
     text = series.str.strip().str.lower()
     valid = text.str.match(_EMAIL, na=False)
     return text.where(valid, None), valid.where(series.notna(), other=pd.NA).astype("boolean")
+
+
+def email_domain_typo(email_norm: pd.Series) -> pd.Series:
+    """The common domain a mistyped one was meant to be (gmial.com -> gmail.com), or None."""
+    domain = email_norm.str.split("@").str[1]
+    uniq = domain.dropna().unique()
+    if len(uniq) == 0:
+        return pd.Series(None, index=email_norm.index, dtype=object)
+    dist = process.cdist(uniq, COMMON_DOMAINS, scorer=Levenshtein.distance, workers=1)
+    best = dist.argmin(axis=1)
+    close = (dist.min(axis=1) <= 2) & ~np.isin(uniq, COMMON_DOMAINS)
+    # Another national domain of the same provider (hotmail.de) is not a typo; gmail.con is.
+    same_provider = np.array(
+        [
+            u.split(".", 1)[0] == COMMON_DOMAINS[b].split(".", 1)[0]
+            and u.split(".", 1)[-1] in _REAL_TLDS
+            for u, b in zip(uniq, best, strict=True)
+        ],
+        dtype=bool,
+    )
+    close &= ~same_provider
+    table = {u: COMMON_DOMAINS[b] for u, b, c in zip(uniq, best, close, strict=True) if c}
+    return domain.map(table)
+
+
+def phone_type(e164: pd.Series) -> pd.Series:
+    """mobile, fixed, voip or other, from the number plan (French numbers by prefix)."""
+    out = pd.Series(None, index=e164.index, dtype=object)
+    fr = e164.str.startswith("+33", na=False)
+    digit = e164.str[3]
+    out[fr & digit.isin(["6", "7"])] = "mobile"
+    out[fr & digit.isin(["1", "2", "3", "4", "5"])] = "fixed"
+    out[fr & digit.isin(["9"])] = "voip"
+    out[fr & digit.isin(["8"])] = "other"
+    rest = e164.notna() & ~fr
+    if rest.any():
+        out[rest] = per_distinct(e164[rest], _number_type)
+    return out
+
+
+def _number_type(value: str) -> str:
+    kind = phonenumbers.number_type(phonenumbers.parse(value, None))
+    return {
+        phonenumbers.PhoneNumberType.MOBILE: "mobile",
+        phonenumbers.PhoneNumberType.FIXED_LINE: "fixed",
+        phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE: "fixed_or_mobile",
+        phonenumbers.PhoneNumberType.VOIP: "voip",
+    }.get(kind, "other")
+
+
+def siren(series: pd.Series) -> pd.Series:
+    """9-digit, Luhn-valid SIREN or empty."""
+    d = digits(series)
+    ok = (d.str.len() == 9).fillna(False) & luhn_valid(d.where(d.str.len() == 9))
+    return d.where(ok, None)
 
 
 def _e164(value: str, region: str) -> str | None:

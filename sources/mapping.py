@@ -157,15 +157,16 @@ def _parse_bools(text: pd.Series, spec: BoolFieldSpec) -> tuple[pd.Series, pd.Se
 
 
 class _Reasons:
-    """Collects, per row, why it cannot become a record."""
+    """Collects, per row, why it cannot become a record (or, with sep="|", quality codes)."""
 
-    def __init__(self, index: pd.Index) -> None:
+    def __init__(self, index: pd.Index, sep: str = "; ") -> None:
         self.text = pd.Series("", index=index, dtype=object)
+        self.sep = sep
 
     def add(self, mask: pd.Series, reason: str) -> None:
         mask = mask.fillna(False).astype(bool)
         if mask.any():
-            sep = np.where(self.text[mask] == "", "", "; ")
+            sep = np.where(self.text[mask] == "", "", self.sep)
             self.text[mask] = self.text[mask] + sep + reason
 
     @property
@@ -181,6 +182,7 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
     out = pd.DataFrame(index=rows.index)
     out[SOURCE] = spec.name
     reasons = _Reasons(rows.index)
+    codes = _Reasons(rows.index, sep="|")
 
     for field, fspec in specs.items():
         if field == "full_name":
@@ -206,6 +208,7 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
             reasons.add(invalid, f"{field}: value does not fit the declared format")
         else:
             value = value.where(~invalid)
+            codes.add(invalid, f"{field.upper()}_INVALID")
         if fspec.required:
             reasons.add(text.isna(), f"{field}: required but empty")
         out[field] = value
@@ -229,6 +232,7 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
             ~out["record_type"].isin(schema.RECORD_TYPES), "record_type: not person or organisation"
         )
     out[schema.TRUST] = spec.trust
+    out["quality_codes"] = codes.text.replace("", None)
     out[schema.SOURCE_LINE] = rows[LINE].to_numpy()
 
     for col in schema.CANONICAL_COLUMNS:

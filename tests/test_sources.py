@@ -112,7 +112,7 @@ def test_mapping_dates_bools_constants_values_and_quarantine_reasons(tmp_path: P
         "civility": {"column": "civ", "values": {"1": "M", "2": "MME"}},
         "last_name": "nom",
         "first_name": "prenom",
-        "birth_date": {"column": "ne", "format": "%d/%m/%Y"},
+        "birth_date": {"column": "ne", "format": "%d/%m/%Y", "on_invalid": "quarantine"},
         "consent_sms": "optin",
         "country": {"constant": "FR"},
         "source_updated_at": {"column": "maj", "format": "%d/%m/%Y %H:%M"},
@@ -132,6 +132,20 @@ def test_mapping_dates_bools_constants_values_and_quarantine_reasons(tmp_path: P
         5: "birth_date: value does not fit the declared format; "
         "consent_sms: value does not fit the declared format",
     }
+
+
+def test_impossible_dates_become_null_with_a_quality_code_by_default(tmp_path: Path) -> None:
+    text = "id,nom,prenom,ne\n1,A,B,31/02/1980\n2,C,D,01/01/2990\n3,E,F,01/02/1980\n"
+    (tmp_path / "x.csv").write_text(text, encoding="utf-8")
+    src = _csv_source()
+    src["mapping"]["birth_date"] = {"column": "ne", "format": "%d/%m/%Y"}
+    settings = _settings(tmp_path, src)
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    assert mapped.quarantine.empty and len(mapped.records) == 3
+    assert mapped.records["birth_date"].isna().tolist() == [True, True, False]
+    assert mapped.records["quality_codes"].tolist() == ["BIRTH_DATE_INVALID",
+                                                        "BIRTH_DATE_INVALID", None]
+    assert mapped.records["birth_date_raw"].iloc[0] == "31/02/1980"
 
 
 def test_on_invalid_null_keeps_the_record(tmp_path: Path) -> None:
