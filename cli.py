@@ -181,6 +181,64 @@ def generate(
     )
 
 
+@app.command()
+def rnvp(
+    in_path: Annotated[Path, typer.Option("--in", help="CSV file to clean.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the cleaned CSV.")],
+    address: Annotated[
+        str, typer.Option(help="Address line columns, comma-separated, in any order.")
+    ],
+    postcode: Annotated[str | None, typer.Option(help="Postcode column.")] = None,
+    city: Annotated[str | None, typer.Option(help="Town column.")] = None,
+    country: Annotated[str | None, typer.Option(help="Country column.")] = None,
+    name: Annotated[str | None, typer.Option(help="Recipient column (line 1).")] = None,
+    encoding: Annotated[str, typer.Option(help="utf-8, utf-8-sig, cp1252, latin-1.")] = "utf-8",
+    delimiter: Annotated[str, typer.Option(help="Field separator.")] = ",",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Clean a stand-alone CSV of addresses into the NF Z10-011 form (no config needed)."""
+    from pydantic import ValidationError
+
+    from mdm_pipeline.pipeline.standalone import clean_addresses_file
+
+    try:
+        summary = clean_addresses_file(
+            in_path,
+            out_path,
+            [c.strip() for c in address.split(",") if c.strip()],
+            postcode,
+            city,
+            country,
+            name,
+            encoding,
+            delimiter,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _error_line(f"--{first['loc'][0]}: {first['msg']}")
+        raise typer.Exit(code=2) from None
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    if json_output:
+        out.print_json(json.dumps(asdict(summary)))
+        return
+    table = Table(title=f"{in_path.name} -> {out_path.name}")
+    table.add_column("what")
+    table.add_column("rows", justify="right")
+    table.add_row("read", f"{summary.rows_read:,}")
+    table.add_row("written", f"{summary.rows_written:,}")
+    table.add_row("quarantined (unreadable)", f"{summary.quarantined:,}")
+    for status, n in sorted(summary.status.items()):
+        table.add_row(f"status {status}", f"{n:,}")
+    table.add_row("NPAI risk", f"{summary.npai_risk:,}")
+    for code, n in sorted(summary.codes.items(), key=lambda kv: -kv[1]):
+        table.add_row(f"  {code}", f"{n:,}")
+    out.print(table)
+    if summary.quarantine_file:
+        out.print(f"unreadable rows: {summary.quarantine_file}", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -194,3 +194,68 @@ def test_run_into_postgres_then_rerun_changes_nothing(samples: Path, pg_url: str
     after = _xref(pg_url)
     assert set(map(tuple, before.to_numpy())) == set(map(tuple, after.to_numpy()))
     assert not (samples / "mdm.sqlite").exists()
+
+
+def test_rnvp_command_cleans_a_standalone_csv(tmp_path: Path) -> None:
+    src = tmp_path / "adresses.csv"
+    src.write_text(
+        "id;nom;adr1;adr2;cp;ville\n"
+        "1;Mme Hélène Lefèvre;Apt 12;12 b av. de la République;75011;Paris 11e\n"
+        "2;M. Jean Martin;15/17 R. du Gal de Gaulle;;;St Etienne\n"
+        "3;=cmd;Lieu-dit Les Vignes;;21410;GISSEY SUR OUCHE\n"
+        '4;Bad;"unterminated;x;y;z\n',
+        encoding="cp1252",
+    )
+    out = tmp_path / "propres.csv"
+    result = runner.invoke(
+        app,
+        [
+            "rnvp",
+            "--in",
+            str(src),
+            "--out",
+            str(out),
+            "--address",
+            "adr1,adr2",
+            "--postcode",
+            "cp",
+            "--city",
+            "ville",
+            "--name",
+            "nom",
+            "--encoding",
+            "cp1252",
+            "--delimiter",
+            ";",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rows_read"] == summary["rows_written"] + summary["quarantined"]
+    back = pd.read_csv(out, sep=";", encoding="cp1252", dtype=str, keep_default_na=False)
+    assert back.columns[:6].tolist() == ["id", "nom", "adr1", "adr2", "cp", "ville"]
+    first = back.iloc[0]
+    assert [first[f"rnvp_line{i}"] for i in range(1, 7)] == [
+        "MME HELENE LEFEVRE",
+        "APPARTEMENT 12",
+        "",
+        "12 BIS AVENUE DE LA REPUBLIQUE",
+        "",
+        "75011 PARIS",
+    ]
+    assert first["address_status"] == "valid"
+    assert back.iloc[1]["rnvp_line4"] == "15 RUE DU GENERAL DE GAULLE"
+    assert back.iloc[1]["address_status"] == "invalid"  # ST ETIENNE has two postcodes
+    assert back.iloc[2]["nom"] == "'=cmd"  # formula injection neutralised
+    assert back.iloc[2]["rnvp_line5"] == "LIEU DIT LES VIGNES"
+
+
+def test_rnvp_command_unknown_column_is_exit_2(tmp_path: Path) -> None:
+    src = tmp_path / "a.csv"
+    src.write_text("a,b\n1,2\n", encoding="utf-8")
+    result = runner.invoke(
+        app, ["rnvp", "--in", str(src), "--out", str(tmp_path / "o.csv"), "--address", "adresse"]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "column 'adresse' not found" in result.stderr

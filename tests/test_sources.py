@@ -143,8 +143,11 @@ def test_impossible_dates_become_null_with_a_quality_code_by_default(tmp_path: P
     mapped = load_source(settings.sources[0], settings, RUN_DATE)
     assert mapped.quarantine.empty and len(mapped.records) == 3
     assert mapped.records["birth_date"].isna().tolist() == [True, True, False]
-    assert mapped.records["quality_codes"].tolist() == ["BIRTH_DATE_INVALID",
-                                                        "BIRTH_DATE_INVALID", None]
+    assert mapped.records["quality_codes"].tolist() == [
+        "BIRTH_DATE_INVALID",
+        "BIRTH_DATE_INVALID",
+        None,
+    ]
     assert mapped.records["birth_date_raw"].iloc[0] == "31/02/1980"
 
 
