@@ -47,6 +47,7 @@ source_records = sa.Table(
     sa.Column("record_type", sa.String(16), nullable=False),
     sa.Column("source_line", sa.Integer),
     sa.Column("record_hash", sa.String(32), nullable=False),
+    sa.Column("address_hash", sa.String(16)),  # normalised delivery address, for NPAI
     sa.Column("payload", sa.Text, nullable=False),  # canonical + normalised values, JSON
     sa.Column("updated_run", sa.String(40), nullable=False),
 )
@@ -75,6 +76,21 @@ quarantine = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("raw", sa.Text, nullable=False),
     sa.Column("run_id", sa.String(40), nullable=False),
+)
+
+
+npai = sa.Table(
+    "mdm_npai",
+    metadata,
+    sa.Column("source", sa.String(40), primary_key=True),
+    sa.Column("source_key", sa.String(200), primary_key=True),
+    sa.Column("return_date", sa.String(10), primary_key=True),
+    sa.Column("reason_code", sa.String(16), primary_key=True),
+    sa.Column("reason_label", sa.Text),
+    sa.Column("address_hash", sa.String(16), nullable=False),  # the address that came back
+    sa.Column("flagged_run", sa.String(40), nullable=False),
+    sa.Column("cleared_run", sa.String(40)),  # history is kept: a flag is cleared, not deleted
+    sa.Column("cleared_reason", sa.Text),
 )
 
 
@@ -293,6 +309,9 @@ def write_run(
             "record_type": records["record_type"].to_numpy(),
             "source_line": records["source_line"].astype(int).to_numpy(),
             "record_hash": r_hash.to_numpy(),
+            "address_hash": records["address_hash"].to_numpy()
+            if "address_hash" in records
+            else None,
             "payload": r_json.to_numpy(),
             "updated_run": run_id,
         }
@@ -362,3 +381,46 @@ def finish_run(conn: Connection, run_id: str, manifest: dict[str, object]) -> No
             manifest=json.dumps(manifest, default=str, sort_keys=True),
         )
     )
+
+
+def read_npai(engine: Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(NPAI history, the address hash the store holds per record) before this run."""
+    with engine.connect() as conn:
+        state = _read(conn, sa.select(npai))
+        sent = _read(
+            conn,
+            sa.select(
+                source_records.c.source, source_records.c.source_key, source_records.c.address_hash
+            ),
+        )
+    return state, sent.dropna()
+
+
+def write_npai(conn: Connection, before: pd.DataFrame, after: pd.DataFrame) -> int:
+    """Insert new flags and record clearings; returns the number of rows written."""
+    key = ["source", "source_key", "return_date", "reason_code"]
+    merged = after.merge(
+        before[[*key, "cleared_run"]], on=key, how="left", suffixes=("", "_old"), indicator=True
+    )
+    new = merged[merged["_merge"] == "left_only"]
+    _insert(conn, npai, new[[c.name for c in npai.columns]])
+    cleared = merged[
+        (merged["_merge"] == "both")
+        & merged["cleared_run"].notna()
+        & merged["cleared_run_old"].isna()
+    ]
+    if len(cleared):
+        conn.execute(
+            npai.update()
+            .where(sa.and_(*[npai.c[k] == sa.bindparam(f"k_{k}") for k in key]))
+            .values(cleared_run=sa.bindparam("c_run"), cleared_reason=sa.bindparam("c_reason")),
+            [
+                {
+                    **{f"k_{k}": row[k] for k in key},
+                    "c_run": row["cleared_run"],
+                    "c_reason": row["cleared_reason"],
+                }
+                for row in cleared.to_dict(orient="records")
+            ],
+        )
+    return len(new) + len(cleared)

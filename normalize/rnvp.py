@@ -117,6 +117,7 @@ _REPETITION = {
     "Q": "QUATER",
     "C": "QUINQUIES",
 }
+_REPETITION_LETTER = {"BIS": "B", "TER": "T", "QUATER": "Q", "QUINQUIES": "C"}
 _ARTICLES = ("LE", "LA", "LES", "L", "DU", "DES", "D", "AU", "AUX")
 
 _INSIDE = re.compile(
@@ -434,17 +435,26 @@ def _shorten_step(label: pd.Series, too_long: pd.Series, table: dict[str, str]) 
     return label
 
 
-def street_label(street_type: pd.Series, street_name: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """Type + name, shortened only past 32 characters, in the standard's order.
+def street_label(
+    street_type: pd.Series, street_name: pd.Series, budget: pd.Series | None = None
+) -> tuple[pd.Series, pd.Series]:
+    """Type + name, shortened only when too long, in the standard's order.
 
-    Returns (label, shortened flag).
+    Too long means past 32 characters, or past what line 4 leaves once the
+    number and index are written (`budget`, 38 minus "12 BIS "). Returns
+    (label, shortened flag).
     """
     label = (street_type.fillna("") + " " + street_name.fillna("")).str.strip()
     label = label.where(label != "", None)
     original = label.copy()
+    limit = (
+        pd.Series(MAX_STREET_LABEL, index=label.index)
+        if budget is None
+        else budget.clip(upper=MAX_STREET_LABEL)
+    )
 
     def long_(s: pd.Series) -> pd.Series:
-        return s.fillna("").str.len() > MAX_STREET_LABEL
+        return s.fillna("").str.len() > limit
 
     # 1. The street type, at the start of the label only.
     if long_(label).any():
@@ -483,9 +493,22 @@ def assemble_block(
     line5_laposte: pd.Series,
 ) -> pd.DataFrame:
     """The six NF Z10-011 lines (None where empty) and a flag per record if a line was cut."""
-    label, shortened = street_label(parts["street_type"], parts["street_name"])
-    number = (parts["number"].fillna("") + " " + parts["repetition"].fillna("")).str.strip()
-    line4 = (number + " " + label.fillna("")).str.strip()
+
+    def line4_with(repetition: pd.Series) -> tuple[pd.Series, pd.Series]:
+        number = (parts["number"].fillna("") + " " + repetition.fillna("")).str.strip()
+        budget = MAX_LINE - number.str.len() - (number != "").astype(int)
+        label, short = street_label(parts["street_type"], parts["street_name"], budget)
+        return (number + " " + label.fillna("")).str.strip(), short
+
+    line4, shortened = line4_with(parts["repetition"])
+    # Last resort before cutting: the repetition index as its letter (TER -> T), as La Poste
+    # allows.
+    over = line4.str.len() > MAX_LINE
+    if over.any():
+        letters = parts["repetition"].map(_REPETITION_LETTER).fillna(parts["repetition"])
+        short4, _ = line4_with(letters.where(over, parts["repetition"]))
+        line4 = line4.where(~over, short4)
+        shortened = shortened.where(~over, True)
     line5 = parts["service"].where(parts["service"].notna(), parts["lieu_dit_line"])
     line5 = line5.where(line5.notna(), line5_laposte)
     cedex = np.where(

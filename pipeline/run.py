@@ -33,8 +33,10 @@ from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.survivorship import survive
 from mdm_pipeline.matching.clustering import connected_clusters
 from mdm_pipeline.matching.exact import exact_links
+from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
+from mdm_pipeline.sources.npai import read_returns
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,13 @@ RETURN_COLUMNS = {
     "city_norm": "mdm_city",
     "email_norm": "mdm_email",
     "phone_norm": "mdm_phone",
+    "address_status": "mdm_address_status",
+    "address_codes": "mdm_address_codes",
+    "npai_flag": "mdm_npai",
+    "npai_date": "mdm_npai_date",
+    "npai_reason": "mdm_npai_reason",
 }
+NPAI_COLUMNS = ("address_hash", "npai_flag", "npai_date", "npai_reason")
 
 
 @dataclass
@@ -81,6 +89,10 @@ class RunSummary:
     golden_updated: int = 0
     golden_unchanged: int = 0
     golden_retired: int = 0
+    npai_returns_read: int = 0
+    npai_flags_new: int = 0
+    npai_flags_cleared: int = 0
+    npai_flags_active: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
     exports: list[str] = field(default_factory=list)
@@ -140,7 +152,20 @@ class Pipeline:
         )
         self.check_sources()
 
+        engine = store.connect(url)
+        try:
+            return self._run(summary, engine, emit, run_date)
+        finally:
+            engine.dispose()
+
+    def _run(
+        self, summary: RunSummary, engine: Any, emit: EventCallback, run_date: pd.Timestamp
+    ) -> RunSummary:
+        settings = self.settings
+        npai_before, npai_sent = store.read_npai(engine)
         mapped: list[MappedSource] = []
+        returns: list[pd.DataFrame] = []
+        npai_quarantine: list[pd.DataFrame] = []
         with self._stage("load", summary, emit, total=len(settings.sources)):
             for spec in settings.sources:
                 m = load_source(spec, settings, run_date)
@@ -156,10 +181,15 @@ class Pipeline:
                     )
                 )
                 emit("load", "advance", {"source": spec.name})
+            for return_file in settings.npai_returns:
+                got, bad = read_returns(return_file, settings)
+                returns.append(got)
+                npai_quarantine.append(bad)
         records = pd.concat([m.records for m in mapped], ignore_index=True)
 
         with self._stage("normalize", summary, emit):
             records = normalize_records(records, settings.normalize)
+            records, npai_after = self._npai(records, returns, npai_before, npai_sent, summary)
 
         with self._stage("match", summary, emit):
             links = exact_links(records, settings.matching.exact_rules)
@@ -178,13 +208,15 @@ class Pipeline:
 
         payload_columns = [
             c
-            for c in (*schema.CANONICAL_COLUMNS, *NORMALISED_COLUMNS)
+            for c in (*schema.CANONICAL_COLUMNS, *NORMALISED_COLUMNS, *NPAI_COLUMNS)
             if c not in ("source", "source_key", "source_line")
         ]
-        quarantined = pd.concat([m.quarantine for m in mapped], ignore_index=True)
+        quarantined = pd.concat([m.quarantine for m in mapped] + npai_quarantine, ignore_index=True)
+        quarantine_scope = [s.name for s in settings.sources] + (
+            ["npai"] if settings.npai_returns else []
+        )
         export_dir = settings.resolve(settings.export.dir)
         staging = Path(tempfile.mkdtemp(prefix=".mdm-export-", dir=_existing_parent(export_dir)))
-        engine = store.connect(url)
         try:
             with store.transaction(engine) as conn:
                 with self._stage("store", summary, emit):
@@ -198,8 +230,9 @@ class Pipeline:
                         golden,
                         lineage,
                         quarantined,
-                        [s.name for s in settings.sources],
+                        quarantine_scope,
                     )
+                    store.write_npai(conn, npai_before, npai_after)
                 summary.golden_created = written.golden_created
                 summary.golden_updated = written.golden_updated
                 summary.golden_unchanged = written.golden_unchanged
@@ -222,8 +255,36 @@ class Pipeline:
                 summary.exports.append(str(final))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            engine.dispose()
         return summary
+
+    def _npai(
+        self,
+        records: pd.DataFrame,
+        returns: list[pd.DataFrame],
+        before: pd.DataFrame,
+        sent: pd.DataFrame,
+        summary: RunSummary,
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Apply La Poste returns, and clear flags whose address changed since."""
+        records = records.assign(address_hash=npai.address_hash(records))
+        got = (
+            pd.concat(returns, ignore_index=True)
+            if returns
+            else pd.DataFrame(columns=["source", "source_key", "return_date", "reason_text"])
+        )
+        got["reason_code"] = npai.reason_code(got["reason_text"])
+        got["reason_label"] = got["reason_code"].map(npai.REASONS)
+        current = records[["source", "source_key", "address_hash"]]
+        state = before if len(before) else npai.empty_state()
+        after = npai.update_flags(state, got, current, sent, summary.run_id)
+        summary.npai_returns_read = len(got)
+        summary.npai_flags_new = int((after["flagged_run"] == summary.run_id).sum())
+        summary.npai_flags_cleared = int((after["cleared_run"] == summary.run_id).sum())
+        flags = npai.current_flags(after)
+        summary.npai_flags_active = len(flags)
+        records = records.merge(flags, on=["source", "source_key"], how="left")
+        records["npai_flag"] = records["npai_flag"].astype("boolean").fillna(False).astype(bool)
+        return records, after
 
     def _export(
         self, mapped: list[MappedSource], records: pd.DataFrame, out_dir: Path, emit: EventCallback

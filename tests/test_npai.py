@@ -1,0 +1,123 @@
+"""NPAI: La Poste return reasons, flags on the address as sent, clearing with history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from mdm_pipeline.cli import app
+from mdm_pipeline.normalize import npai
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("N'habite pas à l'adresse indiquée", "INCONNU"),
+        ("Destinataire inconnu à l'adresse", "INCONNU"),
+        ("NPAI", "INCONNU"),
+        ("Déménagé", "INCONNU"),
+        ("Défaut d'accès ou d'adressage", "ADRESSAGE"),
+        ("Boîte aux lettres inaccessible", "ADRESSAGE"),
+        ("Adresse incomplète", "ADRESSAGE"),
+        ("Pli refusé par le destinataire", "REFUSE"),
+        ("Refusé", "REFUSE"),
+        ("Pli avisé et non réclamé", "NON_RECLAME"),
+        ("Non réclamé", "NON_RECLAME"),
+        ("Décédé", "DECEDE"),
+        ("???", "AUTRE"),
+    ],
+)
+def test_reason_categories(text: str, code: str) -> None:
+    assert npai.reason_code(pd.Series([text])).iloc[0] == code
+
+
+def _returns(*rows):
+    return pd.DataFrame(
+        rows, columns=["source", "source_key", "return_date", "reason_code", "reason_label"]
+    )
+
+
+def test_flag_targets_the_address_as_sent_and_clears_on_change() -> None:
+    ret = _returns(
+        ("s", "1", "2026-10-01", "INCONNU", "x"), ("s", "9", "2026-10-01", "REFUSE", "y")
+    )
+    current = pd.DataFrame(
+        {"source": ["s", "s"], "source_key": ["1", "2"], "address_hash": ["new", "b"]}
+    )
+    sent = pd.DataFrame({"source": ["s"], "source_key": ["1"], "address_hash": ["old"]})
+    state = npai.update_flags(npai.empty_state(), ret, current, sent, "R1")
+    # Record 1 was mailed at "old" and has already moved: flagged, then cleared at once.
+    assert state[["source_key", "address_hash", "cleared_run"]].values.tolist() == [
+        ["1", "old", "R1"]
+    ]
+    assert state["cleared_reason"].iloc[0] == "address changed"
+    # Record 9 is unknown: no address, no flag.
+    assert npai.current_flags(state).empty
+
+
+def test_flag_holds_while_the_address_is_unchanged_then_clears() -> None:
+    ret = _returns(("s", "1", "2026-10-01", "INCONNU", "x"))
+    current = pd.DataFrame({"source": ["s"], "source_key": ["1"], "address_hash": ["a"]})
+    night1 = npai.update_flags(npai.empty_state(), ret, current, current, "R1")
+    assert npai.current_flags(night1)["source_key"].tolist() == ["1"]
+    night2 = npai.update_flags(night1, ret, current, current, "R2")  # same file again
+    assert len(night2) == 1 and night2["cleared_run"].isna().all()
+    moved = current.assign(address_hash="b")
+    night3 = npai.update_flags(night2, ret, moved, current, "R3")
+    assert night3["cleared_run"].tolist() == ["R3"] and npai.current_flags(night3).empty
+    assert night3["flagged_run"].tolist() == ["R1"]  # history kept
+
+
+def _npai_rows(url: str) -> pd.DataFrame:
+    engine = sa.create_engine(url)
+    frame = pd.read_sql("select * from mdm_npai", engine)
+    engine.dispose()
+    return frame
+
+
+def test_two_nights_on_the_samples(samples: Path) -> None:
+    cfg = str(samples / "config.yaml")
+    first = json.loads(runner.invoke(app, ["run", "--config", cfg, "--json"]).stdout)
+    returns = pd.read_csv(samples / "laposte_retours_npai.csv", sep=";", dtype=str)
+    assert first["npai_returns_read"] == len(returns)
+    assert first["npai_flags_active"] == first["npai_flags_new"] > 0
+    url = f"sqlite:///{samples / 'mdm.sqlite'}"
+    flagged = _npai_rows(url)
+    assert set(flagged["reason_code"]) <= set(npai.REASONS)
+    back = pd.read_csv(samples / "out" / "stores_return.csv", sep=";", encoding="cp1252", dtype=str)
+    assert back["mdm_npai"].eq("True").sum() == (flagged["source"] == "stores").sum()
+
+    # Night 2: one flagged store customer now lives elsewhere.
+    key = flagged.loc[flagged["source"] == "stores", "source_key"].iloc[0]
+    path = samples / "magasins_fidelite.csv"
+    lines = path.read_text(encoding="cp1252").split("\n")
+    header = lines[0].split(";")
+    i = next(n for n, line in enumerate(lines) if line.startswith(key + ";"))
+    fields = lines[i].split(";")
+    moved = {
+        "ADR1": "8 RUE DES NOUVEAUX",
+        "ADR2": "",
+        "ADR3": "",
+        "ADR4": "",
+        "CP": "42000",
+        "VILLE": "ST ETIENNE",
+    }
+    for col, value in moved.items():
+        fields[header.index(col)] = value
+    lines[i] = ";".join(fields)
+    path.write_text("\n".join(lines), encoding="cp1252")
+    second = json.loads(runner.invoke(app, ["run", "--config", cfg, "--json"]).stdout)
+    assert second["npai_flags_cleared"] == 1 and second["npai_flags_new"] == 0
+    assert second["npai_flags_active"] == first["npai_flags_active"] - 1
+    history = _npai_rows(url)
+    assert len(history) == len(flagged)  # nothing deleted
+    cleared = history[history["cleared_run"].notna()]
+    assert cleared["source_key"].tolist() == [key]
+    assert cleared["cleared_reason"].tolist() == ["address changed"]
