@@ -127,10 +127,10 @@ def display_name(series: pd.Series) -> pd.Series:
     """
     text = series.str.strip().str.replace(r"\s+", " ", regex=True).str.lower()
     text = text.str.title()  # capitalises after spaces, hyphens and apostrophes
-    text = text.str.replace(
-        r"(?<=\S) (De|Du|Des)(?= )", lambda m: " " + m.group(1).lower(), regex=True
-    )
-    text = text.str.replace(r"(?<=\S) D'", " d'", regex=True)
+    # Inside the name (a space on each side), particles are written in lower case.
+    for particle in ("De", "Du", "Des"):
+        text = text.str.replace(f" {particle} ", f" {particle.lower()} ", regex=False)
+    text = text.str.replace(" D'", " d'", regex=False)
     return text.where(text.notna() & (text != ""), None)
 
 
@@ -138,7 +138,9 @@ def company(series: pd.Series) -> tuple[pd.Series, pd.Series]:
     """(company name without its legal form, legal form): "S.A.R.L. Dupont" -> (DUPONT, SARL)."""
     text = fold(series)
     # Dotted forms fold to spaced letters: S A R L -> SARL.
-    text = text.str.replace(r"\b([A-Z]) (?=[A-Z]\b)", r"\1", regex=True)
+    for form in _LEGAL_FORMS:
+        if len(form) > 1 and form != "ASSOCIATION":
+            text = text.str.replace(rf"\b{' '.join(form)}\b", form, regex=True)
     forms = "|".join(_LEGAL_FORMS)
     start = text.str.extract(rf"^({forms})\s+", expand=False)
     end = text.str.extract(rf"\s+({forms})$", expand=False)
@@ -228,7 +230,7 @@ def phone(series: pd.Series, region: str = "FR") -> pd.Series:
     """
     digits = series.str.replace(r"[^\d+]", "", regex=True)
     digits = digits.str.replace(r"^00", "+", regex=True)
-    national = digits.str.extract(r"^(?:\+33|0033|33(?=\d{9}$))?0?([1-9]\d{8})$")[0]
+    national = digits.str.extract(r"^(?:\+33|0033|33)?0?([1-9]\d{8})$")[0]
     french_form = digits.str.match(r"^(\+33|0)[1-9]\d{8}$", na=False)
     out = pd.Series(None, index=series.index, dtype=object)
     fast = french_form & national.notna()

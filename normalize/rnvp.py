@@ -120,19 +120,19 @@ _REPETITION = {
 _REPETITION_LETTER = {"BIS": "B", "TER": "T", "QUATER": "Q", "QUINQUIES": "C"}
 _ARTICLES = ("LE", "LA", "LES", "L", "DU", "DES", "D", "AU", "AUX")
 
-_INSIDE = re.compile(
+_INSIDE = (
     r"^(?:\d+\s*(?:E|ER|ERE|EME|ND|NDE)?\s+ETAGE\b|APPARTEMENT|APPART|APPT|APP|APT|AP|ETAGE|ETG|"
     r"ESCALIER|ESC|PORTE|PTE|CHEZ|C O|CO|CHAMBRE|CHBRE|LOGEMENT|LOGT|LOG|BOITE|BAL|COULOIR|"
     r"PALIER|STUDIO)\b"
 )
-_OUTSIDE = re.compile(
+_OUTSIDE = (
     r"^(?:BATIMENT|BAT|BT|BLOC|RESIDENCE|RESID|RES|IMMEUBLE|IMM|ENTREE|ENT|TOUR|PAVILLON|"
     r"VILLA|CITE|CENTRE COMMERCIAL|ZONE INDUSTRIELLE|ZI|ZA|ZAC|PARC D ACTIVITES?)\b"
 )
-_SERVICE = re.compile(r"^(?:BP|B P|BOITE POSTALE|CS|TSA|CIDEX|CEDEX|POSTE RESTANTE)\b\s*\d*")
-_LIEU_DIT = re.compile(r"^(?:LIEU DIT|LIEUDIT|LD|L D|HAMEAU|HAM|LE BOURG|ECART|QUARTIER)\b")
-_POSTCODE_LINE = re.compile(r"^(?:F\s*)?(\d{5}|\d{2}\s\d{3})(?:\s+(.*))?$")
-_NUMBERED = re.compile(r"^\d{1,4}\s*[A-Z]")
+_SERVICE = r"^(?:BP|B P|BOITE POSTALE|CS|TSA|CIDEX|CEDEX|POSTE RESTANTE)\b\s*\d*"
+_LIEU_DIT = r"^(?:LIEU DIT|LIEUDIT|LD|L D|HAMEAU|HAM|LE BOURG|ECART|QUARTIER)\b"
+_POSTCODE_LINE = r"^(?:F\s*)?(\d{5}|\d{2}\s\d{3})(?:\s+(.*))?$"
+_NUMBERED = r"^\d{1,4}\s*[A-Z]"
 
 _COMPLEMENT_WORDS = {
     "APPART": "APPARTEMENT",
@@ -280,19 +280,16 @@ def _split_type(rest: pd.Series) -> tuple[pd.Series, pd.Series]:
     """(canonical street type or None, the rest of the label) — longest known prefix wins."""
     lookup = type_lookup()
     stype = pd.Series(None, index=rest.index, dtype=object)
-    n_words = pd.Series(0, index=rest.index)
+    name = rest.astype(object)
     for k in (4, 3, 2, 1):
-        cand = _first_words(rest, k).map(lookup)
-        take = cand.notna() & stype.isna()
-        stype[take] = cand[take]
-        n_words[take] = k
-    name = rest.copy()
-    has = stype.notna()
-    if has.any():
-        words = rest[has].str.split(" ")
-        cut = n_words[has].to_numpy()
-        name[has] = [" ".join(w[c:]) for w, c in zip(words, cut, strict=True)]
-    name = name.where(name != "", None)
+        cand = _first_words(rest, k).map(lookup).astype(object)
+        take = (cand.notna() & stype.isna()).to_numpy(dtype=bool)
+        if take.any():
+            stype.loc[take] = cand[take].to_numpy()
+            name.loc[take] = (
+                rest[take].str.replace(rf"^(?:\S+ ){{{k - 1}}}\S+ ?", "", regex=True).to_numpy()
+            )
+    name = name.where(name.notna() & (name != ""), None)
     return stype, name
 
 
@@ -300,7 +297,7 @@ def _parse_street(line: pd.Series) -> pd.DataFrame:
     """Number, repetition index, street type and name of line-4 candidates."""
     m = line.str.extract(
         r"^(?P<number>\d{1,4})\s*"
-        r"(?P<rep>BIS|TER|QUATER|QUINQUIES|[A-Z](?= |$))?\s*(?P<rest>.*)$"
+        r"(?P<rep>BIS|TER|QUATER|QUINQUIES|[A-Z]\b)?\s*(?P<rest>.*)$"
     )
     rest = m["rest"].where(m["number"].notna(), line)
     # A lone letter after the number is an index (12 B AV ...) unless it is itself the
@@ -476,9 +473,10 @@ def street_label(
     # 4. Articles (the nobiliary DE stays).
     if long_(label).any():
         sel = long_(label)
-        label[sel] = label[sel].str.replace(
-            r"(?<=\S) (?:" + "|".join(_ARTICLES) + r")\b(?= )", "", regex=True
-        )
+        # Not the first word nor the last: a space on each side. Twice, for "DE LA" runs.
+        articles = r" (?:" + "|".join(_ARTICLES) + r") "
+        for _ in range(2):
+            label[sel] = label[sel].str.replace(articles, " ", regex=True)
     # 5. Common words, then SAINT -> ST.
     label = _shorten_step(label, long_(label), _word_table("mot"))
     label = _shorten_step(label, long_(label), _word_table("saint"))

@@ -9,8 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 from unidecode import unidecode
+
+#: pandas' pyarrow-backed string dtype with NaN for missing values (pandas 3's default):
+#: its `.str` methods run in Arrow's compute kernels instead of a Python loop.
+STR = pd.StringDtype("pyarrow", na_value=np.nan)
+
+
+def as_str(series: pd.Series) -> pd.Series:
+    """The same text in the Arrow-backed dtype (no-op when it already is)."""
+    return series if series.dtype == STR else series.astype(STR)
 
 
 def per_distinct(series: pd.Series, func: Callable[[str], object]) -> pd.Series:
@@ -30,7 +40,7 @@ def ascii_upper(series: pd.Series) -> pd.Series:
 
 def fold(series: pd.Series) -> pd.Series:
     """Upper case, no accents, punctuation to spaces, single spaces: the comparison form."""
-    out = ascii_upper(series)
+    out = as_str(ascii_upper(series))
     out = out.str.replace(r"[^A-Z0-9 ]+", " ", regex=True).str.replace(r"\s+", " ", regex=True)
     out = out.str.strip()
     return out.where(out.notna() & (out != ""), None)
