@@ -503,7 +503,8 @@ def assemble_block(
     # allows.
     over = line4.str.len() > MAX_LINE
     if over.any():
-        letters = parts["repetition"].map(_REPETITION_LETTER).fillna(parts["repetition"])
+        letters = parts["repetition"].map(_REPETITION_LETTER)
+        letters = letters.where(letters.notna(), parts["repetition"])
         short4, _ = line4_with(letters.where(over, parts["repetition"]))
         line4 = line4.where(~over, short4)
         shortened = shortened.where(~over, True)
