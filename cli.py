@@ -106,6 +106,12 @@ def _figures_table(summary: Any) -> Table:
         ("golden records updated", f"{summary.golden_updated:,}"),
         ("golden records unchanged", f"{summary.golden_unchanged:,}"),
         ("golden records retired", f"{summary.golden_retired:,}"),
+        ("NPAI returns read", f"{summary.npai_returns_read:,}"),
+        (
+            "NPAI flags new / cleared",
+            f"{summary.npai_flags_new:,} / {summary.npai_flags_cleared:,}",
+        ),
+        ("NPAI flags active", f"{summary.npai_flags_active:,}"),
         *((f"time {k}", f"{v:.2f} s") for k, v in summary.seconds.items()),
         ("time total", f"{sum(summary.seconds.values()):.2f} s"),
         ("peak memory", f"{summary.peak_rss_mib:,.0f} MiB"),
