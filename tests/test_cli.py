@@ -81,6 +81,7 @@ def test_human_summary_table(samples: Path) -> None:
         "candidate pairs",
         "clusters",
         "golden records created",
+        "NPAI flags active",
         "time load",
         "run R",
     ):
