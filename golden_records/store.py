@@ -15,7 +15,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -163,7 +163,6 @@ class WriteResult:
     records_written: int = 0
     records_removed: int = 0
     quarantine_rows: int = 0
-    extras: dict[str, int] = field(default_factory=dict)
 
 
 def _read(conn: Connection, query: sa.Select) -> pd.DataFrame:
