@@ -47,7 +47,7 @@ source_records = sa.Table(
     sa.Column("record_type", sa.String(16), nullable=False),
     sa.Column("source_line", sa.Integer),
     sa.Column("record_hash", sa.String(32), nullable=False),
-    sa.Column("address_hash", sa.String(16)),  # normalised delivery address, for NPAI
+    sa.Column("address_hash", sa.String(20)),  # normalised delivery address, for NPAI
     sa.Column("payload", sa.Text, nullable=False),  # canonical + normalised values, JSON
     sa.Column("updated_run", sa.String(40), nullable=False),
 )
@@ -87,7 +87,7 @@ npai = sa.Table(
     sa.Column("return_date", sa.String(10), primary_key=True),
     sa.Column("reason_code", sa.String(16), primary_key=True),
     sa.Column("reason_label", sa.Text),
-    sa.Column("address_hash", sa.String(16), nullable=False),  # the address that came back
+    sa.Column("address_hash", sa.String(20), nullable=False),  # the address that came back
     sa.Column("flagged_run", sa.String(40), nullable=False),
     sa.Column("cleared_run", sa.String(40)),  # history is kept: a flag is cleared, not deleted
     sa.Column("cleared_reason", sa.Text),

@@ -58,10 +58,11 @@ def reason_code(text: pd.Series) -> pd.Series:
 
 def address_hash(block: pd.DataFrame) -> pd.Series:
     """A fingerprint of the normalised delivery address (NF lines 2 to 6)."""
-    cols = [f"rnvp_line{i}" for i in range(2, 7)]
-    text = block[cols].fillna("").agg("|".join, axis=1) if len(block) else pd.Series(dtype=object)
+    text = block["rnvp_line2"].fillna("").astype(object)
+    for i in range(3, 7):
+        text = text + "|" + block[f"rnvp_line{i}"].fillna("").astype(object)
     hashed = pd.util.hash_pandas_object(text, index=False).to_numpy(dtype=np.uint64)
-    return pd.Series([f"{h:016x}" for h in hashed], index=block.index, dtype=object)
+    return pd.Series(hashed.astype(str), index=block.index, dtype=object)
 
 
 def update_flags(
