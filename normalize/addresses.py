@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mdm_pipeline.normalize.laposte import codes_column, validate_locality
+from mdm_pipeline.normalize.codes import codes_among, codes_column, merge_codes
+from mdm_pipeline.normalize.laposte import validate_locality
 from mdm_pipeline.normalize.rnvp import assemble_block, parse_addresses
-from mdm_pipeline.normalize.text import fold
+from mdm_pipeline.normalize.text import extract, fold, on_distinct_rows
 
 #: Codes that make an address undeliverable (NPAI risk).
 NPAI_RISK_CODES = (
@@ -56,13 +57,20 @@ def normalize_addresses(
     pc_in = postcode.where(postcode.notna(), parts["postcode_in_lines"])
     town_in = city.where(city.notna(), parts["locality_in_lines"])
     town_fold = fold(town_in)
-    city_cedex = town_fold.str.extract(r"\bCEDEX\b(?:\s+(\d{1,2}))?\s*$")
+    city_cedex = extract(town_fold, r"\bCEDEX\b(?:\s+(?P<office>\d{1,2}))?\s*$")
     has_cedex_word = town_fold.str.contains(r"\bCEDEX\b", regex=True, na=False)
     parts["cedex"] = parts["cedex"].fillna(False).astype(bool) | has_cedex_word
     parts["cedex_office"] = parts["cedex_office"].where(
-        parts["cedex_office"].notna(), city_cedex[0]
+        parts["cedex_office"].notna(), city_cedex["office"]
     )
-    loc = validate_locality(pc_in, town_in, parts["cedex"], country)
+    # Postcode + town pairs repeat heavily (75011 PARIS): each distinct one is checked once.
+    locality = pd.DataFrame(
+        {"postcode": pc_in, "city": town_in, "cedex": parts["cedex"], "country": country}
+    )
+    loc = on_distinct_rows(
+        locality,
+        lambda u: validate_locality(u["postcode"], u["city"], u["cedex"], u["country"]),
+    )
     block = assemble_block(identity, parts, loc["postcode"], loc["routing_label"], loc["line5"])
 
     no_street = parts["street_name"].isna() & parts["street_type"].isna()
@@ -76,8 +84,8 @@ def normalize_addresses(
         "LINE_TRUNCATED": block["line_truncated"],
     }
     extra = codes_column(codes, lines.index)
-    all_codes = _merge_codes(loc["codes"], extra)
-    risk = _codes_among(all_codes, NPAI_RISK_CODES)
+    all_codes = merge_codes(loc["codes"], extra)
+    risk = codes_among(all_codes, NPAI_RISK_CODES)
 
     out = block.drop(columns=["street_shortened", "line_truncated"])
     out["addr_number"] = parts["number"]
@@ -95,18 +103,3 @@ def normalize_addresses(
     out["npai_risk"] = risk.notna()
     out["npai_risk_reason"] = risk
     return out[list(ADDRESS_COLUMNS)]
-
-
-def _merge_codes(a: pd.Series, b: pd.Series) -> pd.Series:
-    joined = a.fillna("") + "|" + b.fillna("")
-    return joined.str.strip("|").replace("", None)
-
-
-def _codes_among(codes: pd.Series, wanted: tuple[str, ...]) -> pd.Series:
-    """The codes of `wanted` present in each record's code list, '|'-joined."""
-    text = pd.Series("", index=codes.index, dtype=object)
-    padded = "|" + codes.fillna("") + "|"
-    for name in wanted:
-        hit = padded.str.contains(f"|{name}|", regex=False).to_numpy()
-        text[hit] = text[hit] + "|" + name
-    return text.str.lstrip("|").replace("", None)

@@ -6,15 +6,13 @@ untouched and return the normalised companion columns.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 import phonenumbers
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from mdm_pipeline.normalize.text import fold, per_distinct
+from mdm_pipeline.normalize.text import as_str, extract, fold, on_distinct, per_distinct, sub
 
 _CIVILITY = {
     "M": "M",
@@ -98,7 +96,7 @@ COMMON_DOMAINS = (
     "protonmail.com",
 )
 
-_EMAIL = re.compile(r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]{2,}$")
+_EMAIL = r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]+@[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]{2,}$"
 
 
 def names(series: pd.Series) -> pd.Series:
@@ -108,7 +106,10 @@ def names(series: pd.Series) -> pd.Series:
 
 def civility(series: pd.Series) -> pd.Series:
     """M, MME, MLLE, MM or MMES from any spelling; anything else is dropped."""
-    return fold(series).str.replace(" ", "", regex=False).map(_CIVILITY)
+    def table(u: pd.Series) -> pd.DataFrame:
+        return pd.DataFrame({"civility": fold(u).str.replace(" ", "", regex=False).map(_CIVILITY)})
+
+    return on_distinct(series, table)["civility"].astype(object)
 
 
 def split_civility(names: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -134,8 +135,31 @@ def display_name(series: pd.Series) -> pd.Series:
     return text.where(text.notna() & (text != ""), None)
 
 
+def person_name(series: pd.Series, strip_civility: bool = True) -> pd.DataFrame:
+    """Everything derived from one name field, computed once per distinct spelling.
+
+    Columns: civility typed inside the name, the name without it, its match
+    form and its display form. Names repeat heavily (MARTIN, Marie), so the
+    work is done on the distinct values only.
+    """
+
+    def forms(uniq: pd.Series) -> pd.DataFrame:
+        none = pd.Series(None, index=uniq.index, dtype=object)
+        civ, name = split_civility(uniq) if strip_civility else (none, uniq)
+        return pd.DataFrame(
+            {"civility": civ, "name": name, "norm": names(name), "display": display_name(name)}
+        )
+
+    return on_distinct(series, forms)
+
+
 def company(series: pd.Series) -> tuple[pd.Series, pd.Series]:
     """(company name without its legal form, legal form): "S.A.R.L. Dupont" -> (DUPONT, SARL)."""
+    parts = on_distinct(series, _company_distinct)
+    return parts["name"], parts["form"]
+
+
+def _company_distinct(series: pd.Series) -> pd.DataFrame:
     text = fold(series)
     # Dotted forms fold to spaced letters: S A R L -> SARL.
     for form in _LEGAL_FORMS:
@@ -146,19 +170,19 @@ def company(series: pd.Series) -> tuple[pd.Series, pd.Series]:
     end = text.str.extract(rf"\s+({forms})$", expand=False)
     form = start.where(start.notna(), end)
     name = text.str.replace(rf"^({forms})\s+|\s+({forms})$", "", regex=True)
-    return name.where(name != "", None), form
+    return pd.DataFrame({"name": name.where(name != "", None), "form": form})
 
 
 def email(series: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Lower-cased e-mail and whether its syntax is valid; invalid ones do not match."""
-    text = series.str.strip().str.lower()
+    text = as_str(series).str.strip().str.lower()
     valid = text.str.match(_EMAIL, na=False)
     return text.where(valid, None), valid.where(series.notna(), other=pd.NA).astype("boolean")
 
 
 def email_domain_typo(email_norm: pd.Series) -> pd.Series:
     """The common domain a mistyped one was meant to be (gmial.com -> gmail.com), or None."""
-    domain = email_norm.str.split("@").str[1]
+    domain = extract(email_norm, r"@(?P<domain>.*)$")["domain"]
     uniq = domain.dropna().unique()
     if len(uniq) == 0:
         return pd.Series(None, index=email_norm.index, dtype=object)
@@ -182,8 +206,8 @@ def email_domain_typo(email_norm: pd.Series) -> pd.Series:
 def phone_type(e164: pd.Series) -> pd.Series:
     """mobile, fixed, voip or other, from the number plan (French numbers by prefix)."""
     out = pd.Series(None, index=e164.index, dtype=object)
-    fr = e164.str.startswith("+33", na=False)
-    digit = e164.str[3]
+    fr = as_str(e164).str.startswith("+33", na=False)
+    digit = as_str(e164).str[3]
     out[fr & digit.isin(["6", "7"])] = "mobile"
     out[fr & digit.isin(["1", "2", "3", "4", "5"])] = "fixed"
     out[fr & digit.isin(["9"])] = "voip"
@@ -228,9 +252,9 @@ def phone(series: pd.Series, region: str = "FR") -> pd.Series:
     string operations; only the rest go through libphonenumber, once per
     distinct value.
     """
-    digits = series.str.replace(r"[^\d+]", "", regex=True)
+    digits = as_str(series).str.replace(r"[^\d+]", "", regex=True)
     digits = digits.str.replace(r"^00", "+", regex=True)
-    national = digits.str.extract(r"^(?:\+33|0033|33)?0?([1-9]\d{8})$")[0]
+    national = extract(digits, r"^(?:\+33|0033|33)?0?(?P<national>[1-9]\d{8})$")["national"]
     french_form = digits.str.match(r"^(\+33|0)[1-9]\d{8}$", na=False)
     out = pd.Series(None, index=series.index, dtype=object)
     fast = french_form & national.notna()
@@ -243,7 +267,7 @@ def phone(series: pd.Series, region: str = "FR") -> pd.Series:
 
 def digits(series: pd.Series) -> pd.Series:
     """Only the digits (SIRET typed with spaces, postcodes with a stray dot)."""
-    out = series.str.replace(r"\D", "", regex=True)
+    out = as_str(series).str.replace(r"\D", "", regex=True)
     return out.where(out.notna() & (out != ""), None)
 
 
@@ -252,7 +276,9 @@ def luhn_valid(series: pd.Series) -> pd.Series:
     result = pd.Series(False, index=series.index)
     for length in series.dropna().str.len().unique():
         sel = series.str.len() == length
-        mat = np.array([list(s) for s in series[sel]], dtype=np.int64)
+        # Fixed-length digit strings laid end to end are a digit matrix: no per-row loop.
+        blob = "".join(series[sel].tolist()).encode("ascii")
+        mat = np.frombuffer(blob, dtype=np.uint8).reshape(-1, int(length)).astype(np.int64) - 48
         weights = np.where((length - np.arange(length)) % 2 == 0, 2, 1)
         prod = mat * weights
         prod = np.where(prod > 9, prod - 9, prod)
@@ -269,17 +295,21 @@ def siret(series: pd.Series) -> pd.Series:
 
 def postcode(series: pd.Series) -> pd.Series:
     """Five-digit French postcode; a 4-digit one lost its leading zero in a spreadsheet."""
-    d = digits(series)
+    d = digits(as_str(series))
     d = d.where(d.str.len() != 4, "0" + d)
     return d.where(d.str.len() == 5, None)
 
 
 def city(series: pd.Series) -> pd.Series:
     """Comparison form of a town: SAINT for ST, no arrondissement or CEDEX suffix."""
+    return on_distinct(series, _city_distinct)["city"]
+
+
+def _city_distinct(series: pd.Series) -> pd.DataFrame:
     out = fold(series)
     out = out.str.replace(r"\bSTE\b", "SAINTE", regex=True).str.replace(
         r"\bST\b", "SAINT", regex=True
     )
     out = out.str.replace(r"\s+CEDEX(\s+\d+)?$", "", regex=True)
-    out = out.str.replace(r"^(PARIS|LYON|MARSEILLE)\s+\d{1,2}(E|EME|ER)?$", r"\1", regex=True)
-    return out
+    out = sub(out, r"^(PARIS|LYON|MARSEILLE)\s+\d{1,2}(E|EME|ER)?$", r"\1")
+    return pd.DataFrame({"city": out})

@@ -15,6 +15,7 @@ import pandas as pd
 from rapidfuzz import fuzz, process
 
 from mdm_pipeline.config.reference import laposte_base
+from mdm_pipeline.normalize.codes import codes_column
 from mdm_pipeline.normalize.text import fold
 
 VALID, CORRECTED, INVALID, UNVERIFIABLE = "valid", "corrected", "invalid", "unverifiable"
@@ -221,15 +222,6 @@ def validate_locality(
         np.where(blocking, INVALID, np.where(corrected, CORRECTED, VALID)),
     )
     out["status"] = status
-    out["codes"] = codes_column(codes, idx)
+    out["codes"] = codes_column(dict(sorted(codes.items())), idx)
     out["line5"] = out["line5"].replace("", None)
     return out
-
-
-def codes_column(codes: dict[str, pd.Series], index: pd.Index) -> pd.Series:
-    """Flags to one machine-readable column: codes joined by '|', in name order."""
-    text = pd.Series("", index=index, dtype=object)
-    for name in sorted(codes):
-        mask = codes[name].reindex(index, fill_value=False).to_numpy()
-        text[mask] = text[mask] + "|" + name
-    return text.str.lstrip("|").replace("", None)

@@ -26,7 +26,16 @@ import numpy as np
 import pandas as pd
 
 from mdm_pipeline.config.reference import address_words, first_name_keys, street_types
-from mdm_pipeline.normalize.text import fold
+from mdm_pipeline.normalize.text import (
+    STR,
+    as_str,
+    extract,
+    fold,
+    on_distinct,
+    per_distinct,
+    split_lines,
+    sub,
+)
 
 MAX_LINE = 38
 MAX_STREET_LABEL = 32
@@ -131,7 +140,7 @@ _OUTSIDE = (
 )
 _SERVICE = r"^(?:BP|B P|BOITE POSTALE|CS|TSA|CIDEX|CEDEX|POSTE RESTANTE)\b\s*\d*"
 _LIEU_DIT = r"^(?:LIEU DIT|LIEUDIT|LD|L D|HAMEAU|HAM|LE BOURG|ECART|QUARTIER)\b"
-_POSTCODE_LINE = r"^(?:F\s*)?(\d{5}|\d{2}\s\d{3})(?:\s+(.*))?$"
+_POSTCODE_LINE = r"^(?:F\s*)?(?P<postcode>\d{5}|\d{2}\s\d{3})(?:\s+(?P<locality>.*))?$"
 _NUMBERED = r"^\d{1,4}\s*[A-Z]"
 
 _COMPLEMENT_WORDS = {
@@ -154,6 +163,9 @@ _COMPLEMENT_WORDS = {
     "LOG": "LOGEMENT",
     "CHBRE": "CHAMBRE",
 }
+
+#: What a raw address line can be.
+_LINE_KINDS = ("unknown", "postcode", "service", "lieu_dit", "inside", "outside", "street", "town")
 
 #: Output columns of `parse_addresses`.
 COMPONENTS = (
@@ -236,7 +248,8 @@ def _replace_words(series: pd.Series, table: dict[str, str]) -> pd.Series:
         return series
     keys = sorted(table, key=len, reverse=True)
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, keys)) + r")\b")
-    return series.str.replace(pattern, lambda m: table[m.group(1)], regex=True)
+    # RE2 has no dictionary replacement: Python's re does it, once per distinct label.
+    return per_distinct(series, lambda s: pattern.sub(lambda m: table[m.group(1)], s))
 
 
 def _explode_lines(lines: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -246,17 +259,14 @@ def _explode_lines(lines: pd.Series) -> tuple[pd.Series, pd.Series]:
     empty lines are dropped and the order within a record is kept.
     """
     # "12, rue de la Paix": a comma right after the house number does not end the line.
-    text = lines.dropna().str.replace(
-        r"(^|\n)\s*(\d{1,4}\s*(?:bis|ter|quater|[a-dA-D])?)\s*,\s*",
-        r"\1\2 ",
-        regex=True,
-        flags=re.IGNORECASE,
+    text = sub(
+        lines.dropna(), r"(?i)(^|\n)\s*(\d{1,4}\s*(?:bis|ter|quater|[a-d])?)\s*,\s*", r"\1\2 "
     )
-    pieces = text.str.split(r"[\n,;]", regex=True).explode()
+    pieces = split_lines(text, r"[\n,;]")
     # A house-number range keeps its first number (15/17 -> 15).
-    pieces = pieces.str.replace(r"^\s*(\d{1,4})\s*[/-]\s*\d{1,4}\b", r"\1", regex=True)
+    pieces = sub(pieces, r"^\s*(\d{1,4})\s*[/-]\s*\d{1,4}\b", r"\1")
     folded = fold(pieces).dropna()
-    record = pd.Series(folded.index, dtype=object)
+    record = pd.Series(folded.index.to_numpy(dtype=np.int64))
     folded = folded.reset_index(drop=True)
     # A line holding only a house number (ADR1 = "12", ADR2 = "RUE DE LA PAIX") belongs to
     # the line that follows it in the same record.
@@ -273,12 +283,18 @@ def _explode_lines(lines: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 
 def _first_words(series: pd.Series, k: int) -> pd.Series:
-    return series.str.extract(rf"^((?:\S+ ){{{k - 1}}}\S+)", expand=False)
+    return extract(series, rf"^(?P<words>(?:\S+ ){{{k - 1}}}\S+)")["words"]
 
 
 def _split_type(rest: pd.Series) -> tuple[pd.Series, pd.Series]:
     """(canonical street type or None, the rest of the label) — longest known prefix wins."""
+    parts = on_distinct(rest, _split_type_distinct)
+    return parts["street_type"], parts["name"]
+
+
+def _split_type_distinct(rest: pd.Series) -> pd.DataFrame:
     lookup = type_lookup()
+    rest = as_str(rest)
     stype = pd.Series(None, index=rest.index, dtype=object)
     name = rest.astype(object)
     for k in (4, 3, 2, 1):
@@ -290,14 +306,19 @@ def _split_type(rest: pd.Series) -> tuple[pd.Series, pd.Series]:
                 rest[take].str.replace(rf"^(?:\S+ ){{{k - 1}}}\S+ ?", "", regex=True).to_numpy()
             )
     name = name.where(name.notna() & (name != ""), None)
-    return stype, name
+    return pd.DataFrame({"street_type": stype, "name": name})
 
 
 def _parse_street(line: pd.Series) -> pd.DataFrame:
     """Number, repetition index, street type and name of line-4 candidates."""
-    m = line.str.extract(
+    return on_distinct(line, _parse_street_distinct)
+
+
+def _parse_street_distinct(line: pd.Series) -> pd.DataFrame:
+    m = extract(
+        line,
         r"^(?P<number>\d{1,4})\s*"
-        r"(?P<rep>BIS|TER|QUATER|QUINQUIES|[A-Z]\b)?\s*(?P<rest>.*)$"
+        r"(?P<rep>BIS|TER|QUATER|QUINQUIES|[A-Z]\b)?\s*(?P<rest>.*)$",
     )
     rest = m["rest"].where(m["number"].notna(), line)
     # A lone letter after the number is an index (12 B AV ...) unless it is itself the
@@ -343,10 +364,15 @@ def _first_per_record(
 
 def parse_addresses(lines: pd.Series) -> pd.DataFrame:
     """Components of each record's raw address lines (see COMPONENTS)."""
+    # Records are numbered by position so that grouping lines back is an integer groupby.
+    labels = lines.index
+    lines = lines.reset_index(drop=True)
     exploded, record = _explode_lines(lines)
-    kind = pd.Series("unknown", index=exploded.index, dtype=object)
-    pc = exploded.str.extract(_POSTCODE_LINE)
-    is_pc = pc[0].notna()
+    kind = pd.Series(
+        pd.Categorical(["unknown"] * len(exploded), categories=_LINE_KINDS), index=exploded.index
+    )
+    pc = extract(exploded, _POSTCODE_LINE)
+    is_pc = pc["postcode"].notna()
     kind[is_pc] = "postcode"
     rest = ~is_pc
     for label, pattern in (("service", _SERVICE), ("lieu_dit", _LIEU_DIT), ("inside", _INSIDE)):
@@ -411,18 +437,18 @@ def parse_addresses(lines: pd.Series) -> pd.DataFrame:
     service = service.str.replace(r"^BOITE POSTALE\b", "BP", regex=True)
     out["service"] = _join_group(service[~service.str.startswith("CEDEX")], record, index)
 
-    pcs = pc.loc[is_pc, 0].str.replace(" ", "", regex=False)
-    locality = pc.loc[is_pc, 1].fillna("")
+    pcs = pc.loc[is_pc, "postcode"].str.replace(" ", "", regex=False)
+    locality = pc.loc[is_pc, "locality"].fillna("")
     town_lines = exploded[kind == "town"]
     out["postcode_in_lines"] = _first_per_record(pcs, record, index, keep="last")
     all_towns = pd.concat([locality, town_lines]).sort_index()
     town_text = _first_per_record(all_towns, record, index, keep="last")
-    cedex = town_text.str.extract(r"\bCEDEX(?:\s+(\d{1,2}))?\s*$")
+    cedex = extract(town_text, r"\bCEDEX(?:\s+(?P<office>\d{1,2}))?\s*$")
     out["cedex"] = town_text.str.contains(r"\bCEDEX\b", regex=True, na=False).astype(bool)
-    out["cedex_office"] = cedex[0]
+    out["cedex_office"] = cedex["office"]
     town_clean = town_text.str.replace(r"\s*\bCEDEX(\s+\d{1,2})?\s*$", "", regex=True)
     out["locality_in_lines"] = town_clean.replace("", None)
-    return out[list(COMPONENTS)]
+    return out[list(COMPONENTS)].set_axis(labels)
 
 
 def _shorten_step(label: pd.Series, too_long: pd.Series, table: dict[str, str]) -> pd.Series:
@@ -441,7 +467,7 @@ def street_label(
     number and index are written (`budget`, 38 minus "12 BIS "). Returns
     (label, shortened flag).
     """
-    label = (street_type.fillna("") + " " + street_name.fillna("")).str.strip()
+    label = as_str(street_type.fillna("") + " " + street_name.fillna("")).str.strip()
     label = label.where(label != "", None)
     original = label.copy()
     limit = (
@@ -493,7 +519,7 @@ def assemble_block(
     """The six NF Z10-011 lines (None where empty) and a flag per record if a line was cut."""
 
     def line4_with(repetition: pd.Series) -> tuple[pd.Series, pd.Series]:
-        number = (parts["number"].fillna("") + " " + repetition.fillna("")).str.strip()
+        number = as_str(parts["number"].fillna("") + " " + repetition.fillna("")).str.strip()
         budget = MAX_LINE - number.str.len() - (number != "").astype(int)
         label, short = street_label(parts["street_type"], parts["street_name"], budget)
         return (number + " " + label.fillna("")).str.strip(), short
@@ -526,10 +552,10 @@ def assemble_block(
             "rnvp_line6": line6,
         }
     )
-    block = block.replace("", None)
+    block = block.astype(STR).replace("", None)
     truncated = pd.Series(False, index=block.index)
     for col in block.columns:
-        over = block[col].fillna("").str.len() > MAX_LINE
+        over = block[col].str.len() > MAX_LINE
         if over.any():
             block.loc[over, col] = block.loc[over, col].str[:MAX_LINE].str.rstrip()
             truncated |= over

@@ -15,7 +15,8 @@ from mdm_pipeline.config import schema
 from mdm_pipeline.config.settings import NormalizeSettings
 from mdm_pipeline.normalize import fields
 from mdm_pipeline.normalize.addresses import ADDRESS_COLUMNS, normalize_addresses
-from mdm_pipeline.normalize.text import fold
+from mdm_pipeline.normalize.codes import codes_column, merge_codes
+from mdm_pipeline.normalize.text import as_str, fold
 
 #: Columns this stage adds.
 NORMALISED_COLUMNS: tuple[str, ...] = (
@@ -44,43 +45,36 @@ NORMALISED_COLUMNS: tuple[str, ...] = (
 )
 
 
-def _add_codes(codes: pd.Series, mask: pd.Series, code: str) -> pd.Series:
-    mask = mask.fillna(False).astype(bool)
-    sep = codes.fillna("").where(codes.fillna("") == "", codes + "|")
-    return codes.where(~mask, sep.fillna("") + code)
-
-
 def normalize_records(records: pd.DataFrame, settings: NormalizeSettings) -> pd.DataFrame:
     """Add the normalised companions of every canonical field."""
     schema.require_columns(records, schema.CANONICAL_COLUMNS, "normalize")
-    out = records.copy()
-    codes = records["quality_codes"].astype(object)
+    # New columns only: the input's own columns are never written to.
+    out = records.copy(deep=False)
+    flags: dict[str, pd.Series] = {}
 
     # Names: a civility typed inside the first or last name is taken out of it.
-    civ_first, first = fields.split_civility(records["first_name"])
-    civ_last, last = fields.split_civility(records["last_name"])
+    name_forms = {col: fields.person_name(records[col]) for col in ("first_name", "last_name")}
+    name_forms["birth_name"] = fields.person_name(records["birth_name"], strip_civility=False)
+    first, last = name_forms["first_name"]["name"], name_forms["last_name"]["name"]
+    civ_first, civ_last = name_forms["first_name"]["civility"], name_forms["last_name"]["civility"]
     civility = fields.civility(records["civility"])
     out["civility_norm"] = civility.where(
         civility.notna(), civ_first.where(civ_first.notna(), civ_last)
     )
-    for col, value in (
-        ("first_name", first),
-        ("last_name", last),
-        ("birth_name", records["birth_name"]),
-    ):
-        out[f"{col}_norm"] = fields.names(value)
-        out[f"{col}_display"] = fields.display_name(value)
+    for col, forms in name_forms.items():
+        out[f"{col}_norm"] = forms["norm"]
+        out[f"{col}_display"] = forms["display"]
 
     out["email_norm"], out["email_valid"] = fields.email(records["email"])
-    codes = _add_codes(codes, records["email"].notna() & out["email_norm"].isna(), "EMAIL_INVALID")
+    flags["EMAIL_INVALID"] = records["email"].notna() & out["email_norm"].isna()
     out["email_domain_suggestion"] = fields.email_domain_typo(out["email_norm"])
-    codes = _add_codes(codes, out["email_domain_suggestion"].notna(), "EMAIL_DOMAIN_TYPO")
+    flags["EMAIL_DOMAIN_TYPO"] = out["email_domain_suggestion"].notna()
 
     out["phone_norm"] = fields.phone(records["phone"], settings.phone_region)
     out["phone_type"] = fields.phone_type(out["phone_norm"])
     out["phone_valid"] = out["phone_norm"].notna().where(records["phone"].notna(), pd.NA)
     out["phone_valid"] = out["phone_valid"].astype("boolean")
-    codes = _add_codes(codes, records["phone"].notna() & out["phone_norm"].isna(), "PHONE_INVALID")
+    flags["PHONE_INVALID"] = records["phone"].notna() & out["phone_norm"].isna()
 
     country = fold(records["country"])
     out["country_norm"] = country.where(country.notna(), settings.default_country)
@@ -96,7 +90,8 @@ def normalize_records(records: pd.DataFrame, settings: NormalizeSettings) -> pd.
         out["country_norm"],
         identity,
     )
-    out = pd.concat([out, addr], axis=1)
+    for col in addr.columns:
+        out[col] = addr[col]
     # Comparison forms for matching: the full street (never the shortened print form),
     # La Poste's postcode and routing label where the address could be checked.
     street = (
@@ -108,7 +103,8 @@ def normalize_records(records: pd.DataFrame, settings: NormalizeSettings) -> pd.
         + " "
         + addr["addr_street_name"].fillna("")
     )
-    out["street_norm"] = street.str.replace(r"\s+", " ", regex=True).str.strip().replace("", None)
+    street = as_str(street).str.replace(r"\s+", " ", regex=True).str.strip()
+    out["street_norm"] = street.where(street != "", None)
     out["postcode_norm"] = addr["addr_postcode"].where(
         addr["addr_postcode"].notna(), fields.postcode(records["postcode"])
     )
@@ -118,9 +114,9 @@ def normalize_records(records: pd.DataFrame, settings: NormalizeSettings) -> pd.
 
     out["company_name_norm"], out["company_legal_form"] = fields.company(records["company_name"])
     out["siret_norm"] = fields.siret(records["siret"])
-    codes = _add_codes(codes, records["siret"].notna() & out["siret_norm"].isna(), "SIRET_INVALID")
+    flags["SIRET_INVALID"] = records["siret"].notna() & out["siret_norm"].isna()
     siren = fields.siren(records["siren"])
-    codes = _add_codes(codes, records["siren"].notna() & siren.isna(), "SIREN_INVALID")
+    flags["SIREN_INVALID"] = records["siren"].notna() & siren.isna()
     out["siren_norm"] = siren.where(siren.notna(), out["siret_norm"].str[:9])
-    out["quality_codes"] = codes.replace("", None)
+    out["quality_codes"] = merge_codes(records["quality_codes"], codes_column(flags, out.index))
     return out

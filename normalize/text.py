@@ -7,10 +7,13 @@ back, because customer fields repeat heavily (MARTIN, PARIS, 75015).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from unidecode import unidecode
 
 #: pandas' pyarrow-backed string dtype with NaN for missing values (pandas 3's default):
@@ -21,6 +24,88 @@ STR = pd.StringDtype("pyarrow", na_value=np.nan)
 def as_str(series: pd.Series) -> pd.Series:
     """The same text in the Arrow-backed dtype (no-op when it already is)."""
     return series if series.dtype == STR else series.astype(STR)
+
+
+def _arrow(series: pd.Series) -> pa.Array | pa.ChunkedArray:
+    return pa.array(as_str(series).array)
+
+
+def _from_arrow(values: pa.Array | pa.ChunkedArray) -> pd.api.extensions.ExtensionArray:
+    return pd.array(values, dtype=STR)
+
+
+def sub(series: pd.Series, pattern: str, repl: str) -> pd.Series:
+    """Regex replacement in Arrow's RE2 kernel, back-references (\\1) included.
+
+    pandas falls back to a Python loop when the replacement has a group
+    reference; RE2 takes it natively. Patterns must be RE2 (no lookarounds).
+    """
+    out = pc.replace_substring_regex(_arrow(series), pattern=pattern, replacement=repl)
+    return pd.Series(_from_arrow(out), index=series.index)
+
+
+def extract(series: pd.Series, pattern: str) -> pd.DataFrame:
+    """`Series.str.extract` in Arrow's RE2 kernel: one column per named group.
+
+    A row that does not match gives NaN everywhere; a group that matched
+    nothing (an optional group left out, an empty `.*`) gives NaN too, which
+    is what every caller wants (no empty components).
+    """
+    names = list(re.compile(pattern).groupindex)
+    if not names or re.compile(pattern).groups != len(names):
+        raise ValueError("extract needs a pattern whose groups are all named")
+    arr = _arrow(series)
+    found = pc.extract_regex(arr, pattern=pattern)
+    valid = pc.is_valid(found)
+    cols = {}
+    for name in names:
+        col = pc.struct_field(found, name)
+        col = pc.if_else(pc.and_(valid, pc.not_equal(col, "")), col, pa.scalar(None, pa.string()))
+        cols[name] = pd.Series(_from_arrow(col), index=series.index)
+    return pd.DataFrame(cols, index=series.index)
+
+
+def split_lines(series: pd.Series, pattern: str) -> pd.Series:
+    """Split on a regex and explode, in Arrow: one row per piece, labelled by its row."""
+    arr = _arrow(series)
+    parts = pc.split_pattern_regex(arr, pattern=pattern)
+    flat = pc.list_flatten(parts)
+    parent = pc.list_parent_indices(parts).to_numpy()
+    return pd.Series(
+        _from_arrow(flat),
+        index=series.index[parent],
+    )
+
+
+def on_distinct(series: pd.Series, func: Callable[[pd.Series], pd.DataFrame]) -> pd.DataFrame:
+    """Run a column-wise `func` on the distinct non-null values only and spread it back.
+
+    Street labels, towns and names repeat heavily (RUE DE LA REPUBLIQUE,
+    PARIS, MARTIN), so parsing each distinct value once divides the work.
+    `func` gets the distinct values with a 0..n-1 index and returns a frame
+    aligned to it; null inputs get all-null rows.
+    """
+    codes, uniques = pd.factorize(series)
+    result = func(pd.Series(uniques, dtype=series.dtype))
+    return _spread(result, codes, series.index)
+
+
+def on_distinct_rows(
+    frame: pd.DataFrame, func: Callable[[pd.DataFrame], pd.DataFrame]
+) -> pd.DataFrame:
+    """`on_distinct` for combinations of columns (postcode + town + country...)."""
+    codes = frame.groupby(list(frame.columns), sort=False, dropna=False).ngroup().to_numpy()
+    uniques = frame[~frame.duplicated()].reset_index(drop=True)
+    return _spread(func(uniques), codes, frame.index)
+
+
+def _spread(result: pd.DataFrame, codes: np.ndarray, index: pd.Index) -> pd.DataFrame:
+    out = {}
+    for col in result.columns:
+        values = result[col]
+        arr = values.to_numpy() if isinstance(values.dtype, np.dtype) else values.array
+        out[col] = pd.api.extensions.take(arr, codes, allow_fill=True)
+    return pd.DataFrame(out, index=index)
 
 
 def per_distinct(series: pd.Series, func: Callable[[str], object]) -> pd.Series:
@@ -35,12 +120,23 @@ def per_distinct(series: pd.Series, func: Callable[[str], object]) -> pd.Series:
 
 def ascii_upper(series: pd.Series) -> pd.Series:
     """Upper case without accents (AFNOR postal form); ligatures spelled out (Œ → OE)."""
-    return per_distinct(series, lambda s: unidecode(s).upper())
+    text = as_str(series)
+    # Accents come off in Arrow: compatibility decomposition, then the combining marks
+    # dropped (é -> e + ´ -> e). What is still not ASCII after that (Œ, ß, ’) goes
+    # through unidecode, once per distinct value.
+    stripped = pc.replace_substring_regex(
+        pc.utf8_normalize(_arrow(text), form="NFKD"), pattern=r"\p{Mn}+", replacement=""
+    )
+    plain = pc.fill_null(pc.string_is_ascii(stripped), True).to_numpy(zero_copy_only=False)
+    out = pd.Series(_from_arrow(pc.utf8_upper(stripped)), index=series.index)
+    if not plain.all():
+        out[~plain] = per_distinct(text[~plain], lambda s: unidecode(s).upper())
+    return out
 
 
 def fold(series: pd.Series) -> pd.Series:
     """Upper case, no accents, punctuation to spaces, single spaces: the comparison form."""
     out = as_str(ascii_upper(series))
-    out = out.str.replace(r"[^A-Z0-9 ]+", " ", regex=True).str.replace(r"\s+", " ", regex=True)
-    out = out.str.strip()
+    # After ascii_upper only ASCII is left: any run of non-alphanumerics is one space.
+    out = out.str.replace(r"[^A-Z0-9]+", " ", regex=True).str.strip()
     return out.where(out.notna() & (out != ""), None)
