@@ -106,6 +106,7 @@ def names(series: pd.Series) -> pd.Series:
 
 def civility(series: pd.Series) -> pd.Series:
     """M, MME, MLLE, MM or MMES from any spelling; anything else is dropped."""
+
     def table(u: pd.Series) -> pd.DataFrame:
         return pd.DataFrame({"civility": fold(u).str.replace(" ", "", regex=False).map(_CIVILITY)})
 
