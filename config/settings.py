@@ -267,14 +267,6 @@ class NormalizeSettings(Strict):
     phone_region: str = Field(default="FR", pattern=r"^[A-Z]{2}$")
 
 
-class ExactRule(Strict):
-    """Records whose normalised values agree on all these fields are one customer."""
-
-    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
-    fields: list[str] = Field(min_length=1)
-    record_type: Literal["person", "organisation"] | None = None
-
-
 MATCHABLE_FIELDS = (
     "first_name",
     "last_name",
@@ -288,28 +280,357 @@ MATCHABLE_FIELDS = (
     "company_name",
     "siren",
     "siret",
+    "address",
 )
 
+KeyTransform = Literal[
+    "exact", "soundex", "metaphone", "nysiis", "phonetic_fr", "prefix", "year", "email_user"
+]
+_RULE_NAME = r"^[a-z][a-z0-9_]*$"
 
-class MatchingSettings(Strict):
-    """Settings of the matching stage."""
 
-    exact_rules: list[ExactRule] = Field(default_factory=list)
+def _known_field(field: str) -> str:
+    if field not in MATCHABLE_FIELDS:
+        raise ValueError(f"unknown field {field!r} (known: {', '.join(MATCHABLE_FIELDS)})")
+    return field
 
-    @field_validator("exact_rules")
+
+class BlockingKey(Strict):
+    """One part of a blocking key: a field, possibly reduced (phonetic code, prefix...)."""
+
+    field: str
+    transform: KeyTransform = "exact"
+    length: Annotated[int, Field(ge=1, le=20)] | None = None
+
+    _field = field_validator("field")(_known_field)
+
+    @model_validator(mode="after")
+    def _length_for_prefix(self) -> BlockingKey:
+        if (self.transform == "prefix") != (self.length is not None):
+            raise ValueError("'length' goes with transform 'prefix', and only with it")
+        return self
+
+
+class BlockingRule(Strict):
+    """Records sharing every key part (and their record type) are compared."""
+
+    name: Annotated[str, Field(pattern=_RULE_NAME)]
+    keys: list[str | BlockingKey] = Field(min_length=1)
+    record_type: Literal["person", "organisation"] | None = None
+
+    @field_validator("keys")
     @classmethod
-    def _fields_known(cls, rules: list[ExactRule]) -> list[ExactRule]:
-        for rule in rules:
-            unknown = [f for f in rule.fields if f not in MATCHABLE_FIELDS]
-            if unknown:
-                raise ValueError(
-                    f"rule '{rule.name}': unknown field {unknown[0]!r} "
-                    f"(known: {', '.join(MATCHABLE_FIELDS)})"
-                )
+    def _parse_keys(cls, keys: list[str | BlockingKey]) -> list[str | BlockingKey]:
+        for key in keys:
+            if isinstance(key, str):
+                _known_field(key)
+        return keys
+
+    def key_parts(self) -> list[BlockingKey]:
+        """The keys with plain field names read as exact keys."""
+        return [BlockingKey(field=k) if isinstance(k, str) else k for k in self.keys]
+
+
+class BlockingSettings(Strict):
+    """Candidate pairs: the union of the rules' pairs, each pair keeping its first rule."""
+
+    rules: list[BlockingRule] = Field(min_length=1)
+    #: A block with more records than this is skipped (with a warning naming the rule):
+    #: a key shared by thousands of records identifies nobody.
+    max_block_size: Annotated[int, Field(ge=2)] = 500
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, rules: list[BlockingRule]) -> list[BlockingRule]:
         names = [r.name for r in rules]
         if len(set(names)) != len(names):
             raise ValueError("rule names must be unique")
         return rules
+
+
+LevelKind = Literal[
+    "exact",
+    "jaro_winkler",
+    "levenshtein",
+    "token_set",
+    "date_swap",
+    "date_one_digit",
+    "email_user",
+    "phone_suffix",
+    "exact_other",
+    "swapped",
+    "same_field",
+]
+
+
+class ComparisonLevel(Strict):
+    """One agreement level; levels are tried in order and the first that holds wins."""
+
+    kind: LevelKind
+    #: Similarity in [0, 1] for jaro_winkler and token_set (and optionally swapped, to
+    #: allow a typo in swapped names); edit distance for levenshtein.
+    threshold: float | None = None
+    #: For exact_other: the field compared crosswise, either way round (last name against
+    #: birth name); for swapped: both ways round (first and last names swapped); for
+    #: same_field: another field both records must agree on (postcode, city).
+    other: str | None = None
+    #: m probability used before training, and if training is refused.
+    m_prior: Annotated[float, Field(gt=0, lt=1)]
+
+    @model_validator(mode="after")
+    def _threshold(self) -> ComparisonLevel:
+        needs = self.kind in ("jaro_winkler", "levenshtein", "token_set")
+        if needs and self.threshold is None:
+            raise ValueError(f"level '{self.kind}' needs a threshold")
+        if not needs and self.kind != "swapped" and self.threshold is not None:
+            raise ValueError(f"level '{self.kind}' takes no threshold")
+        similarity = ("jaro_winkler", "token_set", "swapped")
+        if self.kind in similarity and self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError("similarity thresholds are between 0 and 1")
+        if (self.kind in ("exact_other", "swapped", "same_field")) != (self.other is not None):
+            raise ValueError("'other' goes with levels exact_other, swapped and same_field only")
+        if self.other is not None:
+            _known_field(self.other)
+        return self
+
+
+class Comparison(Strict):
+    """How one field of two records is compared: ordered levels, then 'else'."""
+
+    name: Annotated[str, Field(pattern=_RULE_NAME)]
+    field: str
+    levels: list[ComparisonLevel] = Field(min_length=1)
+    #: m of the 'else' level (no level holds) before training.
+    else_m_prior: Annotated[float, Field(gt=0, lt=1)]
+    #: Weight exact agreement by how rare the value is (MARTIN counts less than ZOBEL).
+    tf_adjust: bool = False
+    #: A strong identifier: if training says fewer true matches than this agree on the
+    #: first level, the model is implausible and the priors are used instead.
+    min_m_first_level: Annotated[float, Field(ge=0, lt=1)] | None = None
+    #: Comparisons of one group measure one underlying fact (where a household lives and
+    #: how to reach it: address, shared e-mail, landline). Among different people of one
+    #: household they agree together, so only the strongest agreement of a group counts;
+    #: disagreements still all count.
+    group: Annotated[str, Field(pattern=_RULE_NAME)] | None = None
+
+    _field = field_validator("field")(_known_field)
+
+    @model_validator(mode="after")
+    def _priors_sum(self) -> Comparison:
+        total = sum(lv.m_prior for lv in self.levels) + self.else_m_prior
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"m priors of comparison '{self.name}' sum to {total:.4f}, not 1")
+        return self
+
+
+class TrainingSettings(Strict):
+    """Unsupervised estimation of the Fellegi-Sunter parameters."""
+
+    #: Blocks in which matches are dense; EM runs on each, and a comparison's m comes
+    #: from the blocks that do not use its field.
+    blocks: list[BlockingRule] = Field(min_length=1)
+    u_sample_pairs: Annotated[int, Field(ge=1000)] = 1_000_000
+    max_iterations: Annotated[int, Field(ge=1, le=1000)] = 100
+    tolerance: Annotated[float, Field(gt=0)] = 1e-5
+    #: Bounds on every m, so no level can veto or force a match on its own.
+    probability_floor: Annotated[float, Field(gt=0, lt=0.1)] = 1e-4
+    #: Bound on u: agreement is never taken as rarer than this among non-matches.
+    u_floor: Annotated[float, Field(gt=0, lt=0.1)] = 1e-7
+    #: Pairs sampled per training block at most (EM converges long before).
+    max_pairs_per_block: Annotated[int, Field(ge=1000)] = 2_000_000
+    seed: int = 20261122
+
+
+class BandSettings(Strict):
+    """Decision bands on the match probability of a pair."""
+
+    auto_match: Annotated[float, Field(gt=0, lt=1)] = 0.99
+    review: Annotated[float, Field(gt=0, lt=1)] = 0.80
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BandSettings:
+        if self.review >= self.auto_match:
+            raise ValueError("review must be below auto_match")
+        return self
+
+
+class ClusteringSettings(Strict):
+    """Guards against chaining when clusters are formed from auto-matches."""
+
+    #: A cluster above this many records is split on its weakest links.
+    max_cluster_size: Annotated[int, Field(ge=2)] = 20
+    #: Links below this probability are 'weak': a weak link that alone holds two groups
+    #: of records together (a bridge between groups of two or more) is cut.
+    strong_link: Annotated[float, Field(gt=0, lt=1)] = 0.9999
+
+
+class MatchingSettings(Strict):
+    """Settings of the matching stage: blocking, comparisons, training, bands, clusters."""
+
+    blocking: BlockingSettings = Field(default_factory=lambda: default_blocking())
+    comparisons: list[Comparison] = Field(default_factory=lambda: default_comparisons())
+    training: TrainingSettings = Field(default_factory=lambda: default_training())
+    bands: BandSettings = BandSettings()
+    clustering: ClusteringSettings = ClusteringSettings()
+
+    @field_validator("comparisons")
+    @classmethod
+    def _unique(cls, comparisons: list[Comparison]) -> list[Comparison]:
+        names = [c.name for c in comparisons]
+        if len(set(names)) != len(names):
+            raise ValueError("comparison names must be unique")
+        if not comparisons:
+            raise ValueError("at least one comparison is needed")
+        return comparisons
+
+
+def default_blocking() -> BlockingSettings:
+    """The shipped blocking rules for French customer data."""
+    return BlockingSettings.model_validate(_DEFAULT_MODEL["blocking"])
+
+
+def default_comparisons() -> list[Comparison]:
+    """The shipped comparisons and their priors."""
+    return [Comparison.model_validate(c) for c in _DEFAULT_MODEL["comparisons"]]
+
+
+def default_training() -> TrainingSettings:
+    """The shipped training blocks (dense in matches: same birth date and name, same e-mail)."""
+    return TrainingSettings.model_validate(_DEFAULT_MODEL["training"])
+
+
+def _lv(kind: str, m: float, **kw: Any) -> dict[str, Any]:
+    return {"kind": kind, "m_prior": m, **kw}
+
+
+_DEFAULT_MODEL: dict[str, Any] = {
+    "blocking": {
+        "rules": [
+            {"name": "email", "keys": ["email"]},
+            {"name": "phone", "keys": ["phone"]},
+            {
+                "name": "birth_date_last_name",
+                "keys": ["birth_date", {"field": "last_name", "transform": "phonetic_fr"}],
+            },
+            {
+                "name": "birth_date_first_name",
+                "keys": ["birth_date", {"field": "first_name", "transform": "phonetic_fr"}],
+            },
+            {
+                "name": "postcode_last_name",
+                "keys": ["postcode", {"field": "last_name", "transform": "phonetic_fr"}],
+            },
+            {
+                "name": "street_first_name",
+                "keys": [
+                    "street",
+                    "postcode",
+                    {"field": "first_name", "transform": "prefix", "length": 1},
+                ],
+            },
+            {"name": "siren", "keys": ["siren"], "record_type": "organisation"},
+            {
+                "name": "company_postcode",
+                "keys": [{"field": "company_name", "transform": "prefix", "length": 6}, "postcode"],
+                "record_type": "organisation",
+            },
+        ]
+    },
+    "comparisons": [
+        {
+            "name": "first_name",
+            "field": "first_name",
+            "tf_adjust": True,
+            "else_m_prior": 0.05,
+            "levels": [
+                _lv("exact", 0.83),
+                _lv("swapped", 0.03, other="last_name", threshold=0.9),
+                _lv("jaro_winkler", 0.05, threshold=0.92),
+                _lv("jaro_winkler", 0.04, threshold=0.8),
+            ],
+        },
+        {
+            "name": "last_name",
+            "field": "last_name",
+            "tf_adjust": True,
+            "else_m_prior": 0.06,
+            "levels": [
+                _lv("exact", 0.77),
+                _lv("exact_other", 0.04, other="birth_name"),  # married and maiden names
+                _lv("swapped", 0.03, other="first_name", threshold=0.9),
+                _lv("jaro_winkler", 0.06, threshold=0.92),
+                _lv("jaro_winkler", 0.04, threshold=0.8),
+            ],
+        },
+        {
+            "name": "birth_date",
+            "field": "birth_date",
+            "min_m_first_level": 0.5,
+            "else_m_prior": 0.04,
+            "levels": [_lv("exact", 0.9), _lv("date_swap", 0.03), _lv("date_one_digit", 0.03)],
+        },
+        {
+            "name": "email",
+            "field": "email",
+            "group": "contact",
+            "min_m_first_level": 0.3,
+            "else_m_prior": 0.35,
+            "levels": [
+                _lv("exact", 0.55),
+                _lv("email_user", 0.05),
+                _lv("jaro_winkler", 0.05, threshold=0.9),
+            ],
+        },
+        {
+            "name": "phone",
+            "field": "phone",
+            "group": "contact",
+            "else_m_prior": 0.4,
+            "levels": [_lv("exact", 0.55), _lv("phone_suffix", 0.05)],
+        },
+        {
+            # One comparison for the whole address: street, postcode and town agree
+            # together far more often than independent fields would, so they are
+            # levels of one comparison, never three comparisons added up.
+            "name": "address",
+            "field": "address",
+            "group": "contact",
+            "else_m_prior": 0.08,
+            "levels": [
+                _lv("exact", 0.6),
+                _lv("jaro_winkler", 0.12, threshold=0.9),
+                _lv("same_field", 0.15, other="postcode"),
+                _lv("same_field", 0.05, other="city"),
+            ],
+        },
+        {
+            "name": "company_name",
+            "field": "company_name",
+            "else_m_prior": 0.05,
+            "levels": [_lv("exact", 0.8), _lv("token_set", 0.15, threshold=0.9)],
+        },
+        {"name": "siren", "field": "siren", "else_m_prior": 0.05, "levels": [_lv("exact", 0.95)]},
+    ],
+    "training": {
+        # Each block holds one person-level identifier fixed (birth date, first name):
+        # blocks on contact data alone (a shared e-mail or landline) are full of people
+        # of one household, and EM would learn a household, not a person.
+        "blocks": [
+            {
+                "name": "train_birth_date_last_name",
+                "keys": ["birth_date", {"field": "last_name", "transform": "phonetic_fr"}],
+            },
+            {
+                "name": "train_email_first_name",
+                "keys": ["email", {"field": "first_name", "transform": "phonetic_fr"}],
+            },
+            {
+                "name": "train_phone_first_name",
+                "keys": ["phone", {"field": "first_name", "transform": "phonetic_fr"}],
+            },
+        ]
+    },
+}
 
 
 class ExportSettings(Strict):

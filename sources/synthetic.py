@@ -177,19 +177,31 @@ normalize:
   phone_region: FR
 
 matching:
-  exact_rules:        # simple exact-key matching (issue 4 brings probabilistic scoring)
-    - name: name_birth_date
-      record_type: person
-      fields: [first_name, last_name, birth_date]
-    - name: email_first_name
-      record_type: person
-      fields: [email, first_name]
-    - name: phone_first_last
-      record_type: person
-      fields: [phone, first_name, last_name]
-    - name: siret
-      record_type: organisation
-      fields: [siret]
+  # Comparisons (with their m priors) and training blocks use the shipped French
+  # customer model; see docs/matching.md to override them.
+  blocking:
+    max_block_size: 500           # larger blocks are skipped, with a warning naming the rule
+    rules:
+      - {name: email, keys: [email]}
+      - {name: phone, keys: [phone]}
+      - name: birth_date_last_name
+        keys: [birth_date, {field: last_name, transform: phonetic_fr}]
+      - name: birth_date_first_name
+        keys: [birth_date, {field: first_name, transform: phonetic_fr}]
+      - name: postcode_last_name
+        keys: [postcode, {field: last_name, transform: phonetic_fr}]
+      - name: street_first_name
+        keys: [street, postcode, {field: first_name, transform: prefix, length: 1}]
+      - {name: siren, keys: [siren], record_type: organisation}
+      - name: company_postcode
+        record_type: organisation
+        keys: [{field: company_name, transform: prefix, length: 6}, postcode]
+  bands:
+    auto_match: 0.99              # merged without review
+    review: 0.80                  # listed for a steward
+  clustering:
+    max_cluster_size: 20
+    strong_link: 0.9999
 
 sources:
   - name: ecommerce

@@ -1,0 +1,181 @@
+"""The matching stage end to end: train, block, compare, score, band.
+
+`train` learns a model from the night's records (u from random pairs, m by EM
+on training blocks, with the safeguards of `scoring`); `match` scores every
+candidate pair and puts it in a decision band. Both take normalised records
+with positional ids (row i is record i).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mdm_pipeline.config.settings import BlockingRule, Comparison, MatchingSettings
+from mdm_pipeline.matching.blocking import RuleStats, block_ids, candidate_pairs, pairs_within
+from mdm_pipeline.matching.comparisons import compare, term_frequencies
+from mdm_pipeline.matching.scoring import (
+    Model,
+    check_plausible,
+    em,
+    estimate_u,
+    fit_prior,
+    m_from_labels,
+    priors,
+    probability,
+    score,
+)
+
+log = logging.getLogger(__name__)
+
+AUTO, REVIEW, NON_MATCH = "auto_match", "review", "non_match"
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """Scored candidate pairs and how they were found."""
+
+    #: left, right (positional ids), rule, weight, probability, band, then one
+    #: weight column per comparison (its contribution to the pair's weight).
+    pairs: pd.DataFrame
+    model: Model
+    rule_stats: dict[str, RuleStats]
+
+
+def _random_pairs(records: pd.DataFrame, size: int, rng: np.random.Generator) -> tuple:
+    """Random pairs of distinct records of the same type (almost all non-matches)."""
+    n = len(records)
+    if n < 2:
+        empty = np.array([], dtype=np.int64)
+        return empty, empty
+    kind = records["record_type"].to_numpy()
+    total = n * (n - 1) // 2
+    want = int(min(size, total))
+    i = rng.integers(0, n, int(want * 1.5) + 10)
+    j = rng.integers(0, n, len(i))
+    ok = (i != j) & (kind[i] == kind[j])
+    return np.minimum(i, j)[ok][:want], np.maximum(i, j)[ok][:want]
+
+
+def _key_fields(rule: BlockingRule) -> set[str]:
+    fields = {k.field for k in rule.key_parts()}
+    return fields | ({"address"} if fields & {"postcode", "street", "city"} else set())
+
+
+def _comparison_fields(comp: Comparison) -> set[str]:
+    # A crosswise level (last name against first name) does not make the comparison
+    # about the other field; a level on another field (same postcode) does.
+    fields = {comp.field} | {lv.other for lv in comp.levels if lv.kind == "same_field"}
+    return fields | ({"postcode", "street"} if "address" in fields else set())
+
+
+def _keep_unseen_levels(
+    comp: Comparison, m: np.ndarray, prior: np.ndarray, used: set[str]
+) -> np.ndarray:
+    """A block keyed on a level's other field cannot show that level (swapped first and
+    last names never share a last-name block): such levels keep their prior m."""
+    fixed = np.array([lv.other in used for lv in comp.levels] + [False])
+    if not fixed.any():
+        return m
+    out = m.copy()
+    out[fixed] = prior[fixed]
+    free = ~fixed
+    out[free] = m[free] / m[free].sum() * (1 - prior[fixed].sum())
+    return out
+
+
+def train(
+    records: pd.DataFrame,
+    settings: MatchingSettings,
+    labelled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> Model:
+    """Learn m and u from the records; `labelled` (left, right, is_match) are steward decisions."""
+    training = settings.training
+    comps = settings.comparisons
+    rng = np.random.default_rng(training.seed)
+    tf = term_frequencies(records, comps)
+    floor = training.probability_floor
+
+    left, right = _random_pairs(records, training.u_sample_pairs, rng)
+    u = estimate_u(compare(records, left, right, comps, {}), comps, training.u_floor)
+    m_prior = priors(comps)
+    model = Model(m={k: v.copy() for k, v in m_prior.items()}, u=u)
+
+    sums = {c.name: np.zeros_like(m_prior[c.name]) for c in comps}
+    mass = {c.name: 0.0 for c in comps}
+    for rule in training.blocks:
+        ids = block_ids(records, rule)
+        bl, br, _, _ = pairs_within(ids, settings.blocking.max_block_size)
+        if len(bl) > training.max_pairs_per_block:
+            pick = rng.choice(len(bl), training.max_pairs_per_block, replace=False)
+            bl, br = bl[pick], br[pick]
+        if len(bl) == 0:
+            continue
+        used = _key_fields(rule)
+        active = [c for c in comps if not _comparison_fields(c) & used]
+        vectors = compare(records, bl, br, active, tf)
+        m_block, share, iterations = em(vectors.levels, m_prior, u, training)
+        model.training[rule.name] = (len(bl), round(share, 6), iterations)
+        for c in active:
+            m_block[c.name] = _keep_unseen_levels(c, m_block[c.name], m_prior[c.name], used)
+            sums[c.name] += m_block[c.name] * share * len(bl)
+            mass[c.name] += share * len(bl)
+    for c in comps:
+        if mass[c.name] > 0:
+            model.m[c.name] = sums[c.name] / mass[c.name]
+            model.m_source[c.name] = "em"
+        else:
+            model.m_source[c.name] = "prior"
+
+    if labelled is not None and labelled[2].any():
+        ll, lr, is_match = labelled
+        vectors = compare(records, ll, lr, comps, tf)
+        from_labels = m_from_labels(vectors, is_match, comps, floor)
+        for c in comps:
+            model.m[c.name] = from_labels[c.name]
+            model.m_source[c.name] = "labels"
+
+    for name, reason in check_plausible(comps, model.m, model.u).items():
+        message = f"training refused for comparison '{name}': {reason}; using its priors"
+        log.warning(message)
+        model.warnings.append(message)
+        model.m[name] = m_prior[name].copy()
+        model.m_source[name] = "prior"
+    return model
+
+
+def match(records: pd.DataFrame, settings: MatchingSettings, model: Model) -> MatchResult:
+    """Score every candidate pair; the model's prior is fitted to the candidates."""
+    comps = settings.comparisons
+    cands = candidate_pairs(records, settings.blocking.rules, settings.blocking.max_block_size)
+    vectors = compare(records, cands.left, cands.right, comps, term_frequencies(records, comps))
+    model.prior = 0.5
+    evidence, contrib = score(vectors, model, comps)  # log2 likelihood ratios, prior 1:1
+    if len(cands):
+        # The prior is that of a random pair of records of the same type, fitted by EM
+        # with m and u held: pairs that no rule proposed count as non-matches. A prior
+        # over candidates only would let blocks full of namesakes vouch for themselves.
+        kinds = records["record_type"].value_counts().to_numpy(dtype=np.float64)
+        model.prior = fit_prior(evidence, float((kinds * (kinds - 1) / 2).sum()))
+    weight = evidence + np.log2(model.prior / (1 - model.prior))
+    prob = probability(weight)
+    bands = settings.bands
+    band = np.select(
+        [prob >= bands.auto_match, prob >= bands.review], [AUTO, REVIEW], default=NON_MATCH
+    )
+    pairs = pd.DataFrame(
+        {
+            "left": cands.left,
+            "right": cands.right,
+            "rule": cands.rule,
+            "weight": weight.astype(np.float32),
+            "probability": prob,
+            "band": pd.Categorical(band, categories=[AUTO, REVIEW, NON_MATCH]),
+        }
+    )
+    contrib.columns = [f"w_{c}" for c in contrib.columns]
+    pairs = pd.concat([pairs, contrib], axis=1)
+    return MatchResult(pairs, model, cands.stats)
