@@ -100,8 +100,11 @@ def _figures_table(summary: Any) -> Table:
     rows = [
         ("candidate pairs", f"{summary.candidate_pairs:,}"),
         *((f"  rule {k}", f"{v:,}") for k, v in summary.pairs_per_rule.items()),
+        ("auto-matched pairs", f"{summary.matched_edges:,}"),
+        ("pairs for review", f"{summary.review_pairs:,}"),
         ("clusters", f"{summary.clusters:,}"),
         ("largest cluster", f"{summary.largest_cluster:,}"),
+        ("clusters split by the chaining guard", f"{summary.clusters_split:,}"),
         ("golden records created", f"{summary.golden_created:,}"),
         ("golden records updated", f"{summary.golden_updated:,}"),
         ("golden records unchanged", f"{summary.golden_unchanged:,}"),

@@ -93,6 +93,23 @@ npai = sa.Table(
     sa.Column("cleared_reason", sa.Text),
 )
 
+match_evidence = sa.Table(
+    "mdm_match_evidence",
+    metadata,
+    sa.Column("left_source", sa.String(40), primary_key=True),
+    sa.Column("left_key", sa.String(200), primary_key=True),
+    sa.Column("right_source", sa.String(40), primary_key=True),
+    sa.Column("right_key", sa.String(200), primary_key=True),
+    sa.Column("rule", sa.String(60), nullable=False),  # the blocking rule that proposed it
+    sa.Column("weight", sa.Float, nullable=False),  # log2 odds of a match
+    sa.Column("probability", sa.Float, nullable=False),
+    sa.Column("band", sa.String(16), nullable=False),  # auto_match | review
+    sa.Column("contributions", sa.Text, nullable=False),  # comparison -> weight, JSON
+    sa.Column("run_id", sa.String(40), nullable=False),  # the run that last changed it
+)
+
+EVIDENCE_KEYS = ("left_source", "left_key", "right_source", "right_key")
+
 
 def connect(url: str) -> Engine:
     """An engine on the store, with its tables created if needed."""
@@ -354,6 +371,41 @@ def write_run(
     _insert(conn, quarantine, fresh[[c.name for c in quarantine.columns]])
     result.quarantine_rows = len(q_new)
     return result, record_gid
+
+
+def write_evidence(conn: Connection, run_id: str, evidence: pd.DataFrame) -> int:
+    """Replace the stored match evidence by this run's, writing only what changed.
+
+    `evidence` has EVIDENCE_KEYS, rule, weight, probability, band and
+    contributions (JSON text). Weights are compared rounded to 1e-4 so that a
+    rerun on the same input writes nothing. Returns the rows written.
+    """
+    keys = list(EVIDENCE_KEYS)
+    old = _read(
+        conn,
+        sa.select(
+            *[match_evidence.c[c] for c in (*keys, "rule", "weight", "band", "contributions")]
+        ),
+    )
+    new = evidence.copy()
+    new["weight"] = new["weight"].astype(float).round(4)
+    new["probability"] = new["probability"].astype(float).round(6)
+    merged = new.merge(old, on=keys, how="outer", suffixes=("", "_old"), indicator=True)
+    gone = merged.loc[merged["_merge"] == "right_only", keys]
+    both = merged["_merge"] == "both"
+    changed = both & (
+        (merged["rule"] != merged["rule_old"])
+        | ((merged["weight"] - merged["weight_old"]).abs() > 1e-4)
+        | (merged["band"] != merged["band_old"])
+        | (merged["contributions"] != merged["contributions_old"])
+    )
+    _delete_keys(conn, match_evidence, pd.concat([gone, merged.loc[changed, keys]]))
+    fresh = merged.loc[
+        (merged["_merge"] == "left_only") | changed,
+        [*keys, "rule", "weight", "probability", "band", "contributions"],
+    ]
+    _insert(conn, match_evidence, fresh.assign(run_id=run_id))
+    return len(fresh) + len(gone)
 
 
 def start_run(conn: Connection, run_id: str, config_hash: str) -> None:

@@ -99,7 +99,9 @@ def train(
     tf = term_frequencies(records, comps)
     floor = training.probability_floor
 
-    left, right = _random_pairs(records, training.u_sample_pairs, rng)
+    # A hundred random pairs per record estimate u well; more only costs time.
+    sample = min(training.u_sample_pairs, max(10_000, 100 * len(records)))
+    left, right = _random_pairs(records, sample, rng)
     u = estimate_u(compare(records, left, right, comps, {}), comps, training.u_floor)
     m_prior = priors(comps)
     model = Model(m={k: v.copy() for k, v in m_prior.items()}, u=u)

@@ -31,8 +31,8 @@ from mdm_pipeline.config.loader import config_hash, load_settings, store_url
 from mdm_pipeline.config.settings import Settings
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.survivorship import survive
-from mdm_pipeline.matching.clustering import connected_clusters
-from mdm_pipeline.matching.exact import exact_links
+from mdm_pipeline.matching.clustering import guarded_clusters
+from mdm_pipeline.matching.engine import AUTO, REVIEW, MatchResult, match, train
 from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
@@ -83,8 +83,12 @@ class RunSummary:
     candidate_pairs: int = 0
     pairs_per_rule: dict[str, int] = field(default_factory=dict)
     matched_edges: int = 0
+    review_pairs: int = 0
+    model_warnings: list[str] = field(default_factory=list)
     clusters: int = 0
     largest_cluster: int = 0
+    clusters_split: int = 0
+    weak_links_cut: int = 0
     golden_created: int = 0
     golden_updated: int = 0
     golden_unchanged: int = 0
@@ -112,6 +116,7 @@ class Pipeline:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._model: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, path: str | Path) -> Pipeline:
@@ -192,16 +197,25 @@ class Pipeline:
             records, npai_after = self._npai(records, returns, npai_before, npai_sent, summary)
 
         with self._stage("match", summary, emit):
-            links = exact_links(records, settings.matching.exact_rules)
-        summary.pairs_per_rule = links.pairs_per_rule
-        summary.candidate_pairs = sum(links.pairs_per_rule.values())
-        summary.matched_edges = len(links.edges)
+            positional = records.reset_index(drop=True)
+            model = train(positional, settings.matching)
+            self._model = model.as_dict()
+            result = match(positional, settings.matching, model)
+        pairs = result.pairs
+        summary.pairs_per_rule = {k: v.new_pairs for k, v in result.rule_stats.items()}
+        summary.candidate_pairs = len(pairs)
+        summary.matched_edges = int((pairs["band"] == AUTO).sum())
+        summary.review_pairs = int((pairs["band"] == REVIEW).sum())
+        summary.model_warnings = list(model.warnings)
 
         with self._stage("cluster", summary, emit):
-            labels = pd.Series(connected_clusters(len(records), links.edges), index=records.index)
-        sizes = labels.value_counts()
-        summary.clusters = len(sizes)
-        summary.largest_cluster = int(sizes.max()) if len(sizes) else 0
+            auto = pairs[pairs["band"] == AUTO]
+            cluster_ids, report = guarded_clusters(len(records), auto, settings.matching.clustering)
+            labels = pd.Series(cluster_ids, index=records.index)
+        summary.clusters = report.clusters
+        summary.largest_cluster = report.largest
+        summary.clusters_split = len(report.split_clusters)
+        summary.weak_links_cut = report.bridges_cut
 
         with self._stage("survive", summary, emit):
             golden, lineage = survive(records, labels)
@@ -233,6 +247,7 @@ class Pipeline:
                         quarantine_scope,
                     )
                     store.write_npai(conn, npai_before, npai_after)
+                    store.write_evidence(conn, summary.run_id, _evidence(positional, result))
                 summary.golden_created = written.golden_created
                 summary.golden_updated = written.golden_updated
                 summary.golden_unchanged = written.golden_unchanged
@@ -306,7 +321,34 @@ class Pipeline:
             "config_hash": config_hash(self.settings),
             "inputs": {m.source: m.fingerprint for m in mapped},
             "summary": asdict(summary),
+            "model": self._model,
         }
+
+
+def _evidence(records: pd.DataFrame, result: MatchResult) -> pd.DataFrame:
+    """Auto-match and review pairs by source key, with each comparison's contribution.
+
+    Only these are kept: they are what a steward reviews and what an auditor asks
+    about ("why were these two merged?"); non-matches would be most of the rows.
+    """
+    pairs = result.pairs[result.pairs["band"].isin([AUTO, REVIEW])].reset_index(drop=True)
+    contrib_cols = [c for c in pairs.columns if c.startswith("w_")]
+    contrib = pairs[contrib_cols].round(3).rename(columns=lambda c: c[2:])
+    text = contrib.to_json(orient="records", lines=True) if len(pairs) else ""
+    left, right = pairs["left"].to_numpy(), pairs["right"].to_numpy()
+    return pd.DataFrame(
+        {
+            "left_source": records["source"].to_numpy()[left],
+            "left_key": records["source_key"].to_numpy()[left],
+            "right_source": records["source"].to_numpy()[right],
+            "right_key": records["source_key"].to_numpy()[right],
+            "rule": pairs["rule"].astype(str).to_numpy(),
+            "weight": pairs["weight"].to_numpy(dtype=float),
+            "probability": pairs["probability"].to_numpy(dtype=float),
+            "band": pairs["band"].astype(str).to_numpy(),
+            "contributions": text.splitlines() if len(pairs) else [],
+        }
+    )
 
 
 def _existing_parent(path: Path) -> Path:

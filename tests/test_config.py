@@ -77,8 +77,12 @@ def test_two_digit_year_refused_with_file_and_key_path(tmp_path: Path) -> None:
             "or constant",
         ),
         (
-            lambda d: d["matching"]["exact_rules"][0].update(fields=["shoe_size"]),
-            "config.yaml: matching.exact_rules: rule 'name_birth_date': unknown field 'shoe_size'",
+            lambda d: d["matching"]["blocking"]["rules"][0].update(keys=["shoe_size"]),
+            "config.yaml: matching.blocking.rules[0].keys: unknown field 'shoe_size'",
+        ),
+        (
+            lambda d: d["matching"]["bands"].update(review=0.995),
+            "config.yaml: matching.bands: review must be below auto_match",
         ),
         (
             lambda d: d["sources"].append(dict(d["sources"][0])),
