@@ -157,6 +157,96 @@ def run(
         out.print(f"return file: {path}", highlight=False)
 
 
+TruthOption = Annotated[
+    Path | None,
+    typer.Option("--truth", help="CSV of source, source_key, entity_id (known duplicates)."),
+]
+
+
+@app.command("block-stats")
+def block_stats(
+    config: ConfigOption,
+    truth: TruthOption = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Candidate pairs per blocking rule and, given a truth file, the true pairs kept."""
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    try:
+        stats = Pipeline.from_config(config).block_stats(truth)
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    if json_output:
+        out.print_json(json.dumps(asdict(stats)))
+        return
+    table = Table(title=f"blocking on {stats.records:,} records")
+    cols = ["rule", "pairs", "new pairs", "largest block", "blocks skipped", "records skipped"]
+    if truth is not None:
+        cols.append("new true pairs")
+    for col in cols:
+        if col == "rule":
+            table.add_column(col, no_wrap=True, min_width=max(map(len, stats.rules), default=4))
+        else:
+            table.add_column(col, justify="right")
+    for name, r in stats.rules.items():
+        row = [name, r["pairs"], r["new_pairs"], r["largest_block"], r["skipped_blocks"]]
+        row.append(r["skipped_records"])
+        if truth is not None:
+            row.append(r.get("true_pairs_new", 0))
+        table.add_row(*(str(v) if isinstance(v, str) else f"{v:,}" for v in row))
+    out.print(table)
+    out.print(f"candidate pairs: {stats.candidate_pairs:,}", highlight=False)
+    if stats.true_pairs is not None:
+        share = stats.true_pairs_kept / stats.true_pairs if stats.true_pairs else 1.0
+        out.print(
+            f"true pairs kept: {stats.true_pairs_kept:,} of {stats.true_pairs:,} ({share:.2%})",
+            highlight=False,
+        )
+
+
+@app.command()
+def evaluate(
+    config: ConfigOption,
+    truth: Annotated[Path, typer.Option("--truth", help="CSV of source, source_key, entity_id.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Pairwise and B-cubed precision, recall and F1 of the stored clusters."""
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    try:
+        result = Pipeline.from_config(config).evaluate(truth)
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    if json_output:
+        out.print_json(json.dumps(asdict(result)))
+        return
+    table = Table(title=f"clusters in the store against {truth.name}")
+    table.add_column("measure")
+    for col in ("precision", "recall", "F1"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        "pairwise",
+        f"{result.pair_precision:.4f}",
+        f"{result.pair_recall:.4f}",
+        f"{result.pair_f1:.4f}",
+    )
+    table.add_row(
+        "B-cubed",
+        f"{result.bcubed_precision:.4f}",
+        f"{result.bcubed_recall:.4f}",
+        f"{result.bcubed_f1:.4f}",
+    )
+    out.print(table)
+    out.print(
+        f"records evaluated: {result.records_evaluated:,} of {result.records_in_store:,} "
+        f"in the store; largest cluster {result.largest_cluster} "
+        f"(largest true cluster {result.largest_true_cluster})",
+        highlight=False,
+    )
+
+
 @app.command("validate-config")
 def validate_config(
     config: Annotated[Path, typer.Argument(help="The YAML configuration to check.")],

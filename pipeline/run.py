@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy.engine import make_url
 
@@ -31,8 +32,10 @@ from mdm_pipeline.config.loader import config_hash, load_settings, store_url
 from mdm_pipeline.config.settings import Settings
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.survivorship import survive
+from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
 from mdm_pipeline.matching.clustering import guarded_clusters
 from mdm_pipeline.matching.engine import AUTO, REVIEW, MatchResult, match, train
+from mdm_pipeline.matching.evaluation import bcubed, pair_scores, read_truth
 from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
@@ -100,6 +103,41 @@ class RunSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
     exports: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BlockStats:
+    """What blocking proposes, per rule, for `mdm block-stats`."""
+
+    records: int
+    candidate_pairs: int
+    rules: dict[str, dict[str, int]] = field(default_factory=dict)
+    true_pairs: int | None = None
+    true_pairs_kept: int | None = None
+
+
+@dataclass
+class Evaluation:
+    """Quality of the stored clusters against a truth file, for `mdm evaluate`."""
+
+    records_in_store: int
+    records_evaluated: int
+    records_without_truth: int
+    pair_precision: float
+    pair_recall: float
+    pair_f1: float
+    bcubed_precision: float
+    bcubed_recall: float
+    bcubed_f1: float
+    largest_cluster: int
+    largest_true_cluster: int
+
+
+def _entities(records: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
+    """The true entity of each record; records the truth does not know are their own."""
+    keyed = records[["source", "source_key"]].merge(truth, on=["source", "source_key"], how="left")
+    own = "__record_" + pd.Series(np.arange(len(records))).astype(str)
+    return keyed["entity_id"].fillna(own).to_numpy(dtype=object)
 
 
 def _noop(stage: str, event: str, info: dict[str, Any]) -> None:
@@ -271,6 +309,58 @@ class Pipeline:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return summary
+
+    def normalised_records(self, run_date: pd.Timestamp | None = None) -> pd.DataFrame:
+        """Every source loaded and normalised, positionally indexed; the store is not touched."""
+        self.check_sources()
+        run_date = run_date or pd.Timestamp(datetime.now(UTC).date())
+        mapped = [load_source(spec, self.settings, run_date) for spec in self.settings.sources]
+        records = pd.concat([m.records for m in mapped], ignore_index=True)
+        return normalize_records(records, self.settings.normalize).reset_index(drop=True)
+
+    def block_stats(self, truth_path: Path | None = None) -> BlockStats:
+        """Pairs per blocking rule and, with a truth file, the share of true pairs kept."""
+        records = self.normalised_records()
+        blocking = self.settings.matching.blocking
+        cands = candidate_pairs(records, blocking.rules, blocking.max_block_size)
+        stats = BlockStats(records=len(records), candidate_pairs=len(cands))
+        for name, rule_stats in cands.stats.items():
+            stats.rules[name] = asdict(rule_stats)
+        if truth_path is not None:
+            entity = _entities(records, read_truth(truth_path))
+            kept, total = true_pairs_kept(cands, entity)
+            stats.true_pairs, stats.true_pairs_kept = total, kept
+            rules = np.asarray(cands.rule.codes)
+            same = entity[cands.left] == entity[cands.right]
+            for code, name in enumerate(cands.rule.categories):
+                stats.rules[name]["true_pairs_new"] = int((same & (rules == code)).sum())
+        return stats
+
+    def evaluate(self, truth_path: Path) -> Evaluation:
+        """Quality of the clusters in the store against a truth file."""
+        truth = read_truth(truth_path)
+        engine = store.connect(store_url(self.settings))
+        try:
+            with engine.connect() as conn:
+                xref = store.previous_xref(conn)
+        finally:
+            engine.dispose()
+        both = xref.merge(truth, on=["source", "source_key"], how="inner")
+        pairs = pair_scores(both["golden_id"], both["entity_id"])
+        b3 = bcubed(both["golden_id"], both["entity_id"])
+        return Evaluation(
+            records_in_store=len(xref),
+            records_evaluated=len(both),
+            records_without_truth=len(xref) - len(both),
+            pair_precision=round(pairs.precision, 6),
+            pair_recall=round(pairs.recall, 6),
+            pair_f1=round(pairs.f1, 6),
+            bcubed_precision=round(b3.precision, 6),
+            bcubed_recall=round(b3.recall, 6),
+            bcubed_f1=round(b3.f1, 6),
+            largest_cluster=int(both["golden_id"].value_counts().max()) if len(both) else 0,
+            largest_true_cluster=int(both["entity_id"].value_counts().max()) if len(both) else 0,
+        )
 
     def _npai(
         self,
