@@ -517,8 +517,12 @@ _DEFAULT_MODEL: dict[str, Any] = {
                 "keys": ["birth_date", {"field": "first_name", "transform": "phonetic_fr"}],
             },
             {
-                "name": "postcode_last_name",
-                "keys": ["postcode", {"field": "last_name", "transform": "phonetic_fr"}],
+                "name": "postcode_names",
+                "keys": [
+                    "postcode",
+                    {"field": "last_name", "transform": "phonetic_fr"},
+                    {"field": "first_name", "transform": "prefix", "length": 1},
+                ],
             },
             {
                 "name": "street_first_name",

@@ -100,9 +100,9 @@ def candidate_pairs(
 ) -> Candidates:
     """The union of every rule's pairs; a pair keeps the first rule that found it."""
     n = len(records)
-    seen = np.array([], dtype=np.int64)  # left * n + right of the pairs kept so far, sorted
     lefts, rights, rule_codes = [], [], []
     stats: dict[str, RuleStats] = {}
+    blocks: dict[str, tuple[int, int, int, int]] = {}
     for code, rule in enumerate(rules):
         ids = block_ids(records, rule)
         left, right, skipped, skipped_records = pairs_within(ids, max_block_size)
@@ -114,19 +114,25 @@ def candidate_pairs(
                 max_block_size,
                 skipped_records,
             )
-        key = left * n + right
-        new = ~np.isin(key, seen, assume_unique=False)
-        key, left, right = key[new], left[new], right[new]
-        seen = np.union1d(seen, key)
         present = ids[ids >= 0]
         largest = int(np.bincount(present).max()) if len(present) else 0
-        stats[rule.name] = RuleStats(int(new.size), len(key), skipped, skipped_records, largest)
+        blocks[rule.name] = (len(left), skipped, skipped_records, largest)
         lefts.append(left)
         rights.append(right)
         rule_codes.append(np.full(len(left), code, dtype=np.int16))
     left = np.concatenate(lefts) if lefts else np.array([], dtype=PAIR_DTYPE)
     right = np.concatenate(rights) if rights else np.array([], dtype=PAIR_DTYPE)
     codes = np.concatenate(rule_codes) if rule_codes else np.array([], dtype=np.int16)
+    # The union: rules are concatenated in order, so the first occurrence of a pair is the
+    # first rule that found it; one hash pass drops the rest.
+    first = ~pd.Series(left * max(n, 1) + right).duplicated(keep="first").to_numpy()
+    left, right, codes = left[first], right[first], codes[first]
+    new_counts = np.bincount(codes, minlength=len(rules))
+    for code, rule in enumerate(rules):
+        pairs, skipped, skipped_records, largest = blocks[rule.name]
+        stats[rule.name] = RuleStats(
+            pairs, int(new_counts[code]), skipped, skipped_records, largest
+        )
     order = np.lexsort((right, left))
     rule = pd.Categorical.from_codes(codes[order], categories=[r.name for r in rules])
     return Candidates(left[order], right[order], rule, stats)

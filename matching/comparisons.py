@@ -62,16 +62,21 @@ def _level_holds(
     if kind == "jaro_winkler":
         if "jw" not in cache:
             cache["jw"] = process.cpdist(
-                lv, rv, scorer=JaroWinkler.normalized_similarity, workers=-1
+                lv.tolist(), rv.tolist(), scorer=JaroWinkler.normalized_similarity, workers=-1
             )
         return cache["jw"] >= level.threshold
     if kind == "levenshtein":
         if "lev" not in cache:
-            cache["lev"] = process.cpdist(lv, rv, scorer=Levenshtein.distance, workers=-1)
+            cache["lev"] = process.cpdist(
+                lv.tolist(), rv.tolist(), scorer=Levenshtein.distance, workers=-1
+            )
         return cache["lev"] <= level.threshold
     if kind == "token_set":
         if "tok" not in cache:
-            cache["tok"] = process.cpdist(lv, rv, scorer=fuzz.token_set_ratio, workers=-1) / 100
+            cache["tok"] = (
+                process.cpdist(lv.tolist(), rv.tolist(), scorer=fuzz.token_set_ratio, workers=-1)
+                / 100
+            )
         return cache["tok"] >= level.threshold
     if kind in ("date_swap", "date_one_digit"):
         if "dates" not in cache:
@@ -152,16 +157,26 @@ def _swapped_similar(
 ) -> np.ndarray:
     """Whether the two fields are swapped between the records, allowing a typo each way."""
     a, b = field_values(records, field), field_values(records, other)
-    ok = (a.notna() & b.notna()).to_numpy()
-    sel = ok[left] & ok[right]
-    out = np.zeros(len(left), dtype=bool)
-    if sel.any():
-        av, bv = a.to_numpy(dtype=object), b.to_numpy(dtype=object)
-        li, ri = left[sel], right[sel]
-        scorer = JaroWinkler.normalized_similarity
-        one = process.cpdist(av[li], bv[ri], scorer=scorer, workers=-1) >= threshold
-        two = process.cpdist(bv[li], av[ri], scorer=scorer, workers=-1) >= threshold
-        out[sel] = one & two
+    codes, vocab = pd.factorize(pd.concat([a, b], ignore_index=True))
+    vocab = np.asarray(vocab, dtype=object)
+    ca, cb = codes[: len(a)], codes[len(a) :]
+    one = _similar(vocab, ca[left], cb[right], threshold)
+    two = _similar(vocab, cb[left], ca[right], threshold)
+    return one & two
+
+
+def _similar(vocab: np.ndarray, cl: np.ndarray, cr: np.ndarray, threshold: float) -> np.ndarray:
+    """Jaro-Winkler >= threshold for pairs of vocabulary codes, once per distinct pair."""
+    out = np.zeros(len(cl), dtype=bool)
+    ok = (cl >= 0) & (cr >= 0)
+    if ok.any():
+        combo = cl[ok].astype(np.int64) * (len(vocab) + 1) + cr[ok]
+        inverse, uniq = pd.factorize(combo)
+        lv, rv = vocab[uniq // (len(vocab) + 1)], vocab[uniq % (len(vocab) + 1)]
+        sim = process.cpdist(
+            lv.tolist(), rv.tolist(), scorer=JaroWinkler.normalized_similarity, workers=-1
+        )
+        out[ok] = (sim >= threshold)[inverse]
     return out
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 from mdm_pipeline.config.settings import BlockingRule, Comparison, MatchingSettings
 from mdm_pipeline.matching.blocking import RuleStats, block_ids, candidate_pairs, pairs_within
 from mdm_pipeline.matching.comparisons import compare, term_frequencies
+from mdm_pipeline.matching.keys import prepare
 from mdm_pipeline.matching.scoring import (
     Model,
     check_plausible,
@@ -93,6 +94,7 @@ def train(
     labelled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> Model:
     """Learn m and u from the records; `labelled` (left, right, is_match) are steward decisions."""
+    records = prepare(records)
     training = settings.training
     comps = settings.comparisons
     rng = np.random.default_rng(training.seed)
@@ -151,6 +153,7 @@ def train(
 
 def match(records: pd.DataFrame, settings: MatchingSettings, model: Model) -> MatchResult:
     """Score every candidate pair; the model's prior is fitted to the candidates."""
+    records = prepare(records)
     comps = settings.comparisons
     cands = candidate_pairs(records, settings.blocking.rules, settings.blocking.max_block_size)
     vectors = compare(records, cands.left, cands.right, comps, term_frequencies(records, comps))

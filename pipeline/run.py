@@ -36,6 +36,7 @@ from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
 from mdm_pipeline.matching.clustering import guarded_clusters
 from mdm_pipeline.matching.engine import AUTO, REVIEW, MatchResult, match, train
 from mdm_pipeline.matching.evaluation import bcubed, pair_scores, read_truth
+from mdm_pipeline.matching.keys import prepare
 from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
@@ -322,7 +323,7 @@ class Pipeline:
         """Pairs per blocking rule and, with a truth file, the share of true pairs kept."""
         records = self.normalised_records()
         blocking = self.settings.matching.blocking
-        cands = candidate_pairs(records, blocking.rules, blocking.max_block_size)
+        cands = candidate_pairs(prepare(records), blocking.rules, blocking.max_block_size)
         stats = BlockStats(records=len(records), candidate_pairs=len(cands))
         for name, rule_stats in cands.stats.items():
             stats.rules[name] = asdict(rule_stats)

@@ -188,8 +188,11 @@ matching:
         keys: [birth_date, {field: last_name, transform: phonetic_fr}]
       - name: birth_date_first_name
         keys: [birth_date, {field: first_name, transform: phonetic_fr}]
-      - name: postcode_last_name
-        keys: [postcode, {field: last_name, transform: phonetic_fr}]
+      - name: postcode_names
+        keys:
+          - postcode
+          - {field: last_name, transform: phonetic_fr}
+          - {field: first_name, transform: prefix, length: 1}
       - name: street_first_name
         keys: [street, postcode, {field: first_name, transform: prefix, length: 1}]
       - {name: siren, keys: [siren], record_type: organisation}
