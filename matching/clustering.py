@@ -112,20 +112,30 @@ def _constrained_rebuild(
 def _cut_weak_bridges(
     n: int, labels: np.ndarray, left: np.ndarray, right: np.ndarray, weak: np.ndarray
 ) -> np.ndarray:
-    """Mask of edges to drop: weak bridges between two groups of two or more records."""
+    """Mask of edges to drop: weak bridges between two groups of two or more records.
+
+    An edge in a triangle is never a bridge, and an edge with an end of degree one
+    holds a single record; both are ruled out at once with sparse matrix products,
+    so the exact check (remove the edge, recount components) runs only on the rest.
+    """
     drop = np.zeros(len(left), dtype=bool)
-    sizes = np.bincount(labels, minlength=labels.max() + 1 if len(labels) else 0)
-    suspect = np.flatnonzero(sizes >= 4)  # two groups of two need four records
+    if not weak.any():
+        return drop
+    adj = coo_matrix((np.ones(len(left)), (left, right)), shape=(n, n)).tocsr()
+    adj = ((adj + adj.T) > 0).astype(np.float64)
+    degree = np.asarray(adj.sum(axis=1)).ravel()
+    cand = weak & (degree[left] >= 2) & (degree[right] >= 2)
+    if cand.any():
+        idx = np.flatnonzero(cand)
+        common = np.asarray(adj[left[idx]].multiply(adj[right[idx]]).sum(axis=1)).ravel()
+        cand[idx[common > 0]] = False
     edge_cluster = labels[left]
-    cand = weak & np.isin(edge_cluster, suspect)
     for c in np.unique(edge_cluster[cand]):
         in_c = np.flatnonzero(edge_cluster == c)
-        nodes = np.unique(np.concatenate([left[in_c], right[in_c]]))
-        local = {int(v): i for i, v in enumerate(nodes)}
-        li = np.array([local[int(v)] for v in left[in_c]])
-        ri = np.array([local[int(v)] for v in right[in_c]])
+        nodes, local = np.unique(np.concatenate([left[in_c], right[in_c]]), return_inverse=True)
+        li, ri = local[: len(in_c)], local[len(in_c) :]
         alive = np.ones(len(in_c), dtype=bool)
-        for k in np.flatnonzero(weak[in_c]):
+        for k in np.flatnonzero(cand[in_c]):
             alive[k] = False
             lab = _components(len(nodes), li[alive], ri[alive])
             part = np.bincount(lab)
