@@ -420,3 +420,33 @@ def test_evaluate_with_a_bad_truth_file_is_one_line(samples: Path) -> None:
         "error: bad_truth.csv: missing column(s) entity_id, source, source_key "
         "(expected source, source_key, entity_id)"
     ]
+
+
+def test_comparison_is_a_pure_function_of_one_partition(samples: Path) -> None:
+    """Partitioned by a block key, each partition's pairs compare as they do on the whole."""
+    from mdm_pipeline.matching.blocking import block_ids, pairs_within
+    from mdm_pipeline.matching.keys import prepare
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    pipeline = Pipeline.from_config(samples / "config.yaml")
+    records = prepare(pipeline.normalised_records())
+    comps = pipeline.settings.matching.comparisons
+    rule = pipeline.settings.matching.blocking.rules[2]  # birth date + last name
+    ids = block_ids(records, rule)
+    left, right, _, _ = pairs_within(ids, 500)
+    tf = term_frequencies(records, comps)
+    whole = compare(records, left, right, comps, tf).levels
+    partition = ids % 2  # every record of a block lands in the same partition
+    for part in (0, 1):
+        members = np.flatnonzero((partition == part) & (ids >= 0))
+        local = np.full(len(records), -1)
+        local[members] = np.arange(len(members))
+        sel = np.flatnonzero(partition[left] == part)
+        got = compare(
+            records.iloc[members].reset_index(drop=True),
+            local[left[sel]],
+            local[right[sel]],
+            comps,
+            tf,
+        ).levels
+        pd.testing.assert_frame_equal(got, whole.iloc[sel].reset_index(drop=True))
