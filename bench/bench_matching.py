@@ -40,6 +40,7 @@ FIELDS = (
     "postcode_norm",
     "city_norm",
     "street_norm",
+    "customer_ref_norm",
 )
 
 
@@ -74,6 +75,8 @@ def _febrl_records(which: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         out["postcode"] = df["postcode"]
         out["city"] = df["suburb"]
         out["country"] = "AU"
+        # The social security number plays the part of a customer number shared by units.
+        out["customer_ref"] = df["soc_sec_id"]
         out["trust"] = 1
         parts.append(out)
     records = pd.concat(parts, ignore_index=True)
@@ -139,28 +142,38 @@ def run_splink(work: Path) -> dict[str, object]:
         if col == "birth_date":
             values = pd.to_datetime(values).dt.strftime("%Y-%m-%d")
         frame[col.removesuffix("_norm")] = values.astype(object).where(values.notna(), None)
+    frame["first_initial"] = frame["first_name"].str[:1]
+    has_ref = frame["customer_ref"].notna().any()
     t0 = time.perf_counter()
     db_api = DuckDBAPI()
+    comparisons = [
+        cl.NameComparison("first_name"),
+        cl.NameComparison("last_name"),
+        cl.DateOfBirthComparison("birth_date", input_is_string=True),
+        cl.EmailComparison("email"),
+        cl.ExactMatch("phone"),
+        cl.ExactMatch("postcode").configure(term_frequency_adjustments=True),
+        cl.ExactMatch("city"),
+        cl.LevenshteinAtThresholds("street", [2]),
+    ]
+    # The same blocking rules as our shipped defaults, but for the phonetic keys
+    # (exact names here) and the block size cap, which Splink does not have.
+    rules = [
+        block_on("email"),
+        block_on("phone"),
+        block_on("birth_date", "last_name"),
+        block_on("birth_date", "first_name"),
+        block_on("postcode", "last_name", "first_initial"),
+        block_on("birth_date", "postcode"),
+        block_on("street", "postcode", "first_initial"),
+    ]
+    if has_ref:
+        comparisons.append(cl.LevenshteinAtThresholds("customer_ref", [1]))
+        rules.insert(0, block_on("customer_ref"))
     settings = SettingsCreator(
         link_type="dedupe_only",
-        comparisons=[
-            cl.NameComparison("first_name"),
-            cl.NameComparison("last_name"),
-            cl.DateOfBirthComparison("birth_date", input_is_string=True),
-            cl.EmailComparison("email"),
-            cl.ExactMatch("phone"),
-            cl.ExactMatch("postcode").configure(term_frequency_adjustments=True),
-            cl.ExactMatch("city"),
-            cl.LevenshteinAtThresholds("street", [2]),
-        ],
-        blocking_rules_to_generate_predictions=[
-            block_on("email"),
-            block_on("phone"),
-            block_on("birth_date", "last_name"),
-            block_on("birth_date", "first_name"),
-            block_on("postcode", "last_name"),
-            block_on("street", "postcode"),
-        ],
+        comparisons=comparisons,
+        blocking_rules_to_generate_predictions=rules,
     )
     linker = Linker(db_api.register(frame), settings)
     linker.training.estimate_probability_two_random_records_match(

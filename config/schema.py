@@ -36,6 +36,7 @@ TEXT_FIELDS: tuple[str, ...] = (
     "company_name",
     "siren",
     "siret",
+    "customer_ref",  # a customer number shared across units (loyalty card, account)
 )
 DATE_FIELDS: tuple[str, ...] = ("birth_date",)
 DATETIME_FIELDS: tuple[str, ...] = ("source_updated_at",)

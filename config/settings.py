@@ -152,6 +152,7 @@ class Mapping(Strict):
     company_name: FieldSpec | None = None
     siren: FieldSpec | None = None
     siret: FieldSpec | None = None
+    customer_ref: FieldSpec | None = None
     consent_email: BoolFieldSpec | None = None
     consent_sms: BoolFieldSpec | None = None
     consent_post: BoolFieldSpec | None = None
@@ -280,6 +281,7 @@ MATCHABLE_FIELDS = (
     "company_name",
     "siren",
     "siret",
+    "customer_ref",
     "address",
 )
 
@@ -506,6 +508,7 @@ def _lv(kind: str, m: float, **kw: Any) -> dict[str, Any]:
 _DEFAULT_MODEL: dict[str, Any] = {
     "blocking": {
         "rules": [
+            {"name": "customer_ref", "keys": ["customer_ref"]},
             {"name": "email", "keys": ["email"]},
             {"name": "phone", "keys": ["phone"]},
             {
@@ -523,6 +526,12 @@ _DEFAULT_MODEL: dict[str, Any] = {
                     {"field": "last_name", "transform": "phonetic_fr"},
                     {"field": "first_name", "transform": "prefix", "length": 1},
                 ],
+            },
+            {
+                # Both names mistyped, or a new surname on marriage: the person's
+                # birth date and where they live still meet.
+                "name": "birth_date_postcode",
+                "keys": ["birth_date", "postcode"],
             },
             {
                 "name": "street_first_name",
@@ -606,6 +615,14 @@ _DEFAULT_MODEL: dict[str, Any] = {
                 _lv("same_field", 0.15, other="postcode"),
                 _lv("same_field", 0.05, other="city"),
             ],
+        },
+        {
+            # A customer number the units share (loyalty card, account number): one
+            # digit mistyped still points at the same customer far more often than not.
+            "name": "customer_ref",
+            "field": "customer_ref",
+            "else_m_prior": 0.1,
+            "levels": [_lv("exact", 0.85), _lv("levenshtein", 0.05, threshold=1)],
         },
         {
             "name": "company_name",

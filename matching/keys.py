@@ -30,6 +30,7 @@ FIELD_COLUMNS = {
     "company_name": "company_name_norm",
     "siren": "siren_norm",
     "siret": "siret_norm",
+    "customer_ref": "customer_ref_norm",
 }
 #: Fields built from several columns.
 DERIVED_FIELDS = ("address",)

@@ -41,6 +41,7 @@ NORMALISED_COLUMNS: tuple[str, ...] = (
     "company_legal_form",
     "siren_norm",
     "siret_norm",
+    "customer_ref_norm",
     *ADDRESS_COLUMNS,
 )
 
@@ -118,5 +119,8 @@ def normalize_records(records: pd.DataFrame, settings: NormalizeSettings) -> pd.
     siren = fields.siren(records["siren"])
     flags["SIREN_INVALID"] = records["siren"].notna() & siren.isna()
     out["siren_norm"] = siren.where(siren.notna(), out["siret_norm"].str[:9])
+    # Customer numbers are written with spaces or dashes by some units, not by others.
+    ref = fold(records["customer_ref"]).str.replace(" ", "", regex=False)
+    out["customer_ref_norm"] = ref.where(ref.notna() & (ref != ""), None)
     out["quality_codes"] = merge_codes(records["quality_codes"], codes_column(flags, out.index))
     return out

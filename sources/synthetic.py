@@ -193,6 +193,8 @@ matching:
           - postcode
           - {field: last_name, transform: phonetic_fr}
           - {field: first_name, transform: prefix, length: 1}
+      - name: birth_date_postcode
+        keys: [birth_date, postcode]
       - name: street_first_name
         keys: [street, postcode, {field: first_name, transform: prefix, length: 1}]
       - {name: siren, keys: [siren], record_type: organisation}
