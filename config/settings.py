@@ -354,6 +354,7 @@ LevelKind = Literal[
     "exact",
     "jaro_winkler",
     "levenshtein",
+    "damerau_levenshtein",
     "token_set",
     "date_swap",
     "date_one_digit",
@@ -370,7 +371,8 @@ class ComparisonLevel(Strict):
 
     kind: LevelKind
     #: Similarity in [0, 1] for jaro_winkler and token_set (and optionally swapped, to
-    #: allow a typo in swapped names); edit distance for levenshtein.
+    #: allow a typo in swapped names); edit distance for levenshtein and
+    #: damerau_levenshtein (which counts two neighbours swapped as one typo: ADNRE).
     threshold: float | None = None
     #: For exact_other: the field compared crosswise, either way round (last name against
     #: birth name); for swapped: both ways round (first and last names swapped); for
@@ -381,7 +383,7 @@ class ComparisonLevel(Strict):
 
     @model_validator(mode="after")
     def _threshold(self) -> ComparisonLevel:
-        needs = self.kind in ("jaro_winkler", "levenshtein", "token_set")
+        needs = self.kind in ("jaro_winkler", "levenshtein", "damerau_levenshtein", "token_set")
         if needs and self.threshold is None:
             raise ValueError(f"level '{self.kind}' needs a threshold")
         if not needs and self.kind != "swapped" and self.threshold is not None:
@@ -446,8 +448,8 @@ class TrainingSettings(Strict):
 class BandSettings(Strict):
     """Decision bands on the match probability of a pair."""
 
-    auto_match: Annotated[float, Field(gt=0, lt=1)] = 0.99
-    review: Annotated[float, Field(gt=0, lt=1)] = 0.80
+    auto_match: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    review: Annotated[float, Field(gt=0, lt=1)] = 0.50
 
     @model_validator(mode="after")
     def _ordered(self) -> BandSettings:
@@ -558,8 +560,11 @@ _DEFAULT_MODEL: dict[str, Any] = {
             "levels": [
                 _lv("exact", 0.83),
                 _lv("swapped", 0.03, other="last_name", threshold=0.9),
-                _lv("jaro_winkler", 0.05, threshold=0.92),
-                _lv("jaro_winkler", 0.04, threshold=0.8),
+                # One typo (GERARD, GRERARD) tells more than a mere likeness (ADELE,
+                # ADELAIDE), which is often another member of the family.
+                _lv("damerau_levenshtein", 0.04, threshold=1),
+                _lv("jaro_winkler", 0.02, threshold=0.92),
+                _lv("jaro_winkler", 0.03, threshold=0.8),
             ],
         },
         {
@@ -571,8 +576,9 @@ _DEFAULT_MODEL: dict[str, Any] = {
                 _lv("exact", 0.77),
                 _lv("exact_other", 0.04, other="birth_name"),  # married and maiden names
                 _lv("swapped", 0.03, other="first_name", threshold=0.9),
-                _lv("jaro_winkler", 0.06, threshold=0.92),
-                _lv("jaro_winkler", 0.04, threshold=0.8),
+                _lv("damerau_levenshtein", 0.04, threshold=1),
+                _lv("jaro_winkler", 0.03, threshold=0.92),
+                _lv("jaro_winkler", 0.03, threshold=0.8),
             ],
         },
         {

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from rapidfuzz import fuzz, process
-from rapidfuzz.distance import JaroWinkler, Levenshtein
+from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler, Levenshtein
 
 from mdm_pipeline.config.settings import Comparison, ComparisonLevel
 from mdm_pipeline.matching.keys import field_values
@@ -71,6 +71,12 @@ def _level_holds(
                 lv.tolist(), rv.tolist(), scorer=Levenshtein.distance, workers=-1
             )
         return cache["lev"] <= level.threshold
+    if kind == "damerau_levenshtein":
+        if "dl" not in cache:
+            cache["dl"] = process.cpdist(
+                lv.tolist(), rv.tolist(), scorer=DamerauLevenshtein.distance, workers=-1
+            )
+        return cache["dl"] <= level.threshold
     if kind == "token_set":
         if "tok" not in cache:
             cache["tok"] = (

@@ -16,18 +16,20 @@ import pandas as pd
 
 from mdm_pipeline.config.settings import BlockingRule, Comparison, MatchingSettings
 from mdm_pipeline.matching.blocking import RuleStats, block_ids, candidate_pairs, pairs_within
-from mdm_pipeline.matching.comparisons import compare, term_frequencies
+from mdm_pipeline.matching.comparisons import NULL, compare, term_frequencies
 from mdm_pipeline.matching.keys import prepare
 from mdm_pipeline.matching.scoring import (
     Model,
     check_plausible,
     em,
+    em_context_u,
     estimate_u,
+    evidence,
     fit_prior,
     m_from_labels,
     priors,
     probability,
-    score,
+    weigh,
 )
 
 log = logging.getLogger(__name__)
@@ -124,9 +126,11 @@ def train(
         m_block, share, iterations = em(vectors.levels, m_prior, u, training)
         model.training[rule.name] = (len(bl), round(share, 6), iterations)
         for c in active:
+            # A block where the field is always missing says nothing of its m.
+            seen = int((vectors.levels[c.name].to_numpy() != NULL).sum())
             m_block[c.name] = _keep_unseen_levels(c, m_block[c.name], m_prior[c.name], used)
-            sums[c.name] += m_block[c.name] * share * len(bl)
-            mass[c.name] += share * len(bl)
+            sums[c.name] += m_block[c.name] * share * seen
+            mass[c.name] += share * seen
     for c in comps:
         if mass[c.name] > 0:
             model.m[c.name] = sums[c.name] / mass[c.name]
@@ -148,7 +152,41 @@ def train(
         model.warnings.append(message)
         model.m[name] = m_prior[name].copy()
         model.m_source[name] = "prior"
+    _learn_context_u(records, settings, model, tf, rng)
     return model
+
+
+def _learn_context_u(
+    records: pd.DataFrame,
+    settings: MatchingSettings,
+    model: Model,
+    tf: dict[str, pd.Series],
+    rng: np.random.Generator,
+) -> None:
+    """Each grouped comparison's context: pairs that agree exactly on it.
+
+    The pairs are those of a block on its field (same e-mail, same phone, same
+    address): mostly one person or one household. EM with m held learns the
+    share of matches among them and the u of every other comparison.
+    """
+    training = settings.training
+    comps = settings.comparisons
+    for c in comps:
+        if c.group is None:
+            continue
+        rule = BlockingRule(name=f"context_{c.name}", keys=[c.field])
+        left, right, _, _ = pairs_within(block_ids(records, rule), settings.blocking.max_block_size)
+        if len(left) < 100:  # too few pairs to learn from: this context is not used
+            continue
+        if len(left) > training.max_pairs_per_block:
+            pick = rng.choice(len(left), training.max_pairs_per_block, replace=False)
+            left, right = left[pick], right[pick]
+        others = [o for o in comps if o.name != c.name]
+        vectors = compare(records, left, right, others, tf)
+        u_ctx, share, iterations = em_context_u(vectors.levels, model.m, model.u, training)
+        model.u_context[c.name] = u_ctx
+        model.context_share[c.name] = share
+        model.training[f"context_{c.name}"] = (len(left), round(share, 6), iterations)
 
 
 def match(records: pd.DataFrame, settings: MatchingSettings, model: Model) -> MatchResult:
@@ -157,15 +195,16 @@ def match(records: pd.DataFrame, settings: MatchingSettings, model: Model) -> Ma
     comps = settings.comparisons
     cands = candidate_pairs(records, settings.blocking.rules, settings.blocking.max_block_size)
     vectors = compare(records, cands.left, cands.right, comps, term_frequencies(records, comps))
-    model.prior = 0.5
-    evidence, contrib = score(vectors, model, comps)  # log2 likelihood ratios, prior 1:1
+    ev = evidence(vectors, model, comps)
     if len(cands):
         # The prior is that of a random pair of records of the same type, fitted by EM
         # with m and u held: pairs that no rule proposed count as non-matches. A prior
         # over candidates only would let blocks full of namesakes vouch for themselves.
         kinds = records["record_type"].value_counts().to_numpy(dtype=np.float64)
-        model.prior = fit_prior(evidence, float((kinds * (kinds - 1) / 2).sum()))
-    weight = evidence + np.log2(model.prior / (1 - model.prior))
+        free = ev.context == ""
+        known = float(probability(ev.context_odds[~free] + ev.ratio[~free]).sum())
+        model.prior = fit_prior(ev.ratio[free], float((kinds * (kinds - 1) / 2).sum()), known)
+    weight, contrib = weigh(ev, model.prior)
     prob = probability(weight)
     bands = settings.bands
     band = np.select(

@@ -46,6 +46,11 @@ class Model:
     warnings: list[str] = field(default_factory=list)
     #: Training blocks: name -> (pairs used, estimated share of matches, iterations).
     training: dict[str, tuple[int, float, int]] = field(default_factory=dict)
+    #: context comparison -> other comparison -> u among the non-matches that agree
+    #: exactly on the context comparison (people of one household, see `evidence`).
+    u_context: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    #: context comparison -> share of matches among the pairs that agree on it.
+    context_share: dict[str, float] = field(default_factory=dict)
 
     def weights(self, name: str) -> np.ndarray:
         """log2(m/u) per level of one comparison."""
@@ -60,6 +65,11 @@ class Model:
             "m_source": self.m_source,
             "warnings": self.warnings,
             "training": {k: list(v) for k, v in self.training.items()},
+            "u_context": {
+                g: {k: v.round(8).tolist() for k, v in us.items()}
+                for g, us in self.u_context.items()
+            },
+            "context_share": self.context_share,
         }
 
 
@@ -120,6 +130,29 @@ def _log_likelihood(patterns: np.ndarray, probs: list[np.ndarray]) -> np.ndarray
     return ll
 
 
+def _m_step(
+    patterns: np.ndarray,
+    weight: np.ndarray,
+    names: list[str],
+    probs: dict[str, np.ndarray],
+    floor: float,
+) -> float:
+    """One M step, in place: m from the expected matches, or u from the non-matches.
+
+    Returns the largest change, for the convergence test.
+    """
+    change = 0.0
+    for k, name in enumerate(names):
+        lv = patterns[:, k]
+        ok = lv != NULL
+        mass = np.bincount(lv[ok], weights=weight[ok], minlength=len(probs[name]))
+        if mass.sum() > 0:
+            new = _bound(mass / mass.sum(), floor)
+            change = max(change, float(np.abs(new - probs[name]).max()))
+            probs[name] = new
+    return change
+
+
 def em(
     levels: pd.DataFrame,
     m0: dict[str, np.ndarray],
@@ -152,19 +185,45 @@ def em(
         new_prior = float(np.clip(weight.sum() / denominator, 1e-12, 1 - 1e-9))
         change = abs(new_prior - prior)
         if update_m:
-            for k, name in enumerate(names):
-                lv = patterns[:, k]
-                ok = lv != NULL
-                n_levels = len(m[name])
-                mass = np.bincount(lv[ok], weights=weight[ok], minlength=n_levels)
-                if mass.sum() > 0:
-                    new_m = _bound(mass / mass.sum(), settings.probability_floor)
-                    change = max(change, float(np.abs(new_m - m[name]).max()))
-                    m[name] = new_m
+            change = max(change, _m_step(patterns, weight, names, m, settings.probability_floor))
         prior = new_prior
         if change < settings.tolerance * (prior if total_pairs is not None else 1):
             break
     return m, prior, iterations
+
+
+def em_context_u(
+    levels: pd.DataFrame,
+    m: dict[str, np.ndarray],
+    u0: dict[str, np.ndarray],
+    settings: TrainingSettings,
+) -> tuple[dict[str, np.ndarray], float, int]:
+    """EM of u (and the match share) with m fixed: u within a context, such as pairs of
+    records that share a phone or an address.
+
+    Random pairs tell how often strangers agree; people of one household are not
+    strangers (they share a surname far more often, a first name far less). m does
+    not depend on the context, so it is held, and only u is learnt.
+    """
+    names = list(levels.columns)
+    patterns, counts = _patterns(levels)
+    u = {k: u0[k].copy() for k in names}
+    ll_m = _log_likelihood(patterns, [m[k] for k in names])
+    prior = 0.5
+    iterations = 0
+    for _ in range(settings.max_iterations):
+        iterations += 1
+        ll_u = _log_likelihood(patterns, [u[k] for k in names])
+        logit = np.log(prior / (1 - prior)) + ll_m - ll_u
+        p = 1 / (1 + np.exp(-np.clip(logit, -700, 700)))
+        new_prior = float(np.clip((counts * p).sum() / counts.sum(), 1e-9, 1 - 1e-9))
+        change = abs(new_prior - prior)
+        non_match = counts * (1 - p)
+        change = max(change, _m_step(patterns, non_match, names, u, settings.probability_floor))
+        prior = new_prior
+        if change < settings.tolerance:
+            break
+    return u, prior, iterations
 
 
 def check_plausible(
@@ -186,47 +245,121 @@ def check_plausible(
     return bad
 
 
-def score(
-    vectors: ComparisonVectors, model: Model, comparisons: list[Comparison]
-) -> tuple[np.ndarray, pd.DataFrame]:
-    """(match weight per pair, per-comparison weight contributions)."""
-    contrib = {}
-    for c in comparisons:
-        lv = vectors.levels[c.name].to_numpy()
-        w = model.weights(c.name)
-        part = np.where(lv == NULL, 0.0, w[np.maximum(lv, 0)])
-        tf = vectors.term_freq.get(c.name)
-        if tf is not None:
-            # The u of an exact agreement on this value is the value's own frequency.
-            has = ~np.isnan(tf)
-            floor = model.u[c.name].min()
-            part[has] = np.log2(model.m[c.name][0] / np.maximum(tf[has], floor))
-        contrib[c.name] = part.astype(np.float32)
-    frame = pd.DataFrame(contrib)
-    # Within a group only the strongest agreement counts: the others' positive weights
-    # are taken back in one explicit column, so the contributions still add up.
+def _group_members(comparisons: list[Comparison]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for c in comparisons:
         if c.group is not None:
             groups.setdefault(c.group, []).append(c.name)
-    for group, names in groups.items():
+    return groups
+
+
+@dataclass
+class Evidence:
+    """What the comparison vectors say, before the prior is known."""
+
+    #: log2 likelihood ratio of each pair; for pairs in a context, of the comparisons
+    #: outside the context's own.
+    ratio: np.ndarray
+    #: log2 odds of a match given the context the pair is in (NaN: in none).
+    context_odds: np.ndarray
+    #: The context comparison of each pair ('' where none).
+    context: np.ndarray
+    contributions: pd.DataFrame
+
+
+def evidence(vectors: ComparisonVectors, model: Model, comparisons: list[Comparison]) -> Evidence:
+    """Per-comparison weights of each pair.
+
+    A pair that agrees exactly on a comparison of a group (the first in the
+    group's order: same e-mail, else same phone, else same address) is in that
+    comparison's context. There, the odds of a match are the share of matches
+    among all pairs that agree on it (learnt by EM), and every other comparison
+    is weighed against the non-matches of that context: people who share a
+    landline share a surname far more often than strangers, a first name far less.
+    """
+    n_pairs = len(vectors.levels)
+    context = np.full(n_pairs, "", dtype=object)
+    context_odds = np.full(n_pairs, np.nan)
+    for names in _group_members(comparisons).values():
+        for name in names:
+            if name not in model.u_context:
+                continue
+            share = model.context_share[name]
+            take = (vectors.levels[name].to_numpy() == 0) & (context == "")
+            context[take] = name
+            context_odds[take] = np.log2(share / (1 - share))
+    contrib = {}
+    for c in comparisons:
+        lv = vectors.levels[c.name].to_numpy()
+        valid = lv != NULL
+        at = np.maximum(lv, 0)
+        part = np.where(valid, model.weights(c.name)[at], 0.0)
+        tf = vectors.term_freq.get(c.name)
+        if tf is not None:
+            # The u of an exact agreement on this value is the value's own frequency
+            # (among strangers: within a household, how common a name is tells little).
+            has = ~np.isnan(tf) & (context == "")
+            floor = model.u[c.name].min()
+            part[has] = np.log2(model.m[c.name][0] / np.maximum(tf[has], floor))
+        for ctx, u_ctx in model.u_context.items():
+            here = context == ctx
+            if ctx == c.name:
+                part[here] = 0.0
+            elif c.name in u_ctx and here.any():
+                w_ctx = np.log2(model.m[c.name] / u_ctx[c.name])
+                part[here & valid] = w_ctx[at[here & valid]]
+        contrib[c.name] = part.astype(np.float32)
+    frame = pd.DataFrame(contrib)
+    # Outside any context, only the strongest agreement of a group counts: the others'
+    # positive weights are taken back in one explicit column.
+    outside = context == ""
+    for group, names in _group_members(comparisons).items():
         positive = frame[names].clip(lower=0).to_numpy(dtype=np.float64)
-        overlap = positive.max(axis=1) - positive.sum(axis=1)
+        overlap = np.where(outside, positive.max(axis=1) - positive.sum(axis=1), 0.0)
         frame[f"{group}_overlap"] = overlap.astype(np.float32)
-    total = np.log2(model.prior / (1 - model.prior)) + frame.to_numpy(dtype=np.float64).sum(axis=1)
-    return total, frame
+    ratio = frame.to_numpy(dtype=np.float64).sum(axis=1)
+    return Evidence(ratio, context_odds, context, frame)
 
 
-def fit_prior(evidence: np.ndarray, total_pairs: float, iterations: int = 100) -> float:
+def score(
+    vectors: ComparisonVectors, model: Model, comparisons: list[Comparison]
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """(match weight per pair, per-comparison weight contributions) under the model's prior.
+
+    The contributions add up to the weight minus log2 of the prior odds; for a pair
+    in a context, the context comparison's own column carries the context's odds
+    against the prior.
+    """
+    ev = evidence(vectors, model, comparisons)
+    return weigh(ev, model.prior)
+
+
+def weigh(ev: Evidence, prior: float) -> tuple[np.ndarray, pd.DataFrame]:
+    """Weights and contributions of `ev` once the prior is known."""
+    prior_w = float(np.log2(prior / (1 - prior)))
+    frame = ev.contributions.copy()
+    in_ctx = ev.context != ""
+    for name in np.unique(ev.context[in_ctx]):
+        here = ev.context == name
+        frame.loc[here, name] = (ev.context_odds[here] - prior_w).astype(np.float32)
+    weight = np.where(in_ctx, ev.context_odds + ev.ratio, prior_w + ev.ratio)
+    return weight, frame
+
+
+def fit_prior(
+    evidence: np.ndarray, total_pairs: float, known_matches: float = 0.0, iterations: int = 100
+) -> float:
     """The share of matches among all `total_pairs` pairs, by EM on the candidates' evidence.
 
     Pairs outside the candidates count as non-matches. `evidence` is each
-    candidate's log2 likelihood ratio (its weight without prior).
+    candidate's log2 likelihood ratio (its weight without prior); `known_matches`
+    the expected matches among pairs whose probability does not depend on the
+    prior (pairs in a context).
     """
     prior = max(len(evidence) / total_pairs * 0.1, 1e-12)
     for _ in range(iterations):
         p = probability(evidence + np.log2(prior / (1 - prior)))
-        new = float(np.clip(p.sum() / total_pairs, 1e-12, 0.5))
+        new = float(np.clip((p.sum() + known_matches) / total_pairs, 1e-12, 0.5))
         if abs(new - prior) <= 1e-6 * prior:
             return new
         prior = new

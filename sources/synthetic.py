@@ -202,8 +202,8 @@ matching:
         record_type: organisation
         keys: [{field: company_name, transform: prefix, length: 6}, postcode]
   bands:
-    auto_match: 0.99              # merged without review
-    review: 0.80                  # listed for a steward
+    auto_match: 0.95              # merged without review
+    review: 0.50                  # listed for a steward
   clustering:
     max_cluster_size: 20
     strong_link: 0.9999

@@ -28,7 +28,14 @@ from mdm_pipeline.matching.comparisons import NULL, compare, term_frequencies
 from mdm_pipeline.matching.engine import AUTO, match, train
 from mdm_pipeline.matching.evaluation import bcubed, pair_scores
 from mdm_pipeline.matching.keys import phonetic_fr
-from mdm_pipeline.matching.scoring import Model, check_plausible, em, probability, score
+from mdm_pipeline.matching.scoring import (
+    Model,
+    check_plausible,
+    em,
+    em_context_u,
+    probability,
+    score,
+)
 
 runner = CliRunner()
 DEFAULTS = MatchingSettings()
@@ -161,7 +168,11 @@ def levels_of(a: dict, b: dict, names: list[str]) -> dict[str, int]:
             {"first_name": 1, "last_name": 2},
         ),
         ({"first_name_norm": "CHRISTOPHE"}, {"first_name_norm": "CHRISTOPHER"}, {"first_name": 2}),
-        ({"first_name_norm": "MARIE"}, {"first_name_norm": "PAUL"}, {"first_name": 4}),
+        # Two neighbours swapped are one typo (plain Levenshtein would count two).
+        ({"first_name_norm": "ADNRE"}, {"first_name_norm": "ANDRE"}, {"first_name": 2}),
+        # Alike, but more than one typo apart: often another member of the family.
+        ({"first_name_norm": "ALEXANDRE"}, {"first_name_norm": "ALEXANDRINE"}, {"first_name": 3}),
+        ({"first_name_norm": "MARIE"}, {"first_name_norm": "PAUL"}, {"first_name": 5}),
         (
             {"last_name_norm": "MARTIN"},
             {"last_name_norm": "DURAND", "birth_name_norm": "MARTIN"},
@@ -256,6 +267,61 @@ def test_em_recovers_m_and_the_match_share() -> None:
     assert prior == pytest.approx(share, abs=0.02)
     for k in m:
         assert learnt[k][0] == pytest.approx(m[k], abs=0.03)
+
+
+def test_em_with_m_held_recovers_the_u_of_a_household_context() -> None:
+    # Pairs that share a landline: 60% one person, the rest one household, whose
+    # members share a surname far more often than strangers, a first name far less.
+    rng = np.random.default_rng(11)
+    n, share = 30_000, 0.6
+    is_match = rng.random(n) < share
+    m = {"first": 0.9, "last": 0.85}
+    u_ctx = {"first": 0.02, "last": 0.7}
+    levels = pd.DataFrame(
+        {
+            k: np.where(rng.random(n) < np.where(is_match, m[k], u_ctx[k]), 0, 1).astype(np.int8)
+            for k in m
+        }
+    )
+    m_arr = {k: np.array([m[k], 1 - m[k]]) for k in m}
+    strangers = {"first": np.array([0.01, 0.99]), "last": np.array([0.03, 0.97])}
+    settings = TrainingSettings(blocks=DEFAULTS.training.blocks)
+    learnt, prior, _ = em_context_u(levels, m_arr, strangers, settings)
+    assert prior == pytest.approx(share, abs=0.02)
+    for k in m:
+        assert learnt[k][0] == pytest.approx(u_ctx[k], abs=0.03)
+
+
+def test_a_shared_phone_changes_what_names_weigh() -> None:
+    comps = [c for c in DEFAULTS.comparisons if c.name in ("first_name", "last_name", "phone")]
+    comps = [c.model_copy(update={"tf_adjust": False}) for c in comps]
+    recs = people(
+        [
+            {"first_name_norm": "JEAN", "last_name_norm": "DURAND", "phone_norm": "+33140000000"},
+            {"first_name_norm": "ANNE", "last_name_norm": "DURAND", "phone_norm": "+33140000000"},
+            {"first_name_norm": "JEAN", "last_name_norm": "DURAND", "phone_norm": "+33612000000"},
+            {"first_name_norm": "ANNE", "last_name_norm": "DURAND", "phone_norm": "+33699000000"},
+        ]
+    )
+    m = {c.name: np.full(len(c.levels) + 1, 0.01) for c in comps}
+    u = {c.name: np.full(len(c.levels) + 1, 0.01) for c in comps}
+    for name, first in (("first_name", 0.9), ("last_name", 0.85), ("phone", 0.6)):
+        m[name][0], m[name][-1] = first, 1 - first - 0.01 * (len(m[name]) - 2)
+    for name, first in (("first_name", 0.01), ("last_name", 0.02), ("phone", 1e-5)):
+        u[name][0], u[name][-1] = first, 1 - first - 0.01 * (len(u[name]) - 2)
+    in_household = {k: v.copy() for k, v in u.items() if k != "phone"}
+    in_household["last_name"][[0, -1]] = [0.7, 0.3 - 0.01 * (len(u["last_name"]) - 2)]
+    model = Model(m=m, u=u, prior=1e-5, u_context={"phone": in_household})
+    model.context_share = {"phone": 0.5}
+    # (0, 1) share the landline, (2, 3) do not; both pairs share the surname only.
+    vec = compare(recs, np.array([0, 2]), np.array([1, 3]), comps, {})
+    weight, contrib = score(vec, model, comps)
+    household, strangers = contrib["last_name"]
+    assert 0 < household < strangers  # a shared surname is common in one household
+    prior_w = np.log2(1e-5 / (1 - 1e-5))
+    assert weight == pytest.approx(prior_w + contrib.sum(axis=1).to_numpy(), abs=1e-3)
+    # In the phone's context the odds start from the share of matches among those pairs.
+    assert contrib["phone"][0] == pytest.approx(0 - prior_w, abs=1e-3)
 
 
 def test_implausible_training_falls_back_to_priors() -> None:
