@@ -184,9 +184,29 @@ def _learn_context_u(
         others = [o for o in comps if o.name != c.name]
         vectors = compare(records, left, right, others, tf)
         u_ctx, share, iterations = em_context_u(vectors.levels, model.m, model.u, training)
+        model.training[f"context_{c.name}"] = (len(left), round(share, 6), iterations)
+        # Guard against the degenerate split: where the context holds almost only
+        # matches, EM can cut them in two and call one half "non-matches", which then
+        # agree on everything. Non-matches of a household do not share a birth date:
+        # a strong identifier must still count for a match within the context.
+        weak = [
+            o.name
+            for o in others
+            if o.min_m_first_level is not None
+            and (vectors.levels[o.name].to_numpy() != NULL).any()
+            and model.m[o.name][0] < 2 * u_ctx[o.name][0]
+        ]
+        if weak:
+            message = (
+                f"context '{c.name}' refused: within it, agreement on '{weak[0]}' would "
+                f"hardly count (m={model.m[weak[0]][0]:.3f}, u={u_ctx[weak[0]][0]:.3f}); "
+                f"pairs agreeing on '{c.name}' are scored without a context"
+            )
+            log.warning(message)
+            model.warnings.append(message)
+            continue
         model.u_context[c.name] = u_ctx
         model.context_share[c.name] = share
-        model.training[f"context_{c.name}"] = (len(left), round(share, 6), iterations)
 
 
 def match(records: pd.DataFrame, settings: MatchingSettings, model: Model) -> MatchResult:

@@ -56,6 +56,7 @@ def people(rows: list[dict]) -> pd.DataFrame:
         "company_name_norm",
         "siren_norm",
         "siret_norm",
+        "customer_ref_norm",
     ]
     frame = pd.DataFrame(rows).reindex(columns=["record_type", *cols])
     frame["record_type"] = frame["record_type"].fillna("person")
@@ -322,6 +323,27 @@ def test_a_shared_phone_changes_what_names_weigh() -> None:
     assert weight == pytest.approx(prior_w + contrib.sum(axis=1).to_numpy(), abs=1e-3)
     # In the phone's context the odds start from the share of matches among those pairs.
     assert contrib["phone"][0] == pytest.approx(0 - prior_w, abs=1e-3)
+
+
+def test_a_context_of_duplicates_only_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    # Every pair that shares an address is one person (FEBRL looks like this): there are
+    # no household non-matches to learn from, and EM would split the duplicates in two.
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(400):
+        person = {
+            "first_name_norm": f"F{i}",
+            "last_name_norm": f"L{i % 97}",
+            "birth_date": f"19{50 + i % 50}-0{1 + i % 9}-1{i % 10}",
+            "postcode_norm": f"75{i % 20:03d}",
+            "street_norm": f"{i} RUE {i % 13}",
+        }
+        rows += [person, {**person, "first_name_norm": f"F{i}X" if rng.random() < 0.2 else f"F{i}"}]
+    with caplog.at_level(logging.WARNING):
+        model = train(people(rows), DEFAULTS)
+    assert "address" not in model.u_context
+    assert any("context 'address' refused" in w for w in model.warnings)
+    assert any("context 'address' refused" in r.message for r in caplog.records)
 
 
 def test_implausible_training_falls_back_to_priors() -> None:
