@@ -526,7 +526,7 @@ _DEFAULT_MODEL: dict[str, Any] = {
                 "keys": [
                     "postcode",
                     {"field": "last_name", "transform": "phonetic_fr"},
-                    {"field": "first_name", "transform": "prefix", "length": 1},
+                    {"field": "first_name", "transform": "phonetic_fr"},
                 ],
             },
             {

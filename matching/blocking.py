@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mdm_pipeline.config.settings import BlockingRule
-from mdm_pipeline.matching.keys import key_values
+from mdm_pipeline.matching.keys import Fields, prepare
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,25 @@ class Candidates:
         return pd.DataFrame({"left": self.left, "right": self.right, "rule": self.rule})
 
 
-def block_ids(records: pd.DataFrame, rule: BlockingRule) -> np.ndarray:
-    """A block number per record for one rule; -1 where a key part is missing."""
-    parts = [records["record_type"].astype(object)]
-    parts += [key_values(records, key) for key in rule.key_parts()]
-    frame = pd.concat(parts, axis=1, ignore_index=True)
-    present = frame.notna().all(axis=1).to_numpy()
+def block_ids(records: pd.DataFrame | Fields, rule: BlockingRule) -> np.ndarray:
+    """A block number per record for one rule; -1 where a key part is missing.
+
+    Key parts are codes (see `Fields`); they are folded into one number per
+    record, re-factorised after each part so that the product cannot overflow.
+    """
+    fields = prepare(records)
+    parts = [fields.type_codes] + [fields.key_codes(key) for key in rule.key_parts()]
+    present = np.logical_and.reduce([p >= 0 for p in parts])
     if rule.record_type is not None:
-        present &= (records["record_type"] == rule.record_type).to_numpy()
-    ids = np.full(len(records), -1, dtype=np.int64)
-    if present.any():
-        ids[present] = frame[present].groupby(list(frame.columns), sort=False).ngroup().to_numpy()
+        present &= fields.record_type == rule.record_type
+    ids = np.full(len(fields), -1, dtype=np.int64)
+    rows = np.flatnonzero(present)
+    if len(rows):
+        acc = np.zeros(len(rows), dtype=np.int64)
+        for part in parts:
+            values = part[rows].astype(np.int64)
+            acc, _ = pd.factorize(acc * (int(values.max()) + 1) + values)
+        ids[rows] = acc
     return ids
 
 
@@ -96,9 +104,10 @@ def pairs_within(ids: np.ndarray, max_block_size: int) -> tuple[np.ndarray, np.n
 
 
 def candidate_pairs(
-    records: pd.DataFrame, rules: list[BlockingRule], max_block_size: int
+    records: pd.DataFrame | Fields, rules: list[BlockingRule], max_block_size: int
 ) -> Candidates:
     """The union of every rule's pairs; a pair keeps the first rule that found it."""
+    records = prepare(records)
     n = len(records)
     lefts, rights, rule_codes = [], [], []
     stats: dict[str, RuleStats] = {}

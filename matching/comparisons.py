@@ -22,7 +22,7 @@ from rapidfuzz import fuzz, process
 from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler, Levenshtein
 
 from mdm_pipeline.config.settings import Comparison, ComparisonLevel
-from mdm_pipeline.matching.keys import field_values
+from mdm_pipeline.matching.keys import Fields, prepare
 
 NULL = -1
 _OTHER_FIELD_KINDS = ("exact_other", "swapped", "same_field")
@@ -36,13 +36,21 @@ class ComparisonVectors:
     term_freq: dict[str, np.ndarray]  # comparison -> frequency of the agreed value, NaN else
 
 
-def term_frequencies(records: pd.DataFrame, comparisons: list[Comparison]) -> dict[str, pd.Series]:
+#: Level kinds decided on codes alone: no need to gather distinct value pairs first.
+_CODE_KINDS = ("exact", "email_user", "phone_suffix")
+
+
+def term_frequencies(
+    records: pd.DataFrame | Fields, comparisons: list[Comparison]
+) -> dict[str, pd.Series]:
     """Share of records holding each value, for the comparisons that adjust on it."""
+    fields = prepare(records)
     tables = {}
     for comp in comparisons:
         if comp.tf_adjust:
-            values = field_values(records, comp.field).dropna()
-            tables[comp.name] = values.value_counts(normalize=True)
+            codes, vocab = fields.encoded(comp.field)
+            counts = np.bincount(codes[codes >= 0], minlength=len(vocab))
+            tables[comp.name] = pd.Series(counts / max(int(counts.sum()), 1), index=vocab)
     return tables
 
 
@@ -53,108 +61,127 @@ def _date_digits(values: np.ndarray) -> np.ndarray:
 
 
 def _level_holds(
-    level: ComparisonLevel, lv: np.ndarray, rv: np.ndarray, cache: dict[str, np.ndarray]
+    level: ComparisonLevel,
+    fields: Fields,
+    field: str,
+    ul: np.ndarray,
+    ur: np.ndarray,
+    cache: dict[str, object],
 ) -> np.ndarray:
-    """Whether a level holds for aligned arrays of distinct left/right values."""
+    """Whether a level holds for aligned arrays of left/right value codes of `field`."""
     kind = level.kind
     if kind == "exact":
-        return lv == rv
-    if kind == "jaro_winkler":
-        if "jw" not in cache:
-            cache["jw"] = process.cpdist(
-                lv.tolist(), rv.tolist(), scorer=JaroWinkler.normalized_similarity, workers=-1
-            )
-        return cache["jw"] >= level.threshold
-    if kind == "levenshtein":
-        if "lev" not in cache:
-            cache["lev"] = process.cpdist(
-                lv.tolist(), rv.tolist(), scorer=Levenshtein.distance, workers=-1
-            )
-        return cache["lev"] <= level.threshold
-    if kind == "damerau_levenshtein":
-        if "dl" not in cache:
-            cache["dl"] = process.cpdist(
-                lv.tolist(), rv.tolist(), scorer=DamerauLevenshtein.distance, workers=-1
-            )
-        return cache["dl"] <= level.threshold
-    if kind == "token_set":
-        if "tok" not in cache:
-            cache["tok"] = (
-                process.cpdist(lv.tolist(), rv.tolist(), scorer=fuzz.token_set_ratio, workers=-1)
-                / 100
-            )
-        return cache["tok"] >= level.threshold
+        return ul == ur
+    if kind in ("email_user", "phone_suffix"):
+        reduced = fields.derived(field, kind)
+        return (reduced[ul] >= 0) & (reduced[ul] == reduced[ur])
+    _, vocab = fields.encoded(field)
+    if "lv" not in cache:
+        cache["lv"], cache["rv"] = vocab[ul].tolist(), vocab[ur].tolist()
+    lv, rv = cache["lv"], cache["rv"]
+    scorers = {
+        "jaro_winkler": JaroWinkler.normalized_similarity,
+        "levenshtein": Levenshtein.distance,
+        "damerau_levenshtein": DamerauLevenshtein.distance,
+        "token_set": fuzz.token_set_ratio,
+    }
+    if kind in scorers:
+        if kind not in cache:
+            cache[kind] = process.cpdist(lv, rv, scorer=scorers[kind], workers=-1)
+        score = np.asarray(cache[kind])
+        if kind == "token_set":
+            return score / 100 >= level.threshold
+        if kind == "jaro_winkler":
+            return score >= level.threshold
+        return score <= level.threshold
     if kind in ("date_swap", "date_one_digit"):
-        if "dates" not in cache:
-            cache["ld"], cache["rd"] = _date_digits(lv), _date_digits(rv)
-            cache["dates"] = np.ones(1)
-        ld, rd = cache["ld"], cache["rd"]
+        if "digits" not in cache:
+            cache["digits"] = _date_digits(vocab)
+        digits = np.asarray(cache["digits"])
+        ld, rd = digits[ul], digits[ur]
         if kind == "date_one_digit":
             return (ld != rd).sum(axis=1) == 1
         same_year = (ld[:, :4] == rd[:, :4]).all(axis=1)
         swapped = (ld[:, 4:6] == rd[:, 6:8]).all(axis=1) & (ld[:, 6:8] == rd[:, 4:6]).all(axis=1)
-        return same_year & swapped & (lv != rv)
-    if kind == "email_user":
-        lu = pd.Series(lv, dtype=object).str.split("@").str[0].to_numpy()
-        ru = pd.Series(rv, dtype=object).str.split("@").str[0].to_numpy()
-        return lu == ru
-    if kind == "phone_suffix":
-        ls = pd.Series(lv, dtype=object).str[-8:].to_numpy()
-        rs = pd.Series(rv, dtype=object).str[-8:].to_numpy()
-        return ls == rs
+        return same_year & swapped & (ul != ur)
     raise ValueError(f"level kind {kind!r} is compared per record pair")
 
 
 def _compare_one(
-    records: pd.DataFrame, left: np.ndarray, right: np.ndarray, comp: Comparison
-) -> tuple[np.ndarray, np.ndarray]:
-    """(level per pair, index of each pair's distinct value in the left side's vocabulary)."""
-    values = field_values(records, comp.field)
-    codes, uniques = pd.factorize(values)
-    uniques = np.asarray(uniques, dtype=object)
+    fields: Fields, left: np.ndarray, right: np.ndarray, comp: Comparison
+) -> np.ndarray:
+    """The level of every pair for one comparison."""
+    codes, vocab = fields.encoded(comp.field)
     cl, cr = codes[left], codes[right]
     present = (cl >= 0) & (cr >= 0)
     n_levels = len(comp.levels)
     level = np.full(len(left), NULL, dtype=np.int8)
-    if present.any():
-        combo = cl[present].astype(np.int64) * (len(uniques) + 1) + cr[present]
-        combo_codes, combo_uniques = pd.factorize(combo)
-        ul = (combo_uniques // (len(uniques) + 1)).astype(np.int64)
-        ur = (combo_uniques % (len(uniques) + 1)).astype(np.int64)
-        lv, rv = uniques[ul], uniques[ur]
-        holds = np.zeros((len(combo_uniques), n_levels), dtype=bool)
-        cache: dict[str, np.ndarray] = {}
-        for j, lvl in enumerate(comp.levels):
-            if lvl.kind not in _OTHER_FIELD_KINDS:
-                holds[:, j] = _level_holds(lvl, lv, rv, cache)
-        pair_holds = holds[combo_codes]
-        # Levels on a second field (last name against the other record's birth name, the
-        # same postcode) are decided per pair on factorised codes, still in numpy.
-        for j, lvl in enumerate(comp.levels):
-            if lvl.kind in ("exact_other", "swapped"):
-                if lvl.kind == "swapped" and lvl.threshold is not None:
-                    cross = _swapped_similar(
-                        records, comp.field, lvl.other, left, right, lvl.threshold
-                    )
-                else:
-                    both = lvl.kind == "swapped"
-                    cross = _crosswise(records, comp.field, lvl.other, left, right, both)
-                pair_holds[:, j] = cross[present]
-            elif lvl.kind == "same_field":
-                pair_holds[:, j] = _same(records, lvl.other, left, right)[present]
-        first = np.where(pair_holds.any(axis=1), pair_holds.argmax(axis=1), n_levels)
-        level[present] = first.astype(np.int8)
-    return level, cl
+    if not present.any():
+        return level
+    pl, pr = cl[present], cr[present]
+    own = [(j, lvl) for j, lvl in enumerate(comp.levels) if lvl.kind not in _OTHER_FIELD_KINDS]
+    pair_holds = np.zeros((len(pl), n_levels), dtype=bool)
+    # Where the first level is exact, pairs that agree exactly are settled without
+    # computing anything else: in candidate pairs that is most of them.
+    todo = np.ones(len(pl), dtype=bool)
+    if comp.levels[0].kind == "exact":
+        pair_holds[:, 0] = pl == pr
+        todo = ~pair_holds[:, 0]
+        own = own[1:]
+    tl, tr = pl[todo], pr[todo]
+    spread = None
+    if any(lvl.kind not in _CODE_KINDS for _, lvl in own):
+        # Similarities are computed once per distinct (left, right) value pair and spread back.
+        combo = tl.astype(np.int64) * (len(vocab) + 1) + tr
+        spread, uniq = pd.factorize(combo)
+        tl, tr = uniq // (len(vocab) + 1), uniq % (len(vocab) + 1)
+    holds = np.zeros((len(tl), n_levels), dtype=bool)
+    cache: dict[str, object] = {}
+    for j, lvl in own:
+        holds[:, j] = _level_holds(lvl, fields, comp.field, tl, tr, cache)
+    if own:
+        pair_holds[todo] = holds[spread] if spread is not None else holds
+        if comp.levels[0].kind == "exact":
+            pair_holds[:, 0] = ~todo
+    # Levels on a second field (last name against the other record's birth name, the
+    # same postcode) are decided per pair on codes, still in numpy.
+    # Only pairs an earlier level has not settled need them.
+    rest = np.flatnonzero(present)[todo]
+    rl, rr = left[rest], right[rest]
+    for j, lvl in enumerate(comp.levels):
+        if lvl.kind in ("exact_other", "swapped"):
+            assert lvl.other is not None
+            if lvl.kind == "swapped" and lvl.threshold is not None:
+                cross = _swapped_similar(fields, comp.field, lvl.other, rl, rr, lvl.threshold)
+            else:
+                both = lvl.kind == "swapped"
+                cross = _crosswise(fields, comp.field, lvl.other, rl, rr, both)
+            pair_holds[todo, j] = cross
+        elif lvl.kind == "same_field":
+            assert lvl.other is not None
+            pair_holds[todo, j] = _same(fields, lvl.other, rl, rr)
+    first = np.where(pair_holds.any(axis=1), pair_holds.argmax(axis=1), n_levels)
+    level[present] = first.astype(np.int8)
+    return level
 
 
-def _same(records: pd.DataFrame, field: str, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+def _same(fields: Fields, field: str, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Whether both records hold the same (non-missing) value of `field`."""
-    codes, _ = pd.factorize(field_values(records, field))
+    codes, _ = fields.encoded(field)
     return (codes[left] >= 0) & (codes[left] == codes[right])
 
 
+def _joint_codes(
+    fields: Fields, field: str, other: str, left: np.ndarray, right: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Both fields of both records as codes of one shared vocabulary."""
+    map_a, map_b, vocab = fields.joint(field, other)
+    ca, cb = fields.encoded(field)[0], fields.encoded(other)[0]
+    return map_a[ca[left]], map_b[cb[left]], map_a[ca[right]], map_b[cb[right]], vocab
+
+
 def _swapped_similar(
-    records: pd.DataFrame,
+    fields: Fields,
     field: str,
     other: str,
     left: np.ndarray,
@@ -162,13 +189,11 @@ def _swapped_similar(
     threshold: float,
 ) -> np.ndarray:
     """Whether the two fields are swapped between the records, allowing a typo each way."""
-    a, b = field_values(records, field), field_values(records, other)
-    codes, vocab = pd.factorize(pd.concat([a, b], ignore_index=True))
-    vocab = np.asarray(vocab, dtype=object)
-    ca, cb = codes[: len(a)], codes[len(a) :]
-    one = _similar(vocab, ca[left], cb[right], threshold)
-    two = _similar(vocab, cb[left], ca[right], threshold)
-    return one & two
+    al, bl, ar, br, vocab = _joint_codes(fields, field, other, left, right)
+    out = _similar(vocab, al, br, threshold)
+    # The second way round only where the first holds: most pairs fail the first.
+    out[out] = _similar(vocab, bl[out], ar[out], threshold)
+    return out
 
 
 def _similar(vocab: np.ndarray, cl: np.ndarray, cr: np.ndarray, threshold: float) -> np.ndarray:
@@ -187,7 +212,7 @@ def _similar(vocab: np.ndarray, cl: np.ndarray, cr: np.ndarray, threshold: float
 
 
 def _crosswise(
-    records: pd.DataFrame,
+    fields: Fields,
     field: str,
     other: str,
     left: np.ndarray,
@@ -195,29 +220,31 @@ def _crosswise(
     both_ways: bool = False,
 ) -> np.ndarray:
     """Whether one record's `field` equals the other's `other`, either or both ways round."""
-    a, b = field_values(records, field), field_values(records, other)
-    codes, _ = pd.factorize(pd.concat([a, b], ignore_index=True))
-    ca, cb = codes[: len(a)], codes[len(a) :]
-    one = (ca[left] >= 0) & (ca[left] == cb[right])
-    two = (cb[left] >= 0) & (cb[left] == ca[right])
+    al, bl, ar, br, _ = _joint_codes(fields, field, other, left, right)
+    one = (al >= 0) & (al == br)
+    two = (bl >= 0) & (bl == ar)
     return (one & two) if both_ways else (one | two)
 
 
 def compare(
-    records: pd.DataFrame,
+    records: pd.DataFrame | Fields,
     left: np.ndarray,
     right: np.ndarray,
     comparisons: list[Comparison],
     tf_tables: dict[str, pd.Series],
 ) -> ComparisonVectors:
     """Comparison levels of every pair (positional ids into `records`)."""
+    fields = prepare(records)
     levels = {}
     term_freq = {}
     for comp in comparisons:
-        level, _ = _compare_one(records, left, right, comp)
+        level = _compare_one(fields, left, right, comp)
         levels[comp.name] = level
         if comp.name in tf_tables and comp.levels[0].kind == "exact":
-            values = field_values(records, comp.field)
-            freq = values.map(tf_tables[comp.name]).to_numpy(dtype=np.float64, na_value=np.nan)
-            term_freq[comp.name] = np.where(level == 0, freq[left], np.nan)
+            codes, vocab = fields.encoded(comp.field)
+            freq = tf_tables[comp.name].reindex(vocab).to_numpy(dtype=np.float64, na_value=np.nan)
+            agreed = level == 0
+            out = np.full(len(left), np.nan)
+            out[agreed] = freq[codes[left[agreed]]]
+            term_freq[comp.name] = out
     return ComparisonVectors(pd.DataFrame(levels), term_freq)

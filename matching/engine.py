@@ -17,7 +17,7 @@ import pandas as pd
 from mdm_pipeline.config.settings import BlockingRule, Comparison, MatchingSettings
 from mdm_pipeline.matching.blocking import RuleStats, block_ids, candidate_pairs, pairs_within
 from mdm_pipeline.matching.comparisons import NULL, compare, term_frequencies
-from mdm_pipeline.matching.keys import prepare
+from mdm_pipeline.matching.keys import Fields, prepare
 from mdm_pipeline.matching.scoring import (
     Model,
     check_plausible,
@@ -48,13 +48,13 @@ class MatchResult:
     rule_stats: dict[str, RuleStats]
 
 
-def _random_pairs(records: pd.DataFrame, size: int, rng: np.random.Generator) -> tuple:
+def _random_pairs(records: Fields, size: int, rng: np.random.Generator) -> tuple:
     """Random pairs of distinct records of the same type (almost all non-matches)."""
     n = len(records)
     if n < 2:
         empty = np.array([], dtype=np.int64)
         return empty, empty
-    kind = records["record_type"].to_numpy()
+    kind = records.type_codes
     total = n * (n - 1) // 2
     want = int(min(size, total))
     i = rng.integers(0, n, int(want * 1.5) + 10)
@@ -91,7 +91,7 @@ def _keep_unseen_levels(
 
 
 def train(
-    records: pd.DataFrame,
+    records: pd.DataFrame | Fields,
     settings: MatchingSettings,
     labelled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> Model:
@@ -157,7 +157,7 @@ def train(
 
 
 def _learn_context_u(
-    records: pd.DataFrame,
+    records: Fields,
     settings: MatchingSettings,
     model: Model,
     tf: dict[str, pd.Series],
@@ -209,7 +209,7 @@ def _learn_context_u(
         model.context_share[c.name] = share
 
 
-def match(records: pd.DataFrame, settings: MatchingSettings, model: Model) -> MatchResult:
+def match(records: pd.DataFrame | Fields, settings: MatchingSettings, model: Model) -> MatchResult:
     """Score every candidate pair; the model's prior is fitted to the candidates."""
     records = prepare(records)
     comps = settings.comparisons
@@ -220,8 +220,8 @@ def match(records: pd.DataFrame, settings: MatchingSettings, model: Model) -> Ma
         # The prior is that of a random pair of records of the same type, fitted by EM
         # with m and u held: pairs that no rule proposed count as non-matches. A prior
         # over candidates only would let blocks full of namesakes vouch for themselves.
-        kinds = records["record_type"].value_counts().to_numpy(dtype=np.float64)
-        free = ev.context == ""
+        kinds = np.bincount(records.type_codes).astype(np.float64)
+        free = ~ev.in_context
         known = float(probability(ev.context_odds[~free] + ev.ratio[~free]).sum())
         model.prior = fit_prior(ev.ratio[free], float((kinds * (kinds - 1) / 2).sum()), known)
     weight, contrib = weigh(ev, model.prior)

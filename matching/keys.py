@@ -13,6 +13,8 @@ from collections.abc import Callable
 import jellyfish
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from mdm_pipeline.config.settings import BlockingKey
 
@@ -36,36 +38,116 @@ FIELD_COLUMNS = {
 DERIVED_FIELDS = ("address",)
 
 
-def field_values(records: pd.DataFrame, field: str) -> pd.Series:
+class Fields:
+    """Records as matching reads them: every field as integer codes into its distinct values.
+
+    Blocking rules, training blocks and comparisons read the same fields many
+    times over a night; factorising each field once, and deriving keys (phonetic
+    codes, prefixes, e-mail user parts) once per distinct value rather than per
+    record or per pair, is what keeps a million records fast. Fields are encoded
+    on first use, so a run pays only for the fields its rules and comparisons
+    name. Codes are -1 where a value is missing. A partition of records is
+    prepared on its own: codes differ, values and hence comparisons do not.
+    """
+
+    def __init__(self, records: pd.DataFrame) -> None:
+        self.records = records
+        self.record_type = records["record_type"].to_numpy(dtype=object)
+        self._codes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._derived: dict[tuple[str, str, int | None], np.ndarray] = {}
+        self._joint: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._type_codes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.record_type)
+
+    @property
+    def type_codes(self) -> np.ndarray:
+        if self._type_codes is None:
+            self._type_codes = pd.factorize(self.record_type)[0].astype(np.int32)
+        return self._type_codes
+
+    def encoded(self, field: str) -> tuple[np.ndarray, np.ndarray]:
+        """(code per record, distinct values) of a field's comparison form."""
+        if field not in self._codes:
+            self._codes[field] = self._encode(field)
+        return self._codes[field]
+
+    def values(self, field: str) -> pd.Series:
+        """The comparison form of a field per record, None where missing."""
+        codes, vocab = self.encoded(field)
+        return pd.Series(np.append(vocab, None)[codes], dtype=object)
+
+    def _encode(self, field: str) -> tuple[np.ndarray, np.ndarray]:
+        records = self.records
+        if field == "address":
+            # The postal point as one value: postcode then street, built per distinct pair.
+            pc, pc_vocab = self.encoded("postcode")
+            st, st_vocab = self.encoded("street")
+            present = (pc >= 0) | (st >= 0)
+            combo = (pc.astype(np.int64) + 1) * (len(st_vocab) + 1) + (st + 1)
+            combo_codes, uniq = pd.factorize(combo[present])
+            pcs = np.append(pc_vocab, "")[uniq // (len(st_vocab) + 1) - 1]
+            sts = np.append(st_vocab, "")[uniq % (len(st_vocab) + 1) - 1]
+            text = (pd.Series(pcs, dtype=object) + " " + pd.Series(sts, dtype=object)).str.strip()
+            recoded, vocab = pd.factorize(text)
+            codes = np.full(len(records), -1, dtype=np.int32)
+            codes[present] = recoded[combo_codes]
+            return codes, np.asarray(vocab, dtype=object)
+        col = records[FIELD_COLUMNS[field]]
+        if field == "birth_date":
+            dates = pd.to_datetime(col, errors="coerce")
+            # Integer arithmetic, then text for the distinct dates only.
+            number = (dates.dt.year * 10000 + dates.dt.month * 100 + dates.dt.day).astype("Int64")
+            codes, uniq = pd.factorize(number)
+            return codes.astype(np.int32), np.asarray(uniq.astype(str), dtype=object)
+        codes, uniq = pd.factorize(col)
+        return codes.astype(np.int32), np.asarray(uniq, dtype=object)
+
+    def derived(self, field: str, transform: str, length: int | None = None) -> np.ndarray:
+        """Codes of a field's values reduced by a transform (a blocking key, an e-mail's
+        user part), indexed by the field's own codes: -1 (the last entry) for missing."""
+        cache_key = (field, transform, length)
+        if cache_key not in self._derived:
+            _, vocab = self.encoded(field)
+            reduced = _reduce(pd.Series(vocab, dtype=object), transform, length)
+            codes, _ = pd.factorize(reduced)
+            self._derived[cache_key] = np.append(codes, -1).astype(np.int32)
+        return self._derived[cache_key]
+
+    def key_codes(self, key: BlockingKey) -> np.ndarray:
+        """One blocking-key part per record, as codes (-1 where the field is missing)."""
+        codes, _ = self.encoded(key.field)
+        if key.transform == "exact":
+            return codes
+        return self.derived(key.field, key.transform, key.length)[codes]
+
+    def joint(self, field: str, other: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Two fields' values in one vocabulary (a last name against a first name):
+        (map of `field`'s codes, map of `other`'s codes, shared values); maps end in -1."""
+        if (field, other) not in self._joint:
+            _, va = self.encoded(field)
+            _, vb = self.encoded(other)
+            codes, vocab = pd.factorize(np.concatenate([va, vb]))
+            self._joint[(field, other)] = (
+                np.append(codes[: len(va)], -1),
+                np.append(codes[len(va) :], -1),
+                np.asarray(vocab, dtype=object),
+            )
+        return self._joint[(field, other)]
+
+
+def prepare(records: pd.DataFrame | Fields) -> Fields:
+    """The records as matching reads them; a `Fields` is returned as it is."""
+    return records if isinstance(records, Fields) else Fields(records)
+
+
+def field_values(records: pd.DataFrame | Fields, field: str) -> pd.Series:
     """The comparison form of a field as text (dates as YYYYMMDD), None where missing.
 
     'address' is the postcode followed by the street: the postal point as one value.
     """
-    prepared = f"f_{field}"
-    if prepared in records.columns:
-        return records[prepared]
-    if field == "address":
-        pc, street = records["postcode_norm"], records["street_norm"]
-        text = (pc.fillna("").astype(object) + " " + street.fillna("").astype(object)).str.strip()
-        return text.where(pc.notna() | street.notna(), None)
-    col = records[FIELD_COLUMNS[field]]
-    if field == "birth_date":
-        dates = pd.to_datetime(col, errors="coerce")
-        # Integer arithmetic, then one conversion: strftime per date is ten times slower.
-        number = dates.dt.year * 10000 + dates.dt.month * 100 + dates.dt.day
-        text = number.astype("Int64").astype(str).astype(object)
-        return text.where(dates.notna(), None)
-    return col.astype(object).where(col.notna(), None)
-
-
-def prepare(records: pd.DataFrame) -> pd.DataFrame:
-    """The record type and every field's comparison form, computed once for a whole run.
-
-    Blocking rules, training blocks and comparisons all read fields many times;
-    reading them from this frame spares rebuilding dates and addresses each time.
-    """
-    fields = {f"f_{f}": field_values(records, f) for f in (*FIELD_COLUMNS, *DERIVED_FIELDS)}
-    return pd.DataFrame({"record_type": records["record_type"].to_numpy(), **fields})
+    return prepare(records).values(field)
 
 
 def per_distinct_value(series: pd.Series, func: Callable[[str], str]) -> pd.Series:
@@ -123,16 +205,25 @@ _TRANSFORMS: dict[str, Callable[[str], str]] = {
 }
 
 
-def key_values(records: pd.DataFrame, key: BlockingKey) -> pd.Series:
-    """One blocking-key part per record (None where the field is missing)."""
-    values = field_values(records, key.field)
-    if key.transform == "exact":
-        return values
-    if key.transform == "prefix":
-        text = values.str.replace(" ", "", regex=False).str[: key.length]
-        return text.where(text.str.len() == key.length, None)
-    if key.transform == "year":
-        return values.str[:4]
-    if key.transform == "email_user":
-        return values.str.split("@").str[0]
-    return per_distinct_value(values, _TRANSFORMS[key.transform])
+def _reduce(values: pd.Series, transform: str, length: int | None) -> pd.Series:
+    """A transform applied to distinct values (None where it leaves nothing).
+
+    String cuts run in Arrow's kernels: pandas' `.str` methods loop in Python,
+    and a million distinct e-mails make that loop the slowest step of a run.
+    """
+    if transform in _TRANSFORMS:
+        return per_distinct_value(values, _TRANSFORMS[transform])
+    text = pa.array(values.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
+    if transform == "prefix":
+        assert length is not None
+        cut = pc.utf8_slice_codeunits(pc.replace_substring(text, " ", ""), 0, length)
+        cut = pc.if_else(pc.equal(pc.utf8_length(cut), length), cut, None)
+    elif transform == "year":
+        cut = pc.utf8_slice_codeunits(text, 0, 4)
+    elif transform == "email_user":
+        cut = pc.list_element(pc.split_pattern(text, "@", max_splits=1), 0)
+    elif transform == "phone_suffix":
+        cut = pc.utf8_slice_codeunits(text, -8)
+    else:
+        raise ValueError(f"unknown key transform {transform!r}")
+    return pd.Series(cut.to_numpy(zero_copy_only=False), index=values.index, dtype=object)

@@ -262,9 +262,15 @@ class Evidence:
     ratio: np.ndarray
     #: log2 odds of a match given the context the pair is in (NaN: in none).
     context_odds: np.ndarray
-    #: The context comparison of each pair ('' where none).
-    context: np.ndarray
+    #: The context of each pair as an index into `context_names` (-1: in none); codes
+    #: rather than names because millions of pairs are tested against them.
+    context_code: np.ndarray
+    context_names: tuple[str, ...]
     contributions: pd.DataFrame
+
+    @property
+    def in_context(self) -> np.ndarray:
+        return self.context_code >= 0
 
 
 def evidence(vectors: ComparisonVectors, model: Model, comparisons: list[Comparison]) -> Evidence:
@@ -278,16 +284,15 @@ def evidence(vectors: ComparisonVectors, model: Model, comparisons: list[Compari
     landline share a surname far more often than strangers, a first name far less.
     """
     n_pairs = len(vectors.levels)
-    context = np.full(n_pairs, "", dtype=object)
+    names = [n for ns in _group_members(comparisons).values() for n in ns if n in model.u_context]
+    code = np.full(n_pairs, -1, dtype=np.int8)
     context_odds = np.full(n_pairs, np.nan)
-    for names in _group_members(comparisons).values():
-        for name in names:
-            if name not in model.u_context:
-                continue
-            share = model.context_share[name]
-            take = (vectors.levels[name].to_numpy() == 0) & (context == "")
-            context[take] = name
-            context_odds[take] = np.log2(share / (1 - share))
+    for k, name in enumerate(names):
+        share = model.context_share[name]
+        take = (vectors.levels[name].to_numpy() == 0) & (code < 0)
+        code[take] = k
+        context_odds[take] = np.log2(share / (1 - share))
+    outside = code < 0
     contrib = {}
     for c in comparisons:
         lv = vectors.levels[c.name].to_numpy()
@@ -298,27 +303,26 @@ def evidence(vectors: ComparisonVectors, model: Model, comparisons: list[Compari
         if tf is not None:
             # The u of an exact agreement on this value is the value's own frequency
             # (among strangers: within a household, how common a name is tells little).
-            has = ~np.isnan(tf) & (context == "")
+            has = ~np.isnan(tf) & outside
             floor = model.u[c.name].min()
             part[has] = np.log2(model.m[c.name][0] / np.maximum(tf[has], floor))
-        for ctx, u_ctx in model.u_context.items():
-            here = context == ctx
+        for k, ctx in enumerate(names):
+            here = code == k
             if ctx == c.name:
                 part[here] = 0.0
-            elif c.name in u_ctx and here.any():
-                w_ctx = np.log2(model.m[c.name] / u_ctx[c.name])
+            elif c.name in model.u_context[ctx] and here.any():
+                w_ctx = np.log2(model.m[c.name] / model.u_context[ctx][c.name])
                 part[here & valid] = w_ctx[at[here & valid]]
         contrib[c.name] = part.astype(np.float32)
     frame = pd.DataFrame(contrib)
     # Outside any context, only the strongest agreement of a group counts: the others'
     # positive weights are taken back in one explicit column.
-    outside = context == ""
-    for group, names in _group_members(comparisons).items():
-        positive = frame[names].clip(lower=0).to_numpy(dtype=np.float64)
+    for group, members in _group_members(comparisons).items():
+        positive = np.clip(np.column_stack([contrib[m] for m in members]), 0, None)
         overlap = np.where(outside, positive.max(axis=1) - positive.sum(axis=1), 0.0)
         frame[f"{group}_overlap"] = overlap.astype(np.float32)
     ratio = frame.to_numpy(dtype=np.float64).sum(axis=1)
-    return Evidence(ratio, context_odds, context, frame)
+    return Evidence(ratio, context_odds, code, tuple(names), frame)
 
 
 def score(
@@ -338,10 +342,12 @@ def weigh(ev: Evidence, prior: float) -> tuple[np.ndarray, pd.DataFrame]:
     """Weights and contributions of `ev` once the prior is known."""
     prior_w = float(np.log2(prior / (1 - prior)))
     frame = ev.contributions.copy()
-    in_ctx = ev.context != ""
-    for name in np.unique(ev.context[in_ctx]):
-        here = ev.context == name
-        frame.loc[here, name] = (ev.context_odds[here] - prior_w).astype(np.float32)
+    in_ctx = ev.in_context
+    for k, name in enumerate(ev.context_names):
+        here = ev.context_code == k
+        column = frame[name].to_numpy(copy=True)
+        column[here] = (ev.context_odds[here] - prior_w).astype(np.float32)
+        frame[name] = column
     weight = np.where(in_ctx, ev.context_odds + ev.ratio, prior_w + ev.ratio)
     return weight, frame
 

@@ -237,8 +237,9 @@ class Pipeline:
 
         with self._stage("match", summary, emit):
             positional = records.reset_index(drop=True)
-            model = train(positional, settings.matching)
-            result = match(positional, settings.matching, model)
+            fields = prepare(positional)
+            model = train(fields, settings.matching)
+            result = match(fields, settings.matching, model)
             self._model = model.as_dict()
         pairs = result.pairs
         summary.pairs_per_rule = {k: v.new_pairs for k, v in result.rule_stats.items()}

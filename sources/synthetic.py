@@ -192,7 +192,7 @@ matching:
         keys:
           - postcode
           - {field: last_name, transform: phonetic_fr}
-          - {field: first_name, transform: prefix, length: 1}
+          - {field: first_name, transform: phonetic_fr}
       - name: birth_date_postcode
         keys: [birth_date, postcode]
       - name: street_first_name
