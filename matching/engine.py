@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 AUTO, REVIEW, NON_MATCH = "auto_match", "review", "non_match"
 
+#: Confirmed matches carrying a field needed before they, not EM, set that field's m.
+MIN_LABELLED_PAIRS = 20
+
 
 @dataclass(frozen=True)
 class MatchResult:
@@ -143,8 +146,11 @@ def train(
         vectors = compare(records, ll, lr, comps, tf)
         from_labels = m_from_labels(vectors, is_match, comps, floor)
         for c in comps:
-            model.m[c.name] = from_labels[c.name]
-            model.m_source[c.name] = "labels"
+            # A field the confirmed matches hardly ever carry says nothing: keep its m.
+            seen = int((vectors.levels[c.name].to_numpy()[is_match] != NULL).sum())
+            if seen >= MIN_LABELLED_PAIRS:
+                model.m[c.name] = from_labels[c.name]
+                model.m_source[c.name] = "labels"
 
     for name, reason in check_plausible(comps, model.m, model.u).items():
         message = f"training refused for comparison '{name}': {reason}; using its priors"

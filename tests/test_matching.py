@@ -540,6 +540,31 @@ def test_engine_on_the_samples_is_precise_and_does_not_chain(samples: Path) -> N
     assert report.largest <= 2 * entity.value_counts().max()
 
 
+def test_steward_labels_set_m_to_what_confirmed_matches_show(samples: Path) -> None:
+    """Confirmed pairs replace EM: m of a level is the share of labelled matches at it."""
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    pipeline = Pipeline.from_config(samples / "config.yaml")
+    records = pipeline.normalised_records()
+    settings = pipeline.settings.matching
+    truth = pd.read_csv(samples / "truth.csv", dtype=str)
+    entity = records[["source", "source_key"]].merge(truth, how="left")["entity_id"].to_numpy()
+    cands = candidate_pairs(records, settings.blocking.rules, settings.blocking.max_block_size)
+    is_match = entity[cands.left] == entity[cands.right]
+    model = train(records, settings, labelled=(cands.left, cands.right, is_match))
+    # The samples have no customer numbers: with nothing to learn from, its m stays.
+    assert {k for k, v in model.m_source.items() if v != "labels"} == {"customer_ref"}
+    dates = pd.to_datetime(records["birth_date"]).to_numpy()
+    left, right = cands.left[is_match], cands.right[is_match]
+    known = ~pd.isna(dates[left]) & ~pd.isna(dates[right])
+    same = (dates[left] == dates[right])[known]
+    n_levels = len(next(c for c in settings.comparisons if c.name == "birth_date").levels) + 1
+    # Half a pair of smoothing per level, as for every distribution the model learns.
+    expected = (same.sum() + 0.5) / (len(same) + 0.5 * n_levels)
+    assert model.m["birth_date"][0] == pytest.approx(expected, rel=1e-6)
+    assert 0.5 < expected < 1  # the samples carry birth-date typos among duplicates
+
+
 def test_block_stats_and_evaluate_commands(samples: Path) -> None:
     cfg, truth = str(samples / "config.yaml"), str(samples / "truth.csv")
     stats = runner.invoke(app, ["block-stats", "-c", cfg, "--truth", truth, "--json"])
