@@ -109,6 +109,7 @@ def _figures_table(summary: Any) -> Table:
         ("golden records updated", f"{summary.golden_updated:,}"),
         ("golden records unchanged", f"{summary.golden_unchanged:,}"),
         ("golden records retired", f"{summary.golden_retired:,}"),
+        ("merges / splits", f"{summary.merges:,} / {summary.splits:,}"),
         ("NPAI returns read", f"{summary.npai_returns_read:,}"),
         (
             "NPAI flags new / cleared",
@@ -262,6 +263,25 @@ def validate_config(
         raise _fail(exc, debug) from None
     n = len(pipeline.settings.sources)
     out.print(f"{config}: OK ({n} sources, every mapped column found)", highlight=False)
+
+
+@app.command()
+def unlock(
+    config: ConfigOption,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Release the store's run lock left by a run that died on another machine."""
+    from mdm_pipeline.config.loader import store_url
+    from mdm_pipeline.golden_records import store
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    try:
+        engine = store.connect(store_url(Pipeline.from_config(config).settings))
+        held = store.unlock(engine)
+        engine.dispose()
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    out.print(f"lock of run {held} released" if held else "the store was not locked")
 
 
 @app.command()

@@ -33,3 +33,10 @@ class StoreError(MdmError):
 
 class DataContractError(MdmError):
     """A frame crossing a stage boundary lacks the columns the next stage needs."""
+
+
+class StoreLockedError(StoreError):
+    """Another run holds the store: it is busy, not broken (exit code 3, so a scheduler
+    can retry later rather than page someone)."""
+
+    exit_code = 3

@@ -12,110 +12,82 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, Engine
 
-from mdm_pipeline.config.errors import StoreError
-
-metadata = sa.MetaData()
-
-runs = sa.Table(
-    "mdm_runs",
+from mdm_pipeline.config.errors import StoreError, StoreLockedError
+from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tables)
+    events,
+    golden_records,
+    golden_versions,
+    lock,
+    match_evidence,
     metadata,
-    sa.Column("run_id", sa.String(40), primary_key=True),
-    sa.Column("started_at", sa.DateTime, nullable=False),
-    sa.Column("finished_at", sa.DateTime),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("config_hash", sa.String(64), nullable=False),
-    sa.Column("manifest", sa.Text, nullable=False),
+    npai,
+    quarantine,
+    record_history,
+    runs,
+    source_records,
+    xref,
 )
 
-source_records = sa.Table(
-    "mdm_source_records",
-    metadata,
-    sa.Column("source", sa.String(40), primary_key=True),
-    sa.Column("source_key", sa.String(200), primary_key=True),
-    sa.Column("golden_id", sa.String(40), nullable=False, index=True),
-    sa.Column("record_type", sa.String(16), nullable=False),
-    sa.Column("source_line", sa.Integer),
-    sa.Column("record_hash", sa.String(32), nullable=False),
-    sa.Column("address_hash", sa.String(20)),  # normalised delivery address, for NPAI
-    sa.Column("payload", sa.Text, nullable=False),  # canonical + normalised values, JSON
-    sa.Column("updated_run", sa.String(40), nullable=False),
-)
-
-golden_records = sa.Table(
-    "mdm_golden_records",
-    metadata,
-    sa.Column("golden_id", sa.String(40), primary_key=True),
-    sa.Column("record_type", sa.String(16), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),  # active | retired
-    sa.Column("members", sa.Integer, nullable=False),
-    sa.Column("record_hash", sa.String(32), nullable=False),
-    sa.Column("attributes", sa.Text, nullable=False),  # golden values, JSON
-    sa.Column("lineage", sa.Text, nullable=False),  # attribute -> {source, source_key, rule}
-    sa.Column("created_run", sa.String(40), nullable=False),
-    sa.Column("updated_run", sa.String(40), nullable=False),
-)
-
-quarantine = sa.Table(
-    "mdm_quarantine",
-    metadata,
-    sa.Column("source", sa.String(40), primary_key=True),
-    sa.Column("location", sa.String(500), primary_key=True),
-    sa.Column("line", sa.Integer, primary_key=True),
-    sa.Column("source_key", sa.String(200)),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("raw", sa.Text, nullable=False),
-    sa.Column("run_id", sa.String(40), nullable=False),
-)
-
-
-npai = sa.Table(
-    "mdm_npai",
-    metadata,
-    sa.Column("source", sa.String(40), primary_key=True),
-    sa.Column("source_key", sa.String(200), primary_key=True),
-    sa.Column("return_date", sa.String(10), primary_key=True),
-    sa.Column("reason_code", sa.String(16), primary_key=True),
-    sa.Column("reason_label", sa.Text),
-    sa.Column("address_hash", sa.String(20), nullable=False),  # the address that came back
-    sa.Column("flagged_run", sa.String(40), nullable=False),
-    sa.Column("cleared_run", sa.String(40)),  # history is kept: a flag is cleared, not deleted
-    sa.Column("cleared_reason", sa.Text),
-)
-
-match_evidence = sa.Table(
-    "mdm_match_evidence",
-    metadata,
-    sa.Column("left_source", sa.String(40), primary_key=True),
-    sa.Column("left_key", sa.String(200), primary_key=True),
-    sa.Column("right_source", sa.String(40), primary_key=True),
-    sa.Column("right_key", sa.String(200), primary_key=True),
-    sa.Column("rule", sa.String(60), nullable=False),  # the blocking rule that proposed it
-    sa.Column("weight", sa.Float, nullable=False),  # log2 odds of a match
-    sa.Column("probability", sa.Float, nullable=False),
-    sa.Column("band", sa.String(16), nullable=False),  # auto_match | review
-    sa.Column("contributions", sa.Text, nullable=False),  # comparison -> weight, JSON
-    sa.Column("run_id", sa.String(40), nullable=False),  # the run that last changed it
-)
+log = logging.getLogger(__name__)
 
 EVIDENCE_KEYS = ("left_source", "left_key", "right_source", "right_key")
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: Tables every store has had since the first release, before migrations existed.
+_LEGACY_TABLES = {"mdm_runs", "mdm_source_records", "mdm_golden_records"}
+
+
+def _alembic_config(conn: Connection) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    return config
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the store's schema to the latest revision (creating it on an empty store).
+
+    A store created before migrations existed has the first revision's tables
+    but no version row: it is stamped as such, then upgraded like any other.
+    """
+    with engine.begin() as conn:
+        names = set(sa.inspect(conn).get_table_names())
+        config = _alembic_config(conn)
+        if "alembic_version" not in names and names >= _LEGACY_TABLES:
+            alembic_command.stamp(config, "0001")
+        alembic_command.upgrade(config, "head")
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The store's current revision (None if it has none)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
 def connect(url: str) -> Engine:
-    """An engine on the store, with its tables created if needed."""
+    """An engine on the store, its schema created or upgraded if needed."""
     try:
         engine = sa.create_engine(url)
-        metadata.create_all(engine)
+        upgrade(engine)
     except sa.exc.SQLAlchemyError as exc:
         raise StoreError(
             f"store {sa.engine.make_url(url).render_as_string(hide_password=True)}: "
@@ -139,34 +111,100 @@ def new_golden_id() -> str:
     return "G" + uuid.uuid4().hex[:20].upper()
 
 
-def assign_golden_ids(clusters: pd.DataFrame, previous: pd.DataFrame) -> pd.Series:
+@dataclass(frozen=True)
+class Assignment:
+    """Golden IDs of this run's clusters, and what became of the stored ones."""
+
+    gid_of_cluster: pd.Series  # cluster label -> golden ID
+    retired: pd.DataFrame  # golden_id, survivor_id (None when all its records are gone)
+
+
+def assign_golden_ids(
+    clusters: pd.DataFrame, previous: pd.DataFrame, created: pd.Series | None = None
+) -> Assignment:
     """A golden ID per cluster, kept from the previous night where possible.
 
     `clusters` has (source, source_key, cluster); `previous` has (source,
-    source_key, golden_id). Each cluster takes the stored ID it shares the most
-    source records with; an ID goes to one cluster only (the one sharing the
-    most, ties to the smaller cluster label); clusters left without one get a
-    new ID.
+    source_key, golden_id); `created` gives each stored ID's creating run (run
+    IDs sort by time). A stored ID follows the larger part of its records (a
+    split keeps it for the larger part); a cluster offered several IDs keeps
+    the oldest (a merge keeps the older ID), and the others are retired into
+    it. Clusters offered none get a new ID; an ID is never reused. Ties go to
+    the smaller cluster label, then the smaller ID, so that the result does not
+    depend on row order.
     """
     labels = np.sort(clusters["cluster"].unique())
     assigned: dict[int, str] = {}
+    retired = pd.DataFrame({"golden_id": [], "survivor_id": []}, dtype=object)
     if len(previous):
         shared = clusters.merge(previous, on=["source", "source_key"], how="inner")
-        counts = (
-            shared.groupby(["cluster", "golden_id"])
-            .size()
-            .rename("n")
-            .reset_index()
-            .sort_values(["n", "cluster", "golden_id"], ascending=[False, True, True])
+        counts = shared.groupby(["golden_id", "cluster"]).size().rename("n").reset_index()
+        # Each stored ID goes to the cluster holding most of its records.
+        home = counts.sort_values(["golden_id", "n", "cluster"], ascending=[True, False, True])
+        home = home.drop_duplicates("golden_id")
+        age = (created if created is not None else pd.Series(dtype=object)).reindex(
+            home["golden_id"]
         )
-        taken: set[str] = set()
-        while len(counts):  # each round settles at least one cluster
-            best = counts.drop_duplicates("cluster").drop_duplicates("golden_id")
-            for c, g in zip(best["cluster"], best["golden_id"], strict=True):
-                assigned[int(c)] = g
-                taken.add(g)
-            counts = counts[~counts["cluster"].isin(assigned) & ~counts["golden_id"].isin(taken)]
-    return pd.Series([assigned.get(int(c)) or new_golden_id() for c in labels], index=labels)
+        home = home.assign(created=age.fillna("").to_numpy())
+        # Each cluster keeps the oldest of the IDs that chose it.
+        keep = home.sort_values(
+            ["cluster", "created", "n", "golden_id"], ascending=[True, True, False, True]
+        )
+        keep = keep.drop_duplicates("cluster")
+        assigned = dict(zip(keep["cluster"].astype(int), keep["golden_id"], strict=True))
+        merged_away = home[~home["golden_id"].isin(keep["golden_id"])]
+        retired = pd.DataFrame(
+            {
+                "golden_id": merged_away["golden_id"].to_numpy(),
+                "survivor_id": [assigned[int(c)] for c in merged_away["cluster"]],
+            }
+        )
+    gids = [assigned.get(int(c)) or new_golden_id() for c in labels]
+    return Assignment(pd.Series(gids, index=labels, dtype=object), retired)
+
+
+def change_events(
+    before: pd.DataFrame, after: pd.DataFrame
+) -> list[tuple[str, str, dict[str, dict[str, list[str]]]]]:
+    """Merges and splits between two cross-references (source, source_key, golden_id).
+
+    A merge: one golden record of `after` gathers records of several of
+    `before`. A split: the records of one golden record of `before` (those still
+    delivered) are spread over several of `after`. Returns (kind, golden ID,
+    {"before": {id: members}, "after": {id: members}}) per event, members as
+    "source:key"; the golden ID is the survivor of a merge, the split one.
+    """
+    both = before.merge(after, on=["source", "source_key"], suffixes=("_old", "_new"))
+    if not len(both):
+        return []
+    both = both.assign(member=both["source"] + ":" + both["source_key"].astype(str))
+    spread = both.groupby("golden_id_old")["golden_id_new"].nunique()
+    gathered = both.groupby("golden_id_new")["golden_id_old"].nunique()
+
+    def members(frame: pd.DataFrame, column: str) -> dict[str, list[str]]:
+        return {g: sorted(m) for g, m in frame.groupby(column)["member"]}
+
+    out: list[tuple[str, str, dict[str, dict[str, list[str]]]]] = []
+    for gid in gathered.index[gathered > 1]:
+        olds = both.loc[both["golden_id_new"] == gid, "golden_id_old"].unique()
+        part = both[both["golden_id_old"].isin(olds) | (both["golden_id_new"] == gid)]
+        out.append(
+            (
+                "merge",
+                gid,
+                {"before": members(part, "golden_id_old"), "after": members(part, "golden_id_new")},
+            )
+        )
+    for gid in spread.index[spread > 1]:
+        part = both[both["golden_id_old"] == gid]
+        out.append(
+            (
+                "split",
+                gid,
+                {"before": members(part, "golden_id_old"), "after": members(part, "golden_id_new")},
+            )
+        )
+    return out
 
 
 @dataclass
@@ -180,6 +218,8 @@ class WriteResult:
     records_written: int = 0
     records_removed: int = 0
     quarantine_rows: int = 0
+    merges: int = 0
+    splits: int = 0
 
 
 def _read(conn: Connection, query: sa.Select) -> pd.DataFrame:
@@ -193,6 +233,24 @@ def _delete_keys(conn: Connection, table: sa.Table, keys: pd.DataFrame) -> None:
         cond = sa.and_(*[table.c[c] == sa.bindparam(f"k_{c}") for c in cols])
         conn.execute(
             table.delete().where(cond),
+            [
+                {f"k_{c}": v for c, v in zip(cols, row, strict=True)}
+                for row in keys.itertuples(index=False)
+            ],
+        )
+
+
+def _close_open(
+    conn: Connection, table: sa.Table, keys: pd.DataFrame, at: datetime, run_id: str
+) -> None:
+    """End the open (valid_to IS NULL) history rows of these keys at `at`."""
+    if len(keys):
+        cols = list(keys.columns)
+        cond = sa.and_(
+            *[table.c[c] == sa.bindparam(f"k_{c}") for c in cols], table.c.valid_to.is_(None)
+        )
+        conn.execute(
+            table.update().where(cond).values(valid_to=at, closed_run=run_id),
             [
                 {f"k_{c}": v for c, v in zip(cols, row, strict=True)}
                 for row in keys.itertuples(index=False)
@@ -226,9 +284,33 @@ def previous_xref(conn: Connection) -> pd.DataFrame:
     )
 
 
+def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index) -> pd.Series:
+    """Lineage per golden record as JSON {attribute: "source|source_key|rule|date"}, built
+    column-wise: a pivot and one to_json call, no loop over clusters."""
+    rec = lineage["record"].to_numpy()
+    updated = pd.to_datetime(records["source_updated_at"], errors="coerce").to_numpy()[rec]
+    day = pd.Series(updated).dt.strftime("%Y-%m-%d").fillna("")
+    lin = lineage.assign(
+        v=records["source"].to_numpy()[rec]
+        + "|"
+        + records["source_key"].astype(str).to_numpy()[rec]
+        + "|"
+        + lineage["rule"].to_numpy()
+        + "|"
+        + day.to_numpy()
+    )
+    wide = lin.pivot(index="cluster", columns="attribute", values="v").reindex(index)
+    return pd.Series(
+        wide.to_json(orient="records", lines=True).splitlines() if len(wide) else [],
+        index=wide.index,
+        dtype=object,
+    )
+
+
 def write_run(
     conn: Connection,
     run_id: str,
+    at: datetime,
     records: pd.DataFrame,
     payload_columns: list[str],
     cluster: pd.Series,
@@ -237,32 +319,38 @@ def write_run(
     quarantined: pd.DataFrame,
     loaded_sources: list[str],
 ) -> tuple[WriteResult, pd.Series]:
-    """Write records, golden records and quarantine; return what changed and the IDs.
+    """Write records, golden records, their history and quarantine; return what changed
+    and the golden ID of each record (aligned with `records`).
 
-    The returned Series gives the golden ID of each record (aligned with `records`).
+    Everything is compared with the stored state in pandas first, and only
+    changes are written: a new golden version only when a value changes, a new
+    cross-reference row only when a record changes golden record, so a rerun
+    on the same input writes nothing but its run log. `at` dates every change.
     """
     result = WriteResult()
-    keys = records[["source", "source_key"]].assign(cluster=cluster.to_numpy())
+    keys = records[["source", "source_key"]].assign(
+        source_key=records["source_key"].astype(str), cluster=cluster.to_numpy()
+    )
     prev = previous_xref(conn)
-    gid_of_cluster = assign_golden_ids(keys, prev[["source", "source_key", "golden_id"]])
+    stored = _read(
+        conn,
+        sa.select(
+            golden_records.c.golden_id,
+            golden_records.c.record_hash,
+            golden_records.c.members,
+            golden_records.c.status,
+            golden_records.c.created_run,
+            golden_records.c.version,
+        ),
+    )
+    created = stored.set_index("golden_id")["created_run"] if len(stored) else None
+    assignment = assign_golden_ids(keys, prev[["source", "source_key", "golden_id"]], created)
+    gid_of_cluster = assignment.gid_of_cluster
     record_gid = pd.Series(
         gid_of_cluster.reindex(cluster.to_numpy()).to_numpy(), index=records.index
     )
 
     # Golden records: compare with the stored ones and write only the changes.
-    lin = lineage.assign(
-        source=records["source"].to_numpy()[lineage["record"].to_numpy()],
-        source_key=records["source_key"].to_numpy()[lineage["record"].to_numpy()],
-    )
-    # Lineage per golden record as JSON {attribute: "source|source_key|rule"}, built
-    # column-wise: a pivot and one to_json call, no loop over clusters.
-    lin = lin.assign(v=lin["source"] + "|" + lin["source_key"].astype(str) + "|" + lin["rule"])
-    wide = lin.pivot(index="cluster", columns="attribute", values="v").reindex(golden.index)
-    lin_json = pd.Series(
-        wide.to_json(orient="records", lines=True).splitlines() if len(wide) else [],
-        index=wide.index,
-        dtype=object,
-    )
     attrs = golden.drop(columns=["record_type", "members"])
     g_hash, g_json = _hash_rows(attrs)
     new_golden = pd.DataFrame(
@@ -273,18 +361,8 @@ def write_run(
             "members": golden["members"].astype(int).to_numpy(),
             "record_hash": g_hash.to_numpy(),
             "attributes": g_json.to_numpy(),
-            "lineage": lin_json.to_numpy(),
+            "lineage": _lineage_json(records, lineage, golden.index).to_numpy(),
         }
-    )
-    stored = _read(
-        conn,
-        sa.select(
-            golden_records.c.golden_id,
-            golden_records.c.record_hash,
-            golden_records.c.members,
-            golden_records.c.status,
-            golden_records.c.created_run,
-        ),
     )
     merged = new_golden.merge(stored, on="golden_id", how="left", suffixes=("", "_old"))
     is_new = merged["record_hash_old"].isna()
@@ -299,28 +377,48 @@ def write_run(
     write = merged[is_new | changed].copy()
     write["created_run"] = write["created_run"].fillna(run_id)
     write["updated_run"] = run_id
+    write["version"] = pd.to_numeric(write["version"]).fillna(0).astype(int) + 1
+    write["valid_from"] = at
+    write["retired_run"] = None
+    write["survivor_id"] = None
     _delete_keys(conn, golden_records, write.loc[~is_new[write.index], ["golden_id"]])
     _insert(conn, golden_records, write[[c.name for c in golden_records.columns]])
+    _close_open(conn, golden_versions, write.loc[~is_new[write.index], ["golden_id"]], at, run_id)
+    _insert(
+        conn,
+        golden_versions,
+        write.assign(run_id=run_id, valid_to=None, closed_run=None)[
+            [c.name for c in golden_versions.columns]
+        ],
+    )
 
-    # Golden records no cluster kept are retired (their ID is never reused).
+    # Golden records no cluster kept are retired; a merged one resolves to its survivor.
     gone = stored[
         (stored["status"] == "active") & ~stored["golden_id"].isin(new_golden["golden_id"])
     ]
+    survivor = assignment.retired.set_index("golden_id")["survivor_id"]
     if len(gone):
         conn.execute(
             golden_records.update()
             .where(golden_records.c.golden_id == sa.bindparam("gid"))
-            .values(status="retired", members=0, updated_run=run_id),
-            [{"gid": g} for g in gone["golden_id"]],
+            .values(
+                status="retired",
+                members=0,
+                updated_run=run_id,
+                retired_run=run_id,
+                survivor_id=sa.bindparam("survivor"),
+            ),
+            [{"gid": g, "survivor": survivor.get(g)} for g in gone["golden_id"]],
         )
+        _close_open(conn, golden_versions, gone[["golden_id"]], at, run_id)
     result.golden_retired = len(gone)
 
-    # Cross-reference and payload of every source record.
+    # Source records: current payload and golden ID, with history of both.
     r_hash, r_json = _hash_rows(records[payload_columns])
     new_xref = pd.DataFrame(
         {
-            "source": records["source"].to_numpy(),
-            "source_key": records["source_key"].astype(str).to_numpy(),
+            "source": keys["source"].to_numpy(),
+            "source_key": keys["source_key"].to_numpy(),
             "golden_id": record_gid.to_numpy(),
             "record_type": records["record_type"].to_numpy(),
             "source_line": records["source_line"].astype(int).to_numpy(),
@@ -330,27 +428,123 @@ def write_run(
             else None,
             "payload": r_json.to_numpy(),
             "updated_run": run_id,
+            "valid_from": at,
         }
     )
     both = new_xref.merge(prev, on=["source", "source_key"], how="left", suffixes=("", "_old"))
-    dirty = (
-        both["record_hash_old"].isna()
-        | (both["record_hash"] != both["record_hash_old"])
-        | (both["golden_id"] != both["golden_id_old"])
+    existed = both["record_hash_old"].notna()
+    payload_changed = existed & (both["record_hash"] != both["record_hash_old"])
+    moved = existed & (both["golden_id"] != both["golden_id_old"])
+    dirty = ~existed | payload_changed | moved
+    # Superseded payloads go to the record history before they are overwritten.
+    _archive_payloads(conn, both.loc[payload_changed, ["source", "source_key"]], at, run_id)
+    to_write = both[dirty][[c.name for c in source_records.columns]].copy()
+    # A record that only moved keeps the date of its payload.
+    keep_date = (moved & ~payload_changed)[dirty]
+    if keep_date.any():
+        dates = _payload_dates(conn, to_write.loc[keep_date.to_numpy(), ["source", "source_key"]])
+        to_write.loc[keep_date.to_numpy(), "valid_from"] = dates
+    _delete_keys(
+        conn, source_records, to_write.loc[existed[dirty].to_numpy(), ["source", "source_key"]]
     )
-    to_write = both[dirty][[c.name for c in source_records.columns]]
-    existed = both.loc[dirty, "record_hash_old"].notna()
-    _delete_keys(conn, source_records, to_write.loc[existed, ["source", "source_key"]])
     _insert(conn, source_records, to_write)
     result.records_written = len(to_write)
-    # Records no longer delivered by a loaded source leave the cross-reference.
+    relinked = both[~existed | moved]
+    _close_open(
+        conn, xref, relinked.loc[existed[relinked.index], ["source", "source_key"]], at, run_id
+    )
+    _insert(
+        conn,
+        xref,
+        relinked.assign(valid_to=None, run_id=run_id, closed_run=None)[
+            [c.name for c in xref.columns]
+        ],
+    )
+
+    # Records no longer delivered by a loaded source end their cross-reference.
     in_scope = prev[prev["source"].isin(loaded_sources)]
     missing = in_scope.merge(new_xref[["source", "source_key"]], how="left", indicator=True)
     missing = missing[missing["_merge"] == "left_only"][["source", "source_key"]]
+    _archive_payloads(conn, missing, at, run_id)
     _delete_keys(conn, source_records, missing)
+    _close_open(conn, xref, missing, at, run_id)
     result.records_removed = len(missing)
 
-    # Quarantine: the current state per loaded source; unchanged rows are not rewritten.
+    # Merges and splits, with the members before and after.
+    for kind, gid, detail in change_events(
+        prev[["source", "source_key", "golden_id"]], new_xref[["source", "source_key", "golden_id"]]
+    ):
+        conn.execute(
+            events.insert().values(
+                run_id=run_id,
+                at=at,
+                kind=kind,
+                reason="automatic",
+                golden_id=gid,
+                detail=json.dumps(detail, sort_keys=True),
+            )
+        )
+        result.merges += kind == "merge"
+        result.splits += kind == "split"
+
+    result.quarantine_rows = _write_quarantine(conn, run_id, quarantined, loaded_sources)
+    return result, record_gid
+
+
+def _archive_payloads(conn: Connection, keys: pd.DataFrame, at: datetime, run_id: str) -> None:
+    """Copy the stored payload of these records to the record history, ended at `at`."""
+    if not len(keys):
+        return
+    old = _select_keys(
+        conn,
+        sa.select(
+            source_records.c.source,
+            source_records.c.source_key,
+            source_records.c.valid_from,
+            source_records.c.record_hash,
+            source_records.c.payload,
+            source_records.c.updated_run,
+        ),
+        keys,
+    )
+    old = old.rename(columns={"updated_run": "run_id"})
+    old["valid_from"] = old["valid_from"].fillna(at)
+    _insert(conn, record_history, old.assign(valid_to=at, closed_run=run_id))
+
+
+def _payload_dates(conn: Connection, keys: pd.DataFrame) -> np.ndarray:
+    old = _select_keys(
+        conn,
+        sa.select(
+            source_records.c.source, source_records.c.source_key, source_records.c.valid_from
+        ),
+        keys,
+    )
+    return keys.merge(old, how="left")["valid_from"].to_numpy()
+
+
+def _select_keys(conn: Connection, query: sa.Select, keys: pd.DataFrame) -> pd.DataFrame:
+    """Rows of `query` for a set of (source, source_key), in chunks of bound parameters."""
+    parts = []
+    for source, group in keys.groupby("source"):
+        values = group["source_key"].astype(str).tolist()
+        for i in range(0, len(values), 500):
+            chunk = values[i : i + 500]
+            parts.append(
+                _read(
+                    conn,
+                    query.where(
+                        source_records.c.source == source, source_records.c.source_key.in_(chunk)
+                    ),
+                )
+            )
+    return pd.concat(parts, ignore_index=True) if parts else _read(conn, query.where(sa.false()))
+
+
+def _write_quarantine(
+    conn: Connection, run_id: str, quarantined: pd.DataFrame, loaded_sources: list[str]
+) -> int:
+    """The current quarantine per loaded source; unchanged rows are not rewritten."""
     q_new = quarantined.assign(line=quarantined["line"].astype(int), run_id=run_id)
     q_old = _read(conn, sa.select(quarantine).where(quarantine.c.source.in_(loaded_sources)))
     key = ["source", "location", "line"]
@@ -369,8 +563,7 @@ def write_run(
     fresh = q_new[[tuple(r) not in same_keys for r in q_new[key].astype(str).to_numpy()]]
     _delete_keys(conn, quarantine, stale[key])
     _insert(conn, quarantine, fresh[[c.name for c in quarantine.columns]])
-    result.quarantine_rows = len(q_new)
-    return result, record_gid
+    return len(q_new)
 
 
 def write_evidence(conn: Connection, run_id: str, evidence: pd.DataFrame) -> int:
@@ -408,17 +601,72 @@ def write_evidence(conn: Connection, run_id: str, evidence: pd.DataFrame) -> int
     return len(fresh) + len(gone)
 
 
-def start_run(conn: Connection, run_id: str, config_hash: str) -> None:
+def start_run(conn: Connection, run_id: str, config_hash: str, at: datetime) -> None:
     """Log the run as started (inside the run's transaction)."""
     conn.execute(
         runs.insert().values(
-            run_id=run_id,
-            started_at=datetime.now(UTC).replace(tzinfo=None),
-            status="running",
-            config_hash=config_hash,
-            manifest="{}",
+            run_id=run_id, started_at=at, status="running", config_hash=config_hash, manifest="{}"
         )
     )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(engine: Engine, run_id: str) -> Iterator[None]:
+    """Hold the store's run lock for the duration of a run.
+
+    The lock is a row, committed on its own before the run's transaction, so a
+    second run sees it at once, on SQLite as on PostgreSQL (the primary key
+    refuses a second holder). A lock left by a dead process on this machine is
+    taken over; one held elsewhere must be released with `mdm unlock`.
+    """
+    host = socket.gethostname()
+    row = {
+        "name": "run",
+        "run_id": run_id,
+        "host": host,
+        "pid": os.getpid(),
+        "started_at": datetime.now(UTC).replace(tzinfo=None),
+    }
+    with engine.begin() as conn:
+        held = conn.execute(sa.select(lock).where(lock.c.name == "run")).mappings().first()
+        if held is not None:
+            if held["host"] == host and not _pid_alive(held["pid"]):
+                log.warning("run lock of %s left by a dead process: taken over", held["run_id"])
+                conn.execute(lock.delete().where(lock.c.name == "run"))
+            else:
+                raise StoreLockedError(
+                    f"store is busy: run {held['run_id']} started at "
+                    f"{held['started_at']:%Y-%m-%d %H:%M:%S} UTC on {held['host']} "
+                    f"(pid {held['pid']}) still holds it; if that run is dead, `mdm unlock`"
+                )
+    try:
+        with engine.begin() as conn:
+            conn.execute(lock.insert().values(**row))
+    except sa.exc.IntegrityError:
+        raise StoreLockedError("store is busy: another run took the lock just now") from None
+    try:
+        yield
+    finally:
+        with engine.begin() as conn:
+            conn.execute(lock.delete().where(lock.c.name == "run", lock.c.run_id == run_id))
+
+
+def unlock(engine: Engine) -> str | None:
+    """Release the run lock whoever holds it; returns the run that held it."""
+    with engine.begin() as conn:
+        held = conn.execute(sa.select(lock.c.run_id).where(lock.c.name == "run")).scalar()
+        conn.execute(lock.delete().where(lock.c.name == "run"))
+    return held
 
 
 def finish_run(conn: Connection, run_id: str, manifest: dict[str, object]) -> None:

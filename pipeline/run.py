@@ -97,6 +97,8 @@ class RunSummary:
     golden_updated: int = 0
     golden_unchanged: int = 0
     golden_retired: int = 0
+    merges: int = 0
+    splits: int = 0
     npai_returns_read: int = 0
     npai_flags_new: int = 0
     npai_flags_cleared: int = 0
@@ -198,12 +200,18 @@ class Pipeline:
 
         engine = store.connect(url)
         try:
-            return self._run(summary, engine, emit, run_date)
+            with store.run_lock(engine, summary.run_id):
+                return self._run(summary, engine, emit, run_date, now)
         finally:
             engine.dispose()
 
     def _run(
-        self, summary: RunSummary, engine: Any, emit: EventCallback, run_date: pd.Timestamp
+        self,
+        summary: RunSummary,
+        engine: Any,
+        emit: EventCallback,
+        run_date: pd.Timestamp,
+        now: datetime,
     ) -> RunSummary:
         settings = self.settings
         npai_before, npai_sent = store.read_npai(engine)
@@ -274,10 +282,12 @@ class Pipeline:
         try:
             with store.transaction(engine) as conn:
                 with self._stage("store", summary, emit):
-                    store.start_run(conn, summary.run_id, config_hash(settings))
+                    at = now.replace(tzinfo=None)
+                    store.start_run(conn, summary.run_id, config_hash(settings), at)
                     written, record_gid = store.write_run(
                         conn,
                         summary.run_id,
+                        at,
                         records,
                         payload_columns,
                         labels,
@@ -292,6 +302,8 @@ class Pipeline:
                 summary.golden_updated = written.golden_updated
                 summary.golden_unchanged = written.golden_unchanged
                 summary.golden_retired = written.golden_retired
+                summary.merges = written.merges
+                summary.splits = written.splits
                 with self._stage("export", summary, emit, total=len(mapped)):
                     staged = (
                         self._export(mapped, records.assign(golden_id=record_gid), staging, emit)

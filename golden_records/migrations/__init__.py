@@ -1,0 +1,1 @@
+"""Alembic migrations of the central store: the tool creates and upgrades its own schema."""

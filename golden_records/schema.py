@@ -1,0 +1,164 @@
+"""The central store's tables (SQLAlchemy Core), as the latest migration leaves them.
+
+Current state and history live side by side: `mdm_golden_records` and
+`mdm_source_records` hold what is true now (fast reads for the applications),
+`mdm_golden_versions`, `mdm_xref` and `mdm_record_history` hold every earlier
+state with its validity dates (what auditors ask for), `mdm_events` every merge
+and split. The schema itself is created and upgraded by the Alembic migrations
+in `migrations/`; a test checks that they leave exactly these tables.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+runs = sa.Table(
+    "mdm_runs",
+    metadata,
+    sa.Column("run_id", sa.String(40), primary_key=True),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("config_hash", sa.String(64), nullable=False),
+    sa.Column("manifest", sa.Text, nullable=False),
+)
+
+source_records = sa.Table(
+    "mdm_source_records",
+    metadata,
+    sa.Column("source", sa.String(40), primary_key=True),
+    sa.Column("source_key", sa.String(200), primary_key=True),
+    sa.Column("golden_id", sa.String(40), nullable=False, index=True),
+    sa.Column("record_type", sa.String(16), nullable=False),
+    sa.Column("source_line", sa.Integer),
+    sa.Column("record_hash", sa.String(32), nullable=False),
+    sa.Column("address_hash", sa.String(20)),  # normalised delivery address, for NPAI
+    sa.Column("payload", sa.Text, nullable=False),  # canonical + normalised values, JSON
+    sa.Column("updated_run", sa.String(40), nullable=False),
+    sa.Column("valid_from", sa.DateTime),  # of the current payload
+)
+
+golden_records = sa.Table(
+    "mdm_golden_records",
+    metadata,
+    sa.Column("golden_id", sa.String(40), primary_key=True),
+    sa.Column("record_type", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # active | retired
+    sa.Column("members", sa.Integer, nullable=False),
+    sa.Column("record_hash", sa.String(32), nullable=False),
+    sa.Column("attributes", sa.Text, nullable=False),  # golden values, JSON
+    sa.Column("lineage", sa.Text, nullable=False),  # attribute -> {source, source_key, rule}
+    sa.Column("created_run", sa.String(40), nullable=False),
+    sa.Column("updated_run", sa.String(40), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("valid_from", sa.DateTime),  # of the current version
+    sa.Column("retired_run", sa.String(40)),
+    sa.Column("survivor_id", sa.String(40)),  # a retired record resolves to it
+)
+
+quarantine = sa.Table(
+    "mdm_quarantine",
+    metadata,
+    sa.Column("source", sa.String(40), primary_key=True),
+    sa.Column("location", sa.String(500), primary_key=True),
+    sa.Column("line", sa.Integer, primary_key=True),
+    sa.Column("source_key", sa.String(200)),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("raw", sa.Text, nullable=False),
+    sa.Column("run_id", sa.String(40), nullable=False),
+)
+
+
+npai = sa.Table(
+    "mdm_npai",
+    metadata,
+    sa.Column("source", sa.String(40), primary_key=True),
+    sa.Column("source_key", sa.String(200), primary_key=True),
+    sa.Column("return_date", sa.String(10), primary_key=True),
+    sa.Column("reason_code", sa.String(16), primary_key=True),
+    sa.Column("reason_label", sa.Text),
+    sa.Column("address_hash", sa.String(20), nullable=False),  # the address that came back
+    sa.Column("flagged_run", sa.String(40), nullable=False),
+    sa.Column("cleared_run", sa.String(40)),  # history is kept: a flag is cleared, not deleted
+    sa.Column("cleared_reason", sa.Text),
+)
+
+match_evidence = sa.Table(
+    "mdm_match_evidence",
+    metadata,
+    sa.Column("left_source", sa.String(40), primary_key=True),
+    sa.Column("left_key", sa.String(200), primary_key=True),
+    sa.Column("right_source", sa.String(40), primary_key=True),
+    sa.Column("right_key", sa.String(200), primary_key=True),
+    sa.Column("rule", sa.String(60), nullable=False),  # the blocking rule that proposed it
+    sa.Column("weight", sa.Float, nullable=False),  # log2 odds of a match
+    sa.Column("probability", sa.Float, nullable=False),
+    sa.Column("band", sa.String(16), nullable=False),  # auto_match | review
+    sa.Column("contributions", sa.Text, nullable=False),  # comparison -> weight, JSON
+    sa.Column("run_id", sa.String(40), nullable=False),  # the run that last changed it
+)
+
+golden_versions = sa.Table(
+    "mdm_golden_versions",
+    metadata,
+    sa.Column("golden_id", sa.String(40), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("valid_from", sa.DateTime, nullable=False),
+    sa.Column("valid_to", sa.DateTime),  # NULL: the current version
+    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("closed_run", sa.String(40)),
+    sa.Column("record_type", sa.String(16), nullable=False),
+    sa.Column("members", sa.Integer, nullable=False),
+    sa.Column("record_hash", sa.String(32), nullable=False),
+    sa.Column("attributes", sa.Text, nullable=False),
+    sa.Column("lineage", sa.Text, nullable=False),
+)
+
+xref = sa.Table(
+    "mdm_xref",
+    metadata,
+    sa.Column("source", sa.String(40), primary_key=True),
+    sa.Column("source_key", sa.String(200), primary_key=True),
+    sa.Column("valid_from", sa.DateTime, primary_key=True),
+    sa.Column("valid_to", sa.DateTime),  # NULL: the record belongs to it now
+    sa.Column("golden_id", sa.String(40), nullable=False, index=True),
+    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("closed_run", sa.String(40)),
+)
+
+record_history = sa.Table(
+    "mdm_record_history",
+    metadata,
+    sa.Column("source", sa.String(40), primary_key=True),
+    sa.Column("source_key", sa.String(200), primary_key=True),
+    sa.Column("valid_from", sa.DateTime, primary_key=True),
+    sa.Column("valid_to", sa.DateTime, nullable=False),
+    sa.Column("record_hash", sa.String(32), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # values and quality codes as they were
+    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("closed_run", sa.String(40), nullable=False),
+)
+
+events = sa.Table(
+    "mdm_events",
+    metadata,
+    sa.Column("event_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(40), nullable=False, index=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # merge | split
+    sa.Column("reason", sa.String(16), nullable=False),  # automatic | steward
+    sa.Column("golden_id", sa.String(40), nullable=False, index=True),
+    sa.Column("detail", sa.Text, nullable=False),  # members before and after, JSON
+)
+
+lock = sa.Table(
+    "mdm_lock",
+    metadata,
+    sa.Column("name", sa.String(16), primary_key=True),
+    sa.Column("run_id", sa.String(40), nullable=False),
+    sa.Column("host", sa.String(200), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+)
