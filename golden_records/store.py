@@ -549,18 +549,20 @@ def _write_quarantine(
     q_old = _read(conn, sa.select(quarantine).where(quarantine.c.source.in_(loaded_sources)))
     key = ["source", "location", "line"]
     cmp_cols = [*key, "source_key", "reason", "raw"]
-    if len(q_old):
-        q_old["line"] = q_old["line"].astype(int)
-        same = q_new[cmp_cols].astype(str).merge(q_old[cmp_cols].astype(str), how="inner")
-        same_keys = set(map(tuple, same[key].to_numpy()))
-    else:
-        same_keys = set()
-    stale = (
-        q_old[[tuple(r) not in same_keys for r in q_old[key].astype(str).to_numpy()]]
-        if len(q_old)
-        else q_old
+    q_old["line"] = q_old["line"].astype(int) if len(q_old) else q_old["line"]
+    # A row is unchanged when all its compared values are equal (as text: NULL-safe).
+    as_text = {c: str for c in cmp_cols}
+    found = (
+        q_new[cmp_cols]
+        .astype(as_text)
+        .merge(q_old[cmp_cols].astype(as_text), how="outer", indicator=True)
     )
-    fresh = q_new[[tuple(r) not in same_keys for r in q_new[key].astype(str).to_numpy()]]
+    kept = found.loc[found["_merge"] == "both", key].drop_duplicates()
+    text_keys = dict.fromkeys(key, str)
+    stale = q_old.astype(text_keys).merge(kept, how="left", indicator=True)
+    stale = stale.loc[stale["_merge"] == "left_only", key].astype({"line": int})
+    fresh = q_new.astype(text_keys).merge(kept, how="left", indicator=True)
+    fresh = fresh[fresh["_merge"] == "left_only"].drop(columns="_merge").astype({"line": int})
     _delete_keys(conn, quarantine, stale[key])
     _insert(conn, quarantine, fresh[[c.name for c in quarantine.columns]])
     return len(q_new)

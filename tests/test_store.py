@@ -1,0 +1,348 @@
+"""The central store: migrations, dated history, stable golden IDs, events, the run lock.
+
+Every test here runs on SQLite and on PostgreSQL (CI's server; under CI=true a
+missing server fails the test rather than skipping it).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from typer.testing import CliRunner
+
+from mdm_pipeline.cli import app
+from mdm_pipeline.golden_records import store
+from mdm_pipeline.golden_records.schema import metadata
+from mdm_pipeline.golden_records.survivorship import survive
+
+runner = CliRunner()
+T1, T2, T3, T4 = (datetime(2026, 11, d, 2, 0) for d in (1, 2, 3, 4))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.sqlite'}"
+    else:
+        yield request.getfixturevalue("pg_url")
+
+
+def test_migrations_build_exactly_the_declared_schema(url: str) -> None:
+    engine = store.connect(url)
+    assert store.schema_revision(engine) == "0002"
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    engine.dispose()
+    assert diff == []
+
+
+def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        config = store._alembic_config(conn)
+        store.alembic_command.upgrade(config, "0001")
+        conn.execute(sa.text("DROP TABLE alembic_version"))  # as create_all left it
+        conn.execute(
+            sa.text(
+                "INSERT INTO mdm_runs VALUES ('R1', '2026-10-01 02:00:00', NULL, 'succeeded',"
+                " 'h', '{}')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO mdm_golden_records VALUES ('G1', 'person', 'active', 1, 'x',"
+                " '{}', '{}', 'R1', 'R1')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO mdm_source_records VALUES ('shop', 'k1', 'G1', 'person', 2, 'y',"
+                " NULL, '{}', 'R1')"
+            )
+        )
+    engine.dispose()
+    engine = store.connect(url)
+    assert store.schema_revision(engine) == "0002"
+    with engine.connect() as conn:
+        version = conn.execute(sa.select(store.golden_versions)).mappings().one()
+        link = conn.execute(sa.select(store.xref)).mappings().one()
+    engine.dispose()
+    assert (version["golden_id"], version["version"], version["valid_to"]) == ("G1", 1, None)
+    assert version["valid_from"] == datetime(2026, 10, 1, 2, 0)
+    assert (link["golden_id"], link["valid_from"]) == ("G1", datetime(2026, 10, 1, 2, 0))
+
+
+# --- stable golden IDs -----------------------------------------------------------------
+
+
+def _clusters(groups: list[list[str]]) -> pd.DataFrame:
+    rows = [(key, label) for label, keys in enumerate(groups) for key in keys]
+    return pd.DataFrame(
+        {"source": "s", "source_key": [k for k, _ in rows], "cluster": [c for _, c in rows]}
+    )
+
+
+def _previous(groups: dict[str, list[str]]) -> pd.DataFrame:
+    rows = [(key, gid) for gid, keys in groups.items() for key in keys]
+    return pd.DataFrame(
+        {"source": "s", "source_key": [k for k, _ in rows], "golden_id": [g for _, g in rows]}
+    )
+
+
+def test_a_merge_keeps_the_older_id_and_retires_the_other_into_it() -> None:
+    prev = _previous({"GOLD": ["c"], "GNEW": ["a", "b"]})
+    created = pd.Series({"GOLD": "R1", "GNEW": "R2"})
+    got = store.assign_golden_ids(_clusters([["a", "b", "c"]]), prev, created)
+    assert got.gid_of_cluster.tolist() == ["GOLD"]
+    assert got.retired.to_dict("records") == [{"golden_id": "GNEW", "survivor_id": "GOLD"}]
+
+
+def test_a_split_keeps_the_id_for_the_larger_part() -> None:
+    prev = _previous({"G1": ["a", "b", "c"]})
+    got = store.assign_golden_ids(_clusters([["a"], ["b", "c"]]), prev)
+    assert got.gid_of_cluster[1] == "G1"
+    assert got.gid_of_cluster[0] not in ("G1",)
+    assert got.retired.empty
+
+
+def test_new_ids_are_opaque_and_never_reused() -> None:
+    ids = {store.new_golden_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(g.startswith("G") and len(g) == 21 for g in ids)
+
+
+def test_assignment_does_not_depend_on_row_order() -> None:
+    prev = _previous({"G1": ["a", "b"], "G2": ["c", "d"], "G3": ["e"]})
+    clusters = _clusters([["a", "c"], ["b", "d", "e"]])
+    created = pd.Series({"G1": "R1", "G2": "R1", "G3": "R2"})
+    first = store.assign_golden_ids(clusters, prev, created)
+    shuffled = store.assign_golden_ids(
+        clusters.sample(frac=1, random_state=3), prev.sample(frac=1, random_state=4), created
+    )
+    pd.testing.assert_series_equal(first.gid_of_cluster, shuffled.gid_of_cluster)
+
+
+# --- nights written to the store ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def six_people() -> pd.DataFrame:
+    """Six normalised person records of the samples, keyed a..f."""
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    root = Path(__file__).resolve().parent.parent
+    records = Pipeline.from_config(root / "data" / "samples" / "config.yaml").normalised_records()
+    people = records[records["record_type"] == "person"].head(6).reset_index(drop=True)
+    return people.assign(source="s", source_key=list("abcdef"))
+
+
+PAYLOAD = ["first_name_norm", "last_name_norm", "email_norm", "postcode_norm"]
+
+
+def _night(
+    engine: sa.Engine, run_id: str, at: datetime, people: pd.DataFrame, groups: list[list[str]]
+) -> tuple[store.WriteResult, dict[str, str]]:
+    label = {key: i for i, keys in enumerate(groups) for key in keys}
+    records = people[people["source_key"].isin(label)].reset_index(drop=True)
+    cluster = pd.Series(records["source_key"].map(label).to_numpy(), index=records.index)
+    golden, lineage = survive(records, cluster)
+    quarantined = pd.DataFrame(
+        {c: [] for c in ("source", "location", "line", "source_key", "reason", "raw")}
+    )
+    with store.transaction(engine) as conn:
+        store.start_run(conn, run_id, "hash", at)
+        result, gid = store.write_run(
+            conn, run_id, at, records, PAYLOAD, cluster, golden, lineage, quarantined, ["s"]
+        )
+    return result, dict(zip(records["source_key"], gid, strict=True))
+
+
+def _table(engine: sa.Engine, table: sa.Table) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return store._read(conn, sa.select(table))
+
+
+def test_history_merges_splits_and_reruns(url: str, six_people: pd.DataFrame) -> None:
+    engine = store.connect(url)
+    _, n1 = _night(engine, "R1", T1, six_people, [["c"], ["d", "e", "f"]])
+    _, n2 = _night(engine, "R2", T2, six_people, [["a", "b"], ["c"], ["d", "e", "f"]])
+    g_c, g_ab, g_def = n2["c"], n2["a"], n2["d"]
+    assert (n2["c"], n2["d"]) == (n1["c"], n1["d"])
+    result, n3 = _night(engine, "R3", T3, six_people, [["a", "b", "c"], ["d", "e"], ["f"]])
+    assert (result.merges, result.splits, result.golden_retired) == (1, 1, 1)
+    # The merge kept the older ID; the split kept its ID for the larger part.
+    assert n3["a"] == n3["b"] == n3["c"] == g_c
+    assert n3["d"] == n3["e"] == g_def
+    assert n3["f"] not in (g_c, g_ab, g_def)
+
+    golden = _table(engine, store.golden_records).set_index("golden_id")
+    assert golden.loc[g_ab, "status"] == "retired"
+    assert golden.loc[g_ab, "survivor_id"] == g_c
+    versions = _table(engine, store.golden_versions)
+    of_def = versions[versions["golden_id"] == g_def].sort_values("version")
+    assert of_def["members"].tolist() == [3, 2]
+    assert of_def["valid_from"].tolist() == [T1, T3]
+    assert of_def["valid_to"].iloc[0] == T3 and pd.isna(of_def["valid_to"].iloc[1])
+    # What the golden record looked like on a date: the version valid then.
+    on_t2 = of_def[
+        (of_def["valid_from"] <= T2) & (of_def["valid_to"].isna() | (of_def["valid_to"] > T2))
+    ]
+    assert on_t2["members"].tolist() == [3]
+    # Unchanged golden records got no new version in R2.
+    of_c = versions[versions["golden_id"] == g_c]
+    assert of_c["valid_from"].tolist() == [T1, T3]
+
+    xref = _table(engine, store.xref)
+    of_a = xref[xref["source_key"] == "a"].sort_values("valid_from")
+    assert of_a["golden_id"].tolist() == [g_ab, g_c]
+    assert of_a["valid_from"].tolist() == [T2, T3]
+    assert of_a["valid_to"].iloc[0] == T3 and pd.isna(of_a["valid_to"].iloc[1])
+
+    ev = _table(engine, store.events).sort_values("kind")
+    assert ev["kind"].tolist() == ["merge", "split"]
+    assert ev["reason"].tolist() == ["automatic", "automatic"]
+    merge = json.loads(ev["detail"].iloc[0])
+    assert ev["golden_id"].iloc[0] == g_c
+    assert merge["before"] == {g_ab: ["s:a", "s:b"], g_c: ["s:c"]}
+    assert merge["after"] == {g_c: ["s:a", "s:b", "s:c"]}
+    split = json.loads(ev["detail"].iloc[1])
+    assert ev["golden_id"].iloc[1] == g_def
+    assert split["after"] == {g_def: ["s:d", "s:e"], n3["f"]: ["s:f"]}
+
+    # A rerun on the same input changes nothing: no version, no link, no event.
+    counts = {
+        t.name: len(_table(engine, t)) for t in (store.golden_versions, store.xref, store.events)
+    }
+    result, n4 = _night(engine, "R4", T4, six_people, [["a", "b", "c"], ["d", "e"], ["f"]])
+    assert n4 == n3
+    assert (result.golden_created, result.golden_updated, result.records_written) == (0, 0, 0)
+    assert counts == {
+        t.name: len(_table(engine, t)) for t in (store.golden_versions, store.xref, store.events)
+    }
+    engine.dispose()
+
+
+def test_a_deleted_record_ends_its_link_and_its_golden_record(
+    url: str, six_people: pd.DataFrame
+) -> None:
+    engine = store.connect(url)
+    _, n1 = _night(engine, "R1", T1, six_people, [["a", "b"], ["c"]])
+    result, _ = _night(engine, "R2", T2, six_people, [["a"], ["c"]])
+    assert result.records_removed == 1
+    xref = _table(engine, store.xref)
+    of_b = xref[xref["source_key"] == "b"]
+    assert of_b["valid_to"].tolist() == [T2]
+    history = _table(engine, store.record_history)
+    assert history["source_key"].tolist() == ["b"]  # its last payload is kept
+    versions = _table(engine, store.golden_versions)
+    of_ab = versions[versions["golden_id"] == n1["a"]].sort_values("version")
+    assert of_ab["members"].tolist() == [2, 1]  # recomputed without it
+    _, _ = _night(engine, "R3", T3, six_people, [["c"]])
+    golden = _table(engine, store.golden_records).set_index("golden_id")
+    assert golden.loc[n1["a"], "status"] == "retired"
+    assert pd.isna(golden.loc[n1["a"], "survivor_id"])  # nothing left to resolve to
+    engine.dispose()
+
+
+def test_a_changed_value_makes_a_version_and_keeps_the_old_payload(
+    url: str, six_people: pd.DataFrame
+) -> None:
+    engine = store.connect(url)
+    _night(engine, "R1", T1, six_people, [["a"]])
+    moved = six_people.copy()
+    moved.loc[moved["source_key"] == "a", "postcode_norm"] = "99999"
+    _, _gid = _night(engine, "R2", T2, moved, [["a"]])
+    versions = _table(engine, store.golden_versions).sort_values("version")
+    assert versions["version"].tolist() == [1, 2]
+    assert [json.loads(a)["postcode"] for a in versions["attributes"]] == [
+        six_people.loc[0, "postcode_norm"],
+        "99999",
+    ]
+    history = _table(engine, store.record_history)
+    assert (
+        json.loads(history["payload"].iloc[0])["postcode_norm"]
+        == six_people.loc[0, "postcode_norm"]
+    )
+    assert (history["valid_from"].iloc[0], history["valid_to"].iloc[0]) == (T1, T2)
+    assert len(_table(engine, store.xref)) == 1  # still the same golden record
+    engine.dispose()
+
+
+# --- the run lock ------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_busy_store_refuses(samples: Path) -> None:
+    engine = store.connect(f"sqlite:///{samples / 'mdm.sqlite'}")
+    with store.run_lock(engine, "R20261122T020000-abcdef"):
+        result = runner.invoke(app, ["run", "--config", str(samples / "config.yaml")])
+    assert result.exit_code == 3
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0].startswith("error: store is busy: run R20261122T020000-abcdef started")
+    assert "mdm unlock" in result.stderr
+    # Released on the way out: the next run goes through.
+    assert runner.invoke(app, ["run", "--config", str(samples / "config.yaml")]).exit_code == 0
+    engine.dispose()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(samples: Path) -> None:
+    engine = store.connect(f"sqlite:///{samples / 'mdm.sqlite'}")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with engine.begin() as conn:
+        conn.execute(
+            store.lock.insert().values(
+                name="run",
+                run_id="Rdead",
+                host=store.socket.gethostname(),
+                pid=dead.pid,
+                started_at=T1,
+            )
+        )
+    assert runner.invoke(app, ["run", "--config", str(samples / "config.yaml")]).exit_code == 0
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.lock)).scalar() == 0
+    engine.dispose()
+
+
+def test_unlock_releases_a_lock_held_elsewhere(samples: Path) -> None:
+    engine = store.connect(f"sqlite:///{samples / 'mdm.sqlite'}")
+    with engine.begin() as conn:
+        conn.execute(
+            store.lock.insert().values(
+                name="run", run_id="Rother", host="another-host", pid=1, started_at=T1
+            )
+        )
+    cfg = str(samples / "config.yaml")
+    assert runner.invoke(app, ["run", "--config", cfg]).exit_code == 3
+    freed = runner.invoke(app, ["unlock", "--config", cfg])
+    assert freed.exit_code == 0 and "Rother" in freed.stdout
+    assert runner.invoke(app, ["run", "--config", cfg]).exit_code == 0
+    engine.dispose()
+
+
+def test_history_tables_stay_empty_of_personal_data_in_events(
+    url: str, six_people: pd.DataFrame
+) -> None:
+    """Events name records by source and key only."""
+    engine = store.connect(url)
+    _night(engine, "R1", T1, six_people, [["a"], ["b"]])
+    _night(engine, "R2", T2, six_people, [["a", "b"]])
+    detail = _table(engine, store.events)["detail"].iloc[0]
+    for col in PAYLOAD:
+        for value in six_people[col].dropna().astype(str):
+            assert value not in detail
+    assert np.all(_table(engine, store.events)["kind"] == "merge")
+    engine.dispose()
