@@ -685,6 +685,66 @@ class NpaiReturnFile(Strict):
         return _check_date_format(value, with_time=False)
 
 
+SurvivorshipRule = Literal[
+    "source_priority", "most_recent", "most_complete", "most_frequent", "longest"
+]
+AddressRule = Literal["rnvp_valid", "not_npai", "source_priority", "most_recent", "most_complete"]
+#: Golden attributes chosen value by value (the address and consents are chosen as blocks).
+VALUE_ATTRIBUTE_NAMES = (
+    "civility",
+    "first_name",
+    "last_name",
+    "birth_name",
+    "birth_date",
+    "email",
+    "phone",
+    "company_name",
+    "siren",
+    "siret",
+)
+
+
+class SurvivorshipSettings(Strict):
+    """Which record's value a golden record takes, attribute by attribute.
+
+    Each list is a chain: the first rule ranks the candidate records, the next
+    breaks its ties, and so on; source then key break the last ties so the
+    result never depends on row order. `source_priority` is the sources'
+    `trust`; `most_recent` their `source_updated_at`; `most_complete` the
+    number of filled fields of the record; `most_frequent` the value most
+    records of the cluster hold; `longest` the longest value. The address
+    (lines, street, postcode, town, country, RNVP lines) is taken whole from one
+    record, ranked by `address`; consents follow the most recent explicit choice.
+    """
+
+    default: list[SurvivorshipRule] = Field(
+        default_factory=lambda: ["source_priority", "most_recent", "most_complete"], min_length=1
+    )
+    attributes: dict[str, list[SurvivorshipRule]] = Field(default_factory=dict)
+    address: list[AddressRule] = Field(
+        default_factory=lambda: ["rnvp_valid", "not_npai", "most_recent", "source_priority"],
+        min_length=1,
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_attributes(
+        cls, value: dict[str, list[SurvivorshipRule]]
+    ) -> dict[str, list[SurvivorshipRule]]:
+        unknown = sorted(set(value) - set(VALUE_ATTRIBUTE_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown attribute(s) {', '.join(unknown)} (rules can be set for "
+                f"{', '.join(VALUE_ATTRIBUTE_NAMES)}; the address and consents are chosen whole)"
+            )
+        if any(not rules for rules in value.values()):
+            raise ValueError("an attribute's rule list cannot be empty")
+        return value
+
+    def chain(self, attribute: str) -> list[str]:
+        return list(self.attributes.get(attribute, self.default))
+
+
 class Settings(Strict):
     """One deployment: where the store is, what to read, how each stage behaves."""
 
@@ -694,6 +754,7 @@ class Settings(Strict):
     normalize: NormalizeSettings = NormalizeSettings()
     matching: MatchingSettings = MatchingSettings()
     export: ExportSettings = ExportSettings()
+    survivorship: SurvivorshipSettings = SurvivorshipSettings()
     npai_returns: list[NpaiReturnFile] = Field(default_factory=list)
 
     # Set by the loader, not by the YAML file.

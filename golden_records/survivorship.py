@@ -1,15 +1,24 @@
 """Survivorship: one golden record per cluster, each value with its lineage.
 
-Rules (first version): a value comes from the most trusted source, then the
-most recently updated record, that has one; consent flags follow the most
-recent explicit choice; the address is taken as a block (lines, street,
-postcode, town, country) from one record, never mixed across records.
-Everything is a sort plus a grouped `first()`, so it is vectorised.
+Each attribute's value comes from the record ranked first by its rule chain
+(`SurvivorshipSettings`) among the cluster's records that hold one. Every rule
+is a numeric key where higher wins; one `numpy.lexsort` per chain ranks all
+clusters at once, and the first row of each cluster wins. The lineage names
+the winning record and the rule that decided: the first key on which the
+winner beat the runner-up (`only_candidate` when no other record had a value,
+`source_key` when every rule tied and the key order decided).
+
+The address is a block (raw lines, street, postcode, town, country, the six
+RNVP lines and their status), taken whole from one record, never mixed across
+records; consents follow the most recent explicit choice.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+
+from mdm_pipeline.config.settings import VALUE_ATTRIBUTE_NAMES, SurvivorshipSettings
 
 #: Golden attribute -> the record column it is taken from.
 VALUE_ATTRIBUTES: dict[str, str] = {
@@ -24,6 +33,7 @@ VALUE_ATTRIBUTES: dict[str, str] = {
     "siren": "siren_norm",
     "siret": "siret_norm",
 }
+assert tuple(VALUE_ATTRIBUTES) == VALUE_ATTRIBUTE_NAMES
 CONSENT_ATTRIBUTES: dict[str, str] = {
     "consent_email": "consent_email",
     "consent_sms": "consent_sms",
@@ -35,87 +45,177 @@ ADDRESS_BLOCK: dict[str, str] = {
     "postcode": "postcode_norm",
     "city": "city_norm",
     "country": "country_norm",
+    **{f"rnvp_line{i}": f"rnvp_line{i}" for i in range(1, 7)},
+    "address_status": "address_status",
 }
 GOLDEN_ATTRIBUTES: tuple[str, ...] = (
     tuple(VALUE_ATTRIBUTES) + tuple(ADDRESS_BLOCK) + tuple(CONSENT_ATTRIBUTES)
 )
+#: Address statuses that La Poste's referential confirmed (as sent or once corrected).
+RNVP_VALID = ("valid", "corrected")
 
 
-def _winners(
-    frame: pd.DataFrame, cluster: pd.Series, columns: dict[str, str], rule: str
-) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
-    """Per cluster, the first non-null value of each column in `frame`'s order."""
-    rid = pd.Series(frame.index, index=frame.index)
-    values = frame[list(columns.values())].set_axis(list(columns), axis=1)
-    firsts = values.groupby(cluster.loc[frame.index], sort=True).first()
-    lineage = []
-    for attr, col in columns.items():
-        won = rid.where(frame[col].notna()).groupby(cluster.loc[frame.index]).first().dropna()
-        lineage.append(
-            pd.DataFrame(
-                {
-                    "cluster": won.index,
-                    "attribute": attr,
-                    "record": won.astype("int64").to_numpy(),
-                    "rule": rule,
-                }
-            )
-        )
-    return firsts, lineage
+def _record_keys(records: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Rules that rank whole records (higher wins), as float arrays."""
+    if "source_updated_at" in records:
+        updated = pd.to_datetime(records["source_updated_at"], errors="coerce", utc=True)
+        # NaT is the smallest int64: an undated record is the least recent.
+        recent = updated.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").view(np.int64)
+    else:
+        recent = np.zeros(len(records), dtype=np.int64)
+    filled = [c for c in (*VALUE_ATTRIBUTES.values(), *ADDRESS_BLOCK.values()) if c in records]
+    status = records.get("address_status", pd.Series(None, index=records.index))
+    npai = records.get("npai_flag", pd.Series(False, index=records.index))
+    return {
+        "source_priority": pd.to_numeric(records["trust"], errors="coerce").fillna(-1).to_numpy(),
+        "most_recent": recent.astype(np.float64),
+        "most_complete": records[filled].notna().sum(axis=1).to_numpy(dtype=np.float64),
+        "rnvp_valid": status.isin(RNVP_VALID).to_numpy(dtype=np.float64),
+        "not_npai": (~npai.fillna(False).astype(bool)).to_numpy(dtype=np.float64),
+    }
 
 
-def survive(records: pd.DataFrame, cluster: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _value_keys(values: pd.Series, cluster: np.ndarray, rule: str) -> np.ndarray:
+    """Rules that rank a record by its value of one attribute."""
+    if rule == "longest":
+        return values.astype(str).str.len().to_numpy(dtype=np.float64)
+    # most_frequent: how many records of the cluster hold the same value.
+    codes, _ = pd.factorize(values)
+    frame = pd.DataFrame({"c": cluster, "v": codes})
+    return frame.groupby(["c", "v"])["v"].transform("size").to_numpy(dtype=np.float64)
+
+
+def _rank(
+    rows: np.ndarray,
+    cluster: np.ndarray,
+    keys: list[tuple[str, np.ndarray]],
+    tiebreak: np.ndarray,
+    value_codes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Among candidate `rows`, the winner per cluster and the rule that decided.
+
+    The deciding rule is the first key on which the winner beats the best
+    candidate holding another value (`value_codes`): records that agree with
+    the winner do not make a decision. Returns (clusters, winning rows, rules).
+    """
+    if not len(rows):
+        return cluster[:0], rows, np.array([], dtype=object)
+    c = cluster[rows]
+    columns = [-k[rows] for _, k in keys]
+    order = np.lexsort([tiebreak[rows], *reversed(columns), c])
+    c_sorted = c[order]
+    starts = np.r_[True, c_sorted[1:] != c_sorted[:-1]]
+    first = np.flatnonzero(starts)
+    group = np.cumsum(starts) - 1
+    winners = order[first]
+    codes = value_codes[rows][order]
+    other = np.flatnonzero(codes != codes[first][group])
+    decided = np.full(len(first), "all_agree", dtype=object)
+    decided[np.diff(np.r_[first, len(order)]) == 1] = "only_candidate"
+    if len(other):
+        g = group[other]
+        keep = np.r_[True, g[1:] != g[:-1]]
+        challenged, runner = g[keep], order[other[keep]]
+        win = winners[challenged]
+        verdict = np.full(len(challenged), "source_key", dtype=object)
+        open_ = np.ones(len(challenged), dtype=bool)
+        for name, column in zip([n for n, _ in keys], columns, strict=True):
+            differs = open_ & (column[win] != column[runner])
+            verdict[differs] = name
+            open_ &= ~differs
+        decided[challenged] = verdict
+    return c_sorted[first], rows[winners], decided
+
+
+def _lineage(
+    clusters: np.ndarray, attribute: str, rows: np.ndarray, rules: np.ndarray
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"cluster": clusters, "attribute": attribute, "record": rows, "rule": rules}
+    )
+
+
+def survive(
+    records: pd.DataFrame, cluster: pd.Series, settings: SurvivorshipSettings | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Golden values per cluster and the lineage of every value.
 
     `cluster` is aligned with `records` (one label per record). Returns
     (golden, lineage): golden is indexed by cluster; lineage has one row per
-    (cluster, attribute) naming the winning record (positional id) and rule.
+    (cluster, attribute) naming the winning record (positional id) and the rule
+    that decided.
     """
-    by_trust = records.sort_values(
-        ["trust", "source_updated_at", "source", "source_key"],
-        ascending=[False, False, True, True],
-        na_position="last",
-        kind="stable",
+    settings = settings or SurvivorshipSettings()
+    records = records.reset_index(drop=True)
+    labels = np.asarray(cluster.to_numpy())
+    record_keys = _record_keys(records)
+    # Last tie-break: source then key, ascending (so its negated rank sorts first).
+    tiebreak = (
+        np.lexsort(
+            (records["source_key"].astype(str).to_numpy(), records["source"].astype(str).to_numpy())
+        )
+        .argsort()
+        .astype(np.float64)
     )
-    values, lineage = _winners(by_trust, cluster, VALUE_ATTRIBUTES, "trust_then_recent")
+    index = np.unique(labels)
+    golden = pd.DataFrame(index=index)
+    lineage: list[pd.DataFrame] = []
 
-    by_recent = records.sort_values(
-        ["source_updated_at", "trust", "source", "source_key"],
-        ascending=[False, False, True, True],
-        na_position="last",
-        kind="stable",
-    )
-    consent, consent_lineage = _winners(
-        by_recent, cluster, CONSENT_ATTRIBUTES, "most_recent_explicit"
-    )
+    for attr, col in VALUE_ATTRIBUTES.items():
+        values = records[col] if col in records else pd.Series(None, index=records.index)
+        rows = np.flatnonzero(values.notna().to_numpy())
+        keys = [
+            (rule, record_keys[rule] if rule in record_keys else _value_keys(values, labels, rule))
+            for rule in settings.chain(attr)
+        ]
+        codes = pd.factorize(values)[0]
+        clusters, winners, decided = _rank(rows, labels, keys, tiebreak, codes)
+        golden[attr] = values.iloc[winners].set_axis(clusters)
+        lineage.append(_lineage(clusters, attr, winners, decided))
 
-    # The address block: the best record that has a street and a postcode.
-    complete = records["street_norm"].notna() & records["postcode_norm"].notna()
-    ranked = records.assign(__complete=complete).sort_values(
-        ["__complete", "trust", "source_updated_at", "source", "source_key"],
-        ascending=[False, False, False, True, True],
-        na_position="last",
-        kind="stable",
-    )
-    best = ranked.groupby(cluster.loc[ranked.index], sort=True).head(1)
-    has_address = best[list(ADDRESS_BLOCK.values())].notna().any(axis=1)
-    best = best[has_address]
-    address = best[list(ADDRESS_BLOCK.values())].set_axis(list(ADDRESS_BLOCK), axis=1)
-    address.index = cluster.loc[best.index].to_numpy()
-    address_lineage = [
-        pd.DataFrame(
-            {
-                "cluster": address.index,
-                "attribute": attr,
-                "record": best.index.to_numpy(),
-                "rule": "address_block",
-            }
-        )[best[col].notna().to_numpy()]
-        for attr, col in ADDRESS_BLOCK.items()
+    # Consents: the most recent explicit choice (a missing flag is no choice).
+    consent_keys = [
+        ("most_recent", record_keys["most_recent"]),
+        ("source_priority", record_keys["source_priority"]),
     ]
+    for attr, col in CONSENT_ATTRIBUTES.items():
+        values = records[col] if col in records else pd.Series(pd.NA, index=records.index)
+        rows = np.flatnonzero(values.notna().to_numpy())
+        codes = pd.factorize(values)[0]
+        clusters, winners, decided = _rank(rows, labels, consent_keys, tiebreak, codes)
+        golden[attr] = pd.Series(values.to_numpy()[winners], index=clusters).astype("boolean")
+        decided = np.where(
+            np.isin(decided, ["most_recent", "source_priority", "source_key"]),
+            "most_recent_explicit",
+            decided,
+        )
+        lineage.append(_lineage(clusters, attr, winners, decided))
 
-    golden = values.join(address, how="left").join(consent, how="left")
-    golden["record_type"] = records.groupby(cluster)["record_type"].first()
-    golden["members"] = cluster.value_counts().reindex(golden.index)
-    lineage_frame = pd.concat(lineage + consent_lineage + address_lineage, ignore_index=True)
+    # The address, whole, from the best record that has one.
+    block = {a: c for a, c in ADDRESS_BLOCK.items() if c in records}
+    has_address = (
+        records[[block[a] for a in ("address_lines", "street", "postcode", "city") if a in block]]
+        .notna()
+        .any(axis=1)
+        .to_numpy()
+    )
+    rows = np.flatnonzero(has_address)
+    keys = [(rule, record_keys[rule]) for rule in settings.address]
+    # Two records with the same address block do not compete: the block is the value.
+    whole = (
+        pd.util.hash_pandas_object(records[list(block.values())].astype(str), index=False)
+        if block
+        else pd.Series(np.zeros(len(records), dtype=np.uint64))
+    )
+    clusters, winners, decided = _rank(rows, labels, keys, tiebreak, pd.factorize(whole)[0])
+    for attr in ADDRESS_BLOCK:
+        col = block.get(attr)
+        values = records[col].to_numpy()[winners] if col else np.full(len(winners), None)
+        golden[attr] = pd.Series(values, index=clusters, dtype=object)
+        present = pd.notna(values)
+        lineage.append(_lineage(clusters[present], attr, winners[present], decided[present]))
+
+    golden["record_type"] = records.groupby(labels)["record_type"].first()
+    golden["members"] = pd.Series(labels).value_counts().reindex(golden.index)
+    lineage_frame = pd.concat(lineage, ignore_index=True)
     return golden[["record_type", "members", *GOLDEN_ATTRIBUTES]], lineage_frame

@@ -266,7 +266,7 @@ class Pipeline:
         summary.weak_links_cut = report.bridges_cut
 
         with self._stage("survive", summary, emit):
-            golden, lineage = survive(records, labels)
+            golden, lineage = survive(records, labels, settings.survivorship)
 
         payload_columns = [
             c
