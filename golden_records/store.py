@@ -259,9 +259,31 @@ def _close_open(
 
 
 def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
-    if len(frame):
-        rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-        conn.execute(table.insert(), rows)
+    """Bulk insert: rows go to the driver as tuples, past SQLAlchemy's per-row processing.
+
+    On PostgreSQL they are streamed with COPY. On SQLite, datetimes are written
+    as text in the format SQLAlchemy itself uses, so that the ORM-free reads and
+    the Core reads of the same column agree.
+    """
+    if not len(frame):
+        return
+    cols = [c.name for c in table.columns if c.name in frame.columns]
+    data = frame[cols].astype(object)
+    for c in cols:
+        if isinstance(table.c[c].type, sa.DateTime) and conn.dialect.name == "sqlite":
+            stamps = pd.to_datetime(data[c])
+            data[c] = stamps.dt.strftime("%Y-%m-%d %H:%M:%S.%f").where(stamps.notna(), None)
+    data = data.where(data.notna(), None)
+    rows = list(data.itertuples(index=False, name=None))
+    names = ", ".join(f'"{c}"' for c in cols)
+    if conn.dialect.name == "postgresql":
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    marks = ", ".join("?" if conn.dialect.paramstyle == "qmark" else "%s" for _ in cols)
+    conn.exec_driver_sql(f'INSERT INTO "{table.name}" ({names}) VALUES ({marks})', rows)
 
 
 @contextmanager
