@@ -98,6 +98,7 @@ def _figures_table(summary: Any) -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     rows = [
+        ("matching model", f"{summary.model_status} (run {summary.model_run})"),
         ("candidate pairs", f"{summary.candidate_pairs:,}"),
         *((f"  rule {k}", f"{v:,}") for k, v in summary.pairs_per_rule.items()),
         ("auto-matched pairs", f"{summary.matched_edges:,}"),
@@ -130,6 +131,12 @@ def _figures_table(summary: Any) -> Table:
 def run(
     config: ConfigOption,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    retrain: Annotated[
+        bool,
+        typer.Option(
+            "--retrain", help="Train a new matching model instead of reusing the stored one."
+        ),
+    ] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Run the nightly job: load, normalise, match, cluster, store golden records, export."""
@@ -146,7 +153,7 @@ def run(
             transient=json_output,
             disable=json_output,
         ) as progress:
-            summary = pipeline.run(on_event=_StageProgress(progress))
+            summary = pipeline.run(on_event=_StageProgress(progress), retrain=retrain)
     except Exception as exc:
         raise _fail(exc, debug) from None
     if json_output:

@@ -93,6 +93,12 @@ def store_url(settings: Settings) -> str:
     return f"sqlite:///{(settings.base_dir / 'mdm.sqlite').as_posix()}"
 
 
+def matching_hash(settings: Settings) -> str:
+    """A fingerprint of the matching settings: a stored model is reused only under them."""
+    payload = settings.matching.model_dump_json().encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
 def config_hash(settings: Settings) -> str:
     """A fingerprint of the effective settings, recorded in every run manifest."""
     payload = settings.model_dump_json(exclude={"store"}).encode()

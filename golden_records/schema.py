@@ -162,3 +162,12 @@ lock = sa.Table(
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started_at", sa.DateTime, nullable=False),
 )
+
+models = sa.Table(
+    "mdm_models",
+    metadata,
+    sa.Column("run_id", sa.String(40), primary_key=True),  # the run that trained it
+    sa.Column("settings_hash", sa.String(64), nullable=False, index=True),  # matching settings
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),  # parameters, term frequencies, prior: JSON
+)

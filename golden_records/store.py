@@ -38,6 +38,7 @@ from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tab
     lock,
     match_evidence,
     metadata,
+    models,
     npai,
     quarantine,
     record_history,
@@ -747,3 +748,26 @@ def write_npai(conn: Connection, before: pd.DataFrame, after: pd.DataFrame) -> i
             ],
         )
     return len(new) + len(cleared)
+
+
+def read_model(engine: Engine, settings_hash: str) -> tuple[str, str] | None:
+    """(training run, model JSON) of the latest model trained with these matching settings."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(models.c.run_id, models.c.model)
+            .where(models.c.settings_hash == settings_hash)
+            .order_by(models.c.created_at.desc(), models.c.run_id.desc())
+            .limit(1)
+        ).first()
+    return (row[0], row[1]) if row else None
+
+
+def write_model(
+    conn: Connection, run_id: str, settings_hash: str, at: datetime, model_json: str
+) -> None:
+    """Keep a newly trained model (inside the run's transaction: a failed run keeps none)."""
+    conn.execute(
+        models.insert().values(
+            run_id=run_id, settings_hash=settings_hash, created_at=at, model=model_json
+        )
+    )

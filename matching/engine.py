@@ -111,7 +111,7 @@ def train(
     left, right = _random_pairs(records, sample, rng)
     u = estimate_u(compare(records, left, right, comps, {}), comps, training.u_floor)
     m_prior = priors(comps)
-    model = Model(m={k: v.copy() for k, v in m_prior.items()}, u=u)
+    model = Model(m={k: v.copy() for k, v in m_prior.items()}, u=u, term_freq=tf)
 
     sums = {c.name: np.zeros_like(m_prior[c.name]) for c in comps}
     mass = {c.name: 0.0 for c in comps}
@@ -220,9 +220,10 @@ def match(records: pd.DataFrame | Fields, settings: MatchingSettings, model: Mod
     records = prepare(records)
     comps = settings.comparisons
     cands = candidate_pairs(records, settings.blocking.rules, settings.blocking.max_block_size)
-    vectors = compare(records, cands.left, cands.right, comps, term_frequencies(records, comps))
+    tf = model.term_freq or term_frequencies(records, comps)
+    vectors = compare(records, cands.left, cands.right, comps, tf)
     ev = evidence(vectors, model, comps)
-    if len(cands):
+    if len(cands) and not model.prior_fitted:
         # The prior is that of a random pair of records of the same type, fitted by EM
         # with m and u held: pairs that no rule proposed count as non-matches. A prior
         # over candidates only would let blocks full of namesakes vouch for themselves.
@@ -230,6 +231,7 @@ def match(records: pd.DataFrame | Fields, settings: MatchingSettings, model: Mod
         free = ~ev.in_context
         known = float(probability(ev.context_odds[~free] + ev.ratio[~free]).sum())
         model.prior = fit_prior(ev.ratio[free], float((kinds * (kinds - 1) / 2).sum()), known)
+        model.prior_fitted = True
     weight, contrib = weigh(ev, model.prior)
     prob = probability(weight)
     bands = settings.bands

@@ -21,6 +21,7 @@ per-comparison weights log2(m/u); each term is kept so it can be shown later.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -51,6 +52,11 @@ class Model:
     u_context: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     #: context comparison -> share of matches among the pairs that agree on it.
     context_share: dict[str, float] = field(default_factory=dict)
+    #: comparison -> share of records holding each value, frozen at training so that
+    #: a reused model weighs MARTIN the same every night.
+    term_freq: dict[str, pd.Series] = field(default_factory=dict)
+    #: Whether `prior` has been fitted (a reused model keeps its prior).
+    prior_fitted: bool = False
 
     def weights(self, name: str) -> np.ndarray:
         """log2(m/u) per level of one comparison."""
@@ -71,6 +77,42 @@ class Model:
             },
             "context_share": self.context_share,
         }
+
+    def to_json(self) -> str:
+        """Every parameter at full precision: a stored model scores exactly as it did."""
+        return json.dumps(
+            {
+                **self.as_dict(),
+                "m": {k: v.tolist() for k, v in self.m.items()},
+                "u": {k: v.tolist() for k, v in self.u.items()},
+                "u_context": {
+                    g: {k: v.tolist() for k, v in us.items()} for g, us in self.u_context.items()
+                },
+                "term_freq": {k: v.to_dict() for k, v in self.term_freq.items()},
+                "prior_fitted": self.prior_fitted,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Model:
+        data = json.loads(text)
+        return cls(
+            m={k: np.array(v) for k, v in data["m"].items()},
+            u={k: np.array(v) for k, v in data["u"].items()},
+            prior=float(data["prior"]),
+            m_source=dict(data["m_source"]),
+            warnings=list(data["warnings"]),
+            training={k: (int(v[0]), float(v[1]), int(v[2])) for k, v in data["training"].items()},
+            u_context={
+                g: {k: np.array(v) for k, v in us.items()} for g, us in data["u_context"].items()
+            },
+            context_share={k: float(v) for k, v in data["context_share"].items()},
+            term_freq={
+                k: pd.Series(v, dtype=np.float64) for k, v in data.get("term_freq", {}).items()
+            },
+            prior_fitted=bool(data.get("prior_fitted", True)),
+        )
 
 
 def priors(comparisons: list[Comparison]) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from mdm_pipeline import __version__
 from mdm_pipeline.config import schema
 from mdm_pipeline.config.errors import ConfigError, DataContractError
-from mdm_pipeline.config.loader import config_hash, load_settings, store_url
+from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
 from mdm_pipeline.config.settings import Settings
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.survivorship import survive
@@ -37,6 +37,7 @@ from mdm_pipeline.matching.clustering import guarded_clusters
 from mdm_pipeline.matching.engine import AUTO, REVIEW, MatchResult, match, train
 from mdm_pipeline.matching.evaluation import bcubed, pair_scores, read_truth
 from mdm_pipeline.matching.keys import prepare
+from mdm_pipeline.matching.scoring import Model
 from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
@@ -99,6 +100,9 @@ class RunSummary:
     golden_retired: int = 0
     merges: int = 0
     splits: int = 0
+    #: The matching model: "trained" by this run, or "reused" from `model_run`.
+    model_status: str = ""
+    model_run: str = ""
     npai_returns_read: int = 0
     npai_flags_new: int = 0
     npai_flags_cleared: int = 0
@@ -158,6 +162,7 @@ class Pipeline:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._model: dict[str, Any] = {}
+        self._retrain = False
 
     @classmethod
     def from_config(cls, path: str | Path) -> Pipeline:
@@ -185,9 +190,18 @@ class Pipeline:
         log.info("stage %s done in %.2fs", name, summary.seconds[name])
 
     def run(
-        self, on_event: EventCallback | None = None, run_date: pd.Timestamp | None = None
+        self,
+        on_event: EventCallback | None = None,
+        run_date: pd.Timestamp | None = None,
+        retrain: bool = False,
     ) -> RunSummary:
-        """Run the whole chain once; the store changes only if every stage succeeds."""
+        """Run the whole chain once; the store changes only if every stage succeeds.
+
+        The matching model is trained on the first run (and whenever the matching
+        settings change, or `retrain` is asked for) and reused on later runs: a
+        night's new records do not shift the weights of every pair in the store.
+        """
+        self._retrain = retrain
         emit = on_event or _noop
         settings = self.settings
         now = datetime.now(UTC)
@@ -246,7 +260,14 @@ class Pipeline:
         with self._stage("match", summary, emit):
             positional = records.reset_index(drop=True)
             fields = prepare(positional)
-            model = train(fields, settings.matching)
+            model_hash = matching_hash(settings)
+            stored = None if self._retrain else store.read_model(engine, model_hash)
+            if stored is not None:
+                summary.model_run, summary.model_status = stored[0], "reused"
+                model = Model.from_json(stored[1])
+            else:
+                summary.model_run, summary.model_status = summary.run_id, "trained"
+                model = train(fields, settings.matching)
             result = match(fields, settings.matching, model)
             self._model = model.as_dict()
         pairs = result.pairs
@@ -296,6 +317,8 @@ class Pipeline:
                         quarantined,
                         quarantine_scope,
                     )
+                    if summary.model_status == "trained":
+                        store.write_model(conn, summary.run_id, model_hash, at, model.to_json())
                     store.write_npai(conn, npai_before, npai_after)
                     store.write_evidence(conn, summary.run_id, _evidence(positional, result))
                 summary.golden_created = written.golden_created

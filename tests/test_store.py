@@ -40,7 +40,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def test_migrations_build_exactly_the_declared_schema(url: str) -> None:
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0002"
+    assert store.schema_revision(engine) == "0003"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
@@ -74,7 +74,7 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
         )
     engine.dispose()
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0002"
+    assert store.schema_revision(engine) == "0003"
     with engine.connect() as conn:
         version = conn.execute(sa.select(store.golden_versions)).mappings().one()
         link = conn.execute(sa.select(store.xref)).mappings().one()
@@ -346,3 +346,52 @@ def test_history_tables_stay_empty_of_personal_data_in_events(
             assert value not in detail
     assert np.all(_table(engine, store.events)["kind"] == "merge")
     engine.dispose()
+
+
+# --- the matching model is kept -----------------------------------------------------------
+
+
+def _run_json(cfg: Path, *extra: str) -> dict:
+    result = runner.invoke(app, ["run", "--config", str(cfg), "--json", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_the_model_is_trained_once_then_reused_until_retrain_or_new_settings(
+    samples: Path,
+) -> None:
+    cfg = samples / "config.yaml"
+    first = _run_json(cfg)
+    assert (first["model_status"], first["model_run"]) == ("trained", first["run_id"])
+    second = _run_json(cfg)
+    assert (second["model_status"], second["model_run"]) == ("reused", first["run_id"])
+    assert second["golden_updated"] == second["golden_created"] == 0
+    third = _run_json(cfg, "--retrain")
+    assert (third["model_status"], third["model_run"]) == ("trained", third["run_id"])
+    # New matching settings: the stored models were trained under others.
+    cfg.write_text(cfg.read_text().replace("auto_match: 0.95", "auto_match: 0.96"))
+    fourth = _run_json(cfg)
+    assert fourth["model_status"] == "trained"
+    engine = sa.create_engine(f"sqlite:///{samples / 'mdm.sqlite'}")
+    with engine.connect() as conn:
+        trained = conn.execute(sa.select(store.models.c.run_id)).scalars().all()
+    engine.dispose()
+    assert sorted(trained) == sorted([first["run_id"], third["run_id"], fourth["run_id"]])
+
+
+def test_a_stored_model_scores_exactly_as_the_trained_one(samples: Path) -> None:
+    from mdm_pipeline.matching.engine import match, train
+    from mdm_pipeline.matching.scoring import Model
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    pipeline = Pipeline.from_config(samples / "config.yaml")
+    records = pipeline.normalised_records()
+    settings = pipeline.settings.matching
+    model = train(records, settings)
+    before = match(records, settings, model).pairs
+    again = Model.from_json(model.to_json())
+    assert again.prior_fitted and again.prior == model.prior
+    after = match(records, settings, again).pairs
+    pd.testing.assert_frame_equal(before, after)
+    # Frozen term frequencies: scoring a subset weighs common names as the whole did.
+    assert set(again.term_freq) == {c.name for c in settings.comparisons if c.tf_adjust}
