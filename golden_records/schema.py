@@ -38,6 +38,7 @@ source_records = sa.Table(
     sa.Column("payload", sa.Text, nullable=False),  # canonical + normalised values, JSON
     sa.Column("updated_run", sa.String(40), nullable=False),
     sa.Column("valid_from", sa.DateTime),  # of the current payload
+    sa.Column("source_hash", sa.String(32)),  # the record as its source sent it
 )
 
 golden_records = sa.Table(
@@ -171,3 +172,33 @@ models = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("model", sa.Text, nullable=False),  # parameters, term frequencies, prior: JSON
 )
+
+#: Normalised text fields matching reads (see matching.keys.FIELD_COLUMNS).
+MATCH_TEXT_COLUMNS = (
+    "first_name_norm",
+    "last_name_norm",
+    "birth_name_norm",
+    "email_norm",
+    "phone_norm",
+    "postcode_norm",
+    "city_norm",
+    "street_norm",
+    "company_name_norm",
+    "siren_norm",
+    "siret_norm",
+    "customer_ref_norm",
+)
+
+match_fields = sa.Table(
+    "mdm_match_fields",
+    metadata,
+    sa.Column("source", sa.String(40), primary_key=True),
+    sa.Column("source_key", sa.String(200), primary_key=True),
+    sa.Column("source_line", sa.Integer),
+    sa.Column("record_type", sa.String(16), nullable=False),
+    sa.Column("birth_date", sa.DateTime),
+    *[sa.Column(c, sa.String(200)) for c in MATCH_TEXT_COLUMNS],
+    sa.Column("npai_state", sa.String(200)),  # flag|date|reason: a change re-survives
+)
+#: Columns of `match_fields` an incremental run reads back as the records' matching view.
+MATCH_COLUMNS = ("record_type", "birth_date", *MATCH_TEXT_COLUMNS)

@@ -32,11 +32,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.errors import StoreError, StoreLockedError
 from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tables)
+    MATCH_COLUMNS,
     events,
     golden_records,
     golden_versions,
     lock,
     match_evidence,
+    match_fields,
     metadata,
     models,
     npai,
@@ -97,7 +99,7 @@ def connect(url: str) -> Engine:
     return engine
 
 
-def _hash_rows(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+def hash_rows(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """A stable hash per row of JSON-able values, to find what changed."""
     payload = frame.to_json(orient="records", lines=True, date_format="iso", force_ascii=False)
     lines = payload.splitlines() if len(frame) else []
@@ -341,6 +343,8 @@ def write_run(
     lineage: pd.DataFrame,
     quarantined: pd.DataFrame,
     loaded_sources: list[str],
+    scope: pd.DataFrame | None = None,
+    removed: pd.DataFrame | None = None,
 ) -> tuple[WriteResult, pd.Series]:
     """Write records, golden records, their history and quarantine; return what changed
     and the golden ID of each record (aligned with `records`).
@@ -349,12 +353,18 @@ def write_run(
     changes are written: a new golden version only when a value changes, a new
     cross-reference row only when a record changes golden record, so a rerun
     on the same input writes nothing but its run log. `at` dates every change.
+
+    An incremental run passes only the records whose clusters it re-decided, with
+    `scope` (the stored records those clusters held: only their golden records
+    can change or retire) and `removed` (the records deleted at their source).
     """
     result = WriteResult()
     keys = records[["source", "source_key"]].assign(
         source_key=records["source_key"].astype(str), cluster=cluster.to_numpy()
     )
     prev = previous_xref(conn)
+    if scope is not None:
+        prev = prev.merge(scope[["source", "source_key"]].astype(str), on=["source", "source_key"])
     stored = _read(
         conn,
         sa.select(
@@ -375,7 +385,7 @@ def write_run(
 
     # Golden records: compare with the stored ones and write only the changes.
     attrs = golden.drop(columns=["record_type", "members"])
-    g_hash, g_json = _hash_rows(attrs)
+    g_hash, g_json = hash_rows(attrs)
     new_golden = pd.DataFrame(
         {
             "golden_id": gid_of_cluster.reindex(golden.index).to_numpy(),
@@ -417,7 +427,9 @@ def write_run(
 
     # Golden records no cluster kept are retired; a merged one resolves to its survivor.
     gone = stored[
-        (stored["status"] == "active") & ~stored["golden_id"].isin(new_golden["golden_id"])
+        (stored["status"] == "active")
+        & ~stored["golden_id"].isin(new_golden["golden_id"])
+        & (stored["golden_id"].isin(prev["golden_id"]) if scope is not None else True)
     ]
     survivor = assignment.retired.set_index("golden_id")["survivor_id"]
     if len(gone):
@@ -437,7 +449,7 @@ def write_run(
     result.golden_retired = len(gone)
 
     # Source records: current payload and golden ID, with history of both.
-    r_hash, r_json = _hash_rows(records[payload_columns])
+    r_hash, r_json = hash_rows(records[payload_columns])
     new_xref = pd.DataFrame(
         {
             "source": keys["source"].to_numpy(),
@@ -452,6 +464,7 @@ def write_run(
             "payload": r_json.to_numpy(),
             "updated_run": run_id,
             "valid_from": at,
+            "source_hash": records["source_hash"].to_numpy() if "source_hash" in records else None,
         }
     )
     both = new_xref.merge(prev, on=["source", "source_key"], how="left", suffixes=("", "_old"))
@@ -471,6 +484,21 @@ def write_run(
         conn, source_records, to_write.loc[existed[dirty].to_numpy(), ["source", "source_key"]]
     )
     _insert(conn, source_records, to_write)
+    # The matching view of every record whose values changed (incremental runs read it).
+    fresh_fields = ~existed | payload_changed
+    if set(MATCH_COLUMNS) <= set(records.columns):
+        fields = records.loc[fresh_fields.to_numpy(), list(MATCH_COLUMNS)].assign(
+            source=keys["source"].to_numpy()[fresh_fields.to_numpy()],
+            source_key=keys["source_key"].to_numpy()[fresh_fields.to_numpy()],
+            source_line=records["source_line"].astype(int).to_numpy()[fresh_fields.to_numpy()],
+            npai_state=_npai_state(records.loc[fresh_fields.to_numpy()]),
+        )
+        _delete_keys(
+            conn,
+            match_fields,
+            fields.loc[existed[fresh_fields].to_numpy(), ["source", "source_key"]],
+        )
+        _insert(conn, match_fields, fields)
     result.records_written = len(to_write)
     relinked = both[~existed | moved]
     _close_open(
@@ -485,11 +513,15 @@ def write_run(
     )
 
     # Records no longer delivered by a loaded source end their cross-reference.
-    in_scope = prev[prev["source"].isin(loaded_sources)]
-    missing = in_scope.merge(new_xref[["source", "source_key"]], how="left", indicator=True)
-    missing = missing[missing["_merge"] == "left_only"][["source", "source_key"]]
+    if removed is not None:
+        missing = removed[["source", "source_key"]].astype(str)
+    else:
+        in_scope = prev[prev["source"].isin(loaded_sources)]
+        missing = in_scope.merge(new_xref[["source", "source_key"]], how="left", indicator=True)
+        missing = missing[missing["_merge"] == "left_only"][["source", "source_key"]]
     _archive_payloads(conn, missing, at, run_id)
     _delete_keys(conn, source_records, missing)
+    _delete_keys(conn, match_fields, missing)
     _close_open(conn, xref, missing, at, run_id)
     result.records_removed = len(missing)
 
@@ -512,6 +544,18 @@ def write_run(
 
     result.quarantine_rows = _write_quarantine(conn, run_id, quarantined, loaded_sources)
     return result, record_gid
+
+
+def _npai_state(records: pd.DataFrame) -> pd.Series | None:
+    """A record's NPAI flag, date and reason as one text: when it changes, the record's
+    golden record must be chosen again (an NPAI address loses to a deliverable one)."""
+    if "npai_flag" not in records:
+        return None
+    parts = [records[c].astype(str).where(records[c].notna(), "") for c in NPAI_STATE_COLUMNS]
+    return parts[0] + "|" + parts[1] + "|" + parts[2]
+
+
+NPAI_STATE_COLUMNS = ("npai_flag", "npai_date", "npai_reason")
 
 
 def _archive_payloads(conn: Connection, keys: pd.DataFrame, at: datetime, run_id: str) -> None:
@@ -605,9 +649,11 @@ def write_evidence(conn: Connection, run_id: str, evidence: pd.DataFrame) -> int
             *[match_evidence.c[c] for c in (*keys, "rule", "weight", "band", "contributions")]
         ),
     )
+    # Kept at full precision: an incremental run clusters on the stored weights and
+    # must break ties exactly as a full run does.
     new = evidence.copy()
-    new["weight"] = new["weight"].astype(float).round(4)
-    new["probability"] = new["probability"].astype(float).round(6)
+    new["weight"] = new["weight"].astype(float)
+    new["probability"] = new["probability"].astype(float)
     merged = new.merge(old, on=keys, how="outer", suffixes=("", "_old"), indicator=True)
     gone = merged.loc[merged["_merge"] == "right_only", keys]
     both = merged["_merge"] == "both"
@@ -771,3 +817,78 @@ def write_model(
             run_id=run_id, settings_hash=settings_hash, created_at=at, model=model_json
         )
     )
+
+
+# --- what an incremental run reads back ---------------------------------------------------
+
+
+def read_state(engine: Engine) -> pd.DataFrame:
+    """Per stored record: golden ID, source hash, address hash (for NPAI), source line."""
+    with engine.connect() as conn:
+        return _read(
+            conn,
+            sa.select(
+                source_records.c.source,
+                source_records.c.source_key,
+                source_records.c.golden_id,
+                source_records.c.source_hash,
+                source_records.c.address_hash,
+            ),
+        )
+
+
+def read_match_fields(engine: Engine) -> pd.DataFrame:
+    """The matching view of every stored record (no payloads: a narrow table)."""
+    with engine.connect() as conn:
+        frame = _read(conn, sa.select(match_fields))
+    frame["birth_date"] = pd.to_datetime(frame["birth_date"])
+    return frame
+
+
+def read_auto_edges(engine: Engine) -> pd.DataFrame:
+    """Stored auto-match pairs by key, with the weight and probability clustering uses."""
+    with engine.connect() as conn:
+        return _read(
+            conn,
+            sa.select(
+                *[match_evidence.c[c] for c in EVIDENCE_KEYS],
+                match_evidence.c.weight,
+                match_evidence.c.probability,
+            ).where(match_evidence.c.band == "auto_match"),
+        )
+
+
+def read_payloads(engine: Engine, keys: pd.DataFrame) -> pd.DataFrame:
+    """(source, source_key, source_line, payload JSON) of these stored records."""
+    with engine.connect() as conn:
+        return _select_keys(
+            conn,
+            sa.select(
+                source_records.c.source,
+                source_records.c.source_key,
+                source_records.c.source_line,
+                source_records.c.payload,
+            ),
+            keys,
+        )
+
+
+def replace_evidence(
+    conn: Connection, run_id: str, touched: pd.DataFrame, evidence: pd.DataFrame
+) -> int:
+    """Drop the stored pairs that involve a touched record and insert their new scores.
+
+    `touched` is (source, source_key) of the records an incremental run matched
+    again or deleted; every other stored pair keeps its row, as a full run
+    with the same model would have left it.
+    """
+    keys = touched[["source", "source_key"]].astype(str)
+    stored = _read(conn, sa.select(*[match_evidence.c[c] for c in EVIDENCE_KEYS]))
+    hit = pd.Series(False, index=stored.index)
+    for side in ("left", "right"):
+        probe = stored[[f"{side}_source", f"{side}_key"]].set_axis(["source", "source_key"], axis=1)
+        hit |= probe.merge(keys, how="left", indicator=True)["_merge"].eq("both").to_numpy()
+    _delete_keys(conn, match_evidence, stored.loc[hit, list(EVIDENCE_KEYS)])
+    fresh = evidence[[*EVIDENCE_KEYS, "rule", "weight", "probability", "band", "contributions"]]
+    _insert(conn, match_evidence, fresh.assign(run_id=run_id))
+    return int(hit.sum()) + len(fresh)

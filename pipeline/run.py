@@ -229,29 +229,9 @@ class Pipeline:
     ) -> RunSummary:
         settings = self.settings
         npai_before, npai_sent = store.read_npai(engine)
-        mapped: list[MappedSource] = []
-        returns: list[pd.DataFrame] = []
-        npai_quarantine: list[pd.DataFrame] = []
-        with self._stage("load", summary, emit, total=len(settings.sources)):
-            for spec in settings.sources:
-                m = load_source(spec, settings, run_date)
-                if m.rows_read != len(m.records) + len(m.quarantine):
-                    raise DataContractError(
-                        f"source '{spec.name}': {m.rows_read} rows read but "
-                        f"{len(m.records)} records + {len(m.quarantine)} quarantined"
-                    )
-                mapped.append(m)
-                summary.sources.append(
-                    SourceCounts(
-                        spec.name, m.rows_read, len(m.records), len(m.quarantine), m.duplicates
-                    )
-                )
-                emit("load", "advance", {"source": spec.name})
-            for return_file in settings.npai_returns:
-                got, bad = read_returns(return_file, settings)
-                returns.append(got)
-                npai_quarantine.append(bad)
+        mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         records = pd.concat([m.records for m in mapped], ignore_index=True)
+        records["source_hash"] = source_hashes(records)
 
         with self._stage("normalize", summary, emit):
             records = normalize_records(records, settings.normalize)
@@ -399,6 +379,61 @@ class Pipeline:
             largest_true_cluster=int(both["entity_id"].value_counts().max()) if len(both) else 0,
         )
 
+    def _load(
+        self, summary: RunSummary, emit: EventCallback, run_date: pd.Timestamp
+    ) -> tuple[list[MappedSource], list[pd.DataFrame], list[pd.DataFrame]]:
+        """Every source and NPAI return file, read and mapped; rows read are accounted for."""
+        settings = self.settings
+        mapped: list[MappedSource] = []
+        returns: list[pd.DataFrame] = []
+        npai_quarantine: list[pd.DataFrame] = []
+        with self._stage("load", summary, emit, total=len(settings.sources)):
+            for spec in settings.sources:
+                m = load_source(spec, settings, run_date)
+                if m.rows_read != len(m.records) + len(m.quarantine):
+                    raise DataContractError(
+                        f"source '{spec.name}': {m.rows_read} rows read but "
+                        f"{len(m.records)} records + {len(m.quarantine)} quarantined"
+                    )
+                mapped.append(m)
+                summary.sources.append(
+                    SourceCounts(
+                        spec.name, m.rows_read, len(m.records), len(m.quarantine), m.duplicates
+                    )
+                )
+                emit("load", "advance", {"source": spec.name})
+            for return_file in settings.npai_returns:
+                got, bad = read_returns(return_file, settings)
+                returns.append(got)
+                npai_quarantine.append(bad)
+        return mapped, returns, npai_quarantine
+
+    def _npai_flags(
+        self,
+        current: pd.DataFrame,
+        returns: list[pd.DataFrame],
+        before: pd.DataFrame,
+        sent: pd.DataFrame,
+        summary: RunSummary,
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(current flag per record, NPAI state after the run) for (source, source_key,
+        address_hash) of every record the sources deliver tonight."""
+        got = (
+            pd.concat(returns, ignore_index=True)
+            if returns
+            else pd.DataFrame(columns=["source", "source_key", "return_date", "reason_text"])
+        )
+        got["reason_code"] = npai.reason_code(got["reason_text"])
+        got["reason_label"] = got["reason_code"].map(npai.REASONS)
+        state = before if len(before) else npai.empty_state()
+        after = npai.update_flags(state, got, current, sent, summary.run_id)
+        summary.npai_returns_read = len(got)
+        summary.npai_flags_new = int((after["flagged_run"] == summary.run_id).sum())
+        summary.npai_flags_cleared = int((after["cleared_run"] == summary.run_id).sum())
+        flags = npai.current_flags(after)
+        summary.npai_flags_active = len(flags)
+        return flags, after
+
     def _npai(
         self,
         records: pd.DataFrame,
@@ -409,24 +444,9 @@ class Pipeline:
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Apply La Poste returns, and clear flags whose address changed since."""
         records = records.assign(address_hash=npai.address_hash(records))
-        got = (
-            pd.concat(returns, ignore_index=True)
-            if returns
-            else pd.DataFrame(columns=["source", "source_key", "return_date", "reason_text"])
-        )
-        got["reason_code"] = npai.reason_code(got["reason_text"])
-        got["reason_label"] = got["reason_code"].map(npai.REASONS)
         current = records[["source", "source_key", "address_hash"]]
-        state = before if len(before) else npai.empty_state()
-        after = npai.update_flags(state, got, current, sent, summary.run_id)
-        summary.npai_returns_read = len(got)
-        summary.npai_flags_new = int((after["flagged_run"] == summary.run_id).sum())
-        summary.npai_flags_cleared = int((after["cleared_run"] == summary.run_id).sum())
-        flags = npai.current_flags(after)
-        summary.npai_flags_active = len(flags)
-        records = records.merge(flags, on=["source", "source_key"], how="left")
-        records["npai_flag"] = records["npai_flag"].astype("boolean").fillna(False).astype(bool)
-        return records, after
+        flags, after = self._npai_flags(current, returns, before, sent, summary)
+        return with_flags(records, flags), after
 
     def _export(
         self, mapped: list[MappedSource], records: pd.DataFrame, out_dir: Path, emit: EventCallback
@@ -450,6 +470,22 @@ class Pipeline:
             "summary": asdict(summary),
             "model": self._model,
         }
+
+
+def with_flags(records: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
+    """Records with their current NPAI flag, date and reason (replacing any they had)."""
+    records = records.drop(columns=["npai_flag", "npai_date", "npai_reason"], errors="ignore")
+    records = records.merge(flags, on=["source", "source_key"], how="left")
+    records["npai_flag"] = records["npai_flag"].astype("boolean").fillna(False).astype(bool)
+    return records
+
+
+def source_hashes(records: pd.DataFrame) -> pd.Series:
+    """A hash of each record as its source sent it (mapped, before normalisation): an
+    incremental run compares it with the stored one to find what a full extract changed.
+    The line number is left out: a record that only moved in the file is unchanged."""
+    columns = [c for c in schema.CANONICAL_COLUMNS if c != schema.SOURCE_LINE]
+    return store.hash_rows(records[columns])[0]
 
 
 def _evidence(records: pd.DataFrame, result: MatchResult) -> pd.DataFrame:
