@@ -137,6 +137,13 @@ def run(
             "--retrain", help="Train a new matching model instead of reusing the stored one."
         ),
     ] = False,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            "--incremental",
+            help="Normalise and match only the records that changed since the last run.",
+        ),
+    ] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Run the nightly job: load, normalise, match, cluster, store golden records, export."""
@@ -153,7 +160,9 @@ def run(
             transient=json_output,
             disable=json_output,
         ) as progress:
-            summary = pipeline.run(on_event=_StageProgress(progress), retrain=retrain)
+            summary = pipeline.run(
+                on_event=_StageProgress(progress), retrain=retrain, incremental=incremental
+            )
     except Exception as exc:
         raise _fail(exc, debug) from None
     if json_output:

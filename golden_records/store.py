@@ -546,6 +546,12 @@ def write_run(
     return result, record_gid
 
 
+def npai_state_text(records: pd.DataFrame) -> pd.Series:
+    """Public form of `_npai_state` for records that carry NPAI columns."""
+    state = _npai_state(records)
+    return state if state is not None else pd.Series("", index=records.index)
+
+
 def _npai_state(records: pd.DataFrame) -> pd.Series | None:
     """A record's NPAI flag, date and reason as one text: when it changes, the record's
     golden record must be chosen again (an NPAI address loses to a deliverable one)."""

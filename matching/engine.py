@@ -15,7 +15,13 @@ import numpy as np
 import pandas as pd
 
 from mdm_pipeline.config.settings import BlockingRule, Comparison, MatchingSettings
-from mdm_pipeline.matching.blocking import RuleStats, block_ids, candidate_pairs, pairs_within
+from mdm_pipeline.matching.blocking import (
+    Candidates,
+    RuleStats,
+    block_ids,
+    candidate_pairs,
+    pairs_within,
+)
 from mdm_pipeline.matching.comparisons import NULL, compare, term_frequencies
 from mdm_pipeline.matching.keys import Fields, prepare
 from mdm_pipeline.matching.scoring import (
@@ -215,11 +221,24 @@ def _learn_context_u(
         model.context_share[c.name] = share
 
 
-def match(records: pd.DataFrame | Fields, settings: MatchingSettings, model: Model) -> MatchResult:
-    """Score every candidate pair; the model's prior is fitted to the candidates."""
+def match(
+    records: pd.DataFrame | Fields,
+    settings: MatchingSettings,
+    model: Model,
+    only: np.ndarray | None = None,
+) -> MatchResult:
+    """Score every candidate pair; the model's prior is fitted to the candidates.
+
+    With `only` (a mask over records), just the pairs that involve one of those
+    records are scored: blocks are still formed over all records, so the pairs
+    and their blocking rule are exactly those a run over everything would score.
+    """
     records = prepare(records)
     comps = settings.comparisons
     cands = candidate_pairs(records, settings.blocking.rules, settings.blocking.max_block_size)
+    if only is not None:
+        keep = only[cands.left] | only[cands.right]
+        cands = Candidates(cands.left[keep], cands.right[keep], cands.rule[keep], cands.stats)
     tf = model.term_freq or term_frequencies(records, comps)
     vectors = compare(records, cands.left, cands.right, comps, tf)
     ev = evidence(vectors, model, comps)

@@ -49,6 +49,9 @@ NORMALISED_COLUMNS: tuple[str, ...] = (
 def normalize_records(records: pd.DataFrame, settings: NormalizeSettings) -> pd.DataFrame:
     """Add the normalised companions of every canonical field."""
     schema.require_columns(records, schema.CANONICAL_COLUMNS, "normalize")
+    if not len(records):
+        # Nothing to clean (an incremental night without changes): the columns, empty.
+        return records.assign(**{c: pd.Series(dtype=object) for c in NORMALISED_COLUMNS})
     # New columns only: the input's own columns are never written to.
     out = records.copy(deep=False)
     flags: dict[str, pd.Series] = {}

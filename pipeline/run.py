@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from mdm_pipeline import __version__
 from mdm_pipeline.config import schema
-from mdm_pipeline.config.errors import ConfigError, DataContractError
+from mdm_pipeline.config.errors import ConfigError, DataContractError, StoreError
 from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
 from mdm_pipeline.config.settings import Settings
 from mdm_pipeline.golden_records import store
@@ -40,6 +40,7 @@ from mdm_pipeline.matching.keys import prepare
 from mdm_pipeline.matching.scoring import Model
 from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
+from mdm_pipeline.pipeline import incremental as inc
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
 from mdm_pipeline.sources.npai import read_returns
 
@@ -100,6 +101,11 @@ class RunSummary:
     golden_retired: int = 0
     merges: int = 0
     splits: int = 0
+    #: "full", or "incremental" (only what changed is normalised and matched).
+    mode: str = "full"
+    records_changed: int = 0
+    records_deleted: int = 0
+    records_reclustered: int = 0
     #: The matching model: "trained" by this run, or "reused" from `model_run`.
     model_status: str = ""
     model_run: str = ""
@@ -194,6 +200,7 @@ class Pipeline:
         on_event: EventCallback | None = None,
         run_date: pd.Timestamp | None = None,
         retrain: bool = False,
+        incremental: bool = False,
     ) -> RunSummary:
         """Run the whole chain once; the store changes only if every stage succeeds.
 
@@ -202,6 +209,11 @@ class Pipeline:
         night's new records do not shift the weights of every pair in the store.
         """
         self._retrain = retrain
+        if retrain and incremental:
+            raise ConfigError(
+                "--retrain and --incremental cannot be combined: a retrained "
+                "model rescores every pair, which is a full run"
+            )
         emit = on_event or _noop
         settings = self.settings
         now = datetime.now(UTC)
@@ -215,6 +227,8 @@ class Pipeline:
         engine = store.connect(url)
         try:
             with store.run_lock(engine, summary.run_id):
+                if incremental:
+                    return self._run_incremental(summary, engine, emit, run_date, now)
                 return self._run(summary, engine, emit, run_date, now)
         finally:
             engine.dispose()
@@ -378,6 +392,226 @@ class Pipeline:
             largest_cluster=int(both["golden_id"].value_counts().max()) if len(both) else 0,
             largest_true_cluster=int(both["entity_id"].value_counts().max()) if len(both) else 0,
         )
+
+    def _payload_columns(self) -> list[str]:
+        return [
+            c
+            for c in (*schema.CANONICAL_COLUMNS, *NORMALISED_COLUMNS, *NPAI_COLUMNS)
+            if c not in ("source", "source_key", "source_line")
+        ]
+
+    def _run_incremental(
+        self,
+        summary: RunSummary,
+        engine: Any,
+        emit: EventCallback,
+        run_date: pd.Timestamp,
+        now: datetime,
+    ) -> RunSummary:
+        """Normalise and match only what changed since the last run (see `incremental`)."""
+        settings = self.settings
+        summary.mode = "incremental"
+        stored_model = store.read_model(engine, matching_hash(settings))
+        if stored_model is None:
+            raise StoreError(
+                "an incremental run needs the matching model of a full run under these "
+                "matching settings: run `mdm run` without --incremental first"
+            )
+        summary.model_run, summary.model_status = stored_model[0], "reused"
+        model = Model.from_json(stored_model[1])
+        sources = [s.name for s in settings.sources]
+        npai_before, npai_sent = store.read_npai(engine)
+        mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
+        loaded = pd.concat([m.records for m in mapped], ignore_index=True)
+        loaded["source_hash"] = source_hashes(loaded)
+        state = store.read_state(engine)
+        delta = inc.find_delta(loaded, state, sources)
+        summary.records_changed, summary.records_deleted = len(delta.changed), len(delta.deleted)
+
+        with self._stage("normalize", summary, emit):
+            changed = normalize_records(delta.changed, settings.normalize)
+            changed = changed.assign(address_hash=npai.address_hash(changed))
+            # NPAI over every delivered record: unchanged ones keep their stored address.
+            stored_addr = state[["source", "source_key", "address_hash"]].astype(
+                {"source_key": str}
+            )
+            current_addr = pd.concat(
+                [
+                    delta.unchanged[inc.KEYS].merge(stored_addr, on=inc.KEYS, how="left"),
+                    changed[["source", "source_key", "address_hash"]].astype({"source_key": str}),
+                ],
+                ignore_index=True,
+            )
+            flags, npai_after = self._npai_flags(
+                current_addr, returns, npai_before, npai_sent, summary
+            )
+            changed = with_flags(changed, flags)
+
+        with self._stage("match", summary, emit):
+            stored_fields = store.read_match_fields(engine)
+            keep = stored_fields[
+                [*list(store.MATCH_COLUMNS), "source", "source_key", "source_line", "npai_state"]
+            ]
+            # Tonight's line: a record that only moved in the file keeps its place in order.
+            unchanged = keep.drop(columns="source_line").merge(delta.unchanged, on=inc.KEYS)
+            fresh = (
+                changed[[*inc.KEYS, "source_line", *store.MATCH_COLUMNS]]
+                .astype({"source_key": str})
+                .assign(__changed=True)
+            )
+            current = inc.run_order(
+                pd.concat([unchanged.assign(__changed=False), fresh], ignore_index=True), sources
+            )
+            rematch = current["__changed"].to_numpy(dtype=bool)
+            # Records whose NPAI state changed: re-survived, not re-matched.
+            flag_state = with_flags(current[inc.KEYS], flags)
+            now_state = store.npai_state_text(flag_state)
+            resurvive = ~rematch & (
+                now_state.to_numpy() != current["npai_state"].fillna("").to_numpy()
+            )
+            gone = pd.concat([delta.deleted, changed[inc.KEYS].astype({"source_key": str})])
+            old_versions = stored_fields.merge(gone, on=inc.KEYS)
+            crossed = inc.crossing_blocks(
+                current[list(store.MATCH_COLUMNS)],
+                rematch,
+                old_versions[list(store.MATCH_COLUMNS)],
+                settings.matching,
+            )
+            rematch |= crossed
+            fields = prepare(current)
+            result = match(fields, settings.matching, model, only=rematch)
+            self._model = model.as_dict()
+        pairs = result.pairs
+        summary.candidate_pairs = len(pairs)
+        summary.pairs_per_rule = {k: int(v) for k, v in pairs["rule"].value_counts().items()}
+        summary.matched_edges = int((pairs["band"] == AUTO).sum())
+        summary.review_pairs = int((pairs["band"] == REVIEW).sum())
+
+        with self._stage("cluster", summary, emit):
+            position = pd.Series(
+                np.arange(len(current)), index=pd.MultiIndex.from_frame(current[inc.KEYS])
+            )
+            deleted_pos = pd.Series(
+                np.arange(len(delta.deleted)) + len(current),
+                index=pd.MultiIndex.from_frame(delta.deleted[inc.KEYS]),
+            )
+            every = pd.concat([position, deleted_pos])
+            edges = store.read_auto_edges(engine)
+            el = every.reindex(
+                pd.MultiIndex.from_arrays([edges["left_source"], edges["left_key"].astype(str)])
+            ).to_numpy()
+            er = every.reindex(
+                pd.MultiIndex.from_arrays([edges["right_source"], edges["right_key"].astype(str)])
+            ).to_numpy()
+            known = ~np.isnan(el) & ~np.isnan(er)
+            el, er, edges = el[known].astype(np.int64), er[known].astype(np.int64), edges[known]
+            n = len(current)
+            live = (el < n) & (er < n)
+            kept = live.copy()
+            kept[live] = ~rematch[el[live]] & ~rematch[er[live]]
+            auto = pairs[pairs["band"] == AUTO]
+            new_l, new_r = auto["left"].to_numpy(), auto["right"].to_numpy()
+            affected = inc.affected_records(
+                n,
+                len(delta.deleted),
+                (el, er),
+                (el[kept], er[kept]),
+                (new_l, new_r),
+                rematch,
+                resurvive,
+            )
+            summary.records_reclustered = int(affected.sum())
+            local = np.full(n, -1)
+            local[affected] = np.arange(int(affected.sum()))
+            stored_part = pd.DataFrame(
+                {
+                    "left": local[el[kept]],
+                    "right": local[er[kept]],
+                    "weight": edges["weight"].to_numpy()[kept],
+                    "probability": edges["probability"].to_numpy()[kept],
+                }
+            )
+            new_part = pd.DataFrame(
+                {
+                    "left": local[new_l],
+                    "right": local[new_r],
+                    "weight": auto["weight"].to_numpy(dtype=np.float64),
+                    "probability": auto["probability"].to_numpy(),
+                }
+            )
+            graph = pd.concat([stored_part, new_part], ignore_index=True)
+            graph = graph[(graph["left"] >= 0) & (graph["right"] >= 0)]
+            # Same orientation and order as a full run's edges (left < right, sorted).
+            lo = np.minimum(graph["left"], graph["right"])
+            hi = np.maximum(graph["left"], graph["right"])
+            graph = (
+                graph.assign(left=lo, right=hi)
+                .sort_values(["left", "right"])
+                .reset_index(drop=True)
+            )
+            cluster_ids, report = guarded_clusters(
+                int(affected.sum()), graph, settings.matching.clustering
+            )
+        summary.clusters = report.clusters
+        summary.largest_cluster = report.largest
+        summary.clusters_split = len(report.split_clusters)
+        summary.weak_links_cut = report.bridges_cut
+
+        with self._stage("survive", summary, emit):
+            keys = current.loc[affected, inc.KEYS]
+            from_store = keys.merge(
+                changed[inc.KEYS].astype({"source_key": str}), how="left", indicator=True
+            )
+            from_store = from_store.loc[from_store["_merge"] == "left_only", inc.KEYS]
+            restored = inc.records_from_payload(store.read_payloads(engine, from_store))
+            lines = current[[*inc.KEYS, "source_line"]]
+            restored = restored.drop(columns="source_line").merge(lines, on=inc.KEYS)
+            hashes = state[[*inc.KEYS, "source_hash"]].astype({"source_key": str})
+            restored = restored.merge(hashes, on=inc.KEYS, how="left")
+            restored = with_flags(restored, flags)
+            records = inc.run_order(
+                pd.concat([changed.astype({"source_key": str}), restored], ignore_index=True).merge(
+                    keys, on=inc.KEYS
+                ),
+                sources,
+            )
+            # Positions follow `current` restricted to the affected records.
+            labels = pd.Series(cluster_ids, index=records.index)
+            golden, lineage = survive(records, labels, settings.survivorship)
+
+        quarantined = pd.concat([m.quarantine for m in mapped] + npai_quarantine, ignore_index=True)
+        quarantine_scope = sources + (["npai"] if settings.npai_returns else [])
+        touched = pd.concat([current.loc[rematch, inc.KEYS], delta.deleted], ignore_index=True)
+        with store.transaction(engine) as conn, self._stage("store", summary, emit):
+            at = now.replace(tzinfo=None)
+            store.start_run(conn, summary.run_id, config_hash(settings), at)
+            written, _ = store.write_run(
+                conn,
+                summary.run_id,
+                at,
+                records,
+                self._payload_columns(),
+                labels,
+                golden,
+                lineage,
+                quarantined,
+                quarantine_scope,
+                scope=pd.concat([keys, delta.deleted], ignore_index=True),
+                removed=delta.deleted,
+            )
+            store.write_npai(conn, npai_before, npai_after)
+            store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))
+            summary.golden_created = written.golden_created
+            summary.golden_updated = written.golden_updated
+            summary.golden_unchanged = written.golden_unchanged
+            summary.golden_retired = written.golden_retired
+            summary.merges = written.merges
+            summary.splits = written.splits
+            summary.peak_rss_mib = round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+            )
+            store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
+        return summary
 
     def _load(
         self, summary: RunSummary, emit: EventCallback, run_date: pd.Timestamp

@@ -1,0 +1,156 @@
+"""What an incremental run re-decides, and the records it needs to do so.
+
+A full extract is compared with what the store holds (a hash of each record
+as its source sent it): new and changed records are normalised and matched
+against every stored record; deleted ones leave. The run then re-clusters only
+the connected components of auto-match links that a change can reach, and
+re-survives their golden records. The result equals a full run with the same
+model, because:
+
+- a pair's score depends only on its two records and the (stored) model, and
+  blocks are formed over all records, so the pairs involving a changed record
+  are exactly those a full run scores; every other pair keeps its stored score;
+- a block whose size crosses `max_block_size` because of a change makes all
+  its members re-matched (their pairs appear or vanish in a full run too);
+- clustering and survivorship work component by component and break ties on
+  record order (source order, then line), which the run reproduces.
+
+Functions here are pure (frames in, frames out); `pipeline.run` wires them to
+the store and the stages.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from mdm_pipeline.config import schema
+from mdm_pipeline.config.settings import MatchingSettings
+from mdm_pipeline.matching.blocking import block_ids
+from mdm_pipeline.matching.keys import prepare
+
+KEYS = ["source", "source_key"]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """How tonight's extracts differ from the store."""
+
+    changed: pd.DataFrame  # loaded records that are new or differ from the stored ones
+    deleted: pd.DataFrame  # (source, source_key) stored, of a loaded source, not delivered
+    unchanged: pd.DataFrame  # (source, source_key, source_line) of the others
+
+
+def find_delta(records: pd.DataFrame, state: pd.DataFrame, loaded: list[str]) -> Delta:
+    """Compare loaded records (with `source_hash`) with the stored state."""
+    keyed = records[[*KEYS, "source_hash"]].astype({"source_key": str})
+    both = keyed.merge(
+        state[[*KEYS, "source_hash"]].astype({"source_key": str}),
+        on=KEYS,
+        how="left",
+        suffixes=("", "_stored"),
+    )
+    changed = (both["source_hash"] != both["source_hash_stored"]).to_numpy()
+    present = state[state["source"].isin(loaded)][KEYS].astype({"source_key": str})
+    gone = present.merge(keyed[KEYS], how="left", indicator=True)
+    deleted = gone.loc[gone["_merge"] == "left_only", KEYS].reset_index(drop=True)
+    unchanged = records.loc[~changed, [*KEYS, "source_line"]].astype({"source_key": str})
+    return Delta(records[changed].reset_index(drop=True), deleted, unchanged.reset_index(drop=True))
+
+
+def run_order(frame: pd.DataFrame, sources: list[str]) -> pd.DataFrame:
+    """Records in the order a full run holds them: sources in config order, then line."""
+    rank = frame["source"].map({s: i for i, s in enumerate(sources)})
+    order = np.lexsort((frame["source_line"].to_numpy(dtype=np.int64), rank.to_numpy()))
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def crossing_blocks(
+    current: pd.DataFrame, changed: np.ndarray, old: pd.DataFrame, settings: MatchingSettings
+) -> np.ndarray:
+    """Records (mask over `current`) in a block whose size crossed the cap tonight.
+
+    `old` holds the stored matching view of changed and deleted records: with
+    it, each block's size last night is tonight's, minus its changed members,
+    plus their old versions and the deleted ones.
+    """
+    both = pd.concat([current, old], ignore_index=True)
+    fields = prepare(both)
+    now = np.r_[np.ones(len(current), dtype=bool), np.zeros(len(old), dtype=bool)]
+    before = np.r_[~changed, np.ones(len(old), dtype=bool)]
+    cap = settings.blocking.max_block_size
+    out = np.zeros(len(current), dtype=bool)
+    for rule in settings.blocking.rules:
+        ids = block_ids(fields, rule)
+        ok = ids >= 0
+        size = int(ids.max()) + 1 if ok.any() else 0
+        tonight = np.bincount(ids[ok & now], minlength=size)
+        last = np.bincount(ids[ok & before], minlength=size)
+        crossed = (tonight > cap) != (last > cap)
+        if crossed.any():
+            here = ids[: len(current)]
+            out |= (here >= 0) & crossed[np.maximum(here, 0)]
+    return out
+
+
+def components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def affected_records(
+    n_current: int,
+    n_deleted: int,
+    stored_edges: tuple[np.ndarray, np.ndarray],
+    kept_edges: tuple[np.ndarray, np.ndarray],
+    new_edges: tuple[np.ndarray, np.ndarray],
+    rematched: np.ndarray,
+    resurvive: np.ndarray,
+) -> np.ndarray:
+    """Records (mask over the current ones) whose cluster a full run could decide differently.
+
+    Stored edges are over current records then deleted ones (positions
+    n_current..). A changed or deleted record can split its old component, and
+    a new link can join components: the records to re-cluster are the new
+    components that meet a changed record, a record of an old component that
+    held a changed or deleted one, or a record whose golden record must be
+    re-chosen (`resurvive`: its NPAI state changed).
+    """
+    total = n_current + n_deleted
+    old = components(total, *stored_edges)
+    seeds = np.r_[rematched, np.ones(n_deleted, dtype=bool)]
+    touched_old = np.isin(old, np.unique(old[seeds]))[:n_current]
+    new = components(
+        n_current, np.r_[kept_edges[0], new_edges[0]], np.r_[kept_edges[1], new_edges[1]]
+    )
+    start = touched_old | rematched | resurvive
+    return np.isin(new, np.unique(new[start]))
+
+
+def records_from_payload(payloads: pd.DataFrame) -> pd.DataFrame:
+    """Stored records back as the frame normalisation produced (types restored)."""
+    if not len(payloads):
+        return pd.DataFrame(columns=[*KEYS, "source_line"])
+    text = "\n".join(payloads["payload"].tolist())
+    frame = pd.read_json(io.StringIO(text), lines=True, dtype=False, convert_dates=False)
+    frame.insert(0, "source", payloads["source"].to_numpy())
+    frame.insert(1, "source_key", payloads["source_key"].astype(str).to_numpy())
+    frame.insert(2, "source_line", payloads["source_line"].astype(int).to_numpy())
+    for col in (*schema.DATE_FIELDS, *schema.DATETIME_FIELDS):
+        if col in frame:
+            frame[col] = pd.to_datetime(frame[col])
+    for col in schema.BOOL_FIELDS:
+        if col in frame:
+            frame[col] = frame[col].astype("boolean")
+    if "npai_flag" in frame:
+        frame["npai_flag"] = frame["npai_flag"].fillna(False).astype(bool)
+    if schema.TRUST in frame:
+        frame[schema.TRUST] = frame[schema.TRUST].astype(int)
+    return frame.astype(
+        {c: object for c in frame.columns if frame[c].dtype == "float64" and frame[c].isna().all()}
+    )
