@@ -101,6 +101,18 @@ class RunSummary:
     golden_retired: int = 0
     merges: int = 0
     splits: int = 0
+    def record_written(self, written: store.WriteResult) -> None:
+        """What the store write changed, into the summary."""
+        for name in (
+            "golden_created",
+            "golden_updated",
+            "golden_unchanged",
+            "golden_retired",
+            "merges",
+            "splits",
+        ):
+            setattr(self, name, getattr(written, name))
+
     #: "full", or "incremental" (only what changed is normalised and matched).
     mode: str = "full"
     records_changed: int = 0
@@ -283,11 +295,7 @@ class Pipeline:
         with self._stage("survive", summary, emit):
             golden, lineage = survive(records, labels, settings.survivorship)
 
-        payload_columns = [
-            c
-            for c in (*schema.CANONICAL_COLUMNS, *NORMALISED_COLUMNS, *NPAI_COLUMNS)
-            if c not in ("source", "source_key", "source_line")
-        ]
+        payload_columns = self._payload_columns()
         quarantined = pd.concat([m.quarantine for m in mapped] + npai_quarantine, ignore_index=True)
         quarantine_scope = [s.name for s in settings.sources] + (
             ["npai"] if settings.npai_returns else []
@@ -315,12 +323,7 @@ class Pipeline:
                         store.write_model(conn, summary.run_id, model_hash, at, model.to_json())
                     store.write_npai(conn, npai_before, npai_after)
                     store.write_evidence(conn, summary.run_id, _evidence(positional, result))
-                summary.golden_created = written.golden_created
-                summary.golden_updated = written.golden_updated
-                summary.golden_unchanged = written.golden_unchanged
-                summary.golden_retired = written.golden_retired
-                summary.merges = written.merges
-                summary.splits = written.splits
+                summary.record_written(written)
                 with self._stage("export", summary, emit, total=len(mapped)):
                     staged = (
                         self._export(mapped, records.assign(golden_id=record_gid), staging, emit)
@@ -601,12 +604,7 @@ class Pipeline:
             )
             store.write_npai(conn, npai_before, npai_after)
             store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))
-            summary.golden_created = written.golden_created
-            summary.golden_updated = written.golden_updated
-            summary.golden_unchanged = written.golden_unchanged
-            summary.golden_retired = written.golden_retired
-            summary.merges = written.merges
-            summary.splits = written.splits
+            summary.record_written(written)
             summary.peak_rss_mib = round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
             )
