@@ -188,11 +188,22 @@ def _no_password(url: str) -> str:
     return url
 
 
+class DeltaSettings(Strict):
+    """An extract that holds only what changed: each row is an upsert or a deletion."""
+
+    operation_column: str = Field(min_length=1)
+    #: Values of that column that mean "deleted" (compared without case or blanks).
+    delete_values: list[str] = Field(default_factory=lambda: ["D"], min_length=1)
+
+
 class _SourceBase(Strict):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=40)]
     trust: int = Field(default=1, ge=0, le=100, description="higher wins in survivorship")
     record_type: Literal["person", "organisation"] = "person"
     mapping: Mapping
+    #: Set when the unit delivers changes only (see DeltaSettings); such a source is
+    #: loaded whole once (the first run), then nightly with `mdm run --incremental`.
+    delta: DeltaSettings | None = None
 
 
 class CsvSource(_SourceBase):

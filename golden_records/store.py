@@ -898,3 +898,12 @@ def replace_evidence(
     fresh = evidence[[*EVIDENCE_KEYS, "rule", "weight", "probability", "band", "contributions"]]
     _insert(conn, match_evidence, fresh.assign(run_id=run_id))
     return int(hit.sum()) + len(fresh)
+
+
+def records_per_source(engine: Engine) -> dict[str, int]:
+    """How many records the store holds per source."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(source_records.c.source, sa.func.count()).group_by(source_records.c.source)
+        ).all()
+    return {source: int(n) for source, n in rows}

@@ -46,8 +46,19 @@ class Delta:
     unchanged: pd.DataFrame  # (source, source_key, source_line) of the others
 
 
-def find_delta(records: pd.DataFrame, state: pd.DataFrame, loaded: list[str]) -> Delta:
-    """Compare loaded records (with `source_hash`) with the stored state."""
+def find_delta(
+    records: pd.DataFrame,
+    state: pd.DataFrame,
+    full_sources: list[str],
+    deletions: pd.DataFrame,
+    stored_lines: pd.DataFrame,
+) -> Delta:
+    """Compare loaded records (with `source_hash`) with the stored state.
+
+    A full extract's stored records that it no longer holds are deleted; a
+    delta extract deletes the keys it lists, and its other stored records are
+    unchanged (with their stored line, as they are not in tonight's file).
+    """
     keyed = records[[*KEYS, "source_hash"]].astype({"source_key": str})
     both = keyed.merge(
         state[[*KEYS, "source_hash"]].astype({"source_key": str}),
@@ -56,17 +67,36 @@ def find_delta(records: pd.DataFrame, state: pd.DataFrame, loaded: list[str]) ->
         suffixes=("", "_stored"),
     )
     changed = (both["source_hash"] != both["source_hash_stored"]).to_numpy()
-    present = state[state["source"].isin(loaded)][KEYS].astype({"source_key": str})
+    stored = state[KEYS].astype({"source_key": str})
+    present = stored[stored["source"].isin(full_sources)]
     gone = present.merge(keyed[KEYS], how="left", indicator=True)
-    deleted = gone.loc[gone["_merge"] == "left_only", KEYS].reset_index(drop=True)
+    listed = deletions[KEYS].astype({"source_key": str}).drop_duplicates().merge(stored, on=KEYS)
+    deleted = pd.concat(
+        [gone.loc[gone["_merge"] == "left_only", KEYS], listed], ignore_index=True
+    ).reset_index(drop=True)
     unchanged = records.loc[~changed, [*KEYS, "source_line"]].astype({"source_key": str})
-    return Delta(records[changed].reset_index(drop=True), deleted, unchanged.reset_index(drop=True))
+    # A delta source's records that tonight's file does not mention.
+    quiet = stored[~stored["source"].isin(full_sources)].merge(
+        pd.concat([keyed[KEYS], deleted]), how="left", indicator=True
+    )
+    quiet = quiet.loc[quiet["_merge"] == "left_only", KEYS].merge(
+        stored_lines.astype({"source_key": str}), on=KEYS, how="left"
+    )
+    unchanged = pd.concat([unchanged, quiet], ignore_index=True)
+    return Delta(records[changed].reset_index(drop=True), deleted, unchanged)
 
 
 def run_order(frame: pd.DataFrame, sources: list[str]) -> pd.DataFrame:
     """Records in the order a full run holds them: sources in config order, then line."""
     rank = frame["source"].map({s: i for i, s in enumerate(sources)})
-    order = np.lexsort((frame["source_line"].to_numpy(dtype=np.int64), rank.to_numpy()))
+    # The key settles lines that coincide (a delta file's lines against stored ones).
+    order = np.lexsort(
+        (
+            frame["source_key"].astype(str).to_numpy(),
+            frame["source_line"].to_numpy(dtype=np.int64),
+            rank.to_numpy(),
+        )
+    )
     return frame.iloc[order].reset_index(drop=True)
 
 

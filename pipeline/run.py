@@ -101,6 +101,7 @@ class RunSummary:
     golden_retired: int = 0
     merges: int = 0
     splits: int = 0
+
     def record_written(self, written: store.WriteResult) -> None:
         """What the store write changed, into the summary."""
         for name in (
@@ -254,6 +255,15 @@ class Pipeline:
         now: datetime,
     ) -> RunSummary:
         settings = self.settings
+        delta_sources = [s.name for s in settings.sources if s.delta is not None]
+        if delta_sources:
+            held = store.records_per_source(engine)
+            loaded_before = [name for name in delta_sources if held.get(name)]
+            if loaded_before:
+                raise ConfigError(
+                    f"source '{loaded_before[0]}' delivers changes only (delta) and the store "
+                    "already holds its records: run `mdm run --incremental`"
+                )
         npai_before, npai_sent = store.read_npai(engine)
         mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         records = pd.concat([m.records for m in mapped], ignore_index=True)
@@ -428,7 +438,19 @@ class Pipeline:
         loaded = pd.concat([m.records for m in mapped], ignore_index=True)
         loaded["source_hash"] = source_hashes(loaded)
         state = store.read_state(engine)
-        delta = inc.find_delta(loaded, state, sources)
+        stored_fields = store.read_match_fields(engine)
+        deletions = pd.concat(
+            [pd.DataFrame({"source": m.source, "source_key": m.deleted}) for m in mapped],
+            ignore_index=True,
+        )
+        delta_sources = [s.name for s in settings.sources if s.delta is not None]
+        delta = inc.find_delta(
+            loaded,
+            state,
+            [s for s in sources if s not in delta_sources],
+            deletions,
+            stored_fields[[*inc.KEYS, "source_line"]],
+        )
         summary.records_changed, summary.records_deleted = len(delta.changed), len(delta.deleted)
 
         with self._stage("normalize", summary, emit):
@@ -451,7 +473,6 @@ class Pipeline:
             changed = with_flags(changed, flags)
 
         with self._stage("match", summary, emit):
-            stored_fields = store.read_match_fields(engine)
             keep = stored_fields[
                 [*list(store.MATCH_COLUMNS), "source", "source_key", "source_line", "npai_state"]
             ]
@@ -622,10 +643,11 @@ class Pipeline:
         with self._stage("load", summary, emit, total=len(settings.sources)):
             for spec in settings.sources:
                 m = load_source(spec, settings, run_date)
-                if m.rows_read != len(m.records) + len(m.quarantine):
+                if m.rows_read != len(m.records) + len(m.quarantine) + len(m.deleted):
                     raise DataContractError(
                         f"source '{spec.name}': {m.rows_read} rows read but "
-                        f"{len(m.records)} records + {len(m.quarantine)} quarantined"
+                        f"{len(m.records)} records + {len(m.quarantine)} quarantined "
+                        f"+ {len(m.deleted)} deletions"
                     )
                 mapped.append(m)
                 summary.sources.append(
@@ -731,12 +753,20 @@ def _evidence(records: pd.DataFrame, result: MatchResult) -> pd.DataFrame:
     contrib = pairs[contrib_cols].round(3).rename(columns=lambda c: c[2:])
     text = contrib.to_json(orient="records", lines=True) if len(pairs) else ""
     left, right = pairs["left"].to_numpy(), pairs["right"].to_numpy()
+    source = records["source"].astype(str).to_numpy()
+    key = records["source_key"].astype(str).to_numpy()
+    # A pair is stored one way round whatever the load order: the smaller (source, key)
+    # on the left, so that an incremental run finds the row a full run wrote.
+    swap = (source[left] > source[right]) | (
+        (source[left] == source[right]) & (key[left] > key[right])
+    )
+    left, right = np.where(swap, right, left), np.where(swap, left, right)
     return pd.DataFrame(
         {
-            "left_source": records["source"].to_numpy()[left],
-            "left_key": records["source_key"].to_numpy()[left],
-            "right_source": records["source"].to_numpy()[right],
-            "right_key": records["source_key"].to_numpy()[right],
+            "left_source": source[left],
+            "left_key": key[left],
+            "right_source": source[right],
+            "right_key": key[right],
             "rule": pairs["rule"].astype(str).to_numpy(),
             "weight": pairs["weight"].to_numpy(dtype=float),
             "probability": pairs["probability"].to_numpy(dtype=float),

@@ -3,6 +3,8 @@ and write files back to the business units."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 
 from mdm_pipeline.config.settings import Settings, Source
@@ -14,8 +16,21 @@ __all__ = ["MappedSource", "check_columns", "inspect_columns", "load_source", "w
 
 
 def load_source(spec: Source, settings: Settings, run_date: pd.Timestamp) -> MappedSource:
-    """Read one extract and map it: canonical records plus quarantined rows."""
-    return map_extract(read_source(spec, settings), spec, run_date)
+    """Read one extract and map it: canonical records plus quarantined rows.
+
+    A delta extract's deletion rows are set apart first (they need only their
+    key): they are neither records nor quarantine, and are counted as deletions.
+    """
+    extract = read_source(spec, settings)
+    if spec.delta is None:
+        return map_extract(extract, spec, run_date)
+    rows = extract.rows
+    op = rows[spec.delta.operation_column].fillna("").astype(str).str.strip().str.upper()
+    is_delete = op.isin([v.strip().upper() for v in spec.delta.delete_values]).to_numpy()
+    key_column = spec.mapping.specs()["source_key"].source_columns[0]
+    deleted = rows.loc[is_delete, key_column].astype(str).str.strip()
+    mapped = map_extract(replace(extract, rows=rows[~is_delete]), spec, run_date)
+    return replace(mapped, deleted=deleted[deleted != ""].reset_index(drop=True))
 
 
 def check_columns(spec: Source, settings: Settings, label: str, index: int) -> list[str]:
@@ -29,4 +44,9 @@ def check_columns(spec: Source, settings: Settings, label: str, index: int) -> l
                     f"{label}: sources[{index}].mapping.{field}: column '{col}' "
                     f"not found in source '{spec.name}'"
                 )
+    if spec.delta is not None and spec.delta.operation_column not in present:
+        errors.append(
+            f"{label}: sources[{index}].delta.operation_column: column "
+            f"'{spec.delta.operation_column}' not found in source '{spec.name}'"
+        )
     return errors

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,8 @@ class MappedSource:
     rows_read: int
     duplicates: int  # rows superseded by a later version of the same source key
     fingerprint: str
+    #: Keys a delta extract marks as deleted (always empty for a full extract).
+    deleted: pd.Series = dc_field(default_factory=lambda: pd.Series(dtype=object))
 
 
 def _clean(series: pd.Series) -> pd.Series:

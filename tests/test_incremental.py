@@ -182,3 +182,48 @@ def test_incremental_without_a_model_says_to_run_a_full_run_first(
 def test_incremental_and_retrain_do_not_combine(samples: Path, flags: list[str]) -> None:
     result = runner.invoke(app, ["run", "--config", str(samples / "config.yaml"), *flags])
     assert result.exit_code == 2
+
+
+def _rows(path: Path) -> tuple[list[str], dict[str, list[str]]]:
+    with path.open(encoding="cp1252", newline="") as f:
+        rows = list(csv.reader(f, delimiter=";"))
+    header = rows[0]
+    keyed = {r[0]: r for r in rows[1:] if len(r) == len(header) and r[0].isdigit()}
+    return header, keyed
+
+
+def test_a_delta_extract_gives_the_store_a_full_run_gives(samples: Path, tmp_path: Path) -> None:
+    """The unit sends only its changes (upserts and deletions, an OP column)."""
+    cfg = samples / "config.yaml"
+    a, b = tmp_path / "delta.sqlite", tmp_path / "full.sqlite"
+    _run(cfg, f"sqlite:///{a}")
+    shutil.copy(a, b)
+    header, before = _rows(samples / STORES)
+    day2(samples, seed=3)
+    _, after = _rows(samples / STORES)
+    upserts = [r for k, r in after.items() if before.get(k) != r]
+    deletions = [[k] + [""] * (len(header) - 1) for k in before if k not in after]
+    with (samples / "magasins_delta.csv").open("w", encoding="cp1252", newline="") as f:
+        out = csv.writer(f, delimiter=";")
+        out.writerow([*header, "OP"])
+        out.writerows([*[[*r, "U"] for r in upserts], *[[*r, "D"] for r in deletions]])
+    full = _run(cfg, f"sqlite:///{b}")
+    text = cfg.read_text().replace("path: magasins_fidelite.csv", "path: magasins_delta.csv")
+    text = text.replace(
+        "path: magasins_delta.csv", "path: magasins_delta.csv\n    delta: {operation_column: OP}"
+    )
+    cfg.write_text(text)
+    inc = _run(cfg, f"sqlite:///{a}", "--incremental")
+    stores_counts = next(s for s in inc["sources"] if s["name"] == "stores")
+    assert stores_counts["rows_read"] == len(upserts) + len(deletions)
+    assert inc["records_deleted"] == len(deletions) > 0
+    got, want = _state(f"sqlite:///{a}"), _state(f"sqlite:///{b}")
+    for part in ("xref", "golden", "retired", "evidence"):
+        assert got[part] == want[part], part
+    assert (inc["merges"], inc["splits"]) == (full["merges"], full["splits"])
+    # Once loaded, a delta source cannot be read by a full run (it would delete the rest).
+    refused = runner.invoke(
+        app, ["run", "--config", str(cfg)], env={"MDM_STORE_URL": f"sqlite:///{a}"}
+    )
+    assert refused.exit_code == 2
+    assert "delivers changes only (delta)" in refused.stderr
