@@ -314,7 +314,10 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
     column-wise: a pivot and one to_json call, no loop over clusters."""
     rec = lineage["record"].to_numpy()
     updated = pd.to_datetime(records["source_updated_at"], errors="coerce").to_numpy()[rec]
-    day = pd.Series(updated).dt.strftime("%Y-%m-%d").fillna("")
+    # Formatted once per distinct date, not once per row.
+    codes, uniq = pd.factorize(pd.Series(updated))
+    text = np.append(pd.DatetimeIndex(uniq).strftime("%Y-%m-%d").to_numpy(dtype=object), "")
+    day = pd.Series(text[codes])
     lin = lineage.assign(
         v=records["source"].to_numpy()[rec]
         + "|"
@@ -394,7 +397,7 @@ def write_run(
             "members": golden["members"].astype(int).to_numpy(),
             "record_hash": g_hash.to_numpy(),
             "attributes": g_json.to_numpy(),
-            "lineage": _lineage_json(records, lineage, golden.index).to_numpy(),
+            "cluster": golden.index.to_numpy(),
         }
     )
     merged = new_golden.merge(stored, on="golden_id", how="left", suffixes=("", "_old"))
@@ -408,6 +411,10 @@ def write_run(
     result.golden_updated = int(changed.sum())
     result.golden_unchanged = int((~is_new & ~changed).sum())
     write = merged[is_new | changed].copy()
+    # Lineage is built for the golden records written only: on a quiet night, few.
+    written_clusters = pd.Index(write["cluster"])
+    in_write = lineage[lineage["cluster"].isin(written_clusters)]
+    write["lineage"] = _lineage_json(records, in_write, written_clusters).to_numpy()
     write["created_run"] = write["created_run"].fillna(run_id)
     write["updated_run"] = run_id
     write["version"] = pd.to_numeric(write["version"]).fillna(0).astype(int) + 1

@@ -277,6 +277,11 @@ def test_a_changed_value_makes_a_version_and_keeps_the_old_payload(
     )
     assert (history["valid_from"].iloc[0], history["valid_to"].iloc[0]) == (T1, T2)
     assert len(_table(engine, store.xref)) == 1  # still the same golden record
+    # Lineage: source, key, deciding rule and the winning record's update date.
+    source, key, rule, day = json.loads(versions["lineage"].iloc[1])["postcode"].split("|")
+    assert (source, key, rule) == ("s", "a", "only_candidate")
+    updated = moved.loc[0, "source_updated_at"]
+    assert day == ("" if pd.isna(updated) else pd.Timestamp(updated).strftime("%Y-%m-%d"))
     engine.dispose()
 
 

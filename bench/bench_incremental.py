@@ -1,0 +1,160 @@
+"""A full nightly run, then a 5% delta processed incrementally, on the same store.
+
+Usage:
+    python bench/bench_incremental.py --data DIR [--share 0.05]
+
+DIR is a folder written by `mdm generate` (it is copied, not modified). Steps:
+
+1. `mdm run` on the full extracts into a fresh SQLite store (timed per stage);
+2. for each CSV source, a delta file with `--share` of its rows: half with a
+   new e-mail (or phone), a tenth deleted, a tenth new records (copies of
+   existing customers under new keys), the rest with a new postcode; the
+   config is switched to these delta files (`delta.operation_column: OP`);
+3. `mdm run --incremental` on them (timed per stage).
+
+Prints one JSON line per run and the ratio of the two wall times. Each run is
+in a child process so that its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+
+def _peak_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def child(config: Path, incremental: bool) -> None:
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    t0 = time.perf_counter()
+    summary = Pipeline.from_config(config).run(incremental=incremental)
+    wall = time.perf_counter() - t0
+    print(
+        json.dumps(
+            {
+                "mode": summary.mode,
+                "wall_s": round(wall, 1),
+                "stages_s": summary.seconds,
+                "records_changed": summary.records_changed,
+                "records_deleted": summary.records_deleted,
+                "records_reclustered": summary.records_reclustered,
+                "golden_created": summary.golden_created,
+                "golden_updated": summary.golden_updated,
+                "golden_retired": summary.golden_retired,
+                "peak_rss_mib": round(_peak_mib()),
+            }
+        )
+    )
+
+
+def _column(spec: dict, field: str) -> str | None:
+    value = spec["mapping"].get(field)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("column"), str):
+        return value["column"]
+    return None
+
+
+def make_deltas(folder: Path, share: float, seed: int = 1) -> int:
+    """Write a delta file per CSV source and point the config at them; returns rows."""
+    config_path = folder / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    rng = np.random.default_rng(seed)
+    total = 0
+    for spec in config["sources"]:
+        if spec["format"] != "csv":
+            continue
+        path = folder / spec["path"]
+        encoding, sep = spec.get("encoding", "utf-8"), spec.get("delimiter", ",")
+        frame = pd.read_csv(
+            path,
+            sep=sep,
+            dtype=str,
+            encoding=encoding,
+            keep_default_na=False,
+            on_bad_lines="skip",
+            engine="python" if len(sep) > 1 else "c",
+        )
+        key = _column(spec, "source_key")
+        contact = _column(spec, "email") or _column(spec, "phone")
+        postcode = _column(spec, "postcode")
+        pick = frame.iloc[rng.choice(len(frame), int(len(frame) * share), replace=False)].copy()
+        n = len(pick)
+        op = np.array(["U"] * n, dtype=object)
+        op[: n // 10] = "D"
+        new = slice(n // 10, n // 5)
+        pick.iloc[new, pick.columns.get_loc(key)] = pick.iloc[new][key] + "N"
+        mail = slice(n // 5, n // 5 + n // 2)
+        if contact:
+            pick.iloc[mail, pick.columns.get_loc(contact)] = [
+                f"nouveau{i}@exemple.fr" for i in range(len(pick.iloc[mail]))
+            ]
+        if postcode:
+            rest = slice(n // 5 + n // 2, n)
+            pick.iloc[rest, pick.columns.get_loc(postcode)] = "13001"
+        pick["OP"] = op
+        delta = path.with_name(path.stem + "_delta" + path.suffix)
+        pick.to_csv(delta, sep=sep, index=False, encoding=encoding)
+        spec["path"] = delta.name
+        spec["delta"] = {"operation_column": "OP"}
+        total += n
+    config_path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--share", type=float, default=0.05)
+    parser.add_argument("--child", choices=("full", "incremental"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.config, args.child == "incremental")
+        return
+    work = Path(tempfile.mkdtemp(prefix="mdm-bench-inc-")) / "data"
+    shutil.copytree(args.data, work, ignore=shutil.ignore_patterns("*.sqlite", "out"))
+    rows = []
+    for mode in ("full", "incremental"):
+        if mode == "incremental":
+            print(json.dumps({"delta_rows": make_deltas(work, args.share)}), flush=True)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--data",
+            str(args.data),
+            "--child",
+            mode,
+            "--config",
+            str(work / "config.yaml"),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{mode} run failed")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"incremental_over_full": round(rows[1]["wall_s"] / rows[0]["wall_s"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
