@@ -26,11 +26,15 @@ def load_source(spec: Source, settings: Settings, run_date: pd.Timestamp) -> Map
         return map_extract(extract, spec, run_date)
     rows = extract.rows
     op = rows[spec.delta.operation_column].fillna("").astype(str).str.strip().str.upper()
-    is_delete = op.isin([v.strip().upper() for v in spec.delta.delete_values]).to_numpy()
     key_column = spec.mapping.specs()["source_key"].source_columns[0]
-    deleted = rows.loc[is_delete, key_column].astype(str).str.strip()
+    key = rows[key_column].fillna("").astype(str).str.strip()
+    # A deletion without a key cannot be applied: mapped as a record, it is
+    # quarantined for its empty key like any other row.
+    is_delete = (
+        op.isin([v.strip().upper() for v in spec.delta.delete_values]) & (key != "")
+    ).to_numpy()
     mapped = map_extract(replace(extract, rows=rows[~is_delete]), spec, run_date)
-    return replace(mapped, deleted=deleted[deleted != ""].reset_index(drop=True))
+    return replace(mapped, deleted=key[is_delete].reset_index(drop=True))
 
 
 def check_columns(spec: Source, settings: Settings, label: str, index: int) -> list[str]:

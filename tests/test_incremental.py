@@ -227,3 +227,31 @@ def test_a_delta_extract_gives_the_store_a_full_run_gives(samples: Path, tmp_pat
     )
     assert refused.exit_code == 2
     assert "delivers changes only (delta)" in refused.stderr
+
+
+def test_a_deletion_without_a_key_is_quarantined_not_lost(samples: Path, tmp_path: Path) -> None:
+    from mdm_pipeline.config.loader import load_settings
+    from mdm_pipeline.sources import load_source
+
+    header, rows = _rows(samples / STORES)
+    first = next(iter(rows.values()))
+    with (samples / "magasins_delta.csv").open("w", encoding="cp1252", newline="") as f:
+        out = csv.writer(f, delimiter=";")
+        out.writerow([*header, "OP"])
+        out.writerow([*first, "D"])
+        out.writerow(["", *first[1:], "D"])
+        out.writerow([*first[:1], *first[1:], "U"])
+    cfg = samples / "config.yaml"
+    text = cfg.read_text().replace("path: magasins_fidelite.csv", "path: magasins_delta.csv")
+    cfg.write_text(
+        text.replace(
+            "path: magasins_delta.csv",
+            "path: magasins_delta.csv\n    delta: {operation_column: OP}",
+        )
+    )
+    settings = load_settings(cfg)
+    mapped = load_source(settings.source("stores"), settings, pd.Timestamp("2026-11-22"))
+    assert mapped.deleted.tolist() == [first[0]]
+    assert len(mapped.records) == 1 and len(mapped.quarantine) == 1
+    assert mapped.rows_read == len(mapped.records) + len(mapped.quarantine) + len(mapped.deleted)
+    assert "source_key" in mapped.quarantine["reason"].iloc[0]
