@@ -98,6 +98,13 @@ def _figures_table(summary: Any) -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     rows = [
+        (
+            "run mode",
+            "full"
+            if summary.mode == "full"
+            else f"incremental: {summary.records_changed:,} changed, "
+            f"{summary.records_deleted:,} deleted, {summary.records_reclustered:,} re-clustered",
+        ),
         ("matching model", f"{summary.model_status} (run {summary.model_run})"),
         ("candidate pairs", f"{summary.candidate_pairs:,}"),
         *((f"  rule {k}", f"{v:,}") for k, v in summary.pairs_per_rule.items()),
