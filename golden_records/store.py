@@ -181,33 +181,31 @@ def change_events(
     if not len(both):
         return []
     both = both.assign(member=both["source"] + ":" + both["source_key"].astype(str))
-    spread = both.groupby("golden_id_old")["golden_id_new"].nunique()
-    gathered = both.groupby("golden_id_new")["golden_id_old"].nunique()
+    # Member lists per golden ID and per (old, new) pair, built once: an event then
+    # only looks them up (a night can hold thousands of events).
+    by_old = both.groupby("golden_id_old")["member"].agg(sorted).to_dict()
+    by_new = both.groupby("golden_id_new")["member"].agg(sorted).to_dict()
+    by_pair = both.groupby(["golden_id_old", "golden_id_new"])["member"].agg(list).to_dict()
+    news_of_old = both.groupby("golden_id_old")["golden_id_new"].agg(set).to_dict()
+    olds_of_new = both.groupby("golden_id_new")["golden_id_old"].agg(set).to_dict()
 
-    def members(frame: pd.DataFrame, column: str) -> dict[str, list[str]]:
-        return {g: sorted(m) for g, m in frame.groupby(column)["member"]}
+    def spread(olds: set[str]) -> dict[str, list[str]]:
+        """Where the records of these old golden records went."""
+        out: dict[str, list[str]] = {}
+        for old in olds:
+            for new in news_of_old[old]:
+                out.setdefault(new, []).extend(by_pair[(old, new)])
+        return {g: sorted(m) for g, m in out.items()}
 
-    out: list[tuple[str, str, dict[str, dict[str, list[str]]]]] = []
-    for gid in gathered.index[gathered > 1]:
-        olds = both.loc[both["golden_id_new"] == gid, "golden_id_old"].unique()
-        part = both[both["golden_id_old"].isin(olds) | (both["golden_id_new"] == gid)]
-        out.append(
-            (
-                "merge",
-                gid,
-                {"before": members(part, "golden_id_old"), "after": members(part, "golden_id_new")},
-            )
-        )
-    for gid in spread.index[spread > 1]:
-        part = both[both["golden_id_old"] == gid]
-        out.append(
-            (
-                "split",
-                gid,
-                {"before": members(part, "golden_id_old"), "after": members(part, "golden_id_new")},
-            )
-        )
-    return out
+    events: list[tuple[str, str, dict[str, dict[str, list[str]]]]] = []
+    for gid in sorted(g for g, olds in olds_of_new.items() if len(olds) > 1):
+        olds = olds_of_new[gid]
+        after_map = spread(olds)
+        after_map[gid] = by_new[gid]
+        events.append(("merge", gid, {"before": {o: by_old[o] for o in olds}, "after": after_map}))
+    for gid in sorted(g for g, news in news_of_old.items() if len(news) > 1):
+        events.append(("split", gid, {"before": {gid: by_old[gid]}, "after": spread({gid})}))
+    return events
 
 
 @dataclass
@@ -533,21 +531,26 @@ def write_run(
     result.records_removed = len(missing)
 
     # Merges and splits, with the members before and after.
-    for kind, gid, detail in change_events(
+    found = change_events(
         prev[["source", "source_key", "golden_id"]], new_xref[["source", "source_key", "golden_id"]]
-    ):
-        conn.execute(
-            events.insert().values(
-                run_id=run_id,
-                at=at,
-                kind=kind,
-                reason="automatic",
-                golden_id=gid,
-                detail=json.dumps(detail, sort_keys=True),
-            )
+    )
+    if found:
+        _insert(
+            conn,
+            events,
+            pd.DataFrame(
+                {
+                    "run_id": run_id,
+                    "at": at,
+                    "kind": [k for k, _, _ in found],
+                    "reason": "automatic",
+                    "golden_id": [g for _, g, _ in found],
+                    "detail": [json.dumps(d, sort_keys=True) for _, _, d in found],
+                }
+            ),
         )
-        result.merges += kind == "merge"
-        result.splits += kind == "split"
+    result.merges = sum(k == "merge" for k, _, _ in found)
+    result.splits = sum(k == "split" for k, _, _ in found)
 
     result.quarantine_rows = _write_quarantine(conn, run_id, quarantined, loaded_sources)
     return result, record_gid
