@@ -180,6 +180,14 @@ def change_events(
     both = before.merge(after, on=["source", "source_key"], suffixes=("_old", "_new"))
     if not len(both):
         return []
+    # Only the golden IDs in an event are looked at: on most nights, none or few.
+    n_new = both.groupby("golden_id_old")["golden_id_new"].transform("nunique")
+    n_old = both.groupby("golden_id_new")["golden_id_old"].transform("nunique")
+    olds = both.loc[(n_new > 1) | (n_old > 1), "golden_id_old"].unique()
+    involved = both["golden_id_old"].isin(olds)
+    if not involved.any():
+        return []
+    both = both[involved]
     both = both.assign(member=both["source"] + ":" + both["source_key"].astype(str))
     # Member lists per golden ID and per (old, new) pair, built once: an event then
     # only looks them up (a night can hold thousands of events).
