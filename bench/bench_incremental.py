@@ -30,14 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-
-
-def _peak_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from common import peak_rss_mib  # bench/ is on sys.path when a script runs
 
 
 def child(config: Path, incremental: bool) -> None:
@@ -58,7 +51,7 @@ def child(config: Path, incremental: bool) -> None:
                 "golden_created": summary.golden_created,
                 "golden_updated": summary.golden_updated,
                 "golden_retired": summary.golden_retired,
-                "peak_rss_mib": round(_peak_mib()),
+                "peak_rss_mib": round(peak_rss_mib()),
             }
         )
     )

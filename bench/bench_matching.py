@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from common import peak_rss_mib  # bench/ is on sys.path when a script runs
 
 #: Splink's EM sample per training block, equal to our `training.max_pairs_per_block`.
 EM_MAX_PAIRS = 2_000_000
@@ -219,21 +219,11 @@ def score(work: Path, labels: list[int]) -> dict[str, float]:
     }
 
 
-def _peak_rss_mib() -> float:
-    """This process's own peak RSS. Not getrusage: Linux keeps ru_maxrss across execve, so
-    a child would report its parent's peak (the normalised records) if larger."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(tool: str, work: Path) -> None:
     """One tool in this process: run, score, print one JSON line."""
     out = run_ours(work) if tool == "ours" else run_splink(work)
     figures = score(work, out.pop("labels"))
-    peak = _peak_rss_mib()
+    peak = peak_rss_mib()
     print(json.dumps({"tool": tool, **out, **figures, "peak_rss_mib": round(peak)}))
 
 

@@ -29,16 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from common import peak_rss_mib  # bench/ is on sys.path when a script runs
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-def _peak_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def night(
@@ -127,7 +120,7 @@ def main() -> None:
                 "delta5_write_s": n3["write_s"],
                 "delta5_records_written": r3.records_written,
                 "delta5_golden_updated": r3.golden_updated,
-                "peak_rss_mib": round(_peak_mib()),
+                "peak_rss_mib": round(peak_rss_mib()),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

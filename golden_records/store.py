@@ -847,7 +847,7 @@ def write_model(
 
 
 def read_state(engine: Engine) -> pd.DataFrame:
-    """Per stored record: golden ID, source hash, address hash (for NPAI), source line."""
+    """Per stored record: golden ID, source hash, address hash (for NPAI)."""
     with engine.connect() as conn:
         return _read(
             conn,

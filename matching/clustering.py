@@ -40,7 +40,8 @@ class ClusterReport:
     split_clusters: list[int] = field(default_factory=list)  # sizes before splitting
 
 
-def _components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+def components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Connected-component label per record (scipy's numbering) for links left-right."""
     graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
@@ -59,7 +60,7 @@ def connected_clusters(n_records: int, edges: pd.DataFrame) -> np.ndarray:
         return np.array([], dtype=np.int64)
     left = edges["left"].to_numpy(dtype=np.int64)
     right = edges["right"].to_numpy(dtype=np.int64)
-    return _canonical(_components(n_records, left, right))
+    return _canonical(components(n_records, left, right))
 
 
 class _UnionFind:
@@ -137,7 +138,7 @@ def _cut_weak_bridges(
         alive = np.ones(len(in_c), dtype=bool)
         for k in np.flatnonzero(cand[in_c]):
             alive[k] = False
-            lab = _components(len(nodes), li[alive], ri[alive])
+            lab = components(len(nodes), li[alive], ri[alive])
             part = np.bincount(lab)
             if len(part) > 1 and part[lab[li[k]]] >= 2 and part[lab[ri[k]]] >= 2:
                 drop[in_c[k]] = True
@@ -169,11 +170,11 @@ def guarded_clusters(
         prob = np.r_[prob, np.ones(len(must_link))]
         must = np.r_[must, np.ones(len(must_link), dtype=bool)]
 
-    labels = _components(n_records, left, right)
+    labels = components(n_records, left, right)
     drop = _cut_weak_bridges(n_records, labels, left, right, (prob < settings.strong_link) & ~must)
     report.bridges_cut = int(drop.sum())
     left, right, weight, must = left[~drop], right[~drop], weight[~drop], must[~drop]
-    labels = _components(n_records, left, right)
+    labels = components(n_records, left, right)
 
     cannot: dict[int, set[int]] = {}
     cannot_clusters: set[int] = set()
@@ -212,7 +213,7 @@ def guarded_clusters(
                 new_left.append(k[:, 0])
                 new_right.append(k[:, 1])
         left, right = np.concatenate(new_left), np.concatenate(new_right)
-        labels = _components(n_records, left, right)
+        labels = components(n_records, left, right)
     labels = _canonical(labels)
     counts = np.bincount(labels)
     report.clusters = len(counts)

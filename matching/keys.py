@@ -142,14 +142,6 @@ def prepare(records: pd.DataFrame | Fields) -> Fields:
     return records if isinstance(records, Fields) else Fields(records)
 
 
-def field_values(records: pd.DataFrame | Fields, field: str) -> pd.Series:
-    """The comparison form of a field as text (dates as YYYYMMDD), None where missing.
-
-    'address' is the postcode followed by the street: the postal point as one value.
-    """
-    return prepare(records).values(field)
-
-
 def per_distinct_value(series: pd.Series, func: Callable[[str], str]) -> pd.Series:
     """`func` applied once per distinct non-null value, mapped back (None stays None)."""
     codes, uniques = pd.factorize(series)

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from mdm_pipeline.config import schema
 from mdm_pipeline.config.settings import MatchingSettings
 from mdm_pipeline.matching.blocking import block_ids
+from mdm_pipeline.matching.clustering import components
 from mdm_pipeline.matching.keys import prepare
 
 KEYS = ["source", "source_key"]
@@ -126,11 +125,6 @@ def crossing_blocks(
             here = ids[: len(current)]
             out |= (here >= 0) & crossed[np.maximum(here, 0)]
     return out
-
-
-def components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
 
 
 def affected_records(
