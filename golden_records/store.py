@@ -11,6 +11,7 @@ source records with) and never reused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import sqlalchemy as sa
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
@@ -38,13 +41,13 @@ from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tab
     golden_versions,
     lock,
     match_evidence,
-    match_fields,
     metadata,
     models,
     npai,
     quarantine,
     record_history,
     runs,
+    snapshot,
     source_records,
     xref,
 )
@@ -302,17 +305,17 @@ def transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+_XREF_QUERY = sa.select(
+    source_records.c.source,
+    source_records.c.source_key,
+    source_records.c.golden_id,
+    source_records.c.record_hash,
+)
+
+
 def previous_xref(conn: Connection) -> pd.DataFrame:
     """The stored cross-reference: (source, source_key, golden_id, record_hash)."""
-    return _read(
-        conn,
-        sa.select(
-            source_records.c.source,
-            source_records.c.source_key,
-            source_records.c.golden_id,
-            source_records.c.record_hash,
-        ),
-    )
+    return _read(conn, _XREF_QUERY)
 
 
 def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index) -> pd.Series:
@@ -371,20 +374,22 @@ def write_run(
     keys = records[["source", "source_key"]].assign(
         source_key=records["source_key"].astype(str), cluster=cluster.to_numpy()
     )
-    prev = previous_xref(conn)
-    if scope is not None:
-        prev = prev.merge(scope[["source", "source_key"]].astype(str), on=["source", "source_key"])
-    stored = _read(
-        conn,
-        sa.select(
-            golden_records.c.golden_id,
-            golden_records.c.record_hash,
-            golden_records.c.members,
-            golden_records.c.status,
-            golden_records.c.created_run,
-            golden_records.c.version,
-        ),
+    golden_query = sa.select(
+        golden_records.c.golden_id,
+        golden_records.c.record_hash,
+        golden_records.c.members,
+        golden_records.c.status,
+        golden_records.c.created_run,
+        golden_records.c.version,
     )
+    if scope is None:
+        prev = previous_xref(conn)
+        stored = _read(conn, golden_query)
+    else:
+        # Only the golden records of the stored records in scope can change.
+        prev = _select_keys(conn, _XREF_QUERY, scope)
+        ids = _temp_keys(conn, "mdm_tmp_ids", prev[["golden_id"]].drop_duplicates())
+        stored = _read(conn, golden_query.join(ids, golden_records.c.golden_id == ids.c.golden_id))
     created = stored.set_index("golden_id")["created_run"] if len(stored) else None
     assignment = assign_golden_ids(keys, prev[["source", "source_key", "golden_id"]], created)
     gid_of_cluster = assignment.gid_of_cluster
@@ -497,21 +502,6 @@ def write_run(
         conn, source_records, to_write.loc[existed[dirty].to_numpy(), ["source", "source_key"]]
     )
     _insert(conn, source_records, to_write)
-    # The matching view of every record whose values changed (incremental runs read it).
-    fresh_fields = ~existed | payload_changed
-    if set(MATCH_COLUMNS) <= set(records.columns):
-        fields = records.loc[fresh_fields.to_numpy(), list(MATCH_COLUMNS)].assign(
-            source=keys["source"].to_numpy()[fresh_fields.to_numpy()],
-            source_key=keys["source_key"].to_numpy()[fresh_fields.to_numpy()],
-            source_line=records["source_line"].astype(int).to_numpy()[fresh_fields.to_numpy()],
-            npai_state=_npai_state(records.loc[fresh_fields.to_numpy()]),
-        )
-        _delete_keys(
-            conn,
-            match_fields,
-            fields.loc[existed[fresh_fields].to_numpy(), ["source", "source_key"]],
-        )
-        _insert(conn, match_fields, fields)
     result.records_written = len(to_write)
     relinked = both[~existed | moved]
     _close_open(
@@ -534,7 +524,6 @@ def write_run(
         missing = missing[missing["_merge"] == "left_only"][["source", "source_key"]]
     _archive_payloads(conn, missing, at, run_id)
     _delete_keys(conn, source_records, missing)
-    _delete_keys(conn, match_fields, missing)
     _close_open(conn, xref, missing, at, run_id)
     result.records_removed = len(missing)
 
@@ -565,16 +554,11 @@ def write_run(
 
 
 def npai_state_text(records: pd.DataFrame) -> pd.Series:
-    """Public form of `_npai_state` for records that carry NPAI columns."""
-    state = _npai_state(records)
-    return state if state is not None else pd.Series("", index=records.index)
-
-
-def _npai_state(records: pd.DataFrame) -> pd.Series | None:
     """A record's NPAI flag, date and reason as one text: when it changes, the record's
-    golden record must be chosen again (an NPAI address loses to a deliverable one)."""
+    golden record must be chosen again (an NPAI address loses to a deliverable one).
+    Records without NPAI columns have the empty state."""
     if "npai_flag" not in records:
-        return None
+        return pd.Series("", index=records.index, dtype=object)
     parts = [records[c].astype(str).where(records[c].notna(), "") for c in NPAI_STATE_COLUMNS]
     return parts[0] + "|" + parts[1] + "|" + parts[2]
 
@@ -614,22 +598,31 @@ def _payload_dates(conn: Connection, keys: pd.DataFrame) -> np.ndarray:
     return keys.merge(old, how="left")["valid_from"].to_numpy()
 
 
+def _temp_keys(conn: Connection, name: str, keys: pd.DataFrame) -> sa.Table:
+    """`keys` loaded into a temporary table of this connection, to join on.
+
+    A join lets the database walk its own indexes for a hundred thousand keys,
+    where chunks of bound parameters cost one round trip per few hundred.
+    """
+    cols = list(keys.columns)
+    table = sa.Table(name, sa.MetaData(), *[sa.Column(c, sa.String(200)) for c in cols])
+    conn.exec_driver_sql(
+        f'CREATE TEMPORARY TABLE IF NOT EXISTS "{name}" ('
+        + ", ".join(f'"{c}" VARCHAR(200)' for c in cols)
+        + ")"
+    )
+    conn.exec_driver_sql(f'DELETE FROM "{name}"')
+    _insert(conn, table, keys.astype(str).drop_duplicates())
+    return table
+
+
 def _select_keys(conn: Connection, query: sa.Select, keys: pd.DataFrame) -> pd.DataFrame:
-    """Rows of `query` for a set of (source, source_key), in chunks of bound parameters."""
-    parts = []
-    for source, group in keys.groupby("source"):
-        values = group["source_key"].astype(str).tolist()
-        for i in range(0, len(values), 500):
-            chunk = values[i : i + 500]
-            parts.append(
-                _read(
-                    conn,
-                    query.where(
-                        source_records.c.source == source, source_records.c.source_key.in_(chunk)
-                    ),
-                )
-            )
-    return pd.concat(parts, ignore_index=True) if parts else _read(conn, query.where(sa.false()))
+    """Rows of `query` (over mdm_source_records) for a set of (source, source_key)."""
+    tmp = _temp_keys(conn, "mdm_tmp_keys", keys[["source", "source_key"]])
+    on = sa.and_(
+        source_records.c.source == tmp.c.source, source_records.c.source_key == tmp.c.source_key
+    )
+    return _read(conn, query.join(tmp, on))
 
 
 def _write_quarantine(
@@ -846,40 +839,46 @@ def write_model(
 # --- what an incremental run reads back ---------------------------------------------------
 
 
-def read_state(engine: Engine) -> pd.DataFrame:
-    """Per stored record: golden ID, source hash, address hash (for NPAI)."""
+#: Parquet parts of at most this many bytes: far below PostgreSQL's 1 GB per value.
+SNAPSHOT_PART_BYTES = 64 * 2**20
+
+
+def write_snapshot(conn: Connection, run_id: str, frames: dict[str, pd.DataFrame]) -> None:
+    """Replace the store's snapshot by these frames (inside the run's transaction)."""
+    conn.execute(snapshot.delete())
+    rows = []
+    for name, frame in frames.items():
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink, compression="zstd")
+        data = sink.getvalue()
+        for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES)):
+            chunk = data[start : start + SNAPSHOT_PART_BYTES]
+            rows.append({"name": name, "part": part, "run_id": run_id, "data": chunk})
+    conn.execute(snapshot.insert(), rows)
+
+
+def read_snapshot(engine: Engine) -> tuple[str, dict[str, pd.DataFrame]] | None:
+    """(run that wrote it, frames) of the snapshot, or None if the store has none or
+    the last successful run did not write it (a store upgraded from an older release)."""
     with engine.connect() as conn:
-        return _read(
-            conn,
-            sa.select(
-                source_records.c.source,
-                source_records.c.source_key,
-                source_records.c.golden_id,
-                source_records.c.source_hash,
-                source_records.c.address_hash,
-            ),
-        )
-
-
-def read_match_fields(engine: Engine) -> pd.DataFrame:
-    """The matching view of every stored record (no payloads: a narrow table)."""
-    with engine.connect() as conn:
-        frame = _read(conn, sa.select(match_fields))
-    frame["birth_date"] = pd.to_datetime(frame["birth_date"])
-    return frame
-
-
-def read_auto_edges(engine: Engine) -> pd.DataFrame:
-    """Stored auto-match pairs by key, with the weight and probability clustering uses."""
-    with engine.connect() as conn:
-        return _read(
-            conn,
-            sa.select(
-                *[match_evidence.c[c] for c in EVIDENCE_KEYS],
-                match_evidence.c.weight,
-                match_evidence.c.probability,
-            ).where(match_evidence.c.band == "auto_match"),
-        )
+        last = conn.execute(
+            sa.select(runs.c.run_id)
+            .where(runs.c.status == "succeeded")
+            .order_by(runs.c.started_at.desc(), runs.c.run_id.desc())
+            .limit(1)
+        ).scalar()
+        parts = conn.execute(
+            sa.select(snapshot.c.name, snapshot.c.run_id, snapshot.c.data).order_by(
+                snapshot.c.name, snapshot.c.part
+            )
+        ).all()
+    if not parts or last is None or any(run != last for _, run, _ in parts):
+        return None
+    frames: dict[str, pd.DataFrame] = {}
+    for name in dict.fromkeys(n for n, _, _ in parts):
+        data = b"".join(bytes(d) for n, _, d in parts if n == name)
+        frames[name] = pq.read_table(pa.BufferReader(data)).to_pandas()
+    return last, frames
 
 
 def read_payloads(engine: Engine, keys: pd.DataFrame) -> pd.DataFrame:
@@ -904,18 +903,20 @@ def replace_evidence(
 
     `touched` is (source, source_key) of the records an incremental run matched
     again or deleted; every other stored pair keeps its row, as a full run
-    with the same model would have left it.
+    with the same model would have left it. The pairs to drop are found by the
+    database through the evidence's indexes on either side, not read back.
     """
-    keys = touched[["source", "source_key"]].astype(str)
-    stored = _read(conn, sa.select(*[match_evidence.c[c] for c in EVIDENCE_KEYS]))
-    hit = pd.Series(False, index=stored.index)
+    tmp = _temp_keys(conn, "mdm_tmp_keys", touched[["source", "source_key"]])
+    ev = match_evidence.c
+    dropped = 0
     for side in ("left", "right"):
-        probe = stored[[f"{side}_source", f"{side}_key"]].set_axis(["source", "source_key"], axis=1)
-        hit |= probe.merge(keys, how="left", indicator=True)["_merge"].eq("both").to_numpy()
-    _delete_keys(conn, match_evidence, stored.loc[hit, list(EVIDENCE_KEYS)])
+        hit = sa.tuple_(ev[f"{side}_source"], ev[f"{side}_key"]).in_(
+            sa.select(tmp.c.source, tmp.c.source_key)
+        )
+        dropped += conn.execute(match_evidence.delete().where(hit)).rowcount
     fresh = evidence[[*EVIDENCE_KEYS, "rule", "weight", "probability", "band", "contributions"]]
     _insert(conn, match_evidence, fresh.assign(run_id=run_id))
-    return int(hit.sum()) + len(fresh)
+    return dropped + len(fresh)
 
 
 def records_per_source(engine: Engine) -> dict[str, int]:

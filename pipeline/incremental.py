@@ -29,6 +29,7 @@ import pandas as pd
 
 from mdm_pipeline.config import schema
 from mdm_pipeline.config.settings import MatchingSettings
+from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.matching.blocking import block_ids
 from mdm_pipeline.matching.clustering import components
 from mdm_pipeline.matching.keys import prepare
@@ -99,21 +100,27 @@ def run_order(frame: pd.DataFrame, sources: list[str]) -> pd.DataFrame:
     return frame.iloc[order].reset_index(drop=True)
 
 
-def crossing_blocks(
+def blocks_to_rematch(
     current: pd.DataFrame, changed: np.ndarray, old: pd.DataFrame, settings: MatchingSettings
-) -> np.ndarray:
-    """Records (mask over `current`) in a block whose size crossed the cap tonight.
+) -> tuple[np.ndarray, np.ndarray]:
+    """(records to match again, records their pairs can reach): masks over `current`.
 
-    `old` holds the stored matching view of changed and deleted records: with
-    it, each block's size last night is tonight's, minus its changed members,
-    plus their old versions and the deleted ones.
+    Records to match again are the changed ones and the members of a block whose
+    size crossed the cap tonight: `old` holds the stored matching view of changed
+    and deleted records, so each block's size last night is tonight's, minus its
+    changed members, plus their old versions and the deleted ones. The records
+    their pairs can reach are every member of a block holding one of them, for
+    any rule: matching just these gives the same pairs, rules and block sizes as
+    matching everyone, because every block that holds a record to match again is
+    taken whole.
     """
-    both = pd.concat([current, old], ignore_index=True)
-    fields = prepare(both)
-    now = np.r_[np.ones(len(current), dtype=bool), np.zeros(len(old), dtype=bool)]
+    n = len(current)
+    fields = prepare(pd.concat([current, old], ignore_index=True))
+    now = np.r_[np.ones(n, dtype=bool), np.zeros(len(old), dtype=bool)]
     before = np.r_[~changed, np.ones(len(old), dtype=bool)]
     cap = settings.blocking.max_block_size
-    out = np.zeros(len(current), dtype=bool)
+    rematch = changed.copy()
+    per_rule = []
     for rule in settings.blocking.rules:
         ids = block_ids(fields, rule)
         ok = ids >= 0
@@ -121,10 +128,17 @@ def crossing_blocks(
         tonight = np.bincount(ids[ok & now], minlength=size)
         last = np.bincount(ids[ok & before], minlength=size)
         crossed = (tonight > cap) != (last > cap)
+        here = ids[:n]
         if crossed.any():
-            here = ids[: len(current)]
-            out |= (here >= 0) & crossed[np.maximum(here, 0)]
-    return out
+            rematch |= (here >= 0) & crossed[np.maximum(here, 0)]
+        per_rule.append((here, size))
+    reach = rematch.copy()
+    for here, size in per_rule:
+        hit = np.zeros(size + 1, dtype=bool)
+        hit[here[rematch & (here >= 0)]] = True
+        hit[-1] = False  # the slot that records without this rule's key fall in
+        reach |= hit[here]
+    return rematch, reach
 
 
 def affected_records(
@@ -154,6 +168,33 @@ def affected_records(
     )
     start = touched_old | rematched | resurvive
     return np.isin(new, np.unique(new[start]))
+
+
+#: What the store's snapshot keeps of every record, in a full run's record order.
+SNAPSHOT_COLUMNS = [
+    *KEYS,
+    "source_line",
+    "source_hash",
+    "address_hash",
+    "npai_state",
+    *MATCH_COLUMNS,
+]
+
+
+def snapshot_edges(
+    left: np.ndarray, right: np.ndarray, weight: np.ndarray, probability: np.ndarray
+) -> pd.DataFrame:
+    """Auto-match links by record position in the snapshot, smaller position first, sorted."""
+    lo, hi = np.minimum(left, right), np.maximum(left, right)
+    order = np.lexsort((hi, lo))
+    return pd.DataFrame(
+        {
+            "left": lo[order].astype(np.int64),
+            "right": hi[order].astype(np.int64),
+            "weight": np.asarray(weight, dtype=np.float64)[order],
+            "probability": np.asarray(probability, dtype=np.float64)[order],
+        }
+    )
 
 
 def records_from_payload(payloads: pd.DataFrame) -> pd.DataFrame:

@@ -333,6 +333,9 @@ class Pipeline:
                         store.write_model(conn, summary.run_id, model_hash, at, model.to_json())
                     store.write_npai(conn, npai_before, npai_after)
                     store.write_evidence(conn, summary.run_id, _evidence(positional, result))
+                    store.write_snapshot(
+                        conn, summary.run_id, _snapshot(positional, auto.reset_index(drop=True))
+                    )
                 summary.record_written(written)
                 with self._stage("export", summary, emit, total=len(mapped)):
                     staged = (
@@ -421,7 +424,12 @@ class Pipeline:
         run_date: pd.Timestamp,
         now: datetime,
     ) -> RunSummary:
-        """Normalise and match only what changed since the last run (see `incremental`)."""
+        """Normalise and match only what changed since the last run (see `incremental`).
+
+        Every record takes part through the store's snapshot (matching fields,
+        hashes, auto-match links by position), read in one go; payloads are read
+        back only for the records whose golden record is chosen again.
+        """
         settings = self.settings
         summary.mode = "incremental"
         stored_model = store.read_model(engine, matching_hash(settings))
@@ -430,6 +438,12 @@ class Pipeline:
                 "an incremental run needs the matching model of a full run under these "
                 "matching settings: run `mdm run` without --incremental first"
             )
+        snap = store.read_snapshot(engine)
+        if snap is None:
+            raise StoreError(
+                "an incremental run starts from the snapshot the last full run left in "
+                "the store, and there is none: run `mdm run` without --incremental first"
+            )
         summary.model_run, summary.model_status = stored_model[0], "reused"
         model = Model.from_json(stored_model[1])
         sources = [s.name for s in settings.sources]
@@ -437,8 +451,8 @@ class Pipeline:
         mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         loaded = pd.concat([m.records for m in mapped], ignore_index=True)
         loaded["source_hash"] = source_hashes(loaded)
-        state = store.read_state(engine)
-        stored_fields = store.read_match_fields(engine)
+        state = snap[1]["records"].astype({"source_key": str})
+        state["snap_pos"] = np.arange(len(state))
         deletions = pd.concat(
             [pd.DataFrame({"source": m.source, "source_key": m.deleted}) for m in mapped],
             ignore_index=True,
@@ -449,21 +463,21 @@ class Pipeline:
             state,
             [s for s in sources if s not in delta_sources],
             deletions,
-            stored_fields[[*inc.KEYS, "source_line"]],
+            state[[*inc.KEYS, "source_line"]],
         )
         summary.records_changed, summary.records_deleted = len(delta.changed), len(delta.deleted)
+        deleted_pos = delta.deleted.merge(state[[*inc.KEYS, "snap_pos"]], on=inc.KEYS)
 
         with self._stage("normalize", summary, emit):
             changed = normalize_records(delta.changed, settings.normalize)
             changed = changed.assign(address_hash=npai.address_hash(changed))
+            changed["source_key"] = changed["source_key"].astype(str)
             # NPAI over every delivered record: unchanged ones keep their stored address.
-            stored_addr = state[["source", "source_key", "address_hash"]].astype(
-                {"source_key": str}
-            )
+            stored_addr = state[[*inc.KEYS, "address_hash"]]
             current_addr = pd.concat(
                 [
                     delta.unchanged[inc.KEYS].merge(stored_addr, on=inc.KEYS, how="left"),
-                    changed[["source", "source_key", "address_hash"]].astype({"source_key": str}),
+                    changed[[*inc.KEYS, "address_hash"]],
                 ],
                 ignore_index=True,
             )
@@ -473,37 +487,48 @@ class Pipeline:
             changed = with_flags(changed, flags)
 
         with self._stage("match", summary, emit):
-            keep = stored_fields[
-                [*list(store.MATCH_COLUMNS), "source", "source_key", "source_line", "npai_state"]
-            ]
             # Tonight's line: a record that only moved in the file keeps its place in order.
-            unchanged = keep.drop(columns="source_line").merge(delta.unchanged, on=inc.KEYS)
-            fresh = (
-                changed[[*inc.KEYS, "source_line", *store.MATCH_COLUMNS]]
-                .astype({"source_key": str})
-                .assign(__changed=True)
+            unchanged = state.drop(columns="source_line").merge(delta.unchanged, on=inc.KEYS)
+            fresh = changed[[*inc.KEYS, "source_line", "source_hash", "address_hash"]].assign(
+                npai_state=store.npai_state_text(changed).to_numpy(),
+                **{c: changed[c].to_numpy() for c in store.MATCH_COLUMNS},
             )
+            fresh = fresh.merge(state[[*inc.KEYS, "snap_pos"]], on=inc.KEYS, how="left")
+            fresh["snap_pos"] = fresh["snap_pos"].fillna(-1).astype(np.int64)
             current = inc.run_order(
-                pd.concat([unchanged.assign(__changed=False), fresh], ignore_index=True), sources
+                pd.concat(
+                    [unchanged.assign(__changed=False), fresh.assign(__changed=True)],
+                    ignore_index=True,
+                ),
+                sources,
             )
-            rematch = current["__changed"].to_numpy(dtype=bool)
+            is_changed = current["__changed"].to_numpy(dtype=bool)
             # Records whose NPAI state changed: re-survived, not re-matched.
-            flag_state = with_flags(current[inc.KEYS], flags)
-            now_state = store.npai_state_text(flag_state)
-            resurvive = ~rematch & (
+            now_state = store.npai_state_text(with_flags(current[inc.KEYS], flags))
+            resurvive = ~is_changed & (
                 now_state.to_numpy() != current["npai_state"].fillna("").to_numpy()
             )
-            gone = pd.concat([delta.deleted, changed[inc.KEYS].astype({"source_key": str})])
-            old_versions = stored_fields.merge(gone, on=inc.KEYS)
-            crossed = inc.crossing_blocks(
+            current["npai_state"] = now_state.to_numpy()
+            old_pos = np.r_[
+                deleted_pos["snap_pos"].to_numpy(dtype=np.int64),
+                fresh.loc[fresh["snap_pos"] >= 0, "snap_pos"].to_numpy(dtype=np.int64),
+            ]
+            rematch, reach = inc.blocks_to_rematch(
                 current[list(store.MATCH_COLUMNS)],
-                rematch,
-                old_versions[list(store.MATCH_COLUMNS)],
+                is_changed,
+                state[list(store.MATCH_COLUMNS)].iloc[old_pos],
                 settings.matching,
             )
-            rematch |= crossed
-            fields = prepare(current)
-            result = match(fields, settings.matching, model, only=rematch)
+            # Only the blocks a record to match again is in: the same pairs as over everyone.
+            part = np.flatnonzero(reach)
+            result = match(
+                current[list(store.MATCH_COLUMNS)].iloc[part].reset_index(drop=True),
+                settings.matching,
+                model,
+                only=rematch[part],
+            )
+            result.pairs["left"] = part[result.pairs["left"].to_numpy()]
+            result.pairs["right"] = part[result.pairs["right"].to_numpy()]
             self._model = model.as_dict()
         pairs = result.pairs
         summary.candidate_pairs = len(pairs)
@@ -512,24 +537,18 @@ class Pipeline:
         summary.review_pairs = int((pairs["band"] == REVIEW).sum())
 
         with self._stage("cluster", summary, emit):
-            position = pd.Series(
-                np.arange(len(current)), index=pd.MultiIndex.from_frame(current[inc.KEYS])
-            )
-            deleted_pos = pd.Series(
-                np.arange(len(delta.deleted)) + len(current),
-                index=pd.MultiIndex.from_frame(delta.deleted[inc.KEYS]),
-            )
-            every = pd.concat([position, deleted_pos])
-            edges = store.read_auto_edges(engine)
-            el = every.reindex(
-                pd.MultiIndex.from_arrays([edges["left_source"], edges["left_key"].astype(str)])
-            ).to_numpy()
-            er = every.reindex(
-                pd.MultiIndex.from_arrays([edges["right_source"], edges["right_key"].astype(str)])
-            ).to_numpy()
-            known = ~np.isnan(el) & ~np.isnan(er)
-            el, er, edges = el[known].astype(np.int64), er[known].astype(np.int64), edges[known]
             n = len(current)
+            # Snapshot positions to tonight's: current records, then deleted ones after n.
+            now_pos = np.full(len(state), -1, dtype=np.int64)
+            snap_pos = current["snap_pos"].to_numpy(dtype=np.int64)
+            stored_here = snap_pos >= 0
+            now_pos[snap_pos[stored_here]] = np.flatnonzero(stored_here)
+            now_pos[deleted_pos["snap_pos"].to_numpy(dtype=np.int64)] = n + np.arange(
+                len(deleted_pos)
+            )
+            edges = snap[1]["edges"]
+            el = now_pos[edges["left"].to_numpy(dtype=np.int64)]
+            er = now_pos[edges["right"].to_numpy(dtype=np.int64)]
             live = (el < n) & (er < n)
             kept = live.copy()
             kept[live] = ~rematch[el[live]] & ~rematch[er[live]]
@@ -537,7 +556,7 @@ class Pipeline:
             new_l, new_r = auto["left"].to_numpy(), auto["right"].to_numpy()
             affected = inc.affected_records(
                 n,
-                len(delta.deleted),
+                len(deleted_pos),
                 (el, er),
                 (el[kept], er[kept]),
                 (new_l, new_r),
@@ -545,36 +564,22 @@ class Pipeline:
                 resurvive,
             )
             summary.records_reclustered = int(affected.sum())
+            links = inc.snapshot_edges(
+                np.r_[el[kept], new_l],
+                np.r_[er[kept], new_r],
+                np.r_[edges["weight"].to_numpy()[kept], auto["weight"].to_numpy(np.float64)],
+                np.r_[edges["probability"].to_numpy()[kept], auto["probability"].to_numpy()],
+            )
+            # Same orientation and order as a full run's edges (left < right, sorted).
             local = np.full(n, -1)
             local[affected] = np.arange(int(affected.sum()))
-            stored_part = pd.DataFrame(
-                {
-                    "left": local[el[kept]],
-                    "right": local[er[kept]],
-                    "weight": edges["weight"].to_numpy()[kept],
-                    "probability": edges["probability"].to_numpy()[kept],
-                }
-            )
-            new_part = pd.DataFrame(
-                {
-                    "left": local[new_l],
-                    "right": local[new_r],
-                    "weight": auto["weight"].to_numpy(dtype=np.float64),
-                    "probability": auto["probability"].to_numpy(),
-                }
-            )
-            graph = pd.concat([stored_part, new_part], ignore_index=True)
-            graph = graph[(graph["left"] >= 0) & (graph["right"] >= 0)]
-            # Same orientation and order as a full run's edges (left < right, sorted).
-            lo = np.minimum(graph["left"], graph["right"])
-            hi = np.maximum(graph["left"], graph["right"])
-            graph = (
-                graph.assign(left=lo, right=hi)
-                .sort_values(["left", "right"])
-                .reset_index(drop=True)
+            inside = affected[links["left"].to_numpy()] & affected[links["right"].to_numpy()]
+            graph = links[inside].assign(
+                left=local[links["left"].to_numpy()[inside]],
+                right=local[links["right"].to_numpy()[inside]],
             )
             cluster_ids, report = guarded_clusters(
-                int(affected.sum()), graph, settings.matching.clustering
+                int(affected.sum()), graph.reset_index(drop=True), settings.matching.clustering
             )
         summary.clusters = report.clusters
         summary.largest_cluster = report.largest
@@ -583,20 +588,14 @@ class Pipeline:
 
         with self._stage("survive", summary, emit):
             keys = current.loc[affected, inc.KEYS]
-            from_store = keys.merge(
-                changed[inc.KEYS].astype({"source_key": str}), how="left", indicator=True
-            )
-            from_store = from_store.loc[from_store["_merge"] == "left_only", inc.KEYS]
+            from_store = current.loc[affected & ~is_changed, inc.KEYS]
             restored = inc.records_from_payload(store.read_payloads(engine, from_store))
-            lines = current[[*inc.KEYS, "source_line"]]
-            restored = restored.drop(columns="source_line").merge(lines, on=inc.KEYS)
-            hashes = state[[*inc.KEYS, "source_hash"]].astype({"source_key": str})
-            restored = restored.merge(hashes, on=inc.KEYS, how="left")
+            restored = restored.drop(columns="source_line").merge(
+                current[[*inc.KEYS, "source_line", "source_hash"]], on=inc.KEYS
+            )
             restored = with_flags(restored, flags)
             records = inc.run_order(
-                pd.concat([changed.astype({"source_key": str}), restored], ignore_index=True).merge(
-                    keys, on=inc.KEYS
-                ),
+                pd.concat([changed, restored], ignore_index=True).merge(keys, on=inc.KEYS),
                 sources,
             )
             # Positions follow `current` restricted to the affected records.
@@ -625,6 +624,9 @@ class Pipeline:
             )
             store.write_npai(conn, npai_before, npai_after)
             store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))
+            store.write_snapshot(
+                conn, summary.run_id, {"records": current[inc.SNAPSHOT_COLUMNS], "edges": links}
+            )
             summary.record_written(written)
             summary.peak_rss_mib = round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
@@ -774,6 +776,22 @@ def _evidence(records: pd.DataFrame, result: MatchResult) -> pd.DataFrame:
             "contributions": text.splitlines() if len(pairs) else [],
         }
     )
+
+
+def _snapshot(records: pd.DataFrame, auto: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """What an incremental run reads of this run: every record's matching view and
+    hashes, and the auto-match links between them (positions in `records`)."""
+    frame = records.assign(
+        source_key=records["source_key"].astype(str),
+        npai_state=store.npai_state_text(records).to_numpy(),
+    )
+    edges = inc.snapshot_edges(
+        auto["left"].to_numpy(),
+        auto["right"].to_numpy(),
+        auto["weight"].to_numpy(dtype=np.float64),
+        auto["probability"].to_numpy(),
+    )
+    return {"records": frame[inc.SNAPSHOT_COLUMNS], "edges": edges}
 
 
 def _existing_parent(path: Path) -> Path:

@@ -15,6 +15,12 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
+from mdm_pipeline.golden_records import store
+from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
+from mdm_pipeline.matching.engine import match, train
+from mdm_pipeline.matching.keys import prepare
+from mdm_pipeline.pipeline import incremental as inc
+from mdm_pipeline.pipeline.run import Pipeline
 from mdm_pipeline.sources.synthetic import generate
 
 runner = CliRunner()
@@ -122,6 +128,30 @@ def _state(url: str) -> dict[str, object]:
     }
 
 
+def _snapshot(url: str) -> dict[str, pd.DataFrame]:
+    engine = store.connect(url)
+    snap = store.read_snapshot(engine)
+    engine.dispose()
+    assert snap is not None
+    return snap[1]
+
+
+def _by_key(snap: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """A snapshot with records sorted by key and links named by key, lines left out."""
+    records = snap["records"]
+    name = (records["source"] + ":" + records["source_key"]).to_numpy()
+    ends = np.sort(
+        np.c_[name[snap["edges"]["left"].to_numpy()], name[snap["edges"]["right"].to_numpy()]]
+    )
+    edges = snap["edges"].assign(left=ends[:, 0], right=ends[:, 1])
+    return {
+        "records": records.drop(columns="source_line")
+        .sort_values(["source", "source_key"])
+        .reset_index(drop=True),
+        "edges": edges.sort_values(["left", "right"]).reset_index(drop=True),
+    }
+
+
 def _incremental_equals_full(folder: Path, tmp_path: Path, seed: int) -> dict:
     cfg = folder / "config.yaml"
     a, b = tmp_path / "incremental.sqlite", tmp_path / "full.sqlite"
@@ -138,6 +168,10 @@ def _incremental_equals_full(folder: Path, tmp_path: Path, seed: int) -> dict:
     got, want = _state(f"sqlite:///{a}"), _state(f"sqlite:///{b}")
     for part in ("xref", "golden", "retired", "evidence"):
         assert got[part] == want[part], part
+    # The snapshot the next incremental run starts from is the one a full run leaves.
+    got_snap, want_snap = _snapshot(f"sqlite:///{a}"), _snapshot(f"sqlite:///{b}")
+    for name in ("records", "edges"):
+        pd.testing.assert_frame_equal(got_snap[name], want_snap[name])
     assert inc["merges"] == full["merges"] and inc["splits"] == full["splits"]
     # The new cards joined known customers rather than making golden records of their own.
     xref = pd.read_sql(
@@ -220,6 +254,11 @@ def test_a_delta_extract_gives_the_store_a_full_run_gives(samples: Path, tmp_pat
     got, want = _state(f"sqlite:///{a}"), _state(f"sqlite:///{b}")
     for part in ("xref", "golden", "retired", "evidence"):
         assert got[part] == want[part], part
+    # The snapshot is the one a full run leaves (by key: a delta file's lines are not the
+    # full file's).
+    got_snap, want_snap = _snapshot(f"sqlite:///{a}"), _snapshot(f"sqlite:///{b}")
+    for name in ("records", "edges"):
+        pd.testing.assert_frame_equal(_by_key(got_snap)[name], _by_key(want_snap)[name])
     assert (inc["merges"], inc["splits"]) == (full["merges"], full["splits"])
     # Once loaded, a delta source cannot be read by a full run (it would delete the rest).
     refused = runner.invoke(
@@ -300,3 +339,46 @@ def test_incremental_run_equals_a_full_run_on_postgresql(samples: Path, pg_url: 
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{other}" CASCADE'))
         engine.dispose()
+
+
+def test_incremental_without_a_snapshot_says_to_run_a_full_run_first(
+    samples: Path, tmp_path: Path
+) -> None:
+    """A store upgraded from a release without snapshots has none until a full run."""
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    _run(samples / "config.yaml", url)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("delete from mdm_snapshot"))
+    engine.dispose()
+    result = runner.invoke(
+        app,
+        ["run", "--config", str(samples / "config.yaml"), "--incremental"],
+        env={"MDM_STORE_URL": url},
+    )
+    assert result.exit_code == 1
+    assert "snapshot" in result.stderr and "without --incremental first" in result.stderr
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_matching_the_blocks_of_changed_records_gives_the_pairs_of_matching_everyone(
+    samples: Path, seed: int
+) -> None:
+    """The blocks an incremental run matches are taken whole: the same pairs, rules and
+    scores as matching every record with only the changed ones asked for."""
+    pipeline = Pipeline.from_config(samples / "config.yaml")
+    records = pipeline.normalised_records()[list(MATCH_COLUMNS)]
+    settings = pipeline.settings.matching
+    model = train(prepare(records), settings)
+    rng = np.random.default_rng(seed)
+    changed = rng.random(len(records)) < 0.05
+    old = records.iloc[rng.choice(len(records), 10, replace=False)]
+    rematch, reach = inc.blocks_to_rematch(records, changed, old, settings)
+    assert (rematch >= changed).all() and (reach >= rematch).all() and not reach.all()
+    everyone = match(records, settings, model, only=rematch).pairs
+    part = np.flatnonzero(reach)
+    subset = match(records.iloc[part].reset_index(drop=True), settings, model, only=rematch[part])
+    got = subset.pairs.assign(
+        left=part[subset.pairs["left"].to_numpy()], right=part[subset.pairs["right"].to_numpy()]
+    )
+    pd.testing.assert_frame_equal(got, everyone)
