@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -89,10 +90,26 @@ def schema_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+#: SQLite's page cache per connection (KiB). Its default, 2 MiB, is a few thousand
+#: pages: a night's writes into a store of gigabytes then read and write the same
+#: index pages over and over through the operating system.
+SQLITE_CACHE_KIB = 512 * 1024
+
+
+def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+    cursor.execute("PRAGMA mmap_size = 2147418112")
+    cursor.execute("PRAGMA temp_store = MEMORY")
+    cursor.close()
+
+
 def connect(url: str) -> Engine:
     """An engine on the store, its schema created or upgraded if needed."""
     try:
         engine = sa.create_engine(url)
+        if engine.dialect.name == "sqlite":
+            sa.event.listen(engine, "connect", _tune_sqlite)
         upgrade(engine)
     except sa.exc.SQLAlchemyError as exc:
         raise StoreError(
@@ -169,6 +186,20 @@ def assign_golden_ids(
     return Assignment(pd.Series(gids, index=labels, dtype=object), retired)
 
 
+def _grouped(frame: pd.DataFrame, by: list[str], value: str) -> dict:
+    """Sorted `value`s per group of `by` (a tuple key for several columns), from one
+    sort and one split: no Python call per group, which thousands of events would cost."""
+    ordered = frame.sort_values([*by, value])
+    keys = ordered[by].to_numpy()
+    values = ordered[value].to_numpy()
+    if not len(keys):
+        return {}
+    starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
+    names = [k[0] if len(by) == 1 else tuple(k) for k in keys[starts].tolist()]
+    parts = np.split(values, starts[1:])
+    return {name: part.tolist() for name, part in zip(names, parts, strict=True)}
+
+
 def change_events(
     before: pd.DataFrame, after: pd.DataFrame
 ) -> list[tuple[str, str, dict[str, dict[str, list[str]]]]]:
@@ -194,11 +225,16 @@ def change_events(
     both = both.assign(member=both["source"] + ":" + both["source_key"].astype(str))
     # Member lists per golden ID and per (old, new) pair, built once: an event then
     # only looks them up (a night can hold thousands of events).
-    by_old = both.groupby("golden_id_old")["member"].agg(sorted).to_dict()
-    by_new = both.groupby("golden_id_new")["member"].agg(sorted).to_dict()
-    by_pair = both.groupby(["golden_id_old", "golden_id_new"])["member"].agg(list).to_dict()
-    news_of_old = both.groupby("golden_id_old")["golden_id_new"].agg(set).to_dict()
-    olds_of_new = both.groupby("golden_id_new")["golden_id_old"].agg(set).to_dict()
+    by_old = _grouped(both, ["golden_id_old"], "member")
+    by_new = _grouped(both, ["golden_id_new"], "member")
+    by_pair = _grouped(both, ["golden_id_old", "golden_id_new"], "member")
+    pairs = both[["golden_id_old", "golden_id_new"]].drop_duplicates()
+    news_of_old = {
+        k: set(v) for k, v in _grouped(pairs, ["golden_id_old"], "golden_id_new").items()
+    }
+    olds_of_new = {
+        k: set(v) for k, v in _grouped(pairs, ["golden_id_new"], "golden_id_old").items()
+    }
 
     def spread(olds: set[str]) -> dict[str, list[str]]:
         """Where the records of these old golden records went."""
@@ -239,17 +275,19 @@ def _read(conn: Connection, query: sa.Select) -> pd.DataFrame:
     return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
 
 
+def _keys_in(conn: Connection, table: sa.Table, keys: pd.DataFrame) -> sa.ColumnElement[bool]:
+    """`table`'s rows whose key columns are among `keys` (a temporary table joined by the
+    database through its index: one statement, not one per key)."""
+    cols = list(keys.columns)
+    tmp = _temp_keys(conn, table, keys)
+    if len(cols) == 1:
+        return table.c[cols[0]].in_(sa.select(tmp.c[cols[0]]))
+    return sa.tuple_(*[table.c[c] for c in cols]).in_(sa.select(*[tmp.c[c] for c in cols]))
+
+
 def _delete_keys(conn: Connection, table: sa.Table, keys: pd.DataFrame) -> None:
     if len(keys):
-        cols = list(keys.columns)
-        cond = sa.and_(*[table.c[c] == sa.bindparam(f"k_{c}") for c in cols])
-        conn.execute(
-            table.delete().where(cond),
-            [
-                {f"k_{c}": v for c, v in zip(cols, row, strict=True)}
-                for row in keys.itertuples(index=False)
-            ],
-        )
+        conn.execute(table.delete().where(_keys_in(conn, table, keys)))
 
 
 def _close_open(
@@ -257,16 +295,10 @@ def _close_open(
 ) -> None:
     """End the open (valid_to IS NULL) history rows of these keys at `at`."""
     if len(keys):
-        cols = list(keys.columns)
-        cond = sa.and_(
-            *[table.c[c] == sa.bindparam(f"k_{c}") for c in cols], table.c.valid_to.is_(None)
-        )
         conn.execute(
-            table.update().where(cond).values(valid_to=at, closed_run=run_id),
-            [
-                {f"k_{c}": v for c, v in zip(cols, row, strict=True)}
-                for row in keys.itertuples(index=False)
-            ],
+            table.update()
+            .where(table.c.valid_to.is_(None), _keys_in(conn, table, keys))
+            .values(valid_to=at, closed_run=run_id)
         )
 
 
@@ -280,6 +312,11 @@ def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame) -> None:
     if not len(frame):
         return
     cols = [c.name for c in table.columns if c.name in frame.columns]
+    # In key order, each insert lands next to the previous one in the table's B-tree:
+    # pages are read and written once, not once per row spread over gigabytes.
+    key = [c.name for c in table.primary_key.columns if c.name in cols]
+    if key and len(frame) > 1:
+        frame = frame.sort_values(key, kind="stable")
     data = frame[cols].astype(object)
     for c in cols:
         if isinstance(table.c[c].type, sa.DateTime) and conn.dialect.name == "sqlite":
@@ -344,6 +381,26 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
     )
 
 
+def _payload_hashes(
+    records: pd.DataFrame, payload_columns: list[str], as_stored: pd.DataFrame | None
+) -> tuple[pd.Series, pd.Series]:
+    """(hash, JSON payload) per record; those in `as_stored` keep their stored ones."""
+    if as_stored is None or not len(as_stored):
+        return hash_rows(records[payload_columns])
+    keys = records[["source", "source_key"]].astype({"source_key": str})
+    known = keys.merge(
+        as_stored[["source", "source_key", "record_hash", "payload"]].astype({"source_key": str}),
+        on=["source", "source_key"],
+        how="left",
+    )
+    have = known["record_hash"].notna().to_numpy()
+    digest = pd.Series(known["record_hash"].to_numpy(), index=records.index, dtype=object)
+    text = pd.Series(known["payload"].to_numpy(), index=records.index, dtype=object)
+    fresh_hash, fresh_text = hash_rows(records.loc[~have, payload_columns])
+    digest[~have], text[~have] = fresh_hash.to_numpy(), fresh_text.to_numpy()
+    return digest, text
+
+
 def write_run(
     conn: Connection,
     run_id: str,
@@ -357,6 +414,7 @@ def write_run(
     loaded_sources: list[str],
     scope: pd.DataFrame | None = None,
     removed: pd.DataFrame | None = None,
+    as_stored: pd.DataFrame | None = None,
 ) -> tuple[WriteResult, pd.Series]:
     """Write records, golden records, their history and quarantine; return what changed
     and the golden ID of each record (aligned with `records`).
@@ -369,6 +427,8 @@ def write_run(
     An incremental run passes only the records whose clusters it re-decided, with
     `scope` (the stored records those clusters held: only their golden records
     can change or retire) and `removed` (the records deleted at their source).
+    `as_stored` (source, source_key, record_hash, payload) names records whose
+    payload is the stored one, read back: they are not serialised again.
     """
     result = WriteResult()
     keys = records[["source", "source_key"]].assign(
@@ -388,8 +448,9 @@ def write_run(
     else:
         # Only the golden records of the stored records in scope can change.
         prev = _select_keys(conn, _XREF_QUERY, scope)
-        ids = _temp_keys(conn, "mdm_tmp_ids", prev[["golden_id"]].drop_duplicates())
-        stored = _read(conn, golden_query.join(ids, golden_records.c.golden_id == ids.c.golden_id))
+        stored = _read(
+            conn, golden_query.where(_keys_in(conn, golden_records, prev[["golden_id"]]))
+        )
     created = stored.set_index("golden_id")["created_run"] if len(stored) else None
     assignment = assign_golden_ids(keys, prev[["source", "source_key", "golden_id"]], created)
     gid_of_cluster = assignment.gid_of_cluster
@@ -467,7 +528,7 @@ def write_run(
     result.golden_retired = len(gone)
 
     # Source records: current payload and golden ID, with history of both.
-    r_hash, r_json = hash_rows(records[payload_columns])
+    r_hash, r_json = _payload_hashes(records, payload_columns, as_stored)
     new_xref = pd.DataFrame(
         {
             "source": keys["source"].to_numpy(),
@@ -598,27 +659,31 @@ def _payload_dates(conn: Connection, keys: pd.DataFrame) -> np.ndarray:
     return keys.merge(old, how="left")["valid_from"].to_numpy()
 
 
-def _temp_keys(conn: Connection, name: str, keys: pd.DataFrame) -> sa.Table:
-    """`keys` loaded into a temporary table of this connection, to join on.
+def _temp_keys(conn: Connection, like: sa.Table, keys: pd.DataFrame) -> sa.Table:
+    """`keys` loaded into a temporary table of this connection, to join on; its columns
+    take the types of `like`'s, so that comparisons need no cast.
 
     A join lets the database walk its own indexes for a hundred thousand keys,
-    where chunks of bound parameters cost one round trip per few hundred.
+    where one statement per key (or per few hundred bound parameters) costs a
+    round trip each.
     """
     cols = list(keys.columns)
-    table = sa.Table(name, sa.MetaData(), *[sa.Column(c, sa.String(200)) for c in cols])
+    name = "mdm_tmp_" + "_".join(cols)
+    table = sa.Table(name, sa.MetaData(), *[sa.Column(c, like.c[c].type) for c in cols])
+    types = [like.c[c].type.compile(dialect=conn.dialect) for c in cols]
     conn.exec_driver_sql(
         f'CREATE TEMPORARY TABLE IF NOT EXISTS "{name}" ('
-        + ", ".join(f'"{c}" VARCHAR(200)' for c in cols)
+        + ", ".join(f'"{c}" {t}' for c, t in zip(cols, types, strict=True))
         + ")"
     )
     conn.exec_driver_sql(f'DELETE FROM "{name}"')
-    _insert(conn, table, keys.astype(str).drop_duplicates())
+    _insert(conn, table, keys.drop_duplicates())
     return table
 
 
 def _select_keys(conn: Connection, query: sa.Select, keys: pd.DataFrame) -> pd.DataFrame:
     """Rows of `query` (over mdm_source_records) for a set of (source, source_key)."""
-    tmp = _temp_keys(conn, "mdm_tmp_keys", keys[["source", "source_key"]])
+    tmp = _temp_keys(conn, source_records, keys[["source", "source_key"]].astype(str))
     on = sa.and_(
         source_records.c.source == tmp.c.source, source_records.c.source_key == tmp.c.source_key
     )
@@ -770,17 +835,21 @@ def finish_run(conn: Connection, run_id: str, manifest: dict[str, object]) -> No
     )
 
 
-def read_npai(engine: Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(NPAI history, the address hash the store holds per record) before this run."""
+def read_npai(engine: Engine, sent: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(NPAI history, the address hash the store holds per record) before this run.
+
+    An incremental run has the address hashes in its snapshot and passes
+    `sent=False` to skip reading them from every stored record.
+    """
     with engine.connect() as conn:
         state = _read(conn, sa.select(npai))
-        sent = _read(
+        held = _read(
             conn,
             sa.select(
                 source_records.c.source, source_records.c.source_key, source_records.c.address_hash
-            ),
+            ).where(sa.true() if sent else sa.false()),
         )
-    return state, sent.dropna()
+    return state, held.dropna()
 
 
 def write_npai(conn: Connection, before: pd.DataFrame, after: pd.DataFrame) -> int:
@@ -882,7 +951,7 @@ def read_snapshot(engine: Engine) -> tuple[str, dict[str, pd.DataFrame]] | None:
 
 
 def read_payloads(engine: Engine, keys: pd.DataFrame) -> pd.DataFrame:
-    """(source, source_key, source_line, payload JSON) of these stored records."""
+    """(source, source_key, source_line, record_hash, payload JSON) of these stored records."""
     with engine.connect() as conn:
         return _select_keys(
             conn,
@@ -890,6 +959,7 @@ def read_payloads(engine: Engine, keys: pd.DataFrame) -> pd.DataFrame:
                 source_records.c.source,
                 source_records.c.source_key,
                 source_records.c.source_line,
+                source_records.c.record_hash,
                 source_records.c.payload,
             ),
             keys,
@@ -906,14 +976,13 @@ def replace_evidence(
     with the same model would have left it. The pairs to drop are found by the
     database through the evidence's indexes on either side, not read back.
     """
-    tmp = _temp_keys(conn, "mdm_tmp_keys", touched[["source", "source_key"]])
-    ev = match_evidence.c
+    keys = touched[["source", "source_key"]].astype(str)
     dropped = 0
     for side in ("left", "right"):
-        hit = sa.tuple_(ev[f"{side}_source"], ev[f"{side}_key"]).in_(
-            sa.select(tmp.c.source, tmp.c.source_key)
-        )
-        dropped += conn.execute(match_evidence.delete().where(hit)).rowcount
+        named = keys.set_axis([f"{side}_source", f"{side}_key"], axis=1)
+        dropped += conn.execute(
+            match_evidence.delete().where(_keys_in(conn, match_evidence, named))
+        ).rowcount
     fresh = evidence[[*EVIDENCE_KEYS, "rule", "weight", "probability", "band", "contributions"]]
     _insert(conn, match_evidence, fresh.assign(run_id=run_id))
     return dropped + len(fresh)

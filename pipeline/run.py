@@ -447,39 +447,33 @@ class Pipeline:
         summary.model_run, summary.model_status = stored_model[0], "reused"
         model = Model.from_json(stored_model[1])
         sources = [s.name for s in settings.sources]
-        npai_before, npai_sent = store.read_npai(engine)
+        npai_before, _ = store.read_npai(engine, sent=False)
         mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         loaded = pd.concat([m.records for m in mapped], ignore_index=True)
         loaded["source_hash"] = source_hashes(loaded)
         state = snap[1]["records"].astype({"source_key": str})
-        state["snap_pos"] = np.arange(len(state))
+        npai_sent = state[[*inc.KEYS, "address_hash"]].dropna()
         deletions = pd.concat(
             [pd.DataFrame({"source": m.source, "source_key": m.deleted}) for m in mapped],
             ignore_index=True,
         )
         delta_sources = [s.name for s in settings.sources if s.delta is not None]
         delta = inc.find_delta(
-            loaded,
-            state,
-            [s for s in sources if s not in delta_sources],
-            deletions,
-            state[[*inc.KEYS, "source_line"]],
+            loaded, state, [s for s in sources if s not in delta_sources], deletions
         )
         summary.records_changed, summary.records_deleted = len(delta.changed), len(delta.deleted)
-        deleted_pos = delta.deleted.merge(state[[*inc.KEYS, "snap_pos"]], on=inc.KEYS)
+        kept_pos = delta.unchanged["snap_pos"].to_numpy()
 
         with self._stage("normalize", summary, emit):
             changed = normalize_records(delta.changed, settings.normalize)
             changed = changed.assign(address_hash=npai.address_hash(changed))
             changed["source_key"] = changed["source_key"].astype(str)
             # NPAI over every delivered record: unchanged ones keep their stored address.
-            stored_addr = state[[*inc.KEYS, "address_hash"]]
-            current_addr = pd.concat(
+            current_addr = inc.stack(
                 [
-                    delta.unchanged[inc.KEYS].merge(stored_addr, on=inc.KEYS, how="left"),
+                    state[[*inc.KEYS, "address_hash"]].iloc[kept_pos],
                     changed[[*inc.KEYS, "address_hash"]],
-                ],
-                ignore_index=True,
+                ]
             )
             flags, npai_after = self._npai_flags(
                 current_addr, returns, npai_before, npai_sent, summary
@@ -488,29 +482,41 @@ class Pipeline:
 
         with self._stage("match", summary, emit):
             # Tonight's line: a record that only moved in the file keeps its place in order.
-            unchanged = state.drop(columns="source_line").merge(delta.unchanged, on=inc.KEYS)
+            unchanged = state.iloc[kept_pos].assign(
+                source_line=delta.unchanged["source_line"].to_numpy(), snap_pos=kept_pos
+            )
             fresh = changed[[*inc.KEYS, "source_line", "source_hash", "address_hash"]].assign(
                 npai_state=store.npai_state_text(changed).to_numpy(),
                 **{c: changed[c].to_numpy() for c in store.MATCH_COLUMNS},
+                snap_pos=delta.index.get_indexer(inc.record_keys(changed)),
             )
-            fresh = fresh.merge(state[[*inc.KEYS, "snap_pos"]], on=inc.KEYS, how="left")
-            fresh["snap_pos"] = fresh["snap_pos"].fillna(-1).astype(np.int64)
+            columns = [*inc.SNAPSHOT_COLUMNS, "snap_pos"]
             current = inc.run_order(
-                pd.concat(
-                    [unchanged.assign(__changed=False), fresh.assign(__changed=True)],
-                    ignore_index=True,
+                inc.stack(
+                    [
+                        unchanged[columns].assign(__changed=False),
+                        fresh[columns].assign(__changed=True),
+                    ]
                 ),
                 sources,
             )
             is_changed = current["__changed"].to_numpy(dtype=bool)
             # Records whose NPAI state changed: re-survived, not re-matched.
-            now_state = store.npai_state_text(with_flags(current[inc.KEYS], flags))
-            resurvive = ~is_changed & (
-                now_state.to_numpy() != current["npai_state"].fillna("").to_numpy()
+            # Only a record flagged tonight or before can have changed: the others are
+            # not looked up.
+            no_flag = store.npai_state_text(with_flags(current[inc.KEYS].iloc[:1], flags.iloc[:0]))
+            stored_state = current["npai_state"].fillna("").to_numpy()
+            flagged = delta.index.get_indexer(inc.record_keys(flags))
+            look = ~is_changed & (
+                (stored_state != no_flag.iloc[0])
+                | np.isin(current["snap_pos"].to_numpy(), flagged[flagged >= 0])
             )
-            current["npai_state"] = now_state.to_numpy()
+            now_state = store.npai_state_text(with_flags(current.loc[look, inc.KEYS], flags))
+            resurvive = np.zeros(len(current), dtype=bool)
+            resurvive[look] = now_state.to_numpy() != stored_state[look]
+            current.loc[look, "npai_state"] = now_state.to_numpy()
             old_pos = np.r_[
-                deleted_pos["snap_pos"].to_numpy(dtype=np.int64),
+                delta.deleted["snap_pos"].to_numpy(dtype=np.int64),
                 fresh.loc[fresh["snap_pos"] >= 0, "snap_pos"].to_numpy(dtype=np.int64),
             ]
             rematch, reach = inc.blocks_to_rematch(
@@ -543,8 +549,8 @@ class Pipeline:
             snap_pos = current["snap_pos"].to_numpy(dtype=np.int64)
             stored_here = snap_pos >= 0
             now_pos[snap_pos[stored_here]] = np.flatnonzero(stored_here)
-            now_pos[deleted_pos["snap_pos"].to_numpy(dtype=np.int64)] = n + np.arange(
-                len(deleted_pos)
+            now_pos[delta.deleted["snap_pos"].to_numpy(dtype=np.int64)] = n + np.arange(
+                len(delta.deleted)
             )
             edges = snap[1]["edges"]
             el = now_pos[edges["left"].to_numpy(dtype=np.int64)]
@@ -556,7 +562,7 @@ class Pipeline:
             new_l, new_r = auto["left"].to_numpy(), auto["right"].to_numpy()
             affected = inc.affected_records(
                 n,
-                len(deleted_pos),
+                len(delta.deleted),
                 (el, er),
                 (el[kept], er[kept]),
                 (new_l, new_r),
@@ -589,7 +595,8 @@ class Pipeline:
         with self._stage("survive", summary, emit):
             keys = current.loc[affected, inc.KEYS]
             from_store = current.loc[affected & ~is_changed, inc.KEYS]
-            restored = inc.records_from_payload(store.read_payloads(engine, from_store))
+            stored_payloads = store.read_payloads(engine, from_store)
+            restored = inc.records_from_payload(stored_payloads)
             restored = restored.drop(columns="source_line").merge(
                 current[[*inc.KEYS, "source_line", "source_hash"]], on=inc.KEYS
             )
@@ -604,7 +611,9 @@ class Pipeline:
 
         quarantined = pd.concat([m.quarantine for m in mapped] + npai_quarantine, ignore_index=True)
         quarantine_scope = sources + (["npai"] if settings.npai_returns else [])
-        touched = pd.concat([current.loc[rematch, inc.KEYS], delta.deleted], ignore_index=True)
+        touched = pd.concat(
+            [current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True
+        )
         with store.transaction(engine) as conn, self._stage("store", summary, emit):
             at = now.replace(tzinfo=None)
             store.start_run(conn, summary.run_id, config_hash(settings), at)
@@ -619,8 +628,12 @@ class Pipeline:
                 lineage,
                 quarantined,
                 quarantine_scope,
-                scope=pd.concat([keys, delta.deleted], ignore_index=True),
-                removed=delta.deleted,
+                scope=pd.concat([keys, delta.deleted[inc.KEYS]], ignore_index=True),
+                removed=delta.deleted[inc.KEYS],
+                # Read back and not re-flagged: their payload is the stored one.
+                as_stored=stored_payloads.merge(
+                    current.loc[affected & ~is_changed & ~resurvive, inc.KEYS], on=inc.KEYS
+                ),
             )
             store.write_npai(conn, npai_before, npai_after)
             store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))

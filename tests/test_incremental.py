@@ -382,3 +382,31 @@ def test_matching_the_blocks_of_changed_records_gives_the_pairs_of_matching_ever
         left=part[subset.pairs["left"].to_numpy()], right=part[subset.pairs["right"].to_numpy()]
     )
     pd.testing.assert_frame_equal(got, everyone)
+
+
+def test_a_new_return_for_an_unchanged_record_re_chooses_its_golden_record(
+    samples: Path, tmp_path: Path
+) -> None:
+    """La Poste returns mail for a customer whose record did not change: the record is
+    not matched again, but its golden record is chosen again as a full run would."""
+    cfg = samples / "config.yaml"
+    a, b = tmp_path / "incremental.sqlite", tmp_path / "full.sqlite"
+    _run(cfg, f"sqlite:///{a}")
+    shutil.copy(a, b)
+    returns = samples / "laposte_retours_npai.csv"
+    encoding = "utf-8"
+    flagged = {line.split(";")[1] for line in returns.read_text(encoding).splitlines()[1:]}
+    _, stores = _rows(samples / STORES)
+    fresh = sorted(k for k in stores if k not in flagged)[:5]
+    with returns.open("a", encoding=encoding) as f:
+        for key in fresh:
+            f.write(f"stores;{key};03/03/2026;Destinataire inconnu à l'adresse\n")
+    inc = _run(cfg, f"sqlite:///{a}", "--incremental")
+    full = _run(cfg, f"sqlite:///{b}")
+    assert inc["records_changed"] == 0 and inc["npai_flags_new"] == full["npai_flags_new"] == 5
+    assert inc["records_reclustered"] >= 5
+    got, want = _state(f"sqlite:///{a}"), _state(f"sqlite:///{b}")
+    for part in ("xref", "golden", "retired", "evidence"):
+        assert got[part] == want[part], part
+    got_snap, want_snap = _snapshot(f"sqlite:///{a}"), _snapshot(f"sqlite:///{b}")
+    pd.testing.assert_frame_equal(got_snap["records"], want_snap["records"])
