@@ -381,6 +381,308 @@ def rnvp(
         out.print(f"unreadable rows: {summary.quarantine_file}", highlight=False)
 
 
+# --- the steward's review workflow -------------------------------------------------------
+
+review_app = typer.Typer(
+    help="Review uncertain pairs and record decisions that every later run honours.",
+    no_args_is_help=True,
+)
+app.add_typer(review_app, name="review")
+
+AuthorOption = Annotated[str, typer.Option("--author", help="Who decides (kept with it).")]
+CommentOption = Annotated[
+    str | None, typer.Option("--comment", help="Why, in the steward's words.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DebugOption = Annotated[bool, typer.Option(help="Show tracebacks.")]
+
+#: Fields shown side by side: (label, raw column, normalised column, comparison name).
+SHOWN_FIELDS = (
+    ("civility", "civility", "civility_norm", None),
+    ("first name", "first_name", "first_name_norm", "first_name"),
+    ("last name", "last_name", "last_name_norm", "last_name"),
+    ("birth name", "birth_name", "birth_name_norm", "birth_name"),
+    ("birth date", "birth_date", "birth_date", "birth_date"),
+    ("e-mail", "email", "email_norm", "email"),
+    ("phone", "phone", "phone_norm", "phone"),
+    ("street", "street", "street_norm", "street"),
+    ("postcode", "postcode", "postcode_norm", "postcode"),
+    ("city", "city", "city_norm", "city"),
+    ("company", "company_name", "company_name_norm", "company_name"),
+    ("SIREN", "siren", "siren_norm", "siren"),
+    ("customer ref", "customer_ref", "customer_ref_norm", "customer_ref"),
+)
+
+
+def _engine(config: Path) -> Any:
+    from mdm_pipeline.config.loader import load_settings, store_url
+    from mdm_pipeline.golden_records import store
+
+    return store.connect(store_url(load_settings(config)))
+
+
+def _frame_json(frame: Any) -> None:
+    out.print_json(frame.to_json(orient="records", date_format="iso"))
+
+
+@review_app.command("list")
+def review_list(
+    config: ConfigOption,
+    source: Annotated[str | None, typer.Option(help="Only pairs with a record of it.")] = None,
+    min_score: Annotated[float | None, typer.Option(help="Lowest match probability.")] = None,
+    max_score: Annotated[float | None, typer.Option(help="Highest match probability.")] = None,
+    min_size: Annotated[
+        int | None, typer.Option(help="Fewest records the pair's golden records hold.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many.")] = 50,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Pairs in the review band without a decision, most uncertain first."""
+    from mdm_pipeline.golden_records import review
+
+    try:
+        engine = _engine(config)
+        queue = review.review_queue(engine, source, min_score, max_score, min_size)
+        engine.dispose()
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    shown = queue.head(limit)
+    if json_output:
+        _frame_json(shown)
+        return
+    table = Table(title=f"review queue: {len(queue):,} pairs, most uncertain first")
+    for col in ("item", "left", "right", "probability", "rule", "golden IDs", "size"):
+        table.add_column(col, justify="right" if col in ("probability", "size") else "left")
+    for row in shown.itertuples(index=False):
+        golden = (
+            row.left_golden_id if row.together else f"{row.left_golden_id} / {row.right_golden_id}"
+        )
+        table.add_row(
+            row.item,
+            f"{row.left_source}:{row.left_key}",
+            f"{row.right_source}:{row.right_key}",
+            f"{row.probability:.3f}",
+            row.rule,
+            golden,
+            str(row.size),
+        )
+    out.print(table)
+
+
+@review_app.command("show")
+def review_show(
+    config: ConfigOption,
+    item: Annotated[str, typer.Argument(help="A review item ID (from `mdm review list`).")],
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """The two records side by side, raw and normalised, with each comparison's weight."""
+    from mdm_pipeline.golden_records import review
+
+    try:
+        engine = _engine(config)
+        shown = review.show_pair(engine, item)
+        engine.dispose()
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    if json_output:
+        out.print_json(json.dumps(shown, default=str))
+        return
+    left, right = shown["left"], shown["right"]
+    table = Table(
+        title=f"{item}: {left['ref']} / {right['ref']}, probability "
+        f"{shown['probability']:.3f} (weight {shown['weight']:+.2f}, rule {shown['rule']})"
+    )
+    for col in ("field", left["ref"], right["ref"], "weight"):
+        table.add_column(col, justify="right" if col == "weight" else "left")
+    weights = shown["contributions"]
+    for label, raw, norm, comparison in SHOWN_FIELDS:
+        values = []
+        for rec in (left, right):
+            r, n = rec["values"].get(raw), rec["values"].get(norm)
+            text = "" if r is None else str(r)
+            if n is not None and str(n) != text:
+                text = f"{text} → {n}" if text else str(n)
+            values.append(text)
+        if not any(values):
+            continue
+        w = weights.get(comparison) if comparison else None
+        style = "" if w is None else ("green" if w > 0 else "red" if w < 0 else "")
+        table.add_row(label, *values, "" if w is None else f"{w:+.2f}", style=style)
+    for name, w in weights.items():
+        if name not in {c for *_, c in SHOWN_FIELDS}:
+            style = "green" if w > 0 else "red" if w < 0 else ""
+            table.add_row(f"({name})", "", "", f"{w:+.2f}", style=style)
+    out.print(table)
+    for decision in shown["decisions"]:
+        out.print(
+            f"decision {decision['decision_id']}: {decision['kind']} by {decision['author']} "
+            f"on {decision['decided_at']}",
+            highlight=False,
+        )
+
+
+def _decide(
+    config: Path,
+    kind: str,
+    refs: tuple[str, str] | str,
+    author: str,
+    comment: str | None,
+    debug: bool,
+) -> None:
+    from mdm_pipeline.golden_records import review
+
+    try:
+        engine = _engine(config)
+        if isinstance(refs, str):
+            left, right = review.find_item(engine, refs)
+            item: str | None = refs
+        else:
+            left, right = (review.RecordRef.parse(r) for r in refs)
+            item = None
+        decision = review.decide(engine, kind, left, right, author, comment, item)
+        engine.dispose()
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    out.print(
+        f"decision {decision}: {kind} {left} / {right}, honoured from the next run",
+        highlight=False,
+    )
+
+
+@review_app.command("accept")
+def review_accept(
+    config: ConfigOption,
+    item: Annotated[str, typer.Argument(help="The review item ID.")],
+    author: AuthorOption,
+    comment: CommentOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """The pair is one customer: a must-link every later run honours."""
+    _decide(config, "must_link", item, author, comment, debug)
+
+
+@review_app.command("reject")
+def review_reject(
+    config: ConfigOption,
+    item: Annotated[str, typer.Argument(help="The review item ID.")],
+    author: AuthorOption,
+    comment: CommentOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """The pair is two customers: a cannot-link every later run honours."""
+    _decide(config, "cannot_link", item, author, comment, debug)
+
+
+@review_app.command("merge")
+def review_merge(
+    config: ConfigOption,
+    left: Annotated[str, typer.Argument(help="SOURCE:KEY of one record.")],
+    right: Annotated[str, typer.Argument(help="SOURCE:KEY of the other.")],
+    author: AuthorOption,
+    comment: CommentOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Put two records (and so their golden records) together: a must-link."""
+    _decide(config, "must_link", (left, right), author, comment, debug)
+
+
+@review_app.command("split")
+def review_split(
+    config: ConfigOption,
+    left: Annotated[str, typer.Argument(help="SOURCE:KEY of one record.")],
+    right: Annotated[str, typer.Argument(help="SOURCE:KEY of the other.")],
+    author: AuthorOption,
+    comment: CommentOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Keep two records in different golden records: a cannot-link."""
+    _decide(config, "cannot_link", (left, right), author, comment, debug)
+
+
+@review_app.command("revoke")
+def review_revoke(
+    config: ConfigOption,
+    decision: Annotated[int, typer.Argument(help="The decision's number.")],
+    author: AuthorOption,
+    comment: CommentOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """End a decision: runs from the next one on no longer honour it."""
+    from mdm_pipeline.golden_records import review
+
+    try:
+        engine = _engine(config)
+        review.revoke(engine, decision, author, comment)
+        engine.dispose()
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    out.print(f"decision {decision} revoked", highlight=False)
+
+
+@review_app.command("decisions")
+def review_decisions(
+    config: ConfigOption,
+    all_decisions: Annotated[bool, typer.Option("--all", help="Revoked ones too.")] = False,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """The stewards' decisions with author, date and comment."""
+    from mdm_pipeline.golden_records import review
+
+    try:
+        engine = _engine(config)
+        found = review.list_decisions(engine, all_decisions)
+        engine.dispose()
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    if json_output:
+        _frame_json(found)
+        return
+    table = Table(title=f"{len(found):,} decisions")
+    for col in ("id", "kind", "left", "right", "author", "decided", "comment", "revoked"):
+        table.add_column(col)
+    for row in found.itertuples(index=False):
+        table.add_row(
+            str(row.decision_id),
+            row.kind,
+            f"{row.left_source}:{row.left_key}",
+            f"{row.right_source}:{row.right_key}",
+            row.author,
+            f"{row.decided_at:%Y-%m-%d %H:%M}",
+            row.comment or "",
+            ""
+            if row.revoked_at is None or row.revoked_at != row.revoked_at
+            else f"{row.revoked_at:%Y-%m-%d} by {row.revoked_by}",
+        )
+    out.print(table)
+
+
+@review_app.command("apply")
+def review_apply(
+    config: ConfigOption,
+    decisions_csv: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with columns decision (accept, reject, merge, split), item or "
+            "left+right (SOURCE:KEY), author, and optionally comment."
+        ),
+    ],
+    debug: DebugOption = False,
+) -> None:
+    """Record many decisions at once: all of them, or none if one line is wrong."""
+    from mdm_pipeline.golden_records import review
+
+    try:
+        engine = _engine(config)
+        ids = review.apply_csv(engine, decisions_csv)
+        engine.dispose()
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    out.print(f"{len(ids)} decisions recorded from {decisions_csv}", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

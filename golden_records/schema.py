@@ -156,6 +156,29 @@ events = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),  # members before and after, JSON
 )
 
+#: Steward decisions on pairs of source records: `must_link` (same customer) or
+#: `cannot_link` (different customers). Every run honours the active ones (not
+#: revoked); a revoked decision keeps its row, with who revoked it and when.
+decisions = sa.Table(
+    "mdm_decisions",
+    metadata,
+    sa.Column("decision_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # must_link | cannot_link
+    sa.Column("left_source", sa.String(40), nullable=False),
+    sa.Column("left_key", sa.String(200), nullable=False),
+    sa.Column("right_source", sa.String(40), nullable=False),
+    sa.Column("right_key", sa.String(200), nullable=False),
+    sa.Column("author", sa.String(100), nullable=False),
+    sa.Column("comment", sa.Text),
+    sa.Column("decided_at", sa.DateTime, nullable=False),
+    sa.Column("review_item", sa.String(40)),  # the review item it answered, if any
+    sa.Column("revoked_at", sa.DateTime),
+    sa.Column("revoked_by", sa.String(100)),
+    sa.Column("revoke_comment", sa.Text),
+    sa.Index("ix_mdm_decisions_left", "left_source", "left_key"),
+    sa.Index("ix_mdm_decisions_right", "right_source", "right_key"),
+)
+
 lock = sa.Table(
     "mdm_lock",
     metadata,

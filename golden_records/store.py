@@ -401,6 +401,19 @@ def _payload_hashes(
     return digest, text
 
 
+def _reason(detail: dict[str, dict[str, list[str]]], steward: pd.DataFrame | None) -> str:
+    """ "steward" when a decision taken or revoked since the last run explains the event."""
+    if steward is None or not len(steward):
+        return "automatic"
+    members = {m for side in detail.values() for group in side.values() for m in group}
+    for ls, lk, rs, rk in steward[
+        ["left_source", "left_key", "right_source", "right_key"]
+    ].itertuples(index=False):
+        if f"{ls}:{lk}" in members and f"{rs}:{rk}" in members:
+            return "steward"
+    return "automatic"
+
+
 def write_run(
     conn: Connection,
     run_id: str,
@@ -415,6 +428,7 @@ def write_run(
     scope: pd.DataFrame | None = None,
     removed: pd.DataFrame | None = None,
     as_stored: pd.DataFrame | None = None,
+    steward: pd.DataFrame | None = None,
 ) -> tuple[WriteResult, pd.Series]:
     """Write records, golden records, their history and quarantine; return what changed
     and the golden ID of each record (aligned with `records`).
@@ -429,6 +443,9 @@ def write_run(
     can change or retire) and `removed` (the records deleted at their source).
     `as_stored` (source, source_key, record_hash, payload) names records whose
     payload is the stored one, read back: they are not serialised again.
+    `steward` holds the pairs (left_source, left_key, right_source, right_key) of
+    decisions taken or revoked since the last run: a merge or split that puts
+    both records of one in its members is logged with reason "steward".
     """
     result = WriteResult()
     keys = records[["source", "source_key"]].assign(
@@ -601,7 +618,7 @@ def write_run(
                     "run_id": run_id,
                     "at": at,
                     "kind": [k for k, _, _ in found],
-                    "reason": "automatic",
+                    "reason": [_reason(d, steward) for _, _, d in found],
                     "golden_id": [g for _, g, _ in found],
                     "detail": [json.dumps(d, sort_keys=True) for _, _, d in found],
                 }
@@ -986,6 +1003,24 @@ def replace_evidence(
     fresh = evidence[[*EVIDENCE_KEYS, "rule", "weight", "probability", "band", "contributions"]]
     _insert(conn, match_evidence, fresh.assign(run_id=run_id))
     return dropped + len(fresh)
+
+
+def last_run(engine: Engine) -> tuple[str, datetime] | None:
+    """(run ID, start) of the last run that succeeded."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(runs.c.run_id, runs.c.started_at)
+            .where(runs.c.status == "succeeded")
+            .order_by(runs.c.started_at.desc(), runs.c.run_id.desc())
+            .limit(1)
+        ).first()
+    return (row[0], row[1]) if row else None
+
+
+def run_started_at(engine: Engine, run_id: str) -> datetime | None:
+    """When a run started (its changes are dated so)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(runs.c.started_at).where(runs.c.run_id == run_id)).scalar()
 
 
 def records_per_source(engine: Engine) -> dict[str, int]:

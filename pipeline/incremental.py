@@ -85,6 +85,27 @@ def find_delta(
     return Delta(records[~same].reset_index(drop=True), deleted, unchanged, index)
 
 
+def decision_links(decided: pd.DataFrame, keys: pd.Index) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(must-link, cannot-link) pairs of positions (left, right) in the records that
+    `keys` (see `record_keys`) names; decisions on a record not there tonight wait."""
+    empty = pd.DataFrame({"left": np.array([], np.int64), "right": np.array([], np.int64)})
+    if not len(decided):
+        return empty, empty
+    left = keys.get_indexer(
+        pd.Index(decided["left_source"].astype(str) + "\x1f" + decided["left_key"].astype(str))
+    )
+    right = keys.get_indexer(
+        pd.Index(decided["right_source"].astype(str) + "\x1f" + decided["right_key"].astype(str))
+    )
+    here = (left >= 0) & (right >= 0)
+    kind = decided["kind"].to_numpy()
+    frames = [
+        pd.DataFrame({"left": left[here & (kind == k)], "right": right[here & (kind == k)]})
+        for k in ("must_link", "cannot_link")
+    ]
+    return frames[0], frames[1]
+
+
 def stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Frames with the same columns, one under the other, column by column: pd.concat
     checks every value of a mostly-empty text column (a million records' SIREN) for

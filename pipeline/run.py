@@ -30,7 +30,7 @@ from mdm_pipeline.config import schema
 from mdm_pipeline.config.errors import ConfigError, DataContractError, StoreError
 from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
 from mdm_pipeline.config.settings import Settings
-from mdm_pipeline.golden_records import store
+from mdm_pipeline.golden_records import review, store
 from mdm_pipeline.golden_records.survivorship import survive
 from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
 from mdm_pipeline.matching.clustering import guarded_clusters
@@ -91,6 +91,8 @@ class RunSummary:
     matched_edges: int = 0
     review_pairs: int = 0
     model_warnings: list[str] = field(default_factory=list)
+    #: Active steward decisions (must-link, cannot-link) on records present tonight.
+    decisions_honoured: int = 0
     clusters: int = 0
     largest_cluster: int = 0
     clusters_split: int = 0
@@ -295,7 +297,16 @@ class Pipeline:
 
         with self._stage("cluster", summary, emit):
             auto = pairs[pairs["band"] == AUTO]
-            cluster_ids, report = guarded_clusters(len(records), auto, settings.matching.clustering)
+            decided = review.active_decisions(engine)
+            last = store.last_run(engine)
+            since = review.decisions_changed_since(engine, last[1] if last else None)
+            must, cannot = inc.decision_links(
+                decided, inc.record_keys(positional) if len(decided) else pd.Index([])
+            )
+            cluster_ids, report = guarded_clusters(
+                len(records), auto, settings.matching.clustering, must, cannot
+            )
+            summary.decisions_honoured = len(must) + len(cannot)
             labels = pd.Series(cluster_ids, index=records.index)
         summary.clusters = report.clusters
         summary.largest_cluster = report.largest
@@ -328,6 +339,7 @@ class Pipeline:
                         lineage,
                         quarantined,
                         quarantine_scope,
+                        steward=since,
                     )
                     if summary.model_status == "trained":
                         store.write_model(conn, summary.run_id, model_hash, at, model.to_json())
@@ -560,14 +572,24 @@ class Pipeline:
             kept[live] = ~rematch[el[live]] & ~rematch[er[live]]
             auto = pairs[pairs["band"] == AUTO]
             new_l, new_r = auto["left"].to_numpy(), auto["right"].to_numpy()
+            # Steward decisions: all active ones constrain the clusters they touch; those
+            # taken or revoked since the last run re-decide their records' clusters.
+            decided = review.active_decisions(engine)
+            since = review.decisions_changed_since(engine, store.run_started_at(engine, snap[0]))
+            keys_now = inc.record_keys(current) if len(decided) or len(since) else pd.Index([])
+            must, cannot = inc.decision_links(decided, keys_now)
+            moved = inc.decision_links(since.assign(kind="must_link"), keys_now)[0]
+            reconsider = resurvive.copy()
+            reconsider[moved["left"].to_numpy()] = True
+            reconsider[moved["right"].to_numpy()] = True
             affected = inc.affected_records(
                 n,
                 len(delta.deleted),
                 (el, er),
                 (el[kept], er[kept]),
-                (new_l, new_r),
+                (np.r_[new_l, must["left"].to_numpy()], np.r_[new_r, must["right"].to_numpy()]),
                 rematch,
-                resurvive,
+                reconsider,
             )
             summary.records_reclustered = int(affected.sum())
             links = inc.snapshot_edges(
@@ -584,9 +606,18 @@ class Pipeline:
                 left=local[links["left"].to_numpy()[inside]],
                 right=local[links["right"].to_numpy()[inside]],
             )
+            must_here = must[affected[must["left"]] & affected[must["right"]]]
+            cannot_here = cannot[affected[cannot["left"]] & affected[cannot["right"]]]
             cluster_ids, report = guarded_clusters(
-                int(affected.sum()), graph.reset_index(drop=True), settings.matching.clustering
+                int(affected.sum()),
+                graph.reset_index(drop=True),
+                settings.matching.clustering,
+                must_here.assign(left=local[must_here["left"]], right=local[must_here["right"]]),
+                cannot_here.assign(
+                    left=local[cannot_here["left"]], right=local[cannot_here["right"]]
+                ),
             )
+            summary.decisions_honoured = len(must) + len(cannot)
         summary.clusters = report.clusters
         summary.largest_cluster = report.largest
         summary.clusters_split = len(report.split_clusters)
@@ -634,6 +665,7 @@ class Pipeline:
                 as_stored=stored_payloads.merge(
                     current.loc[affected & ~is_changed & ~resurvive, inc.KEYS], on=inc.KEYS
                 ),
+                steward=since,
             )
             store.write_npai(conn, npai_before, npai_after)
             store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))
