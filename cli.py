@@ -683,6 +683,214 @@ def review_apply(
     out.print(f"{len(ids)} decisions recorded from {decisions_csv}", highlight=False)
 
 
+# --- auditors' questions -----------------------------------------------------------------
+
+golden_app = typer.Typer(
+    help="What a golden record says, said, and where it came from.", no_args_is_help=True
+)
+app.add_typer(golden_app, name="golden")
+
+
+def _print_json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+def _values_table(title: str, attributes: dict[str, Any], lineage: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    for col in ("attribute", "value", "from", "rule", "dated"):
+        table.add_column(col)
+    for name, value in attributes.items():
+        if value is None:
+            continue
+        origin = lineage.get(name, {})
+        table.add_row(
+            name,
+            str(value),
+            f"{origin.get('source', '')}:{origin.get('source_key', '')}" if origin else "",
+            origin.get("rule", ""),
+            origin.get("date", ""),
+        )
+    return table
+
+
+def _audit(config: Path, debug: bool, call: Any) -> Any:
+    try:
+        engine = _engine(config)
+        try:
+            return call(engine)
+        finally:
+            engine.dispose()
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+
+
+@golden_app.command("show")
+def golden_show(
+    config: ConfigOption,
+    golden_id: Annotated[str, typer.Argument(help="A golden ID (a retired one resolves).")],
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Current values with the source record, rule and date behind each."""
+    from mdm_pipeline.golden_records import audit
+
+    shown = _audit(config, debug, lambda e: audit.golden_show(e, golden_id))
+    if json_output:
+        _print_json(shown)
+        return
+    if shown["resolved_from"]:
+        out.print(
+            f"{golden_id} was merged into {shown['golden_id']} "
+            f"(through {', '.join(shown['resolved_from'])})",
+            highlight=False,
+        )
+    out.print(
+        _values_table(
+            f"{shown['golden_id']} ({shown['record_type']}, version {shown['version']} "
+            f"since {shown['valid_from']:%Y-%m-%d %H:%M})",
+            shown["attributes"],
+            shown["lineage"],
+        )
+    )
+    out.print(f"members: {', '.join(shown['members'])}", highlight=False)
+
+
+@golden_app.command("history")
+def golden_history(
+    config: ConfigOption,
+    golden_id: Annotated[str, typer.Argument(help="A golden ID, active or retired.")],
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Versions, merges, splits, retirement and steward decisions, by date."""
+    from mdm_pipeline.golden_records import audit
+
+    found = _audit(config, debug, lambda e: audit.golden_history(e, golden_id))
+    if json_output:
+        _print_json(found)
+        return
+    table = Table(title=f"history of {golden_id} ({found['status']})")
+    for col in ("date", "what", "run", "detail"):
+        table.add_column(col)
+    for h in found["history"]:
+        what = h["what"]
+        if what == "version":
+            detail = f"v{h['version']}, {h['members']} records" + (
+                f"; changed: {', '.join(h['changed'])}" if h["changed"] else ""
+            )
+        elif what in ("merge", "split"):
+            before = ", ".join(h["detail"]["before"])
+            after = ", ".join(h["detail"]["after"])
+            detail = f"{h['reason']}: {before} → {after}"
+        elif what == "retired":
+            detail = f"merged into {h['survivor_id']}" if h["survivor_id"] else "no records left"
+        elif what == "decision":
+            detail = (
+                f"#{h['decision_id']} {h['kind']} {h['left_source']}:{h['left_key']} / "
+                f"{h['right_source']}:{h['right_key']} by {h['author']}"
+                + (f" ({h['comment']})" if h["comment"] else "")
+            )
+        else:
+            detail = f"#{h['decision_id']} revoked by {h['revoked_by']}"
+        at = h["at"]
+        table.add_row(
+            f"{at:%Y-%m-%d %H:%M}" if at is not None else "", what, h.get("run_id") or "", detail
+        )
+    out.print(table)
+
+
+@golden_app.command("as-of")
+def golden_as_of(
+    config: ConfigOption,
+    golden_id: Annotated[str, typer.Argument(help="A golden ID.")],
+    date: Annotated[str, typer.Option("--date", help="YYYY-MM-DD or YYYY-MM-DDTHH:MM.")],
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """What the golden record said at a date (the end of that day if no time is given)."""
+    from datetime import datetime, timedelta
+
+    from mdm_pipeline.golden_records import audit
+
+    try:
+        when = datetime.fromisoformat(date)
+    except ValueError:
+        _error_line(f"--date '{date}': expected YYYY-MM-DD or YYYY-MM-DDTHH:MM")
+        raise typer.Exit(code=2) from None
+    if len(date) == 10:
+        when += timedelta(days=1) - timedelta(microseconds=1)
+    shown = _audit(config, debug, lambda e: audit.golden_as_of(e, golden_id, when))
+    if json_output:
+        _print_json(shown)
+        return
+    out.print(
+        _values_table(
+            f"{golden_id} as of {when:%Y-%m-%d %H:%M}: version {shown['version']} "
+            f"(run {shown['run_id']}, {shown['members']} records)",
+            shown["attributes"],
+            shown["lineage"],
+        )
+    )
+
+
+@app.command()
+def why(
+    config: ConfigOption,
+    left: Annotated[str, typer.Argument(help="SOURCE:KEY of one record.")],
+    right: Annotated[str, typer.Argument(help="SOURCE:KEY of the other.")],
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Are two records in one golden record, since when, and on what evidence."""
+    from mdm_pipeline.golden_records import audit
+    from mdm_pipeline.golden_records.review import RecordRef
+
+    def ask(engine: Any) -> Any:
+        return audit.why(engine, RecordRef.parse(left), RecordRef.parse(right))
+
+    found = _audit(config, debug, ask)
+    if json_output:
+        _print_json(found)
+        return
+    gids = found["golden_ids"]
+    if found["together"]:
+        since = found["since"]
+        out.print(
+            f"{left} and {right} are together in {gids[left]}"
+            + (f" since {since:%Y-%m-%d %H:%M}" if since is not None else ""),
+            highlight=False,
+        )
+    else:
+        out.print(
+            f"{left} ({gids[left]}) and {right} ({gids[right]}) are in different golden records",
+            highlight=False,
+        )
+    links = [found["evidence"]] if found["evidence"] else []
+    if found["chain"]:
+        out.print("no direct auto-match: joined through this chain of links", highlight=False)
+        links = found["chain"]
+    for link in links:
+        table = Table(
+            title=f"{link['left']} / {link['right']}: {link['band']}, probability "
+            f"{link['probability']:.3f}, weight {link['weight']:+.2f}, blocking rule {link['rule']}"
+        )
+        table.add_column("comparison")
+        table.add_column("weight", justify="right")
+        for name, w in link["contributions"].items():
+            table.add_row(name, f"{w:+.2f}", style="green" if w > 0 else "red" if w < 0 else "")
+        out.print(table)
+    if not links:
+        out.print("no stored evidence on this pair (scored as a non-match, or never compared)")
+    for d in found["decisions"]:
+        state = "revoked" if d["revoked_at"] is not None else "in force"
+        out.print(
+            f"steward decision #{d['decision_id']}: {d['kind']} by {d['author']} on "
+            f"{d['decided_at']:%Y-%m-%d %H:%M} ({state})"
+            + (f": {d['comment']}" if d["comment"] else ""),
+            highlight=False,
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
