@@ -416,9 +416,9 @@ SHOWN_FIELDS = (
 
 def _engine(config: Path) -> Any:
     from mdm_pipeline.config.loader import load_settings, store_url
-    from mdm_pipeline.golden_records import store
+    from mdm_pipeline.golden_records.connection import connect
 
-    return store.connect(store_url(load_settings(config)))
+    return connect(store_url(load_settings(config)))
 
 
 def _frame_json(frame: Any) -> None:
@@ -843,7 +843,7 @@ def why(
 ) -> None:
     """Are two records in one golden record, since when, and on what evidence."""
     from mdm_pipeline.golden_records import audit
-    from mdm_pipeline.golden_records.review import RecordRef
+    from mdm_pipeline.golden_records.refs import RecordRef
 
     def ask(engine: Any) -> Any:
         return audit.why(engine, RecordRef.parse(left), RecordRef.parse(right))

@@ -9,8 +9,10 @@ unit sent.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where frames are made: `mdm why` never needs it
+    import pandas as pd
 
 from mdm_pipeline.config.errors import DataContractError
 
@@ -90,4 +92,6 @@ def require_columns(frame: pd.DataFrame, columns: Iterable[str], boundary: str) 
 
 def empty_quarantine() -> pd.DataFrame:
     """A quarantine frame with no rows and the contract's columns."""
+    import pandas as pd
+
     return pd.DataFrame({c: pd.Series(dtype="object") for c in QUARANTINE_COLUMNS})

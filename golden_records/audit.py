@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.errors import MdmError
-from mdm_pipeline.golden_records.review import RecordRef
+from mdm_pipeline.golden_records.refs import RecordRef
 from mdm_pipeline.golden_records.schema import (
     decisions,
     events,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,35 +21,11 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from mdm_pipeline.config.errors import MdmError
+from mdm_pipeline.golden_records.refs import RecordRef, ReviewError
 from mdm_pipeline.golden_records.schema import decisions, match_evidence, source_records
 
 KINDS = {"accept": "must_link", "reject": "cannot_link"}
 PAIR_COLUMNS = ["left_source", "left_key", "right_source", "right_key"]
-
-
-class ReviewError(MdmError):
-    """A decision that cannot be recorded (unknown item or record, nothing to revoke)."""
-
-    exit_code = 2
-
-
-@dataclass(frozen=True)
-class RecordRef:
-    """A source record named as the stewards name it: SOURCE:KEY."""
-
-    source: str
-    key: str
-
-    @classmethod
-    def parse(cls, text: str) -> RecordRef:
-        source, sep, key = text.partition(":")
-        if not sep or not source or not key:
-            raise ReviewError(f"record '{text}': expected SOURCE:KEY")
-        return cls(source, key)
-
-    def __str__(self) -> str:
-        return f"{self.source}:{self.key}"
 
 
 def pair_item_id(left_source: str, left_key: str, right_source: str, right_key: str) -> str:

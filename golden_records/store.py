@@ -21,20 +21,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
-from alembic import command as alembic_command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
+from alembic import command as alembic_command  # noqa: F401  (tests drive migrations)
 from sqlalchemy.engine import Connection, Engine
 
-from mdm_pipeline.config.errors import StoreError, StoreLockedError
+from mdm_pipeline.config.errors import StoreLockedError
+from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the store's API)
+    MIGRATIONS,
+    _alembic_config,
+    connect,
+    schema_revision,
+    upgrade,
+)
 from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tables)
     MATCH_COLUMNS,
     events,
@@ -56,67 +59,6 @@ from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tab
 log = logging.getLogger(__name__)
 
 EVIDENCE_KEYS = ("left_source", "left_key", "right_source", "right_key")
-
-
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-#: Tables every store has had since the first release, before migrations existed.
-_LEGACY_TABLES = {"mdm_runs", "mdm_source_records", "mdm_golden_records"}
-
-
-def _alembic_config(conn: Connection) -> AlembicConfig:
-    config = AlembicConfig()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["connection"] = conn
-    return config
-
-
-def upgrade(engine: Engine) -> None:
-    """Bring the store's schema to the latest revision (creating it on an empty store).
-
-    A store created before migrations existed has the first revision's tables
-    but no version row: it is stamped as such, then upgraded like any other.
-    """
-    with engine.begin() as conn:
-        names = set(sa.inspect(conn).get_table_names())
-        config = _alembic_config(conn)
-        if "alembic_version" not in names and names >= _LEGACY_TABLES:
-            alembic_command.stamp(config, "0001")
-        alembic_command.upgrade(config, "head")
-
-
-def schema_revision(engine: Engine) -> str | None:
-    """The store's current revision (None if it has none)."""
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
-
-
-#: SQLite's page cache per connection (KiB). Its default, 2 MiB, is a few thousand
-#: pages: a night's writes into a store of gigabytes then read and write the same
-#: index pages over and over through the operating system.
-SQLITE_CACHE_KIB = 512 * 1024
-
-
-def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-    cursor.execute("PRAGMA mmap_size = 2147418112")
-    cursor.execute("PRAGMA temp_store = MEMORY")
-    cursor.close()
-
-
-def connect(url: str) -> Engine:
-    """An engine on the store, its schema created or upgraded if needed."""
-    try:
-        engine = sa.create_engine(url)
-        if engine.dialect.name == "sqlite":
-            sa.event.listen(engine, "connect", _tune_sqlite)
-        upgrade(engine)
-    except sa.exc.SQLAlchemyError as exc:
-        raise StoreError(
-            f"store {sa.engine.make_url(url).render_as_string(hide_password=True)}: "
-            f"cannot open ({exc.__class__.__name__})"
-        ) from None
-    return engine
 
 
 def hash_rows(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:

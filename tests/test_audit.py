@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from mdm_pipeline.cli import app
 from mdm_pipeline.golden_records import audit, store
 from mdm_pipeline.golden_records.audit import AuditError
-from mdm_pipeline.golden_records.review import RecordRef
+from mdm_pipeline.golden_records.refs import RecordRef
 
 runner = CliRunner()
 

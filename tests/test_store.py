@@ -22,7 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
-from mdm_pipeline.golden_records import store
+from mdm_pipeline.golden_records import connection, store
 from mdm_pipeline.golden_records.schema import metadata
 from mdm_pipeline.golden_records.survivorship import survive
 
@@ -45,6 +45,15 @@ def test_migrations_build_exactly_the_declared_schema(url: str) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_the_declared_head_is_alembics() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(store.MIGRATIONS))
+    assert ScriptDirectory.from_config(config).get_current_head() == connection.HEAD
 
 
 def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) -> None:

@@ -1,0 +1,86 @@
+"""Opening the store: the engine, its SQLite tuning, and the schema brought to the
+latest Alembic revision.
+
+Kept apart from `store` (pandas, pyarrow) so that a command answering one
+question (`mdm golden show`, `mdm why`) starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from mdm_pipeline.config.errors import StoreError
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: The latest revision in `migrations/versions` (a test checks it is Alembic's head): a
+#: store already there is opened without loading Alembic at all.
+HEAD = "0006"
+#: Tables every store has had since the first release, before migrations existed.
+_LEGACY_TABLES = {"mdm_runs", "mdm_source_records", "mdm_golden_records"}
+
+
+def _alembic_config(conn: Connection) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    return config
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the store's schema to the latest revision (creating it on an empty store).
+
+    A store created before migrations existed has the first revision's tables
+    but no version row: it is stamped as such, then upgraded like any other.
+    """
+    from alembic import command as alembic_command
+
+    with engine.begin() as conn:
+        names = set(sa.inspect(conn).get_table_names())
+        config = _alembic_config(conn)
+        if "alembic_version" not in names and names >= _LEGACY_TABLES:
+            alembic_command.stamp(config, "0001")
+        alembic_command.upgrade(config, "head")
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The store's current revision (None if it has none)."""
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
+#: SQLite's page cache per connection (KiB). Its default, 2 MiB, is a few thousand
+#: pages: a night's writes into a store of gigabytes then read and write the same
+#: index pages over and over through the operating system.
+SQLITE_CACHE_KIB = 512 * 1024
+
+
+def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+    cursor.execute("PRAGMA mmap_size = 2147418112")
+    cursor.execute("PRAGMA temp_store = MEMORY")
+    cursor.close()
+
+
+def connect(url: str) -> Engine:
+    """An engine on the store, its schema created or upgraded if needed."""
+    try:
+        engine = sa.create_engine(url)
+        if engine.dialect.name == "sqlite":
+            sa.event.listen(engine, "connect", _tune_sqlite)
+        if schema_revision(engine) != HEAD:
+            upgrade(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreError(
+            f"store {sa.engine.make_url(url).render_as_string(hide_password=True)}: "
+            f"cannot open ({exc.__class__.__name__})"
+        ) from None
+    return engine
