@@ -891,6 +891,49 @@ def why(
         )
 
 
+# --- files out of the store --------------------------------------------------------------
+
+export_app = typer.Typer(help="Files out of the store.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("bu")
+def export_bu(
+    config: ConfigOption,
+    name: Annotated[str, typer.Argument(help="The business unit (a source's name).")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder (default: the config's export.dir).")
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """The unit's extract back in its own format, each row with what the store knows."""
+    from mdm_pipeline.config.loader import load_settings
+    from mdm_pipeline.pipeline.exports import export_bu as write
+
+    try:
+        path = write(load_settings(config), name, out_dir)
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    out.print(f"return file: {path}", highlight=False)
+
+
+@export_app.command("golden")
+def export_golden(
+    config: ConfigOption,
+    path: Annotated[Path, typer.Option("--out", help="A .csv or .parquet file to write.")],
+    debug: DebugOption = False,
+) -> None:
+    """The active golden records, one column per attribute (CSV or Parquet)."""
+    from mdm_pipeline.config.loader import load_settings
+    from mdm_pipeline.pipeline.exports import export_golden as write
+
+    try:
+        n = write(load_settings(config), path)
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    out.print(f"{n:,} golden records written to {path}", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -227,7 +227,7 @@ def snapshot_edges(
     )
 
 
-def _parse_json_lines(text: str) -> pd.DataFrame:
+def parse_json_lines(text: str) -> pd.DataFrame:
     """JSON lines into a frame with Arrow's parser (several times pandas' speed).
 
     Arrow reads text that looks like a timestamp as one, which would turn a raw
@@ -249,7 +249,7 @@ def records_from_payload(payloads: pd.DataFrame) -> pd.DataFrame:
     """Stored records back as the frame normalisation produced (types restored)."""
     if not len(payloads):
         return pd.DataFrame(columns=[*KEYS, "source_line"])
-    frame = _parse_json_lines("\n".join(payloads["payload"].tolist()))
+    frame = parse_json_lines("\n".join(payloads["payload"].tolist()))
     frame.insert(0, "source", payloads["source"].to_numpy())
     frame.insert(1, "source_key", payloads["source_key"].astype(str).to_numpy())
     frame.insert(2, "source_line", payloads["source_line"].astype(int).to_numpy())

@@ -54,17 +54,42 @@ STAGES = ("load", "normalize", "match", "cluster", "survive", "store", "export")
 #: Columns added to each business unit's return file.
 RETURN_COLUMNS = {
     "golden_id": "mdm_golden_id",
+    **{f"rnvp_line{i}": f"mdm_rnvp_line{i}" for i in range(1, 7)},
     "street_norm": "mdm_street",
     "postcode_norm": "mdm_postcode",
     "city_norm": "mdm_city",
-    "email_norm": "mdm_email",
-    "phone_norm": "mdm_phone",
     "address_status": "mdm_address_status",
     "address_codes": "mdm_address_codes",
+    "email_norm": "mdm_email",
+    "email_valid": "mdm_email_valid",
+    "phone_norm": "mdm_phone",
+    "phone_valid": "mdm_phone_valid",
     "npai_flag": "mdm_npai",
     "npai_date": "mdm_npai_date",
     "npai_reason": "mdm_npai_reason",
 }
+
+
+def return_columns(records: pd.DataFrame) -> pd.DataFrame:
+    """What a business unit gets back beside each of its rows (`records`: its records
+    with their golden ID): cleaned values and flags, and its own duplicates, i.e. its
+    other records in the same golden record, by key, so that it can merge them."""
+    added = records.reindex(columns=list(RETURN_COLUMNS)).rename(columns=RETURN_COLUMNS)
+    pairs = pd.DataFrame(
+        {
+            "gid": records["golden_id"].to_numpy(),
+            "key": records["source_key"].astype(str).to_numpy(),
+        }
+    ).dropna(subset=["gid"])
+    # Pairs of the BU's records in one golden record (clusters are small: a few per ID).
+    both = pairs.merge(pairs, on="gid", suffixes=("", "_other"))
+    both = both[both["key"] != both["key_other"]].sort_values(["key", "key_other"])
+    dupes = both.groupby("key")["key_other"].agg(" ".join)
+    others = records["source_key"].astype(str).map(dupes).fillna("").to_numpy()
+    added["mdm_bu_duplicates"] = others
+    return added.reset_index(drop=True)
+
+
 NPAI_COLUMNS = ("address_hash", "npai_flag", "npai_date", "npai_reason")
 
 
@@ -757,7 +782,7 @@ class Pipeline:
         for m in mapped:
             part = records.iloc[offset : offset + len(m.records)]
             offset += len(m.records)
-            added = part[list(RETURN_COLUMNS)].rename(columns=RETURN_COLUMNS)
+            added = return_columns(part)
             paths.append(write_back(self.settings.source(m.source), m.raw, added, out_dir))
             emit("export", "advance", {"source": m.source})
         return paths

@@ -21,10 +21,12 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     for col in out.columns:
         if out[col].dtype == object:
-            text = out[col]
-            risky = text.str.startswith(_FORMULA_START, na=False)
+            # As text: a column may mix strings with flags or numbers (a golden record's
+            # attributes); a negative number there is written as text too.
+            text = out[col].astype("string")
+            risky = text.str.startswith(_FORMULA_START).fillna(False).astype(bool)
             if risky.any():
-                out[col] = text.where(~risky, "'" + text)
+                out[col] = out[col].where(~risky, "'" + text.astype(object))
     return out
 
 

@@ -1,0 +1,98 @@
+"""Files out of the store: a business unit's records back in its own format, and the
+golden records as CSV or Parquet."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from mdm_pipeline.cli import app
+
+runner = CliRunner()
+
+
+def _invoke(url: str, *args: str) -> object:
+    return runner.invoke(app, list(args), env={"MDM_STORE_URL": url})
+
+
+def test_a_bu_gets_its_rows_back_in_its_own_format(samples: Path, tmp_path: Path) -> None:
+    cfg = samples / "config.yaml"
+    extract = samples / "magasins_fidelite.csv"
+    with extract.open(encoding="cp1252", newline="") as f:
+        rows = list(csv.reader(f, delimiter=";"))
+    header = rows[0]
+    col = {n: i for i, n in enumerate(header)}
+    # A cell a spreadsheet would run: it must come back inert.
+    target = next(i for i, r in enumerate(rows[1:], 1) if len(r) == len(header))
+    rows[target][col["ADR3"]] = '=HYPERLINK("http://x")'
+    with extract.open("w", encoding="cp1252", newline="") as f:
+        csv.writer(f, delimiter=";").writerows(rows)
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    assert _invoke(url, "run", "--config", str(cfg)).exit_code == 0
+    done = _invoke(
+        url, "export", "bu", "--config", str(cfg), "stores", "--out", str(tmp_path / "o")
+    )
+    assert done.exit_code == 0, done.output
+    path = tmp_path / "o" / "stores_return.csv"
+    back = pd.read_csv(path, sep=";", encoding="cp1252", dtype=str, keep_default_na=False)
+    assert list(back.columns[: len(header)]) == header
+    for added in (
+        "mdm_golden_id",
+        "mdm_rnvp_line6",
+        "mdm_address_status",
+        "mdm_email_valid",
+        "mdm_phone_valid",
+        "mdm_npai",
+        "mdm_npai_date",
+        "mdm_bu_duplicates",
+    ):
+        assert added in back.columns, added
+    assert (back["mdm_golden_id"] != "").all()
+    assert back.loc[back["NUM_CARTE"] == rows[target][0], "ADR3"].iloc[0].startswith("'=")
+    # Its duplicates are its other cards in the same golden record, both ways.
+    engine = sa.create_engine(url)
+    xref = pd.read_sql(
+        "select source_key, golden_id from mdm_source_records where source = 'stores'", engine
+    )
+    engine.dispose()
+    shared = xref[xref.duplicated("golden_id", keep=False)]
+    assert len(shared)
+    gid = shared["golden_id"].iloc[0]
+    pair = sorted(shared.loc[shared["golden_id"] == gid, "source_key"])
+    got = back.set_index("NUM_CARTE")["mdm_bu_duplicates"]
+    assert got[pair[0]].split() == pair[1:] and pair[0] in got[pair[1]].split()
+    lonely = xref[~xref["golden_id"].isin(shared["golden_id"])]["source_key"].iloc[0]
+    assert got[lonely] == ""
+
+
+def test_golden_records_export_as_csv_and_parquet(samples: Path, tmp_path: Path) -> None:
+    cfg = samples / "config.yaml"
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    assert _invoke(url, "run", "--config", str(cfg)).exit_code == 0
+    engine = sa.create_engine(url)
+    active = pd.read_sql("select golden_id from mdm_golden_records where status = 'active'", engine)
+    engine.dispose()
+    for name in ("golden.csv", "golden.parquet"):
+        path = tmp_path / name
+        done = _invoke(url, "export", "golden", "--config", str(cfg), "--out", str(path))
+        assert done.exit_code == 0, done.output
+        frame = pd.read_csv(path, dtype=str) if name.endswith("csv") else pd.read_parquet(path)
+        assert sorted(frame["golden_id"]) == sorted(active["golden_id"])
+        assert {"first_name", "last_name", "rnvp_line6", "members"} <= set(frame.columns)
+    csv_frame = pd.read_csv(tmp_path / "golden.csv", dtype=str, keep_default_na=False)
+    assert not csv_frame["phone"].str.startswith("+").any()  # '+33…' is written '\\'+33…'
+    bad = _invoke(url, "export", "golden", "--config", str(cfg), "--out", str(tmp_path / "g.xls"))
+    assert bad.exit_code == 2 and "must end in .csv or .parquet" in bad.stderr
+
+
+def test_an_unknown_bu_is_one_line(samples: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    done = _invoke(url, "export", "bu", "--config", str(samples / "config.yaml"), "nope")
+    assert done.exit_code == 2
+    assert done.stderr.strip() == (
+        "error: export bu: no source named 'nope' (sources: ecommerce, stores, callcentre, b2b)"
+    )
