@@ -179,6 +179,8 @@ def run(
     out.print(_figures_table(summary))
     for path in summary.exports:
         out.print(f"return file: {path}", highlight=False)
+    if summary.report:
+        out.print(f"run report: {summary.report}", highlight=False)
 
 
 TruthOption = Annotated[
@@ -932,6 +934,50 @@ def export_golden(
     except Exception as exc:
         raise _fail(exc, debug) from None
     out.print(f"{n:,} golden records written to {path}", highlight=False)
+
+
+@app.command()
+def report(
+    config: ConfigOption,
+    run_id: Annotated[str | None, typer.Argument(help="A run ID (default: the last).")] = None,
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Where a run's HTML report is, and its figures with the change since the run before."""
+    from mdm_pipeline.config.errors import MdmError
+    from mdm_pipeline.config.loader import load_settings
+
+    try:
+        settings = load_settings(config)
+        folder = settings.resolve(settings.export.dir) / "reports"
+        found = sorted(folder.glob("R*.json")) if folder.is_dir() else []
+        if run_id is not None:
+            found = [f for f in found if f.stem == run_id]
+        if not found:
+            what = f"run {run_id}" if run_id else "any run"
+            raise MdmError(f"no report of {what} in {folder}")
+        data = json.loads(found[-1].read_text(encoding="utf-8"))
+    except Exception as exc:
+        raise _fail(exc, debug) from None
+    page = found[-1].with_suffix(".html")
+    if json_output:
+        _print_json({"html": str(page), **data})
+        return
+    out.print(f"run report: {page}", highlight=False)
+    table = Table(title=f"run {data['run_id']} ({data['mode']})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column(f"since {data['previous_run'] or '-'}", justify="right")
+    change = data["change_since_previous"]
+    for key, value in data["figures"].items():
+        delta = change.get(key)
+        table.add_row(key.replace("_", " "), f"{value:,}", f"{delta:+,}" if delta else "")
+    out.print(table)
+    for reason in data["quarantine_reasons"]:
+        out.print(
+            f"quarantine {reason['source']}: {reason['rows']:,} × {reason['reason']}",
+            highlight=False,
+        )
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from mdm_pipeline.matching.scoring import Model
 from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
 from mdm_pipeline.pipeline import incremental as inc
+from mdm_pipeline.pipeline import report
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
 from mdm_pipeline.sources.npai import read_returns
 
@@ -156,6 +157,8 @@ class RunSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
     exports: list[str] = field(default_factory=list)
+    #: The run report's HTML file (its JSON twin is beside it).
+    report: str = ""
 
 
 @dataclass
@@ -392,6 +395,7 @@ class Pipeline:
                 summary.exports.append(str(final))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self._report(summary, engine, records, pairs["weight"].to_numpy(), cluster_ids, quarantined)
         return summary
 
     def normalised_records(self, run_date: pd.Timestamp | None = None) -> pd.DataFrame:
@@ -702,7 +706,29 @@ class Pipeline:
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
             )
             store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
+        self._report(summary, engine, records, pairs["weight"].to_numpy(), cluster_ids, quarantined)
         return summary
+
+    def _report(
+        self,
+        summary: RunSummary,
+        engine: Any,
+        records: pd.DataFrame,
+        weights: np.ndarray,
+        labels: np.ndarray,
+        quarantined: pd.DataFrame,
+    ) -> None:
+        """The run report (HTML and JSON), written once the store has committed: a
+        report that cannot be written is a warning, the night's work stands."""
+        folder = self.settings.resolve(self.settings.export.dir) / "reports"
+        backlog = len(review.review_queue(engine))
+        data = report.build(
+            summary, records, weights, labels, quarantined, backlog, report.latest(folder)
+        )
+        try:
+            summary.report = str(report.write(data, folder))
+        except OSError as exc:
+            log.warning("run report not written to %s (%s)", folder, exc.__class__.__name__)
 
     def _load(
         self, summary: RunSummary, emit: EventCallback, run_date: pd.Timestamp

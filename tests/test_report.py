@@ -1,0 +1,99 @@
+"""The run report: HTML and JSON after every run, with the change since the last."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mdm_pipeline.cli import app
+
+runner = CliRunner()
+VOID = {"meta", "br", "img", "input", "link", "hr"}
+
+
+class _Balance(HTMLParser):
+    """Checks that every element is closed in order (what a browser would not repair)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+        self.seen: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.seen.add(tag)
+        if tag not in VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.open and self.open[-1] == tag, (tag, self.open[-3:])
+        self.open.pop()
+
+
+def _run(cfg: Path, url: str, *extra: str) -> dict:
+    result = runner.invoke(
+        app, ["run", "--config", str(cfg), "--json", *extra], env={"MDM_STORE_URL": url}
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_each_run_writes_a_report_with_the_change_since_the_last(
+    samples: Path, tmp_path: Path
+) -> None:
+    cfg = samples / "config.yaml"
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    first = _run(cfg, url)
+    # Night 2: one unit loses a row.
+    extract = samples / "centre_appels.csv"
+    lines = extract.read_bytes().splitlines(keepends=True)
+    extract.write_bytes(b"".join(lines[:-1]))
+    second = _run(cfg, url, "--incremental")
+    page = Path(second["report"])
+    assert page.exists() and page.with_suffix(".json").exists()
+    assert Path(first["report"]).exists() and first["report"] != second["report"]
+    data = json.loads(page.with_suffix(".json").read_text(encoding="utf-8"))
+    assert data["previous_run"] == first["run_id"]
+    assert data["change_since_previous"]["records"] == -1
+    assert {
+        q["source"]
+        for q in json.loads(Path(first["report"]).with_suffix(".json").read_text(encoding="utf-8"))[
+            "quality"
+        ]
+    } == {"ecommerce", "stores", "callcentre", "b2b"}
+    first_data = json.loads(Path(first["report"]).with_suffix(".json").read_text(encoding="utf-8"))
+    assert sum(first_data["cluster_sizes"].values()) == first["clusters"]
+    assert sum(first_data["match_weights"]["counts"]) == first["candidate_pairs"]
+    assert sum(r["rows"] for r in first_data["quarantine_reasons"]) == sum(
+        s["quarantined"] for s in first["sources"]
+    )
+    html = Path(first["report"]).read_text(encoding="utf-8")
+    checker = _Balance()
+    checker.feed(html)
+    assert not checker.open and {"svg", "table", "rect"} <= checker.seen
+    for section in (
+        "Sources",
+        "Quarantine reasons",
+        "Data quality",
+        "Match weights",
+        "Cluster sizes",
+        "review backlog",
+    ):
+        assert section in html, section
+    # Counts and rates only: no customer's e-mail or phone in the page.
+    assert "@" not in html and "+33" not in html
+
+    shown = runner.invoke(app, ["report", "--config", str(cfg)], env={"MDM_STORE_URL": url})
+    assert shown.exit_code == 0 and str(page) in shown.stdout.replace("\n", "")
+    as_json = runner.invoke(
+        app,
+        ["report", "--config", str(cfg), first["run_id"], "--json"],
+        env={"MDM_STORE_URL": url},
+    )
+    assert json.loads(as_json.stdout)["run_id"] == first["run_id"]
+    missing = runner.invoke(
+        app, ["report", "--config", str(cfg), "R0-none"], env={"MDM_STORE_URL": url}
+    )
+    assert missing.exit_code == 1 and "no report of run R0-none" in missing.stderr
