@@ -480,12 +480,15 @@ def review_show(
     debug: DebugOption = False,
 ) -> None:
     """The two records side by side, raw and normalised, with each comparison's weight."""
+    from mdm_pipeline.config.loader import load_settings
     from mdm_pipeline.golden_records import review
+    from mdm_pipeline.pipeline.review import pair_levels
 
     try:
         engine = _engine(config)
         shown = review.show_pair(engine, item)
         engine.dispose()
+        shown["levels"] = pair_levels(load_settings(config).matching, shown["left"], shown["right"])
     except Exception as exc:
         raise _fail(exc, debug) from None
     if json_output:
@@ -496,9 +499,10 @@ def review_show(
         title=f"{item}: {left['ref']} / {right['ref']}, probability "
         f"{shown['probability']:.3f} (weight {shown['weight']:+.2f}, rule {shown['rule']})"
     )
-    for col in ("field", left["ref"], right["ref"], "weight"):
+    for col in ("field", left["ref"], right["ref"], "level", "weight"):
         table.add_column(col, justify="right" if col == "weight" else "left")
     weights = shown["contributions"]
+    levels = shown["levels"]
     for label, raw, norm, comparison in SHOWN_FIELDS:
         values = []
         for rec in (left, right):
@@ -511,11 +515,12 @@ def review_show(
             continue
         w = weights.get(comparison) if comparison else None
         style = "" if w is None else ("green" if w > 0 else "red" if w < 0 else "")
-        table.add_row(label, *values, "" if w is None else f"{w:+.2f}", style=style)
+        level = levels.get(comparison, "") if comparison else ""
+        table.add_row(label, *values, level, "" if w is None else f"{w:+.2f}", style=style)
     for name, w in weights.items():
         if name not in {c for *_, c in SHOWN_FIELDS}:
             style = "green" if w > 0 else "red" if w < 0 else ""
-            table.add_row(f"({name})", "", "", f"{w:+.2f}", style=style)
+            table.add_row(f"({name})", "", "", levels.get(name, ""), f"{w:+.2f}", style=style)
     out.print(table)
     for decision in shown["decisions"]:
         out.print(

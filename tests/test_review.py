@@ -136,6 +136,12 @@ def test_show_gives_both_records_and_the_weights(samples: Path, tmp_path: Path) 
     assert set(shown["left"]["values"]) >= {"last_name", "last_name_norm", "email_norm"}
     assert shown["left"]["ref"] != shown["right"]["ref"]
     assert 0 < shown["probability"] < 1 and shown["contributions"]
+    # Every comparison's level, computed again from the two stored records.
+    assert set(shown["levels"]) <= set(shown["contributions"])
+    assert {"first_name", "last_name", "email", "phone"} <= set(shown["levels"])
+    assert shown["levels"]["last_name"] not in ("", None)
+    if shown["left"]["values"]["last_name_norm"] == shown["right"]["values"]["last_name_norm"]:
+        assert shown["levels"]["last_name"].startswith("exact")
     table = _cli(cfg, url, "review", "show", item)
     assert item in table and "weight" in table
 
