@@ -430,22 +430,29 @@ def _frame_json(frame: Any) -> None:
 @review_app.command("list")
 def review_list(
     config: ConfigOption,
-    source: Annotated[str | None, typer.Option(help="Only pairs with a record of it.")] = None,
+    source: Annotated[str | None, typer.Option(help="Only items with a record of it.")] = None,
     min_score: Annotated[float | None, typer.Option(help="Lowest match probability.")] = None,
     max_score: Annotated[float | None, typer.Option(help="Highest match probability.")] = None,
     min_size: Annotated[
-        int | None, typer.Option(help="Fewest records the pair's golden records hold.")
+        int | None, typer.Option(help="Fewest records the item's golden records hold.")
     ] = None,
+    kind: Annotated[
+        str, typer.Option(help="pair (review band), cluster (split by the guard) or all.")
+    ] = "all",
     limit: Annotated[int, typer.Option(help="Show at most this many.")] = 50,
     json_output: JsonOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Pairs in the review band without a decision, most uncertain first."""
+    """Pairs in the review band and clusters the chaining guard split, without a
+    decision, most uncertain first."""
     from mdm_pipeline.golden_records import review
 
+    if kind not in ("pair", "cluster", "all"):
+        _error_line(f"--kind '{kind}': expected pair, cluster or all")
+        raise typer.Exit(code=2)
     try:
         engine = _engine(config)
-        queue = review.review_queue(engine, source, min_score, max_score, min_size)
+        queue = review.full_queue(engine, kind, source, min_score, max_score, min_size)
         engine.dispose()
     except Exception as exc:
         raise _fail(exc, debug) from None
@@ -453,20 +460,17 @@ def review_list(
     if json_output:
         _frame_json(shown)
         return
-    table = Table(title=f"review queue: {len(queue):,} pairs, most uncertain first")
-    for col in ("item", "left", "right", "probability", "rule", "golden IDs", "size"):
+    table = Table(title=f"review queue: {len(queue):,} items, most uncertain first")
+    for col in ("item", "kind", "records", "probability", "rule", "golden IDs", "size"):
         table.add_column(col, justify="right" if col in ("probability", "size") else "left")
     for row in shown.itertuples(index=False):
-        golden = (
-            row.left_golden_id if row.together else f"{row.left_golden_id} / {row.right_golden_id}"
-        )
         table.add_row(
             row.item,
-            f"{row.left_source}:{row.left_key}",
-            f"{row.right_source}:{row.right_key}",
+            row.kind,
+            row.records,
             f"{row.probability:.3f}",
-            row.rule,
-            golden,
+            str(row.rule),
+            row.golden,
             str(row.size),
         )
     out.print(table)
@@ -543,19 +547,17 @@ def _decide(
     try:
         engine = _engine(config)
         if isinstance(refs, str):
-            left, right = review.find_item(engine, refs)
-            item: str | None = refs
+            ids = review.decide_item(engine, refs, kind, author, comment)
+            what = refs
         else:
             left, right = (review.RecordRef.parse(r) for r in refs)
-            item = None
-        decision = review.decide(engine, kind, left, right, author, comment, item)
+            ids = [review.decide(engine, kind, left, right, author, comment)]
+            what = f"{left} / {right}"
         engine.dispose()
     except Exception as exc:
         raise _fail(exc, debug) from None
-    out.print(
-        f"decision {decision}: {kind} {left} / {right}, honoured from the next run",
-        highlight=False,
-    )
+    numbers = ", ".join(str(i) for i in ids)
+    out.print(f"decision {numbers}: {kind} {what}, honoured from the next run", highlight=False)
 
 
 @review_app.command("accept")

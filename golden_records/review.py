@@ -17,8 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sqlalchemy.engine import Engine
 
 from mdm_pipeline.golden_records.refs import RecordRef, ReviewError
@@ -136,6 +139,153 @@ def review_queue(
             "size",
         ]
     ]
+
+
+def guard_splits(engine: Engine, source: str | None = None) -> pd.DataFrame:
+    """Clusters the chaining guard split: auto-matched pairs whose records ended in
+    different golden records (the guard cut the link), grouped by the golden records
+    the cut links join; pairs a steward has decided on are left out.
+
+    Derived from the stored evidence and cross-reference alone, so it holds after
+    full and incremental runs alike. One row per split cluster: its item ID, the
+    golden records, the cut links (pairs of records) and their probabilities.
+    """
+    ev = match_evidence.c
+    left_rec = source_records.alias("l")
+    right_rec = source_records.alias("r")
+    query = (
+        sa.select(
+            *[ev[c] for c in PAIR_COLUMNS],
+            ev.probability,
+            left_rec.c.golden_id.label("left_golden_id"),
+            right_rec.c.golden_id.label("right_golden_id"),
+        )
+        .join(
+            left_rec,
+            sa.and_(left_rec.c.source == ev.left_source, left_rec.c.source_key == ev.left_key),
+        )
+        .join(
+            right_rec,
+            sa.and_(right_rec.c.source == ev.right_source, right_rec.c.source_key == ev.right_key),
+        )
+        .where(ev.band == "auto_match", left_rec.c.golden_id != right_rec.c.golden_id)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query)
+        cut = pd.DataFrame(rows.fetchall(), columns=list(rows.keys()))
+        decided = active_decisions(engine)
+        if len(decided) and len(cut):
+            hit = cut.merge(decided[PAIR_COLUMNS], on=PAIR_COLUMNS, how="left", indicator=True)
+            cut = cut[(hit["_merge"] == "left_only").to_numpy()].reset_index(drop=True)
+        columns = ["item", "golden_ids", "links", "probability", "size", "sources"]
+        if not len(cut):
+            return pd.DataFrame(columns=columns)
+        gids, codes = np.unique(
+            np.r_[cut["left_golden_id"].to_numpy(), cut["right_golden_id"].to_numpy()],
+            return_inverse=True,
+        )
+        n = len(cut)
+        graph = coo_matrix((np.ones(n), (codes[:n], codes[n:])), shape=(len(gids), len(gids)))
+        label = connected_components(graph, directed=False)[1]
+        cut["cluster"] = label[codes[:n]]
+        sizes = _members(conn, gids.tolist())
+    out = []
+    for _, part in cut.groupby("cluster", sort=False):
+        members = sorted(set(part["left_golden_id"]) | set(part["right_golden_id"]))
+        links = [
+            f"{ls}:{lk} / {rs}:{rk}"
+            for ls, lk, rs, rk in part[PAIR_COLUMNS].itertuples(index=False)
+        ]
+        out.append(
+            {
+                "item": "C"
+                + hashlib.blake2b("\x1f".join(members).encode(), digest_size=5).hexdigest().upper(),
+                "golden_ids": members,
+                "links": sorted(links),
+                "probability": float(part["probability"].min()),
+                "size": int(sum(sizes.get(g, 0) for g in members)),
+                "sources": sorted(set(part["left_source"]) | set(part["right_source"])),
+            }
+        )
+    found = pd.DataFrame(out, columns=columns)
+    if source is not None:
+        found = found[found["sources"].map(lambda names: source in names)]
+    return found.reset_index(drop=True)
+
+
+def full_queue(
+    engine: Engine,
+    kind: str = "all",
+    source: str | None = None,
+    min_probability: float | None = None,
+    max_probability: float | None = None,
+    min_size: int | None = None,
+) -> pd.DataFrame:
+    """Review pairs and guard-split clusters in one queue, most uncertain first: item,
+    kind, records, probability (a cluster's weakest cut link), rule, golden, size, and
+    each kind's own columns."""
+    parts = []
+    if kind in ("pair", "all"):
+        pairs = review_queue(engine, source, min_probability, max_probability, min_size)
+        left = pairs["left_source"] + ":" + pairs["left_key"]
+        right = pairs["right_source"] + ":" + pairs["right_key"]
+        golden = pairs["left_golden_id"].where(
+            pairs["together"], pairs["left_golden_id"] + " / " + pairs["right_golden_id"]
+        )
+        parts.append(pairs.assign(kind="pair", records=left + " / " + right, golden=golden))
+    if kind in ("cluster", "all"):
+        split = guard_splits(engine, source)
+        keep = pd.Series(True, index=split.index)
+        if min_probability is not None:
+            keep &= split["probability"] >= min_probability
+        if max_probability is not None:
+            keep &= split["probability"] <= max_probability
+        if min_size is not None:
+            keep &= split["size"] >= min_size
+        split = split[keep]
+        parts.append(
+            split.assign(
+                kind="cluster",
+                rule="chaining guard",
+                records=split["links"].map(" + ".join),
+                golden=split["golden_ids"].map(" / ".join),
+            )
+        )
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame(
+            columns=["item", "kind", "records", "probability", "rule", "golden", "size"]
+        )
+    queue = pd.concat(parts, ignore_index=True)
+    queue["uncertainty"] = (queue["probability"] - 0.5).abs()
+    queue = queue.sort_values(["uncertainty", "item"]).drop(columns="uncertainty")
+    first = ["item", "kind", "records", "probability", "rule", "golden", "size"]
+    return queue[first + [c for c in queue.columns if c not in first]].reset_index(drop=True)
+
+
+def split_links(engine: Engine, item: str) -> list[tuple[RecordRef, RecordRef]]:
+    """The cut links of a split cluster item."""
+    found = guard_splits(engine)
+    row = found[found["item"] == item]
+    if not len(row):
+        raise ReviewError(f"review item '{item}' is not a cluster the chaining guard split")
+    pairs = []
+    for link in row["links"].iloc[0]:
+        left, right = link.split(" / ")
+        pairs.append((RecordRef.parse(left), RecordRef.parse(right)))
+    return pairs
+
+
+def decide_item(
+    engine: Engine, item: str, kind: str, author: str, comment: str | None = None
+) -> list[int]:
+    """A decision on a review item: a pair (P…) or a split cluster (C…), whose cut links
+    all get the decision (accept: one customer after all; reject: the split stands)."""
+    pairs = split_links(engine, item) if item.startswith("C") else [find_item(engine, item)]
+    if not author.strip():
+        raise ReviewError("a decision needs its author (--author)")
+    with engine.begin() as conn:
+        return [_record(conn, kind, a, b, author, comment, item) for a, b in pairs]
 
 
 def _members(conn: sa.Connection, golden_ids: list[str]) -> dict[str, int]:

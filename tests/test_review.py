@@ -55,7 +55,7 @@ def test_decisions_hold_in_later_runs_until_revoked(samples: Path, tmp_path: Pat
     cfg = samples / "config.yaml"
     url = f"sqlite:///{tmp_path / 'store.sqlite'}"
     _run(cfg, url)
-    queue = json.loads(_cli(cfg, url, "review", "list", "--json"))
+    queue = json.loads(_cli(cfg, url, "review", "list", "--kind", "pair", "--json"))
     assert queue and queue == sorted(queue, key=lambda r: (abs(r["probability"] - 0.5), r["item"]))
     first = next(r for r in queue if not r["together"])
     left, right = (
@@ -182,3 +182,37 @@ def test_a_bad_line_in_a_decisions_file_records_none(samples: Path, tmp_path: Pa
         env={"MDM_STORE_URL": url},
     )
     assert unknown.exit_code == 2 and "record stores:nope is not in the store" in unknown.stderr
+
+
+def test_clusters_the_guard_split_are_reviewed_and_a_decision_holds(
+    samples: Path, tmp_path: Path
+) -> None:
+    """With a small size cap the chaining guard splits clusters; they come to the queue
+    with their cut links, and accepting one joins them on the next run."""
+    cfg = samples / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("max_cluster_size: 20", "max_cluster_size: 2"))
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    summary = _run(cfg, url)
+    assert summary["clusters_split"] > 0
+    split = json.loads(_cli(cfg, url, "review", "list", "--kind", "cluster", "--json"))
+    assert split and all(row["kind"] == "cluster" for row in split)
+    item = split[0]
+    assert len(item["golden_ids"]) >= 2 and item["links"]
+    before = _golden(url)
+    for link in item["links"]:
+        left, right = link.split(" / ")
+        assert before[left] != before[right]
+    _cli(cfg, url, "review", "accept", item["item"], "--author", "A. Martin")
+    decided = json.loads(_cli(cfg, url, "review", "decisions", "--json"))
+    assert len(decided) == len(item["links"]) and {d["review_item"] for d in decided} == {
+        item["item"]
+    }
+    _run(cfg, url, "--incremental")
+    after = _golden(url)
+    for link in item["links"]:
+        left, right = link.split(" / ")
+        assert after[left] == after[right]
+    remaining = json.loads(_cli(cfg, url, "review", "list", "--kind", "cluster", "--json"))
+    assert item["item"] not in {row["item"] for row in remaining}
+    everything = json.loads(_cli(cfg, url, "review", "list", "--json", "--limit", "1000"))
+    assert {row["kind"] for row in everything} == {"pair", "cluster"}
