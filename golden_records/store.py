@@ -871,13 +871,21 @@ def write_model(
 SNAPSHOT_PART_BYTES = 64 * 2**20
 
 
-def write_snapshot(conn: Connection, run_id: str, frames: dict[str, pd.DataFrame]) -> None:
-    """Replace the store's snapshot by these frames (inside the run's transaction)."""
+def write_snapshot(
+    conn: Connection, run_id: str, frames: dict[str, pd.DataFrame | pa.Table]
+) -> None:
+    """Replace the store's snapshot by these frames or Arrow tables (inside the run's
+    transaction)."""
     conn.execute(snapshot.delete())
     rows = []
     for name, frame in frames.items():
         sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink, compression="zstd")
+        table = (
+            frame
+            if isinstance(frame, pa.Table)
+            else pa.Table.from_pandas(frame, preserve_index=False)
+        )
+        pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue()
         for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES)):
             chunk = data[start : start + SNAPSHOT_PART_BYTES]
@@ -885,9 +893,12 @@ def write_snapshot(conn: Connection, run_id: str, frames: dict[str, pd.DataFrame
     conn.execute(snapshot.insert(), rows)
 
 
-def read_snapshot(engine: Engine) -> tuple[str, dict[str, pd.DataFrame]] | None:
-    """(run that wrote it, frames) of the snapshot, or None if the store has none or
-    the last successful run did not write it (a store upgraded from an older release)."""
+def read_snapshot(
+    engine: Engine,
+) -> tuple[str, dict[str, pd.DataFrame], dict[str, pa.Table]] | None:
+    """(run that wrote it, frames, the same as Arrow tables) of the snapshot, or None if
+    the store has none or the last successful run did not write it (a store upgraded
+    from an older release)."""
     with engine.connect() as conn:
         last = conn.execute(
             sa.select(runs.c.run_id)
@@ -903,10 +914,14 @@ def read_snapshot(engine: Engine) -> tuple[str, dict[str, pd.DataFrame]] | None:
     if not parts or last is None or any(run != last for _, run, _ in parts):
         return None
     frames: dict[str, pd.DataFrame] = {}
+    # The Arrow tables too: a run that changes a few records writes the next snapshot
+    # from them, without converting a million unchanged rows back.
+    tables: dict[str, pa.Table] = {}
     for name in dict.fromkeys(n for n, _, _ in parts):
         data = b"".join(bytes(d) for n, _, d in parts if n == name)
-        frames[name] = pq.read_table(pa.BufferReader(data)).to_pandas()
-    return last, frames
+        tables[name] = pq.read_table(pa.BufferReader(data))
+        frames[name] = tables[name].to_pandas()
+    return last, frames, tables
 
 
 def read_payloads(engine: Engine, keys: pd.DataFrame) -> pd.DataFrame:

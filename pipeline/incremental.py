@@ -211,6 +211,28 @@ SNAPSHOT_COLUMNS = [
 ]
 
 
+def snapshot_records(stored: pa.Table, current: pd.DataFrame, changed: np.ndarray) -> pa.Table:
+    """The next snapshot's records in `current`'s order: unchanged rows taken from the
+    stored Arrow table (with tonight's line and NPAI state), changed ones converted."""
+    schema = stored.schema.remove_metadata()
+    kept = ~changed
+    old = stored.replace_schema_metadata(None).take(
+        pa.array(current["snap_pos"].to_numpy(dtype=np.int64)[kept])
+    )
+    for col in ("source_line", "npai_state"):
+        i = schema.get_field_index(col)
+        values = pa.array(current[col].to_numpy()[kept], type=schema.field(col).type)
+        old = old.set_column(i, schema.field(col), values)
+    new = pa.Table.from_pandas(
+        current.loc[changed, SNAPSHOT_COLUMNS], schema=schema, preserve_index=False
+    )
+    both = pa.concat_tables([old, new])
+    order = np.empty(len(current), dtype=np.int64)
+    order[np.flatnonzero(kept)] = np.arange(int(kept.sum()))
+    order[np.flatnonzero(changed)] = int(kept.sum()) + np.arange(int(changed.sum()))
+    return both.take(pa.array(order))
+
+
 def snapshot_edges(
     left: np.ndarray, right: np.ndarray, weight: np.ndarray, probability: np.ndarray
 ) -> pd.DataFrame:

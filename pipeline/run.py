@@ -492,7 +492,7 @@ class Pipeline:
         mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         loaded = pd.concat([m.records for m in mapped], ignore_index=True)
         loaded["source_hash"] = source_hashes(loaded)
-        state = snap[1]["records"].astype({"source_key": str})
+        state = snap[1]["records"]  # keys are text already (written so)
         npai_sent = state[[*inc.KEYS, "address_hash"]].dropna()
         deletions = pd.concat(
             [pd.DataFrame({"source": m.source, "source_key": m.deleted}) for m in mapped],
@@ -699,7 +699,12 @@ class Pipeline:
             store.write_npai(conn, npai_before, npai_after)
             store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))
             store.write_snapshot(
-                conn, summary.run_id, {"records": current[inc.SNAPSHOT_COLUMNS], "edges": links}
+                conn,
+                summary.run_id,
+                {
+                    "records": inc.snapshot_records(snap[2]["records"], current, is_changed),
+                    "edges": links,
+                },
             )
             summary.record_written(written)
             summary.peak_rss_mib = round(
