@@ -45,14 +45,18 @@ def _ordered(a: RecordRef, b: RecordRef) -> tuple[RecordRef, RecordRef]:
 def active_decisions(engine: Engine) -> pd.DataFrame:
     """Decisions not revoked: kind and the pair of records."""
     with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(
-                decisions.c.decision_id, decisions.c.kind, *[decisions.c[c] for c in PAIR_COLUMNS]
-            )
-            .where(decisions.c.revoked_at.is_(None))
-            .order_by(decisions.c.decision_id)
+        return _active(conn)
+
+
+def _active(conn: sa.Connection) -> pd.DataFrame:
+    rows = conn.execute(
+        sa.select(
+            decisions.c.decision_id, decisions.c.kind, *[decisions.c[c] for c in PAIR_COLUMNS]
         )
-        return pd.DataFrame(rows.fetchall(), columns=list(rows.keys()))
+        .where(decisions.c.revoked_at.is_(None))
+        .order_by(decisions.c.decision_id)
+    )
+    return pd.DataFrame(rows.fetchall(), columns=list(rows.keys()))
 
 
 def decisions_changed_since(engine: Engine, since: datetime | None) -> pd.DataFrame:
@@ -63,6 +67,44 @@ def decisions_changed_since(engine: Engine, since: datetime | None) -> pd.DataFr
     with engine.connect() as conn:
         rows = conn.execute(query)
         return pd.DataFrame(rows.fetchall(), columns=list(rows.keys()))
+
+
+#: The two records of a stored pair, for `_undecided_pairs` and its conditions.
+_LEFT = source_records.alias("l")
+_RIGHT = source_records.alias("r")
+
+
+def _undecided_pairs(conn: sa.Connection, *where: Any, extra: tuple = ()) -> pd.DataFrame:
+    """Stored scored pairs (with `extra` evidence columns and each side's golden ID)
+    matching `where`, less the pairs an active decision answers: what both the review
+    pairs and the guard-split clusters of the queue are made of."""
+    ev = match_evidence.c
+    left_rec, right_rec = _LEFT, _RIGHT
+    query = (
+        sa.select(
+            *[ev[c] for c in PAIR_COLUMNS],
+            *extra,
+            ev.probability,
+            left_rec.c.golden_id.label("left_golden_id"),
+            right_rec.c.golden_id.label("right_golden_id"),
+        )
+        .join(
+            left_rec,
+            sa.and_(left_rec.c.source == ev.left_source, left_rec.c.source_key == ev.left_key),
+        )
+        .join(
+            right_rec,
+            sa.and_(right_rec.c.source == ev.right_source, right_rec.c.source_key == ev.right_key),
+        )
+        .where(*where)
+    )
+    rows = conn.execute(query)
+    pairs = pd.DataFrame(rows.fetchall(), columns=list(rows.keys()))
+    decided = _active(conn)
+    if len(decided) and len(pairs):
+        hit = pairs.merge(decided[PAIR_COLUMNS], on=PAIR_COLUMNS, how="left", indicator=True)
+        pairs = pairs[(hit["_merge"] == "left_only").to_numpy()].reset_index(drop=True)
+    return pairs
 
 
 def review_queue(
@@ -78,42 +120,17 @@ def review_queue(
     together: what accepting the pair would put in one golden record.
     """
     ev = match_evidence.c
-    left_rec = source_records.alias("l")
-    right_rec = source_records.alias("r")
-    query = (
-        sa.select(
-            *[ev[c] for c in PAIR_COLUMNS],
-            ev.rule,
-            ev.weight,
-            ev.probability,
-            left_rec.c.golden_id.label("left_golden_id"),
-            right_rec.c.golden_id.label("right_golden_id"),
-        )
-        .join(
-            left_rec,
-            sa.and_(left_rec.c.source == ev.left_source, left_rec.c.source_key == ev.left_key),
-        )
-        .join(
-            right_rec,
-            sa.and_(right_rec.c.source == ev.right_source, right_rec.c.source_key == ev.right_key),
-        )
-        .where(ev.band == "review")
-    )
+    where = [ev.band == "review"]
     if source is not None:
-        query = query.where(sa.or_(ev.left_source == source, ev.right_source == source))
+        where.append(sa.or_(ev.left_source == source, ev.right_source == source))
     if min_probability is not None:
-        query = query.where(ev.probability >= min_probability)
+        where.append(ev.probability >= min_probability)
     if max_probability is not None:
-        query = query.where(ev.probability <= max_probability)
+        where.append(ev.probability <= max_probability)
     with engine.connect() as conn:
-        rows = conn.execute(query)
-        pairs = pd.DataFrame(rows.fetchall(), columns=list(rows.keys()))
+        pairs = _undecided_pairs(conn, *where, extra=(ev.rule, ev.weight))
         gids = pd.concat([pairs["left_golden_id"], pairs["right_golden_id"]]).unique().tolist()
         sizes = _members(conn, gids)
-    decided = active_decisions(engine)
-    if len(decided):
-        hit = pairs.merge(decided[PAIR_COLUMNS], on=PAIR_COLUMNS, how="left", indicator=True)
-        pairs = pairs[(hit["_merge"] == "left_only").to_numpy()]
     together = pairs["left_golden_id"] == pairs["right_golden_id"]
     left_size = pairs["left_golden_id"].map(sizes).fillna(1).astype(int)
     right_size = pairs["right_golden_id"].map(sizes).fillna(1).astype(int)
@@ -151,32 +168,10 @@ def guard_splits(engine: Engine, source: str | None = None) -> pd.DataFrame:
     golden records, the cut links (pairs of records) and their probabilities.
     """
     ev = match_evidence.c
-    left_rec = source_records.alias("l")
-    right_rec = source_records.alias("r")
-    query = (
-        sa.select(
-            *[ev[c] for c in PAIR_COLUMNS],
-            ev.probability,
-            left_rec.c.golden_id.label("left_golden_id"),
-            right_rec.c.golden_id.label("right_golden_id"),
-        )
-        .join(
-            left_rec,
-            sa.and_(left_rec.c.source == ev.left_source, left_rec.c.source_key == ev.left_key),
-        )
-        .join(
-            right_rec,
-            sa.and_(right_rec.c.source == ev.right_source, right_rec.c.source_key == ev.right_key),
-        )
-        .where(ev.band == "auto_match", left_rec.c.golden_id != right_rec.c.golden_id)
-    )
     with engine.connect() as conn:
-        rows = conn.execute(query)
-        cut = pd.DataFrame(rows.fetchall(), columns=list(rows.keys()))
-        decided = active_decisions(engine)
-        if len(decided) and len(cut):
-            hit = cut.merge(decided[PAIR_COLUMNS], on=PAIR_COLUMNS, how="left", indicator=True)
-            cut = cut[(hit["_merge"] == "left_only").to_numpy()].reset_index(drop=True)
+        cut = _undecided_pairs(
+            conn, ev.band == "auto_match", _LEFT.c.golden_id != _RIGHT.c.golden_id
+        )
         columns = ["item", "golden_ids", "links", "probability", "size", "sources"]
         if not len(cut):
             return pd.DataFrame(columns=columns)
