@@ -899,18 +899,14 @@ def read_snapshot(
     """(run that wrote it, frames, the same as Arrow tables) of the snapshot, or None if
     the store has none or the last successful run did not write it (a store upgraded
     from an older release)."""
+    previous = last_run(engine)
     with engine.connect() as conn:
-        last = conn.execute(
-            sa.select(runs.c.run_id)
-            .where(runs.c.status == "succeeded")
-            .order_by(runs.c.started_at.desc(), runs.c.run_id.desc())
-            .limit(1)
-        ).scalar()
         parts = conn.execute(
             sa.select(snapshot.c.name, snapshot.c.run_id, snapshot.c.data).order_by(
                 snapshot.c.name, snapshot.c.part
             )
         ).all()
+    last = previous[0] if previous else None
     if not parts or last is None or any(run != last for _, run, _ in parts):
         return None
     frames: dict[str, pd.DataFrame] = {}
@@ -972,12 +968,6 @@ def last_run(engine: Engine) -> tuple[str, datetime] | None:
             .limit(1)
         ).first()
     return (row[0], row[1]) if row else None
-
-
-def run_started_at(engine: Engine, run_id: str) -> datetime | None:
-    """When a run started (its changes are dated so)."""
-    with engine.connect() as conn:
-        return conn.execute(sa.select(runs.c.started_at).where(runs.c.run_id == run_id)).scalar()
 
 
 def records_per_source(engine: Engine) -> dict[str, int]:

@@ -91,11 +91,11 @@ def decision_links(decided: pd.DataFrame, keys: pd.Index) -> tuple[pd.DataFrame,
     empty = pd.DataFrame({"left": np.array([], np.int64), "right": np.array([], np.int64)})
     if not len(decided):
         return empty, empty
-    left = keys.get_indexer(
-        pd.Index(decided["left_source"].astype(str) + "\x1f" + decided["left_key"].astype(str))
-    )
-    right = keys.get_indexer(
-        pd.Index(decided["right_source"].astype(str) + "\x1f" + decided["right_key"].astype(str))
+    left, right = (
+        keys.get_indexer(
+            record_keys(decided[[f"{side}_source", f"{side}_key"]].set_axis(KEYS, axis=1))
+        )
+        for side in ("left", "right")
     )
     here = (left >= 0) & (right >= 0)
     kind = decided["kind"].to_numpy()

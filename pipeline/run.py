@@ -604,7 +604,9 @@ class Pipeline:
             # Steward decisions: all active ones constrain the clusters they touch; those
             # taken or revoked since the last run re-decide their records' clusters.
             decided = review.active_decisions(engine)
-            since = review.decisions_changed_since(engine, store.run_started_at(engine, snap[0]))
+            # The snapshot's run is the last that succeeded (read_snapshot checks it).
+            last = store.last_run(engine)
+            since = review.decisions_changed_since(engine, last[1] if last else None)
             keys_now = inc.record_keys(current) if len(decided) or len(since) else pd.Index([])
             must, cannot = inc.decision_links(decided, keys_now)
             moved = inc.decision_links(since.assign(kind="must_link"), keys_now)[0]
