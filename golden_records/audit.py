@@ -49,6 +49,16 @@ def _golden_row(conn: Connection, golden_id: str) -> sa.Row[Any]:
     return row
 
 
+def _current_lineage(conn: Connection, golden_id: str, version: int) -> str:
+    """The lineage of the version a golden record is at (kept in its version row only)."""
+    text = conn.execute(
+        sa.select(golden_versions.c.lineage).where(
+            golden_versions.c.golden_id == golden_id, golden_versions.c.version == version
+        )
+    ).scalar()
+    return text or "{}"
+
+
 def resolve(conn: Connection, golden_id: str) -> tuple[str, list[str]]:
     """(the active golden ID this one is now, the retired IDs on the way)."""
     path: list[str] = []
@@ -102,7 +112,7 @@ def golden_show(engine: Engine, golden_id: str) -> dict[str, Any]:
             "created_run": row.created_run,
             "updated_run": row.updated_run,
             "attributes": json.loads(row.attributes),
-            "lineage": _lineage(row.lineage),
+            "lineage": _lineage(_current_lineage(conn, active, row.version)),
             "members": _members(conn, active),
         }
 

@@ -158,6 +158,25 @@ def review_queue(
     ]
 
 
+def review_backlog(engine: Engine) -> int:
+    """How many review-band pairs await a decision: `len(review_queue(engine))`, counted
+    by the database (the run report wants the number, not a million rows read back).
+
+    The stored evidence only holds pairs of stored records (a run drops the pairs of
+    the records it deletes), so the count needs no join with them: on a large store
+    those joins are two random lookups per pair.
+    """
+    ev, dec = match_evidence.c, decisions.c
+    answered = (
+        sa.select(sa.literal(1))
+        .where(dec.revoked_at.is_(None), *[dec[c] == ev[c] for c in PAIR_COLUMNS])
+        .exists()
+    )
+    query = sa.select(sa.func.count()).select_from(match_evidence)
+    with engine.connect() as conn:
+        return int(conn.execute(query.where(ev.band == "review", ~answered)).scalar_one())
+
+
 def guard_splits(engine: Engine, source: str | None = None) -> pd.DataFrame:
     """Clusters the chaining guard split: auto-matched pairs whose records ended in
     different golden records (the guard cut the link), grouped by the golden records

@@ -50,7 +50,7 @@ golden_records = sa.Table(
     sa.Column("members", sa.Integer, nullable=False),
     sa.Column("record_hash", sa.String(32), nullable=False),
     sa.Column("attributes", sa.Text, nullable=False),  # golden values, JSON
-    sa.Column("lineage", sa.Text, nullable=False),  # attribute -> {source, source_key, rule}
+    # Lineage (attribute -> source|source_key|rule|date) is in the version row only.
     sa.Column("created_run", sa.String(40), nullable=False),
     sa.Column("updated_run", sa.String(40), nullable=False),
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),

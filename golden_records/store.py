@@ -10,6 +10,7 @@ source records with) and never reused.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 from alembic import command as alembic_command  # noqa: F401  (tests drive migrations)
@@ -62,13 +64,32 @@ EVIDENCE_KEYS = ("left_source", "left_key", "right_source", "right_key")
 
 
 def hash_rows(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """A stable hash per row of JSON-able values, to find what changed."""
-    payload = frame.to_json(orient="records", lines=True, date_format="iso", force_ascii=False)
-    lines = payload.splitlines() if len(frame) else []
+    """A stable hash per row of JSON-able values, to find what changed, and the JSON.
+
+    The rows are cut out of one JSON array at its "},{" separators when that text
+    occurs nowhere else (a value can hold it, and then pandas' own line splitting,
+    a slow character walk over the whole text, is used): each row's text is the
+    same either way, so stored hashes stay valid.
+    """
+    lines: list[str] = []
+    if len(frame):
+        text = frame.to_json(orient="records", date_format="iso", force_ascii=False)
+        if text.count("},{") == len(frame) - 1:
+            lines = ["{" + row + "}" for row in text[2:-2].split("},{")]
+        else:
+            text = frame.to_json(orient="records", lines=True, date_format="iso", force_ascii=False)
+            # "\n" only: JSON escapes it inside strings, not U+2028 and the like.
+            lines = text.rstrip("\n").split("\n")
     digests = [hashlib.blake2b(line.encode(), digest_size=16).hexdigest() for line in lines]
     return pd.Series(digests, index=frame.index, dtype=object), pd.Series(
         lines, index=frame.index, dtype=object
     )
+
+
+def hex_digests(values: np.ndarray) -> np.ndarray:
+    """64-bit hashes as 16 hex digits each (object array), in one pass over the bytes."""
+    raw = binascii.hexlify(np.ascontiguousarray(values, dtype=">u8").tobytes())
+    return np.frombuffer(raw, dtype="S16").astype("U16").astype(object)
 
 
 def new_golden_id() -> str:
@@ -297,30 +318,73 @@ def previous_xref(conn: Connection) -> pd.DataFrame:
     return _read(conn, _XREF_QUERY)
 
 
+#: Characters a JSON string literal cannot hold as they are.
+_JSON_ESCAPES = r'["\\\x00-\x1f]'
+
+
+def _json_strings(values: pa.Array) -> pa.Array:
+    """Text values as JSON string literals, in Arrow; only the rare ones that need
+    escaping (a quote, a backslash, a control character) go through `json.dumps`."""
+    quoted = pc.binary_join_element_wise('"', values, '"', "")
+    odd = pc.match_substring_regex(values, _JSON_ESCAPES)
+    if pc.any(odd).as_py():
+        fixed = quoted.to_numpy(zero_copy_only=False).astype(object)
+        where = np.flatnonzero(odd.to_numpy(zero_copy_only=False))
+        fixed[where] = [json.dumps(v, ensure_ascii=False) for v in values.take(where).to_pylist()]
+        quoted = pa.array(fixed, type=pa.string())
+    return quoted
+
+
+def _taken(values: np.ndarray) -> pa.Array:
+    """A column of few distinct texts as Arrow strings, each text converted once."""
+    codes, uniques = pd.factorize(values)
+    return pa.array(np.asarray(uniques, dtype=object).astype(str), type=pa.string()).take(
+        pa.array(codes)
+    )
+
+
 def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index) -> pd.Series:
-    """Lineage per golden record as JSON {attribute: "source|source_key|rule|date"}, built
-    column-wise: a pivot and one to_json call, no loop over clusters."""
-    rec = lineage["record"].to_numpy()
-    updated = pd.to_datetime(records["source_updated_at"], errors="coerce").to_numpy()[rec]
-    # Formatted once per distinct date, not once per row.
-    codes, uniq = pd.factorize(pd.Series(updated))
-    text = np.append(pd.DatetimeIndex(uniq).strftime("%Y-%m-%d").to_numpy(dtype=object), "")
-    day = pd.Series(text[codes])
-    lin = lineage.assign(
-        v=records["source"].to_numpy()[rec]
-        + "|"
-        + records["source_key"].astype(str).to_numpy()[rec]
-        + "|"
-        + lineage["rule"].to_numpy()
-        + "|"
-        + day.to_numpy()
+    """Lineage per golden record as JSON {attribute: "source|source_key|rule|date"}, keys
+    in name order, built column-wise in Arrow: each member "attribute": "value" is one
+    vectorised concatenation, and the members of a golden record are joined, with no
+    JSON encoder over a wide, mostly empty frame (half a minute at a million golden
+    records)."""
+    if not len(index):
+        return pd.Series([], index=index, dtype=object)
+    lineage = lineage[lineage["cluster"].isin(index)]
+    out = np.full(len(index), "{}", dtype=object)
+    if not len(lineage):
+        return pd.Series(out, index=index, dtype=object)
+    where = index.get_indexer(lineage["cluster"])
+    # Attribute names are the model's own identifiers: ranked by name and quoted as
+    # they are; sorting integer codes, not strings, keeps the sort cheap.
+    name_codes, names = pd.factorize(lineage["attribute"], sort=True)
+    order = np.lexsort((name_codes, where))
+    where, name_codes = where[order], name_codes[order]
+    rec = lineage["record"].to_numpy()[order]
+    updated = pd.to_datetime(records["source_updated_at"].to_numpy()[rec], errors="coerce")
+    # Few distinct sources, rules and dates: each formatted once and taken per row.
+    day_codes, days = pd.factorize(updated)
+    day_text = np.append(pd.DatetimeIndex(days).strftime("%Y-%m-%d").to_numpy(dtype=object), "")
+    value = pc.binary_join_element_wise(
+        _taken(records["source"].to_numpy()[rec]),
+        pc.cast(pa.array(records["source_key"].to_numpy()[rec], from_pandas=True), pa.string()),
+        _taken(lineage["rule"].to_numpy()[order]),
+        # A missing date (code -1) takes the empty text at the end.
+        pa.array(day_text, type=pa.string()).take(
+            pa.array(np.where(day_codes < 0, len(days), day_codes))
+        ),
+        "|",
     )
-    wide = lin.pivot(index="cluster", columns="attribute", values="v").reindex(index)
-    return pd.Series(
-        wide.to_json(orient="records", lines=True).splitlines() if len(wide) else [],
-        index=wide.index,
-        dtype=object,
-    )
+    label = pa.array([f'"{n}":' for n in names], type=pa.string()).take(pa.array(name_codes))
+    member = pc.binary_join_element_wise(label, _json_strings(value), "")
+    # The members of one golden record are consecutive: a list array over them, joined.
+    starts = np.flatnonzero(np.r_[True, where[1:] != where[:-1]])
+    offsets = pa.array(np.r_[starts, len(where)].astype(np.int32))
+    joined = pc.binary_join(pa.ListArray.from_arrays(offsets, member), ",")
+    braced = pc.binary_join_element_wise("{", joined, "}", "")
+    out[where[starts]] = braced.to_numpy(zero_copy_only=False)
+    return pd.Series(out, index=index, dtype=object)
 
 
 def _payload_hashes(
@@ -444,8 +508,7 @@ def write_run(
     write = merged[is_new | changed].copy()
     # Lineage is built for the golden records written only: on a quiet night, few.
     written_clusters = pd.Index(write["cluster"])
-    in_write = lineage[lineage["cluster"].isin(written_clusters)]
-    write["lineage"] = _lineage_json(records, in_write, written_clusters).to_numpy()
+    write["lineage"] = _lineage_json(records, lineage, written_clusters).to_numpy()
     write["created_run"] = write["created_run"].fillna(run_id)
     write["updated_run"] = run_id
     write["version"] = pd.to_numeric(write["version"]).fillna(0).astype(int) + 1
@@ -587,24 +650,41 @@ NPAI_STATE_COLUMNS = ("npai_flag", "npai_date", "npai_reason")
 
 
 def _archive_payloads(conn: Connection, keys: pd.DataFrame, at: datetime, run_id: str) -> None:
-    """Copy the stored payload of these records to the record history, ended at `at`."""
+    """Copy the stored payload of these records to the record history, ended at `at`.
+
+    One INSERT ... SELECT: the database copies the rows itself, without reading tens
+    of thousands of payloads back into Python to send them again.
+    """
     if not len(keys):
         return
-    old = _select_keys(
-        conn,
-        sa.select(
-            source_records.c.source,
-            source_records.c.source_key,
-            source_records.c.valid_from,
-            source_records.c.record_hash,
-            source_records.c.payload,
-            source_records.c.updated_run,
-        ),
-        keys,
+    rec = source_records.c
+    tmp = _temp_keys(conn, source_records, keys[["source", "source_key"]].astype(str))
+    moved = sa.select(
+        rec.source,
+        rec.source_key,
+        sa.func.coalesce(rec.valid_from, sa.literal(at, sa.DateTime)),
+        sa.literal(at, sa.DateTime),
+        rec.record_hash,
+        rec.payload,
+        rec.updated_run,
+        sa.literal(run_id, sa.String),
+    ).join(tmp, sa.and_(rec.source == tmp.c.source, rec.source_key == tmp.c.source_key))
+    h = record_history.c
+    conn.execute(
+        record_history.insert().from_select(
+            [
+                h.source,
+                h.source_key,
+                h.valid_from,
+                h.valid_to,
+                h.record_hash,
+                h.payload,
+                h.run_id,
+                h.closed_run,
+            ],
+            moved,
+        )
     )
-    old = old.rename(columns={"updated_run": "run_id"})
-    old["valid_from"] = old["valid_from"].fillna(at)
-    _insert(conn, record_history, old.assign(valid_to=at, closed_run=run_id))
 
 
 def _payload_dates(conn: Connection, keys: pd.DataFrame) -> np.ndarray:
@@ -636,7 +716,9 @@ def _temp_keys(conn: Connection, like: sa.Table, keys: pd.DataFrame) -> sa.Table
         + ")"
     )
     conn.exec_driver_sql(f'DELETE FROM "{name}"')
-    _insert(conn, table, keys.drop_duplicates())
+    # Sorted, so that the database walks the joined table's index in order: on a store
+    # larger than memory, each index page is then read once, not once per key.
+    _insert(conn, table, keys.drop_duplicates().sort_values(cols, kind="stable"))
     return table
 
 

@@ -65,6 +65,17 @@ def address_hash(block: pd.DataFrame) -> pd.Series:
     return pd.Series(hashed.astype(str), index=block.index, dtype=object)
 
 
+def _keys(frame: pd.DataFrame) -> pd.Index:
+    return pd.Index(frame["source"].astype(str) + "\x1f" + frame["source_key"].astype(str))
+
+
+def _only(frame: pd.DataFrame, wanted: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `frame` whose (source, source_key) is among `wanted`'s."""
+    if len(wanted) * 4 > len(frame):
+        return frame
+    return frame[_keys(frame).isin(_keys(wanted))]
+
+
 def update_flags(
     previous: pd.DataFrame,
     returns: pd.DataFrame,
@@ -81,6 +92,11 @@ def update_flags(
     """
     state = previous.copy()
     key = ["source", "source_key"]
+    # Only the records with a return or a flag are looked up: the million others are
+    # not merged (a merge would hash every record's key, and sort them, three times).
+    wanted = pd.concat([state[key], returns[key]], ignore_index=True).astype(str)
+    current = _only(current, wanted)
+    sent = _only(sent, wanted)
     if len(returns):
         fresh = returns.drop_duplicates([*key, "return_date", "reason_code"])
         seen = state[[*key, "return_date", "reason_code"]].astype(str)

@@ -728,7 +728,7 @@ class Pipeline:
         """The run report (HTML and JSON), written once the store has committed: a
         report that cannot be written is a warning, the night's work stands."""
         folder = self.settings.resolve(self.settings.export.dir) / "reports"
-        backlog = len(review.review_queue(engine))
+        backlog = review.review_backlog(engine)
         data = report.build(
             summary, records, weights, labels, quarantined, backlog, report.latest(folder)
         )
@@ -842,9 +842,15 @@ def with_flags(records: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
 def source_hashes(records: pd.DataFrame) -> pd.Series:
     """A hash of each record as its source sent it (mapped, before normalisation): an
     incremental run compares it with the stored one to find what a full extract changed.
-    The line number is left out: a record that only moved in the file is unchanged."""
+    The line number is left out: a record that only moved in the file is unchanged.
+
+    A 64-bit hash of the typed values, computed column by column in C (pandas'
+    `hash_pandas_object`): it only has to tell a record from its own previous version,
+    and serialising a million records to JSON to hash them cost more than loading them.
+    """
     columns = [c for c in schema.CANONICAL_COLUMNS if c != schema.SOURCE_LINE]
-    return store.hash_rows(records[columns])[0]
+    hashed = pd.util.hash_pandas_object(records[columns], index=False).to_numpy(np.uint64)
+    return pd.Series(store.hex_digests(hashed), index=records.index, dtype=object)
 
 
 def _evidence(records: pd.DataFrame, result: MatchResult) -> pd.DataFrame:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
+from mdm_pipeline.golden_records.review import review_backlog
 
 runner = CliRunner()
 
@@ -68,10 +69,12 @@ def test_decisions_hold_in_later_runs_until_revoked(samples: Path, tmp_path: Pat
 
     _cli(cfg, url, "review", "accept", first["item"], "--author", "A. Martin", "--comment", "same")
     _cli(cfg, url, "review", "split", a, b, "--author", "B. Durand")
-    # Decided pairs leave the queue.
-    assert first["item"] not in {
-        r["item"] for r in json.loads(_cli(cfg, url, "review", "list", "--json"))
-    }
+    # Decided pairs leave the queue, and the run report's count follows it.
+    pairs_left = json.loads(_cli(cfg, url, "review", "list", "--kind", "pair", "--json"))
+    assert first["item"] not in {r["item"] for r in pairs_left}
+    engine = sa.create_engine(url)
+    assert review_backlog(engine) == len(pairs_left) == len(queue) - 1
+    engine.dispose()
     summary = _run(cfg, url)
     after = _golden(url)
     assert after[left] == after[right] and after[a] != after[b]

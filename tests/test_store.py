@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
 from mdm_pipeline.golden_records import connection, store
+from mdm_pipeline.golden_records.audit import golden_show
 from mdm_pipeline.golden_records.schema import metadata
 from mdm_pipeline.golden_records.survivorship import survive
 
@@ -40,7 +41,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def test_migrations_build_exactly_the_declared_schema(url: str) -> None:
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0006"
+    assert store.schema_revision(engine) == "0007"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
@@ -72,7 +73,7 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
         conn.execute(
             sa.text(
                 "INSERT INTO mdm_golden_records VALUES ('G1', 'person', 'active', 1, 'x',"
-                " '{}', '{}', 'R1', 'R1')"
+                " '{}', '{\"email\": \"shop|k1|most_recent|2026-09-30\"}', 'R1', 'R1')"
             )
         )
         conn.execute(
@@ -83,7 +84,7 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
         )
     engine.dispose()
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0006"
+    assert store.schema_revision(engine) == "0007"
     with engine.connect() as conn:
         version = conn.execute(sa.select(store.golden_versions)).mappings().one()
         link = conn.execute(sa.select(store.xref)).mappings().one()
@@ -91,6 +92,16 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
     assert (version["golden_id"], version["version"], version["valid_to"]) == ("G1", 1, None)
     assert version["valid_from"] == datetime(2026, 10, 1, 2, 0)
     assert (link["golden_id"], link["valid_from"]) == ("G1", datetime(2026, 10, 1, 2, 0))
+    # The lineage moved to the version row (0007) and is still what `golden show` gives.
+    engine = store.connect(url)
+    shown = golden_show(engine, "G1")
+    assert shown["lineage"]["email"]["source_key"] == "k1"
+    # Back to 0006, the current row has its lineage again.
+    with engine.begin() as conn:
+        store.alembic_command.downgrade(store._alembic_config(conn), "0006")
+        back = conn.execute(sa.text("SELECT lineage FROM mdm_golden_records")).scalar()
+    engine.dispose()
+    assert "shop|k1|most_recent" in back
 
 
 # --- stable golden IDs -----------------------------------------------------------------
@@ -409,3 +420,53 @@ def test_a_stored_model_scores_exactly_as_the_trained_one(samples: Path) -> None
     pd.testing.assert_frame_equal(before, after)
     # Frozen term frequencies: scoring a subset weighs common names as the whole did.
     assert set(again.term_freq) == {c.name for c in settings.comparisons if c.tf_adjust}
+
+
+def test_row_hashes_are_one_json_object_per_row_whatever_the_values() -> None:
+    """Values holding the array's row separator or a Unicode line break do not shift rows."""
+    frame = pd.DataFrame(
+        {
+            "name": ["a},{b", "line\u2028break", "plain", None],
+            "n": [1.5, None, 3.0, 4.0],
+            "day": pd.to_datetime(["2024-01-02", None, "2023-05-06", "2022-01-01"]),
+        }
+    )
+    digests, lines = store.hash_rows(frame)
+    assert [json.loads(line)["name"] for line in lines] == frame["name"].tolist()
+    # A row hashes the same alone as among others, and differs from its neighbours.
+    for i in range(len(frame)):
+        assert store.hash_rows(frame.iloc[[i]])[0].iloc[0] == digests.iloc[i]
+    assert digests.nunique() == len(frame)
+
+
+def test_lineage_json_escapes_keys_and_leaves_missing_dates_empty() -> None:
+    """Source keys are free text from the units: a quote, a backslash or a newline
+    must give valid JSON, a missing date an empty date, and a golden record without
+    lineage an empty object."""
+    records = pd.DataFrame(
+        {
+            "source": ["shop", "b2b", "shop"],
+            "source_key": ['k"1', "a\\b\nc", "x/y é"],
+            "source_updated_at": pd.to_datetime(
+                ["2026-01-02", None, "2025-12-31T10:00"], format="ISO8601"
+            ),
+        }
+    )
+    lineage = pd.DataFrame(
+        {
+            "cluster": [5, 5, 5, 7, 9],
+            "attribute": ["email", "address", "name", "name", "name"],
+            "record": [0, 1, 2, 2, 0],
+            "rule": ["most_recent", "trust", "longest", "trust", "trust"],
+        }
+    )
+    out = store._lineage_json(records, lineage, pd.Index([5, 6, 7]))
+    assert json.loads(out[5]) == {
+        "address": "b2b|a\\b\nc|trust|",
+        "email": 'shop|k"1|most_recent|2026-01-02',
+        "name": "shop|x/y é|longest|2025-12-31",
+    }
+    assert list(json.loads(out[5])) == ["address", "email", "name"]
+    assert out[6] == "{}"
+    assert json.loads(out[7]) == {"name": "shop|x/y é|trust|2025-12-31"}
+    assert store._lineage_json(records, lineage.iloc[:0], pd.Index([5])).tolist() == ["{}"]
