@@ -967,7 +967,9 @@ def write_snapshot(
             if isinstance(frame, pa.Table)
             else pa.Table.from_pandas(frame, preserve_index=False)
         )
-        pq.write_table(table, sink, compression="zstd")
+        # No dictionary pages: most columns are near-unique texts (names, e-mails),
+        # for which they only slow the next night's read.
+        pq.write_table(table, sink, compression="zstd", use_dictionary=False)
         data = sink.getvalue()
         for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES)):
             chunk = data[start : start + SNAPSHOT_PART_BYTES]

@@ -523,24 +523,23 @@ class Pipeline:
 
         with self._stage("match", summary, emit):
             # Tonight's line: a record that only moved in the file keeps its place in order.
-            unchanged = state.iloc[kept_pos].assign(
-                source_line=delta.unchanged["source_line"].to_numpy(), snap_pos=kept_pos
+            unchanged = inc.take_rows(
+                state,
+                kept_pos,
+                inc.SNAPSHOT_COLUMNS,
+                source_line=delta.unchanged["source_line"].to_numpy(),
+                snap_pos=kept_pos,
+                __changed=False,
             )
-            fresh = changed[[*inc.KEYS, "source_line", "source_hash", "address_hash"]].assign(
+            fresh = inc.take_rows(
+                changed,
+                np.arange(len(changed)),
+                inc.SNAPSHOT_COLUMNS,
                 npai_state=store.npai_state_text(changed).to_numpy(),
-                **{c: changed[c].to_numpy() for c in store.MATCH_COLUMNS},
                 snap_pos=delta.index.get_indexer(inc.record_keys(changed)),
+                __changed=True,
             )
-            columns = [*inc.SNAPSHOT_COLUMNS, "snap_pos"]
-            current = inc.run_order(
-                inc.stack(
-                    [
-                        unchanged[columns].assign(__changed=False),
-                        fresh[columns].assign(__changed=True),
-                    ]
-                ),
-                sources,
-            )
+            current = inc.run_order(inc.stack([unchanged, fresh]), sources)
             is_changed = current["__changed"].to_numpy(dtype=bool)
             # Records whose NPAI state changed: re-survived, not re-matched.
             # Only a record flagged tonight or before can have changed: the others are
