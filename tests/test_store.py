@@ -41,7 +41,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def test_migrations_build_exactly_the_declared_schema(url: str) -> None:
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0007"
+    assert store.schema_revision(engine) == "0008"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
@@ -84,7 +84,7 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
         )
     engine.dispose()
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0007"
+    assert store.schema_revision(engine) == "0008"
     with engine.connect() as conn:
         version = conn.execute(sa.select(store.golden_versions)).mappings().one()
         link = conn.execute(sa.select(store.xref)).mappings().one()
