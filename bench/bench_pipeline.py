@@ -1,16 +1,23 @@
-"""End-to-end timing of `mdm run` on generated data.
+"""End-to-end timing of `mdm run` on generated data, next to Splink on the same records.
 
-Usage: python bench/bench_pipeline.py --records 100000 [--records 1000000] [--keep DIR]
+Usage:
+    python bench/bench_pipeline.py --records 100000 [--records 1000000] [--keep DIR] [--splink]
 
 For each size: generate the four extracts with the seeded generator, run the
-whole pipeline into a fresh SQLite store, and print wall time per stage, peak
-RSS and pair quality against the generator's truth as one JSON line. Each
-size runs in a child process so that peak RSS is its own.
+whole pipeline (load, normalise, match, cluster, survive, store, export) into
+a fresh SQLite store, and print wall time per stage, peak RSS and pair quality
+against the generator's truth as one JSON line. With --splink, Splink 5 then
+runs on the same records (`bench_matching.py --tool splink`: our normalised
+records, its usual settings and the same blocking rules; training +
+prediction + clustering timed). Each run is a child process so that its peak
+RSS is its own. Last, the ratio of each stage's time between consecutive
+sizes, beside the ratio of candidate pairs: no stage should grow faster.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -19,6 +26,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import peak_rss_mib  # bench/ is on sys.path when a script runs
+
+HERE = Path(__file__).resolve().parent
 
 
 def _one(records: int, workdir: Path) -> dict:
@@ -36,6 +47,8 @@ def _one(records: int, workdir: Path) -> dict:
     t0 = time.perf_counter()
     summary = pipeline.run()
     wall = time.perf_counter() - t0
+    # Before the scoring below reads the store back: the run's own peak.
+    peak = round(peak_rss_mib())
     engine = sa.create_engine(f"sqlite:///{workdir / 'mdm.sqlite'}")
     xref = pd.read_sql("select source, source_key, golden_id from mdm_source_records", engine)
     truth = pd.read_csv(workdir / "truth.csv", dtype=str)
@@ -46,7 +59,7 @@ def _one(records: int, workdir: Path) -> dict:
         "generate_s": round(gen_s, 2),
         "run_wall_s": round(wall, 2),
         "stages_s": summary.seconds,
-        "peak_rss_mib": summary.peak_rss_mib,
+        "peak_rss_mib": peak,
         "candidate_pairs": summary.candidate_pairs,
         "clusters": summary.clusters,
         "precision": round(scores.precision, 4),
@@ -60,6 +73,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, action="append", required=True)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep", type=Path, help="keep generated data under this folder")
+    parser.add_argument("--splink", action="store_true", help="run Splink 5 on the same records")
     args = parser.parse_args()
     if args.child:
         workdir = args.keep or Path(tempfile.mkdtemp(prefix="mdm-bench-"))
@@ -75,11 +89,43 @@ def main() -> None:
             }
         )
     )
+    rows: list[dict] = []
     for n in args.records:
-        cmd = [sys.executable, __file__, "--child", "--records", str(n)]
-        if args.keep:
-            cmd += ["--keep", str(args.keep / str(n))]
-        subprocess.run(cmd, check=True)
+        workdir = args.keep / str(n) if args.keep else Path(tempfile.mkdtemp(prefix="mdm-bench-"))
+        cmd = [sys.executable, __file__, "--child", "--records", str(n), "--keep", str(workdir)]
+        ours = json.loads(_last_line(cmd))
+        print(json.dumps({"tool": "mdm-pipeline", **ours}), flush=True)
+        row = {"records": ours["records"], "ours": ours}
+        if args.splink:
+            cmd = [sys.executable, str(HERE / "bench_matching.py"), "--data", str(workdir)]
+            splink = json.loads(_last_line([*cmd, "--tool", "splink"]))
+            print(json.dumps(splink), flush=True)
+            row["splink"] = splink
+        rows.append(row)
+    for small, large in itertools.pairwise(rows):
+        a, b = small["ours"], large["ours"]
+        ratios = {k: round(b["stages_s"][k] / a["stages_s"][k], 1) for k in a["stages_s"]}
+        print(
+            json.dumps(
+                {
+                    "from": a["records"],
+                    "to": b["records"],
+                    "records_ratio": round(b["records"] / a["records"], 1),
+                    "pairs_ratio": round(b["candidate_pairs"] / a["candidate_pairs"], 1),
+                    "stage_ratios": ratios,
+                    "wall_ratio": round(b["run_wall_s"] / a["run_wall_s"], 1),
+                }
+            )
+        )
+
+
+def _last_line(cmd: list[str]) -> str:
+    """Run a child benchmark and return its last JSON line (its summary)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{"))
 
 
 if __name__ == "__main__":
