@@ -655,17 +655,25 @@ class Pipeline:
 
         with self._stage("survive", summary, emit):
             keys = current.loc[affected, inc.KEYS]
-            from_store = current.loc[affected & ~is_changed, inc.KEYS]
+            rows = np.flatnonzero(affected & ~is_changed)
+            from_store = current.loc[rows, inc.KEYS]
             stored_payloads = store.read_payloads(engine, from_store)
             restored = inc.records_from_payload(stored_payloads)
-            restored = restored.drop(columns="source_line").merge(
-                current[[*inc.KEYS, "source_line", "source_hash"]], on=inc.KEYS
+            # Tonight's line and source hash, by position (no merge against all records).
+            at = inc.record_keys(from_store).get_indexer(inc.record_keys(restored))
+            if len(restored) != len(rows) or (at < 0).any():
+                raise StoreError(
+                    "the store's payloads do not match its snapshot: run `mdm run` "
+                    "without --incremental to rebuild it"
+                )
+            restored = restored.assign(
+                source_line=current["source_line"].to_numpy()[rows[at]],
+                source_hash=current["source_hash"].to_numpy()[rows[at]],
             )
             restored = with_flags(restored, flags)
-            records = inc.run_order(
-                pd.concat([changed, restored], ignore_index=True).merge(keys, on=inc.KEYS),
-                sources,
-            )
+            # Changed records are all affected (they are matched again): with the
+            # restored ones they are exactly the affected records.
+            records = inc.run_order(pd.concat([changed, restored], ignore_index=True), sources)
             # Positions follow `current` restricted to the affected records.
             labels = pd.Series(cluster_ids, index=records.index)
             golden, lineage = survive(records, labels, settings.survivorship)
