@@ -13,6 +13,7 @@ import logging
 import sys
 import traceback
 from dataclasses import asdict
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,6 +59,13 @@ def _fail(exc: BaseException, debug: bool) -> typer.Exit:
         f"internal error ({type(exc).__name__}{where}); rerun with --debug for the traceback"
     )
     return typer.Exit(code=1)
+
+
+class Engine(StrEnum):
+    """Where the matching stage runs (`engine` in the config)."""
+
+    local = "local"
+    spark = "spark"
 
 
 class _StageProgress:
@@ -151,6 +159,14 @@ def run(
             help="Normalise and match only the records that changed since the last run.",
         ),
     ] = False,
+    engine: Annotated[
+        Engine | None,
+        typer.Option(
+            "--engine",
+            help="Where matching runs, overriding the config's `engine` "
+            "(spark needs the package's spark extra: PySpark, and Java 17).",
+        ),
+    ] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Run the nightly job: load, normalise, match, cluster, store golden records, export."""
@@ -159,6 +175,8 @@ def run(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
     try:
         pipeline = Pipeline.from_config(config)
+        if engine is not None:
+            pipeline.settings = pipeline.settings.model_copy(update={"engine": engine.value})
         with Progress(
             TextColumn("{task.description:<10}"),
             BarColumn(),

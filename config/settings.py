@@ -756,6 +756,29 @@ class SurvivorshipSettings(Strict):
         return list(self.attributes.get(attribute, self.default))
 
 
+class SparkSettings(Strict):
+    """Where and how the matching stage runs when `engine: spark`.
+
+    The driver (the `mdm run` process) keeps the records, trains the model and
+    clusters; Spark forms the candidate pairs and compares them. `work_dir` is
+    where the records' matching view and the scored pairs are exchanged as
+    Parquet: on a cluster it must be a path both the driver and the executors
+    can read and write (HDFS, S3, a shared volume); by default a temporary
+    folder, which only local mode can share.
+    """
+
+    master: str = "local[*]"
+    app_name: str = "mdm-pipeline"
+    #: Shuffle partitions for the block keys and the pairs; default: 4 per core.
+    partitions: int | None = Field(default=None, ge=1)
+    driver_memory: str = "4g"
+    #: Pairs per Arrow batch handed to the comparison code on the executors.
+    batch_pairs: int = Field(default=200_000, ge=1_000)
+    work_dir: str | None = None
+    #: Any other Spark setting, passed as it is (spark.executor.memory, ...).
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
 class Settings(Strict):
     """One deployment: where the store is, what to read, how each stage behaves."""
 
@@ -767,6 +790,10 @@ class Settings(Strict):
     export: ExportSettings = ExportSettings()
     survivorship: SurvivorshipSettings = SurvivorshipSettings()
     npai_returns: list[NpaiReturnFile] = Field(default_factory=list)
+    #: Where the matching stage runs: in this process, or on Apache Spark (an extra:
+    #: pip install "mdm-pipeline[spark]"). Both give the same pairs and clusters.
+    engine: Literal["local", "spark"] = "local"
+    spark: SparkSettings = SparkSettings()
 
     # Set by the loader, not by the YAML file.
     base_dir: Path = Field(default=Path("."), exclude=True)

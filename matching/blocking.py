@@ -103,6 +103,25 @@ def pairs_within(ids: np.ndarray, max_block_size: int) -> tuple[np.ndarray, np.n
     return left, right, int(too_big.sum()), int(sizes[too_big].sum())
 
 
+def block_stats(ids: np.ndarray, max_block_size: int) -> tuple[int, int, int, int]:
+    """(pairs, skipped blocks, skipped records, largest block) of one rule's block ids,
+    without laying out the pairs: what `pairs_within` and `candidate_pairs` report,
+    for an engine that forms the pairs elsewhere."""
+    present = ids[ids >= 0]
+    if not len(present):
+        return 0, 0, 0, 0
+    sizes = np.bincount(present)
+    sizes = sizes[sizes > 0]
+    too_big = sizes > max_block_size
+    kept = sizes[~too_big].astype(np.int64)
+    return (
+        int((kept * (kept - 1) // 2).sum()),
+        int(too_big.sum()),
+        int(sizes[too_big].sum()),
+        int(sizes.max()),
+    )
+
+
 def candidate_pairs(
     records: pd.DataFrame | Fields, rules: list[BlockingRule], max_block_size: int
 ) -> Candidates:

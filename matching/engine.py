@@ -25,6 +25,7 @@ from mdm_pipeline.matching.blocking import (
 from mdm_pipeline.matching.comparisons import NULL, compare, term_frequencies
 from mdm_pipeline.matching.keys import Fields, prepare
 from mdm_pipeline.matching.scoring import (
+    Evidence,
     Model,
     check_plausible,
     em,
@@ -242,11 +243,26 @@ def match(
     tf = model.term_freq or term_frequencies(records, comps)
     vectors = compare(records, cands.left, cands.right, comps, tf)
     ev = evidence(vectors, model, comps)
+    return scored(records.type_codes, cands, ev, settings, model)
+
+
+def scored(
+    type_codes: np.ndarray,
+    cands: Candidates,
+    ev: Evidence,
+    settings: MatchingSettings,
+    model: Model,
+) -> MatchResult:
+    """Weights, probabilities and bands of candidate pairs from their evidence.
+
+    Shared by the local engine and the Spark one (which computes the evidence on
+    its executors): the prior is fitted here, over every candidate at once.
+    """
     if len(cands) and not model.prior_fitted:
         # The prior is that of a random pair of records of the same type, fitted by EM
         # with m and u held: pairs that no rule proposed count as non-matches. A prior
         # over candidates only would let blocks full of namesakes vouch for themselves.
-        kinds = np.bincount(records.type_codes).astype(np.float64)
+        kinds = np.bincount(type_codes).astype(np.float64)
         free = ~ev.in_context
         known = float(probability(ev.context_odds[~free] + ev.ratio[~free]).sum())
         model.prior = fit_prior(ev.ratio[free], float((kinds * (kinds - 1) / 2).sum()), known)

@@ -266,6 +266,12 @@ class Pipeline:
             run_id=new_run_id(now), store=make_url(url).render_as_string(hide_password=True)
         )
         self.check_sources()
+        if settings.engine == "spark" and not incremental:
+            # Before any work: a missing extra is known in a millisecond, not after
+            # an hour of loading and normalising.
+            from mdm_pipeline.matching.spark import check_installed
+
+            check_installed()
 
         engine = store.connect(url)
         try:
@@ -314,7 +320,14 @@ class Pipeline:
             else:
                 summary.model_run, summary.model_status = summary.run_id, "trained"
                 model = train(fields, settings.matching)
-            result = match(fields, settings.matching, model)
+            if settings.engine == "spark":
+                from mdm_pipeline.matching.spark import match_spark
+
+                result = match_spark(
+                    positional, settings.matching, model, settings.spark, fields=fields
+                )
+            else:
+                result = match(fields, settings.matching, model)
             self._model = model.as_dict()
         pairs = result.pairs
         summary.pairs_per_rule = {k: v.new_pairs for k, v in result.rule_stats.items()}
