@@ -27,12 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import peak_rss_mib  # bench/ is on sys.path when a script runs
+from common import TreePeak, peak_rss_mib  # bench/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
 
-def _one(records: int, workdir: Path) -> dict:
+def _one(records: int, workdir: Path, kind: str) -> dict:
     import pandas as pd
     import sqlalchemy as sa
 
@@ -41,13 +41,23 @@ def _one(records: int, workdir: Path) -> dict:
     from mdm_pipeline.sources.synthetic import generate
 
     t0 = time.perf_counter()
-    generate(workdir, records)
+    if not (workdir / "config.yaml").exists():
+        generate(workdir, records)
     gen_s = time.perf_counter() - t0
     pipeline = Pipeline.from_config(workdir / "config.yaml")
+    if kind == "spark":
+        from mdm_pipeline.config.settings import SparkSettings
+
+        spark = SparkSettings(master="local[2]", driver_memory="4g")
+        pipeline.settings = pipeline.settings.model_copy(update={"engine": "spark", "spark": spark})
+    # A fresh store each time: the run writes every golden record.
+    (workdir / "mdm.sqlite").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    summary = pipeline.run()
+    with TreePeak() as tree:
+        summary = pipeline.run()
     wall = time.perf_counter() - t0
-    # Before the scoring below reads the store back: the run's own peak.
+    # Before the scoring below reads the store back: the run's own peak, and with
+    # Spark's JVM and Python workers (processes of their own).
     peak = round(peak_rss_mib())
     engine = sa.create_engine(f"sqlite:///{workdir / 'mdm.sqlite'}")
     xref = pd.read_sql("select source, source_key, golden_id from mdm_source_records", engine)
@@ -59,7 +69,9 @@ def _one(records: int, workdir: Path) -> dict:
         "generate_s": round(gen_s, 2),
         "run_wall_s": round(wall, 2),
         "stages_s": summary.seconds,
+        "engine": kind,
         "peak_rss_mib": peak,
+        "peak_rss_tree_mib": round(tree.peak_mib),
         "candidate_pairs": summary.candidate_pairs,
         "clusters": summary.clusters,
         "precision": round(scores.precision, 4),
@@ -74,10 +86,16 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep", type=Path, help="keep generated data under this folder")
     parser.add_argument("--splink", action="store_true", help="run Splink 5 on the same records")
+    parser.add_argument(
+        "--engine",
+        choices=("local", "spark", "both"),
+        default="local",
+        help="our engine(s): spark runs in local mode on this machine",
+    )
     args = parser.parse_args()
     if args.child:
         workdir = args.keep or Path(tempfile.mkdtemp(prefix="mdm-bench-"))
-        print(json.dumps(_one(args.records[0], workdir)))
+        print(json.dumps(_one(args.records[0], workdir, args.engine)))
         return
     print(
         json.dumps(
@@ -92,10 +110,15 @@ def main() -> None:
     rows: list[dict] = []
     for n in args.records:
         workdir = args.keep / str(n) if args.keep else Path(tempfile.mkdtemp(prefix="mdm-bench-"))
-        cmd = [sys.executable, __file__, "--child", "--records", str(n), "--keep", str(workdir)]
-        ours = json.loads(_last_line(cmd))
-        print(json.dumps({"tool": "mdm-pipeline", **ours}), flush=True)
-        row = {"records": ours["records"], "ours": ours}
+        row: dict = {}
+        for engine in ("local", "spark") if args.engine == "both" else (args.engine,):
+            cmd = [sys.executable, __file__, "--child", "--records", str(n)]
+            cmd += ["--keep", str(workdir), "--engine", engine]
+            ours = json.loads(_last_line(cmd))
+            print(json.dumps({"tool": f"mdm-pipeline ({engine})", **ours}), flush=True)
+            row.setdefault("records", ours["records"])
+            row.setdefault("ours", ours)
+            row[engine] = ours
         if args.splink:
             cmd = [sys.executable, str(HERE / "bench_matching.py"), "--data", str(workdir)]
             splink = json.loads(_last_line([*cmd, "--tool", "splink"]))
