@@ -122,6 +122,23 @@ class Fields:
             return codes
         return self.derived(key.field, key.transform, key.length)[codes]
 
+    def key_hashes(self, key: BlockingKey) -> np.ndarray:
+        """One blocking-key part per record as a 64-bit hash of its text (0 where the
+        field is missing): unlike codes, the same value hashes the same in any set of
+        records, so block keys can be kept from one night to the next."""
+        codes, vocab = self.encoded(key.field)
+        if key.transform == "exact":
+            texts = pd.Series(vocab, dtype=object).astype(str)
+            table = pd.util.hash_array(texts.to_numpy(dtype=object)) | np.uint64(1)
+            return np.append(table, np.uint64(0))[codes]
+        reduced = _reduce(pd.Series(vocab, dtype=object), key.transform, key.length)
+        present = reduced.notna().to_numpy()
+        table = np.zeros(len(vocab) + 1, dtype=np.uint64)
+        table[:-1][present] = pd.util.hash_array(
+            reduced[present].astype(str).to_numpy(dtype=object)
+        ) | np.uint64(1)
+        return table[codes]
+
     def joint(self, field: str, other: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Two fields' values in one vocabulary (a last name against a first name):
         (map of `field`'s codes, map of `other`'s codes, shared values); maps end in -1."""

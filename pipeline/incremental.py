@@ -21,6 +21,7 @@ the store and the stages.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +31,11 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 
 from mdm_pipeline.config import schema
-from mdm_pipeline.config.settings import MatchingSettings
+from mdm_pipeline.config.settings import BlockingRule, MatchingSettings
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
-from mdm_pipeline.matching.blocking import block_ids
+from mdm_pipeline.matching.blocking import block_hashes
 from mdm_pipeline.matching.clustering import components
-from mdm_pipeline.matching.keys import prepare
+from mdm_pipeline.matching.keys import Fields, prepare
 
 KEYS = ["source", "source_key"]
 
@@ -154,33 +155,62 @@ def run_order(frame: pd.DataFrame, sources: list[str]) -> pd.DataFrame:
     return take_rows(frame, order, list(frame.columns))
 
 
+def block_column(rule: BlockingRule) -> str:
+    """The snapshot column holding a rule's block key per record, named after the rule's
+    definition: keys of a rule since changed are never taken for the new one."""
+    digest = hashlib.sha1(rule.model_dump_json().encode(), usedforsecurity=False).hexdigest()
+    return f"block_{digest[:12]}"
+
+
+def block_keys(records: pd.DataFrame | Fields, rules: list[BlockingRule]) -> list[np.ndarray]:
+    """Each rule's block key per record (`blocking.block_hashes`; 0 where none)."""
+    fields = prepare(records)
+    return [block_hashes(fields, rule) for rule in rules]
+
+
+def stored_block_keys(table: pa.Table, rules: list[BlockingRule]) -> list[np.ndarray] | None:
+    """The snapshot's block keys per rule, or None if it lacks one (a snapshot written
+    before they were kept, or under other rules)."""
+    names = [block_column(rule) for rule in rules]
+    if any(name not in table.column_names for name in names):
+        return None
+    return [table.column(name).to_numpy() for name in names]
+
+
+def with_block_keys(table: pa.Table, rules: list[BlockingRule], keys: list[np.ndarray]) -> pa.Table:
+    """The snapshot's records with each rule's block key per record (in its order)."""
+    for rule, column in zip(rules, keys, strict=True):
+        table = table.append_column(block_column(rule), pa.array(column, type=pa.int64()))
+    return table
+
+
 def blocks_to_rematch(
-    current: pd.DataFrame, changed: np.ndarray, old: pd.DataFrame, settings: MatchingSettings
+    now: list[np.ndarray], old: list[np.ndarray], changed: np.ndarray, settings: MatchingSettings
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(records to match again, records their pairs can reach): masks over `current`.
+    """(records to match again, records their pairs can reach): masks over the current
+    records, from each rule's block keys (`block_keys`: `now` over the current
+    records, `old` over the stored versions of the changed and deleted ones).
 
     Records to match again are the changed ones and the members of a block whose
-    size crossed the cap tonight: `old` holds the stored matching view of changed
-    and deleted records, so each block's size last night is tonight's, minus its
-    changed members, plus their old versions and the deleted ones. The records
+    size crossed the cap tonight: each block's size last night is tonight's, minus
+    its changed members, plus their old versions and the deleted ones. The records
     their pairs can reach are every member of a block holding one of them, for
     any rule: matching just these gives the same pairs, rules and block sizes as
     matching everyone, because every block that holds a record to match again is
     taken whole.
     """
-    n = len(current)
-    fields = prepare(stack([current, old]))
-    now = np.r_[np.ones(n, dtype=bool), np.zeros(len(old), dtype=bool)]
-    before = np.r_[~changed, np.ones(len(old), dtype=bool)]
+    n = len(changed)
     cap = settings.blocking.max_block_size
     rematch = changed.copy()
     per_rule = []
-    for rule in settings.blocking.rules:
-        ids = block_ids(fields, rule)
+    for keys_now, keys_old in zip(now, old, strict=True):
+        keys = np.r_[keys_now, keys_old]
+        ids, uniques = pd.factorize(keys)
+        ids = np.where(keys == 0, -1, ids)
+        size = len(uniques)
         ok = ids >= 0
-        size = int(ids.max()) + 1 if ok.any() else 0
-        tonight = np.bincount(ids[ok & now], minlength=size)
-        last = np.bincount(ids[ok & before], minlength=size)
+        tonight = np.bincount(ids[:n][ok[:n]], minlength=size)
+        last = np.bincount(np.r_[ids[:n][ok[:n] & ~changed], ids[n:][ok[n:]]], minlength=size)
         crossed = (tonight > cap) != (last > cap)
         here = ids[:n]
         if crossed.any():
@@ -242,6 +272,7 @@ def snapshot_records(stored: pa.Table, current: pd.DataFrame, changed: np.ndarra
     One `take` over the stored rows followed by the converted ones puts every row in
     place; tonight's line and NPAI state then replace those columns whole.
     """
+    stored = stored.select(SNAPSHOT_COLUMNS)
     schema = stored.schema.remove_metadata()
     new = pa.Table.from_pandas(
         current.loc[changed, SNAPSHOT_COLUMNS], schema=schema, preserve_index=False

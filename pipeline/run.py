@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from sqlalchemy.engine import make_url
 
 from mdm_pipeline import __version__
 from mdm_pipeline.config import schema
 from mdm_pipeline.config.errors import ConfigError, DataContractError, StoreError
 from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
-from mdm_pipeline.config.settings import Settings
+from mdm_pipeline.config.settings import BlockingRule, Settings
 from mdm_pipeline.golden_records import review, store
 from mdm_pipeline.golden_records.survivorship import survive
 from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
@@ -387,7 +388,14 @@ class Pipeline:
                     store.write_npai(conn, npai_before, npai_after)
                     store.write_evidence(conn, summary.run_id, _evidence(positional, result))
                     store.write_snapshot(
-                        conn, summary.run_id, _snapshot(positional, auto.reset_index(drop=True))
+                        conn,
+                        summary.run_id,
+                        _snapshot(
+                            positional,
+                            auto.reset_index(drop=True),
+                            inc.block_keys(fields, settings.matching.blocking.rules),
+                            settings.matching.blocking.rules,
+                        ),
                     )
                 summary.record_written(written)
                 with self._stage("export", summary, emit, total=len(mapped)):
@@ -572,11 +580,31 @@ class Pipeline:
                 delta.deleted["snap_pos"].to_numpy(dtype=np.int64),
                 fresh.loc[fresh["snap_pos"] >= 0, "snap_pos"].to_numpy(dtype=np.int64),
             ]
+            # Block keys: last night's from the snapshot, computed for tonight's changed
+            # records only (for every record when the snapshot has none).
+            rules = settings.matching.blocking.rules
+            kept_keys = inc.stored_block_keys(snap[2]["records"], rules)
+            if kept_keys is None:
+                block_now = inc.block_keys(current[list(store.MATCH_COLUMNS)], rules)
+                block_old = inc.block_keys(
+                    state[list(store.MATCH_COLUMNS)].iloc[old_pos].reset_index(drop=True), rules
+                )
+            else:
+                changed_at = np.flatnonzero(is_changed)
+                kept_at = current["snap_pos"].to_numpy(dtype=np.int64)[~is_changed]
+                fresh_keys = inc.block_keys(
+                    current[list(store.MATCH_COLUMNS)].iloc[changed_at].reset_index(drop=True),
+                    rules,
+                )
+                block_now = []
+                for stored_keys, tonight in zip(kept_keys, fresh_keys, strict=True):
+                    column = np.empty(len(current), dtype=np.int64)
+                    column[~is_changed] = stored_keys[kept_at]
+                    column[changed_at] = tonight
+                    block_now.append(column)
+                block_old = [stored_keys[old_pos] for stored_keys in kept_keys]
             rematch, reach = inc.blocks_to_rematch(
-                current[list(store.MATCH_COLUMNS)],
-                is_changed,
-                state[list(store.MATCH_COLUMNS)].iloc[old_pos],
-                settings.matching,
+                block_now, block_old, is_changed, settings.matching
             )
             # Only the blocks a record to match again is in: the same pairs as over everyone.
             part = np.flatnonzero(reach)
@@ -724,7 +752,11 @@ class Pipeline:
                 conn,
                 summary.run_id,
                 {
-                    "records": inc.snapshot_records(snap[2]["records"], current, is_changed),
+                    "records": inc.with_block_keys(
+                        inc.snapshot_records(snap[2]["records"], current, is_changed),
+                        rules,
+                        block_now,
+                    ),
                     "edges": links,
                 },
             )
@@ -907,9 +939,14 @@ def _evidence(records: pd.DataFrame, result: MatchResult) -> pd.DataFrame:
     )
 
 
-def _snapshot(records: pd.DataFrame, auto: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """What an incremental run reads of this run: every record's matching view and
-    hashes, and the auto-match links between them (positions in `records`)."""
+def _snapshot(
+    records: pd.DataFrame,
+    auto: pd.DataFrame,
+    block_keys: list[np.ndarray],
+    rules: list[BlockingRule],
+) -> dict[str, pd.DataFrame | pa.Table]:
+    """What an incremental run reads of this run: every record's matching view, hashes
+    and block keys, and the auto-match links between them (positions in `records`)."""
     frame = records.assign(
         source_key=records["source_key"].astype(str),
         npai_state=store.npai_state_text(records).to_numpy(),
@@ -920,7 +957,8 @@ def _snapshot(records: pd.DataFrame, auto: pd.DataFrame) -> dict[str, pd.DataFra
         auto["weight"].to_numpy(dtype=np.float64),
         auto["probability"].to_numpy(),
     )
-    return {"records": frame[inc.SNAPSHOT_COLUMNS], "edges": edges}
+    table = pa.Table.from_pandas(frame[inc.SNAPSHOT_COLUMNS], preserve_index=False)
+    return {"records": inc.with_block_keys(table, rules, block_keys), "edges": edges}
 
 
 def _existing_parent(path: Path) -> Path:

@@ -22,7 +22,13 @@ from mdm_pipeline.config.settings import (
     MatchingSettings,
     TrainingSettings,
 )
-from mdm_pipeline.matching.blocking import candidate_pairs, pairs_within
+from mdm_pipeline.matching.blocking import (
+    block_hashes,
+    block_ids,
+    block_stats,
+    candidate_pairs,
+    pairs_within,
+)
 from mdm_pipeline.matching.clustering import guarded_clusters
 from mdm_pipeline.matching.comparisons import NULL, compare, term_frequencies
 from mdm_pipeline.matching.engine import AUTO, match, train
@@ -622,3 +628,24 @@ def test_comparison_is_a_pure_function_of_one_partition(samples: Path) -> None:
             tf,
         ).levels
         pd.testing.assert_frame_equal(got, whole.iloc[sel].reset_index(drop=True))
+
+
+def test_block_hashes_form_the_blocks_of_block_ids_in_any_subset(samples: Path) -> None:
+    """Hashed block keys (kept by incremental runs) group records exactly as the codes
+    of a full run, and a record's key does not depend on the other records."""
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    pipeline = Pipeline.from_config(samples / "config.yaml")
+    records = pipeline.normalised_records().reset_index(drop=True)
+    half = records.iloc[::2].reset_index(drop=True)
+    cap = pipeline.settings.matching.blocking.max_block_size
+    for rule in pipeline.settings.matching.blocking.rules:
+        ids, hashes = block_ids(records, rule), block_hashes(records, rule)
+        assert ((ids < 0) == (hashes == 0)).all(), rule.name
+        present = ids >= 0
+        both = pd.DataFrame({"id": ids[present], "hash": hashes[present]})
+        assert both.groupby("id")["hash"].nunique().max() == 1, rule.name
+        assert both.groupby("hash")["id"].nunique().max() == 1, rule.name
+        assert (block_hashes(half, rule) == hashes[::2]).all(), rule.name
+        left, _, skipped, skipped_records = pairs_within(ids, cap)
+        assert block_stats(ids, cap)[:3] == (len(left), skipped, skipped_records)
