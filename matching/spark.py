@@ -93,12 +93,15 @@ def session(cfg: SparkSettings) -> Any:
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
     try:
-        return builder.getOrCreate()
+        spark = builder.getOrCreate()
     except Exception as exc:  # Java missing or refused: PySpark raises its own types
         raise ConfigError(
             f'engine "spark": Spark could not start ({exc.__class__.__name__}); '
             "it needs Java 17 or later on PATH or in JAVA_HOME"
         ) from None
+    # Errors only: Spark's warnings could quote rows of customer data.
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
 
 
 def _view(records: pd.DataFrame) -> pd.DataFrame:

@@ -81,6 +81,22 @@ def test_spark_scores_exactly_the_pairs_of_the_local_engine(samples: Path) -> No
 
 
 @needs_java
+def test_records_without_a_candidate_pair_give_no_pairs_on_spark(samples: Path) -> None:
+    from mdm_pipeline.matching.spark import match_spark
+
+    pipeline = Pipeline.from_config(samples / "config.yaml")
+    records = pipeline.normalised_records().reset_index(drop=True)
+    settings = pipeline.settings.matching
+    model = train(prepare(records), settings)
+    few = records.iloc[[0, 5, 9]].reset_index(drop=True)
+    local = match(prepare(few), settings, copy.deepcopy(model))
+    assert len(local.pairs) == 0
+    pd.testing.assert_frame_equal(
+        local.pairs, match_spark(few, settings, copy.deepcopy(model), LOCAL).pairs
+    )
+
+
+@needs_java
 def test_a_spark_run_gives_the_local_run_golden_records(samples: Path, tmp_path: Path) -> None:
     """A fresh store filled on Spark holds the same clusters and golden records as one
     filled locally; a Spark rerun over the local store keeps every golden ID and
