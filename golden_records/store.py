@@ -63,27 +63,37 @@ log = logging.getLogger(__name__)
 EVIDENCE_KEYS = ("left_source", "left_key", "right_source", "right_key")
 
 
+#: Rows serialised at a time by `hash_rows`: the JSON text of a million payloads is
+#: gigabytes (four bytes a character once an accent is in it); by chunks it is not.
+HASH_CHUNK_ROWS = 50_000
+
+
 def hash_rows(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """A stable hash per row of JSON-able values, to find what changed, and the JSON.
 
     The rows are cut out of one JSON array at its "},{" separators when that text
     occurs nowhere else (a value can hold it, and then pandas' own line splitting,
     a slow character walk over the whole text, is used): each row's text is the
-    same either way, so stored hashes stay valid.
+    same either way, so stored hashes stay valid. Done by chunks of rows, so that
+    only one chunk's text is held at a time.
     """
     lines: list[str] = []
-    if len(frame):
-        text = frame.to_json(orient="records", date_format="iso", force_ascii=False)
-        if text.count("},{") == len(frame) - 1:
-            lines = ["{" + row + "}" for row in text[2:-2].split("},{")]
-        else:
-            text = frame.to_json(orient="records", lines=True, date_format="iso", force_ascii=False)
-            # "\n" only: JSON escapes it inside strings, not U+2028 and the like.
-            lines = text.rstrip("\n").split("\n")
+    for start in range(0, len(frame), HASH_CHUNK_ROWS):
+        lines.extend(_json_rows(frame.iloc[start : start + HASH_CHUNK_ROWS]))
     digests = [hashlib.blake2b(line.encode(), digest_size=16).hexdigest() for line in lines]
     return pd.Series(digests, index=frame.index, dtype=object), pd.Series(
         lines, index=frame.index, dtype=object
     )
+
+
+def _json_rows(frame: pd.DataFrame) -> list[str]:
+    """One JSON object per row, as pandas writes it."""
+    text = frame.to_json(orient="records", date_format="iso", force_ascii=False)
+    if text.count("},{") == len(frame) - 1:
+        return ["{" + row + "}" for row in text[2:-2].split("},{")]
+    text = frame.to_json(orient="records", lines=True, date_format="iso", force_ascii=False)
+    # "\n" only: JSON escapes it inside strings, not U+2028 and the like.
+    return text.rstrip("\n").split("\n")
 
 
 def hex_digests(values: np.ndarray) -> np.ndarray:

@@ -439,6 +439,17 @@ def test_row_hashes_are_one_json_object_per_row_whatever_the_values() -> None:
     assert digests.nunique() == len(frame)
 
 
+def test_row_hashes_do_not_depend_on_the_chunks_rows_are_serialised_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    frame = pd.DataFrame({"name": ["a},{b", "é", "plain", None, "x"], "n": range(5)})
+    whole = store.hash_rows(frame)
+    monkeypatch.setattr(store, "HASH_CHUNK_ROWS", 2)
+    chunked = store.hash_rows(frame)
+    pd.testing.assert_series_equal(whole[0], chunked[0])
+    pd.testing.assert_series_equal(whole[1], chunked[1])
+
+
 def test_lineage_json_escapes_keys_and_leaves_missing_dates_empty() -> None:
     """Source keys are free text from the units: a quote, a backslash or a newline
     must give valid JSON, a missing date an empty date, and a golden record without
