@@ -311,7 +311,12 @@ class Pipeline:
             records, npai_after = self._npai(records, returns, npai_before, npai_sent, summary)
 
         with self._stage("match", summary, emit):
-            positional = records.reset_index(drop=True)
+            # Row i is record i; a copy of a million records only when it is not so already.
+            positional = (
+                records
+                if records.index.equals(pd.RangeIndex(len(records)))
+                else records.reset_index(drop=True)
+            )
             fields = prepare(positional)
             model_hash = matching_hash(settings)
             stored = None if self._retrain else store.read_model(engine, model_hash)
