@@ -88,7 +88,10 @@ def _state(url: str) -> dict[str, object]:
             "from mdm_match_evidence",
             conn,
         )
-        first_run = conn.execute(sa.text("select min(run_id) from mdm_runs")).scalar()
+        # The earliest start, not the smallest ID: two runs can share a second.
+        first_run = conn.execute(
+            sa.text("select run_id from mdm_runs order by started_at limit 1")
+        ).scalar()
     engine.dispose()
     old_ids = set(golden.loc[golden["created_run"] == first_run, "golden_id"])
     members = xref.assign(m=xref["source"] + ":" + xref["source_key"]).groupby("golden_id")["m"]
