@@ -202,8 +202,10 @@ def _noop(stage: str, event: str, info: dict[str, Any]) -> None:
 
 
 def new_run_id(now: datetime) -> str:
-    """Sortable by time, unique across concurrent starts."""
-    return f"R{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    """Sortable by time, unique across concurrent starts. Microseconds included: two
+    runs can start within one second (reports and "the last run" sort by ID), and an
+    ID of the older second-only form still sorts before a newer one of its second."""
+    return f"R{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:6]}"
 
 
 class Pipeline:

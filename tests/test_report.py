@@ -97,3 +97,17 @@ def test_each_run_writes_a_report_with_the_change_since_the_last(
         app, ["report", "--config", str(cfg), "R0-none"], env={"MDM_STORE_URL": url}
     )
     assert missing.exit_code == 1 and "no report of run R0-none" in missing.stderr
+
+
+def test_run_ids_sort_by_start_even_within_one_second() -> None:
+    """Reports and "the last run" are found by sorting run IDs: two runs started in the
+    same second must still sort in order, after IDs of the older second-only form."""
+    from datetime import UTC, datetime
+
+    from mdm_pipeline.pipeline.run import new_run_id
+
+    second = datetime(2026, 11, 23, 11, 6, 38, tzinfo=UTC)
+    ids = [new_run_id(second.replace(microsecond=us)) for us in (5, 40, 999_999)]
+    assert ids == sorted(ids)
+    assert ids[0] > "R20261123T110638-ffffff"
+    assert all(len(i) <= 40 for i in ids)
