@@ -83,6 +83,13 @@ QUARANTINE_COLUMNS: tuple[str, ...] = (
 )
 
 
+def record_keys(frame: pd.DataFrame) -> pd.Index:
+    """(source, source_key) as one text per record: one hash table serves every lookup."""
+    import pandas as pd  # here, not at the top: see the import above
+
+    return pd.Index(frame[SOURCE].astype(str) + "\x1f" + frame[SOURCE_KEY].astype(str))
+
+
 def require_columns(frame: pd.DataFrame, columns: Iterable[str], boundary: str) -> None:
     """Fail loudly when a stage receives a frame missing columns it relies on."""
     missing = [c for c in columns if c not in frame.columns]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from mdm_pipeline.config.schema import record_keys
 from mdm_pipeline.normalize.text import fold
 
 #: La Poste's categories: code -> label.
@@ -65,15 +66,11 @@ def address_hash(block: pd.DataFrame) -> pd.Series:
     return pd.Series(hashed.astype(str), index=block.index, dtype=object)
 
 
-def _keys(frame: pd.DataFrame) -> pd.Index:
-    return pd.Index(frame["source"].astype(str) + "\x1f" + frame["source_key"].astype(str))
-
-
 def _only(frame: pd.DataFrame, wanted: pd.DataFrame) -> pd.DataFrame:
     """The rows of `frame` whose (source, source_key) is among `wanted`'s."""
     if len(wanted) * 4 > len(frame):
         return frame
-    return frame[_keys(frame).isin(_keys(wanted))]
+    return frame[record_keys(frame).isin(record_keys(wanted))]
 
 
 def update_flags(

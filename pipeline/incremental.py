@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 
 from mdm_pipeline.config import schema
+from mdm_pipeline.config.schema import record_keys
 from mdm_pipeline.config.settings import BlockingRule, MatchingSettings
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.matching.blocking import block_hashes
@@ -48,11 +49,6 @@ class Delta:
     deleted: pd.DataFrame  # (source, source_key, snap_pos) stored, of a loaded source, gone
     unchanged: pd.DataFrame  # (snap_pos, source_line): the others, with tonight's line
     index: pd.Index  # the snapshot's record keys (see `record_keys`), for further lookups
-
-
-def record_keys(frame: pd.DataFrame) -> pd.Index:
-    """(source, source_key) as one text per record: one hash table serves every lookup."""
-    return pd.Index(frame["source"].astype(str) + "\x1f" + frame["source_key"].astype(str))
 
 
 def find_delta(
