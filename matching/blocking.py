@@ -147,6 +147,18 @@ def block_stats(ids: np.ndarray, max_block_size: int) -> tuple[int, int, int, in
     )
 
 
+def warn_skipped(rule: BlockingRule, max_block_size: int, skipped: int, records: int) -> None:
+    """Say which rule lost blocks to the size cap (counts only, no key values)."""
+    if skipped:
+        log.warning(
+            "blocking rule '%s': %d block(s) over %d records skipped (%d records)",
+            rule.name,
+            skipped,
+            max_block_size,
+            records,
+        )
+
+
 def candidate_pairs(
     records: pd.DataFrame | Fields, rules: list[BlockingRule], max_block_size: int
 ) -> Candidates:
@@ -159,14 +171,7 @@ def candidate_pairs(
     for code, rule in enumerate(rules):
         ids = block_ids(records, rule)
         left, right, skipped, skipped_records = pairs_within(ids, max_block_size)
-        if skipped:
-            log.warning(
-                "blocking rule '%s': %d block(s) over %d records skipped (%d records)",
-                rule.name,
-                skipped,
-                max_block_size,
-                skipped_records,
-            )
+        warn_skipped(rule, max_block_size, skipped, skipped_records)
         present = ids[ids >= 0]
         largest = int(np.bincount(present).max()) if len(present) else 0
         blocks[rule.name] = (len(left), skipped, skipped_records, largest)

@@ -25,7 +25,6 @@ later: nothing here is imported unless `engine: spark` is chosen.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -48,13 +47,12 @@ from mdm_pipeline.matching.blocking import (
     block_ids,
     block_stats,
     pairs_within,
+    warn_skipped,
 )
 from mdm_pipeline.matching.comparisons import compare, term_frequencies
 from mdm_pipeline.matching.engine import MatchResult, scored
 from mdm_pipeline.matching.keys import FIELD_COLUMNS, Fields, prepare
 from mdm_pipeline.matching.scoring import Evidence, Model, evidence
-
-log = logging.getLogger(__name__)
 
 #: The columns `keys.prepare` reads: what the executors need of each record.
 VIEW_COLUMNS = ["record_type", *dict.fromkeys(FIELD_COLUMNS.values())]
@@ -233,14 +231,7 @@ def match_spark(
             )
             pairs, skipped, skipped_records, largest = block_stats(ids, cap)
             stats[rule.name] = RuleStats(pairs, 0, skipped, skipped_records, largest)
-            if skipped:
-                log.warning(
-                    "blocking rule '%s': %d block(s) over %d records skipped (%d records)",
-                    rule.name,
-                    skipped,
-                    cap,
-                    skipped_records,
-                )
+            warn_skipped(rule, cap, skipped, skipped_records)
         _write(pa.concat_tables(memberships), f"{base}/blocks.parquet", own_dir)
         _write(
             pa.Table.from_pandas(_view(records), preserve_index=False),
