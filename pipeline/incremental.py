@@ -173,6 +173,35 @@ def stored_block_keys(table: pa.Table, rules: list[BlockingRule]) -> list[np.nda
     return [table.column(name).to_numpy() for name in names]
 
 
+def current_block_keys(
+    stored: pa.Table,
+    state: pd.DataFrame,
+    current: pd.DataFrame,
+    changed: np.ndarray,
+    old_pos: np.ndarray,
+    rules: list[BlockingRule],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each rule's block keys for `blocks_to_rematch`: (over the current records, over
+    the snapshot rows at `old_pos`). Last night's keys come from the snapshot and only
+    tonight's changed records are keyed; a snapshot without them has every record
+    keyed (once: the next snapshot carries them)."""
+    kept_keys = stored_block_keys(stored, rules)
+    match_view = current[list(MATCH_COLUMNS)]
+    if kept_keys is None:
+        old = state[list(MATCH_COLUMNS)].iloc[old_pos].reset_index(drop=True)
+        return block_keys(match_view, rules), block_keys(old, rules)
+    changed_at = np.flatnonzero(changed)
+    kept_at = current["snap_pos"].to_numpy(dtype=np.int64)[~changed]
+    fresh = block_keys(match_view.iloc[changed_at].reset_index(drop=True), rules)
+    now = []
+    for last_night, tonight in zip(kept_keys, fresh, strict=True):
+        column = np.empty(len(current), dtype=np.int64)
+        column[~changed] = last_night[kept_at]
+        column[changed_at] = tonight
+        now.append(column)
+    return now, [last_night[old_pos] for last_night in kept_keys]
+
+
 def with_block_keys(table: pa.Table, rules: list[BlockingRule], keys: list[np.ndarray]) -> pa.Table:
     """The snapshot's records with each rule's block key per record (in its order)."""
     for rule, column in zip(rules, keys, strict=True):

@@ -587,29 +587,10 @@ class Pipeline:
                 delta.deleted["snap_pos"].to_numpy(dtype=np.int64),
                 fresh.loc[fresh["snap_pos"] >= 0, "snap_pos"].to_numpy(dtype=np.int64),
             ]
-            # Block keys: last night's from the snapshot, computed for tonight's changed
-            # records only (for every record when the snapshot has none).
             rules = settings.matching.blocking.rules
-            kept_keys = inc.stored_block_keys(snap[2]["records"], rules)
-            if kept_keys is None:
-                block_now = inc.block_keys(current[list(store.MATCH_COLUMNS)], rules)
-                block_old = inc.block_keys(
-                    state[list(store.MATCH_COLUMNS)].iloc[old_pos].reset_index(drop=True), rules
-                )
-            else:
-                changed_at = np.flatnonzero(is_changed)
-                kept_at = current["snap_pos"].to_numpy(dtype=np.int64)[~is_changed]
-                fresh_keys = inc.block_keys(
-                    current[list(store.MATCH_COLUMNS)].iloc[changed_at].reset_index(drop=True),
-                    rules,
-                )
-                block_now = []
-                for stored_keys, tonight in zip(kept_keys, fresh_keys, strict=True):
-                    column = np.empty(len(current), dtype=np.int64)
-                    column[~is_changed] = stored_keys[kept_at]
-                    column[changed_at] = tonight
-                    block_now.append(column)
-                block_old = [stored_keys[old_pos] for stored_keys in kept_keys]
+            block_now, block_old = inc.current_block_keys(
+                snap[2]["records"], state, current, is_changed, old_pos, rules
+            )
             rematch, reach = inc.blocks_to_rematch(
                 block_now, block_old, is_changed, settings.matching
             )
