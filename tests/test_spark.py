@@ -18,9 +18,10 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
-from mdm_pipeline.config.settings import SparkSettings
+from mdm_pipeline.config.settings import MatchingSettings, SparkSettings
 from mdm_pipeline.matching.engine import match, train
 from mdm_pipeline.matching.keys import prepare
+from mdm_pipeline.matching.scoring import Model
 from mdm_pipeline.pipeline.run import Pipeline
 
 runner = CliRunner()
@@ -65,14 +66,19 @@ def _partition(xref: pd.DataFrame) -> set[frozenset[str]]:
     return {frozenset(group) for group in keys.groupby(xref["golden_id"]).groups.values()}
 
 
+def _trained(samples: Path) -> tuple[pd.DataFrame, MatchingSettings, Model]:
+    """The samples' normalised records, matching settings and a model trained on them."""
+    pipeline = Pipeline.from_config(samples / "config.yaml")
+    records = pipeline.normalised_records().reset_index(drop=True)
+    settings = pipeline.settings.matching
+    return records, settings, train(prepare(records), settings)
+
+
 @needs_java
 def test_spark_scores_exactly_the_pairs_of_the_local_engine(samples: Path) -> None:
     from mdm_pipeline.matching.spark import match_spark
 
-    pipeline = Pipeline.from_config(samples / "config.yaml")
-    records = pipeline.normalised_records().reset_index(drop=True)
-    settings = pipeline.settings.matching
-    model = train(prepare(records), settings)
+    records, settings, model = _trained(samples)
     local = match(prepare(records), settings, copy.deepcopy(model))
     spark = match_spark(records, settings, copy.deepcopy(model), LOCAL)
     assert len(local.pairs) > 1000
@@ -84,10 +90,7 @@ def test_spark_scores_exactly_the_pairs_of_the_local_engine(samples: Path) -> No
 def test_records_without_a_candidate_pair_give_no_pairs_on_spark(samples: Path) -> None:
     from mdm_pipeline.matching.spark import match_spark
 
-    pipeline = Pipeline.from_config(samples / "config.yaml")
-    records = pipeline.normalised_records().reset_index(drop=True)
-    settings = pipeline.settings.matching
-    model = train(prepare(records), settings)
+    records, settings, model = _trained(samples)
     few = records.iloc[[0, 5, 9]].reset_index(drop=True)
     local = match(prepare(few), settings, copy.deepcopy(model))
     assert len(local.pairs) == 0
