@@ -976,13 +976,21 @@ def write_model(
 SNAPSHOT_PART_BYTES = 64 * 2**20
 
 
-def write_snapshot(
-    conn: Connection, run_id: str, frames: dict[str, pd.DataFrame | pa.Table]
-) -> None:
-    """Replace the store's snapshot by these frames or Arrow tables (inside the run's
-    transaction)."""
-    conn.execute(snapshot.delete())
-    rows = []
+@dataclass(frozen=True)
+class SnapshotParts:
+    """A snapshot serialised, ready to write: (name, part number, Parquet bytes)."""
+
+    parts: tuple[tuple[str, int, bytes], ...]
+
+
+def serialise_snapshot(frames: dict[str, pd.DataFrame | pa.Table]) -> SnapshotParts:
+    """Each frame or Arrow table as Parquet, cut in parts of `SNAPSHOT_PART_BYTES`.
+
+    Apart from `write_snapshot`, and touching no connection, so that a run can
+    serialise a million rows on a second core while its first one writes the rest
+    of the store (Arrow releases the GIL while it takes and compresses).
+    """
+    parts = []
     for name, frame in frames.items():
         sink = io.BytesIO()
         table = (
@@ -995,17 +1003,34 @@ def write_snapshot(
         pq.write_table(table, sink, compression="zstd", use_dictionary=False)
         data = sink.getvalue()
         for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES)):
-            chunk = data[start : start + SNAPSHOT_PART_BYTES]
-            rows.append({"name": name, "part": part, "run_id": run_id, "data": chunk})
-    conn.execute(snapshot.insert(), rows)
+            parts.append((name, part, data[start : start + SNAPSHOT_PART_BYTES]))
+    return SnapshotParts(tuple(parts))
+
+
+def write_snapshot(
+    conn: Connection, run_id: str, content: dict[str, pd.DataFrame | pa.Table] | SnapshotParts
+) -> None:
+    """Replace the store's snapshot by these frames or Arrow tables, or by a snapshot
+    already serialised (inside the run's transaction)."""
+    if not isinstance(content, SnapshotParts):
+        content = serialise_snapshot(content)
+    conn.execute(snapshot.delete())
+    conn.execute(
+        snapshot.insert(),
+        [
+            {"name": name, "part": part, "run_id": run_id, "data": data}
+            for name, part, data in content.parts
+        ],
+    )
 
 
 def read_snapshot(
-    engine: Engine,
+    engine: Engine, convert: dict[str, list[str]] | None = None
 ) -> tuple[str, dict[str, pd.DataFrame], dict[str, pa.Table]] | None:
     """(run that wrote it, frames, the same as Arrow tables) of the snapshot, or None if
     the store has none or the last successful run did not write it (a store upgraded
-    from an older release)."""
+    from an older release). `convert` names, per part, the columns its frame holds
+    (default: all)."""
     previous = last_run(engine)
     with engine.connect() as conn:
         parts = conn.execute(
@@ -1025,7 +1050,9 @@ def read_snapshot(
         tables[name] = pq.read_table(pa.BufferReader(data))
         # Without interning equal texts: a third faster on a million records, for a
         # little more memory (the repeated values are short: source, city, type).
-        frames[name] = tables[name].to_pandas(deduplicate_objects=False)
+        wanted = (convert or {}).get(name)
+        table = tables[name] if wanted is None else tables[name].select(wanted)
+        frames[name] = table.to_pandas(deduplicate_objects=False)
     return last, frames, tables
 
 

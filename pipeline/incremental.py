@@ -175,29 +175,30 @@ def stored_block_keys(table: pa.Table, rules: list[BlockingRule]) -> list[np.nda
 
 def current_block_keys(
     stored: pa.Table,
-    state: pd.DataFrame,
-    current: pd.DataFrame,
-    changed: np.ndarray,
+    changed_rows: pd.DataFrame,
+    stored_pos: np.ndarray,
     old_pos: np.ndarray,
     rules: list[BlockingRule],
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Each rule's block keys for `blocks_to_rematch`: (over the current records, over
     the snapshot rows at `old_pos`). Last night's keys come from the snapshot and only
-    tonight's changed records are keyed; a snapshot without them has every record
-    keyed (once: the next snapshot carries them)."""
+    tonight's changed records (`changed_rows`, see `match_view`) are keyed; a snapshot
+    without them has every record keyed (once: the next snapshot carries them)."""
     kept_keys = stored_block_keys(stored, rules)
-    match_view = current[list(MATCH_COLUMNS)]
+    changed = stored_pos < 0
     if kept_keys is None:
-        old = state[list(MATCH_COLUMNS)].iloc[old_pos].reset_index(drop=True)
-        return block_keys(match_view, rules), block_keys(old, rules)
-    changed_at = np.flatnonzero(changed)
-    kept_at = current["snap_pos"].to_numpy(dtype=np.int64)[~changed]
-    fresh = block_keys(match_view.iloc[changed_at].reset_index(drop=True), rules)
+        everyone = match_view(stored, changed_rows, stored_pos, np.arange(len(stored_pos)))
+        old = stored.select(list(MATCH_COLUMNS)).take(pa.array(old_pos))
+        return block_keys(everyone, rules), block_keys(
+            old.to_pandas(deduplicate_objects=False), rules
+        )
+    kept_at = stored_pos[~changed]
+    fresh = block_keys(changed_rows[list(MATCH_COLUMNS)].reset_index(drop=True), rules)
     now = []
     for last_night, tonight in zip(kept_keys, fresh, strict=True):
-        column = np.empty(len(current), dtype=np.int64)
+        column = np.empty(len(stored_pos), dtype=np.int64)
         column[~changed] = last_night[kept_at]
-        column[changed_at] = tonight
+        column[changed] = tonight
         now.append(column)
     return now, [last_night[old_pos] for last_night in kept_keys]
 
@@ -279,36 +280,63 @@ def affected_records(
     return np.isin(new, np.unique(new[start]))
 
 
+#: What the store's snapshot keeps of every record besides its matching view: the
+#: only columns an incremental run needs for all records as Python objects.
+RECORD_COLUMNS = [*KEYS, "source_line", "source_hash", "address_hash", "npai_state"]
+
 #: What the store's snapshot keeps of every record, in a full run's record order.
-SNAPSHOT_COLUMNS = [
-    *KEYS,
-    "source_line",
-    "source_hash",
-    "address_hash",
-    "npai_state",
-    *MATCH_COLUMNS,
-]
+SNAPSHOT_COLUMNS = [*RECORD_COLUMNS, *MATCH_COLUMNS]
 
 
-def snapshot_records(stored: pa.Table, current: pd.DataFrame, changed: np.ndarray) -> pa.Table:
-    """The next snapshot's records in `current`'s order: unchanged rows taken from the
-    stored Arrow table (with tonight's line and NPAI state), changed ones converted.
+def match_view(
+    stored: pa.Table, changed_rows: pd.DataFrame, stored_pos: np.ndarray, rows: np.ndarray
+) -> pd.DataFrame:
+    """The matching view (MATCH_COLUMNS) of the current records at `rows`.
 
-    One `take` over the stored rows followed by the converted ones puts every row in
-    place; tonight's line and NPAI state then replace those columns whole.
+    `stored_pos` gives each current record's row in the snapshot's Arrow table, -1
+    for a changed one; `changed_rows` holds the changed ones' views in current order.
+    Unchanged rows are taken in Arrow and only they are converted: a night matches
+    again the blocks of a few records, and converting a million records' names and
+    addresses to Python strings to use a tenth of them cost seconds.
+    """
+    pos = stored_pos[rows]
+    from_stored = pos >= 0
+    columns = list(MATCH_COLUMNS)
+    old = (
+        stored.select(columns).take(pa.array(pos[from_stored])).to_pandas(deduplicate_objects=False)
+    )
+    rank = np.cumsum(stored_pos < 0) - 1  # each changed record's row in changed_rows
+    new = take_rows(changed_rows, rank[rows[~from_stored]], columns)
+    both = stack([old, new])
+    order = np.empty(len(rows), dtype=np.int64)
+    order[from_stored] = np.arange(len(old))
+    order[~from_stored] = len(old) + np.arange(len(new))
+    return take_rows(both, order, columns)
+
+
+def snapshot_records(
+    stored: pa.Table, changed_rows: pd.DataFrame, stored_pos: np.ndarray, tonight: pd.DataFrame
+) -> pa.Table:
+    """The next snapshot's records in tonight's order: unchanged rows taken from the
+    stored Arrow table, changed ones converted, tonight's line and NPAI state on all.
+
+    `stored_pos` gives each current record's row in `stored`, -1 for a changed one
+    (`changed_rows` holds those, in order); `tonight` has every current record's
+    `source_line` and `npai_state`. One `take` over the stored rows followed by the
+    converted ones puts every row in place. Arrays, not the run's records frame, so
+    that the run can build this on a second thread while it writes the store.
     """
     stored = stored.select(SNAPSHOT_COLUMNS)
     schema = stored.schema.remove_metadata()
-    new = pa.Table.from_pandas(
-        current.loc[changed, SNAPSHOT_COLUMNS], schema=schema, preserve_index=False
-    )
+    new = pa.Table.from_pandas(changed_rows[SNAPSHOT_COLUMNS], schema=schema, preserve_index=False)
     both = pa.concat_tables([stored.replace_schema_metadata(None), new])
-    order = current["snap_pos"].to_numpy(dtype=np.int64).copy()
+    changed = stored_pos < 0
+    order = stored_pos.astype(np.int64, copy=True)
     order[changed] = len(stored) + np.arange(int(changed.sum()))
     out = both.take(pa.array(order))
     for col in ("source_line", "npai_state"):
         i = schema.get_field_index(col)
-        values = pa.array(current[col].to_numpy(), type=schema.field(col).type, from_pandas=True)
+        values = pa.array(tonight[col].to_numpy(), type=schema.field(col).type, from_pandas=True)
         out = out.set_column(i, schema.field(col), values)
     return out
 

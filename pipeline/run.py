@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -507,7 +508,9 @@ class Pipeline:
                 "an incremental run needs the matching model of a full run under these "
                 "matching settings: run `mdm run` without --incremental first"
             )
-        snap = store.read_snapshot(engine)
+        # Only the columns needed for every record become Python objects; the matching
+        # view stays in Arrow until a few blocks need it (`inc.match_view`).
+        snap = store.read_snapshot(engine, convert={"records": inc.RECORD_COLUMNS})
         if snap is None:
             raise StoreError(
                 "an incremental run starts from the snapshot the last full run left in "
@@ -554,21 +557,30 @@ class Pipeline:
             unchanged = inc.take_rows(
                 state,
                 kept_pos,
-                inc.SNAPSHOT_COLUMNS,
+                inc.RECORD_COLUMNS,
                 source_line=delta.unchanged["source_line"].to_numpy(),
                 snap_pos=kept_pos,
+                changed_pos=-1,
                 __changed=False,
             )
             fresh = inc.take_rows(
                 changed,
                 np.arange(len(changed)),
-                inc.SNAPSHOT_COLUMNS,
+                inc.RECORD_COLUMNS,
                 npai_state=store.npai_state_text(changed).to_numpy(),
                 snap_pos=delta.index.get_indexer(inc.record_keys(changed)),
+                changed_pos=np.arange(len(changed)),
                 __changed=True,
             )
             current = inc.run_order(inc.stack([unchanged, fresh]), sources)
             is_changed = current["__changed"].to_numpy(dtype=bool)
+            # Each current record's row in the snapshot (-1: changed), and the changed
+            # records' matching view in current order: with the snapshot's Arrow table,
+            # every record's view without converting the unchanged ones.
+            stored_pos = np.where(is_changed, -1, current["snap_pos"].to_numpy(dtype=np.int64))
+            changed_rows = inc.take_rows(
+                changed, current["changed_pos"].to_numpy()[is_changed], list(store.MATCH_COLUMNS)
+            )
             # Records whose NPAI state changed: re-survived, not re-matched.
             # Only a record flagged tonight or before can have changed: the others are
             # not looked up.
@@ -589,7 +601,7 @@ class Pipeline:
             ]
             rules = settings.matching.blocking.rules
             block_now, block_old = inc.current_block_keys(
-                snap[2]["records"], state, current, is_changed, old_pos, rules
+                snap[2]["records"], changed_rows, stored_pos, old_pos, rules
             )
             rematch, reach = inc.blocks_to_rematch(
                 block_now, block_old, is_changed, settings.matching
@@ -597,7 +609,7 @@ class Pipeline:
             # Only the blocks a record to match again is in: the same pairs as over everyone.
             part = np.flatnonzero(reach)
             result = match(
-                current[list(store.MATCH_COLUMNS)].iloc[part].reset_index(drop=True),
+                inc.match_view(snap[2]["records"], changed_rows, stored_pos, part),
                 settings.matching,
                 model,
                 only=rematch[part],
@@ -712,7 +724,36 @@ class Pipeline:
         touched = pd.concat(
             [current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True
         )
-        with store.transaction(engine) as conn, self._stage("store", summary, emit):
+        # The next snapshot (a million rows taken and compressed, GIL-free in Arrow) is
+        # built on the second core while this one writes the store; its inputs are
+        # copied out of `current` first, so that no frame is shared between threads.
+        snapshot_inputs = (
+            snap[2]["records"],
+            pd.concat(
+                [
+                    inc.take_rows(current, np.flatnonzero(is_changed), inc.RECORD_COLUMNS),
+                    changed_rows,
+                ],
+                axis=1,
+            ),
+            stored_pos,
+            pd.DataFrame(
+                {c: current[c].to_numpy(copy=True) for c in ("source_line", "npai_state")}
+            ),
+        )
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="mdm-snapshot") as pool,
+            store.transaction(engine) as conn,
+            self._stage("store", summary, emit),
+        ):
+
+            def next_snapshot() -> store.SnapshotParts:
+                records = inc.snapshot_records(*snapshot_inputs)
+                return store.serialise_snapshot(
+                    {"records": inc.with_block_keys(records, rules, block_now), "edges": links}
+                )
+
+            snapshot_parts = pool.submit(next_snapshot)
             at = now.replace(tzinfo=None)
             store.start_run(conn, summary.run_id, config_hash(settings), at)
             written, _ = store.write_run(
@@ -736,18 +777,7 @@ class Pipeline:
             )
             store.write_npai(conn, npai_before, npai_after)
             store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))
-            store.write_snapshot(
-                conn,
-                summary.run_id,
-                {
-                    "records": inc.with_block_keys(
-                        inc.snapshot_records(snap[2]["records"], current, is_changed),
-                        rules,
-                        block_now,
-                    ),
-                    "edges": links,
-                },
-            )
+            store.write_snapshot(conn, summary.run_id, snapshot_parts.result())
             summary.record_written(written)
             summary.peak_rss_mib = round(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1

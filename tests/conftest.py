@@ -1,15 +1,19 @@
-"""Shared fixtures: sample paths, a scratch copy of the samples, the PostgreSQL URL."""
+"""Shared fixtures: sample paths, a scratch copy of the samples, the PostgreSQL URL, and
+a dump of a store's every table (what a failed run must leave untouched)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
+
+from mdm_pipeline.golden_records import store
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples"
@@ -55,3 +59,20 @@ def pg_url() -> Iterator[str]:
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         engine.dispose()
+
+
+def _dump(url: str) -> dict[str, pd.DataFrame]:
+    engine = sa.create_engine(url)
+    out = {}
+    with engine.connect() as conn:
+        for table in store.metadata.sorted_tables:
+            frame = store._read(conn, sa.select(table))
+            out[table.name] = frame.sort_values(list(frame.columns)).reset_index(drop=True)
+    engine.dispose()
+    return out
+
+
+@pytest.fixture
+def dump_store() -> Callable[[str], dict[str, pd.DataFrame]]:
+    """Every table of a store, sorted: compare two dumps to show a store unchanged."""
+    return _dump

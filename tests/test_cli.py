@@ -103,25 +103,15 @@ def test_rerun_on_same_input_changes_nothing(samples: Path) -> None:
     )
 
 
-def _dump(url: str) -> dict[str, pd.DataFrame]:
-    """Every table of the store, sorted: the state a failed run must leave untouched."""
-    engine = sa.create_engine(url)
-    out = {}
-    with engine.connect() as conn:
-        for table in store.metadata.sorted_tables:
-            frame = store._read(conn, sa.select(table))
-            out[table.name] = frame.sort_values(list(frame.columns)).reset_index(drop=True)
-    engine.dispose()
-    return out
-
-
 @pytest.mark.parametrize(
     "table", ["mdm_golden_versions", "mdm_source_records", "mdm_xref", "mdm_record_history"]
 )
-def test_failure_mid_write_leaves_store_unchanged(samples: Path, monkeypatch, table: str) -> None:
+def test_failure_mid_write_leaves_store_unchanged(
+    samples: Path, monkeypatch, table: str, dump_store
+) -> None:
     assert _run(samples / "config.yaml").exit_code == 0
     url = f"sqlite:///{samples / 'mdm.sqlite'}"
-    before = _dump(url)
+    before = dump_store(url)
     # Day 2 changes records (postcodes), so every history table is written to.
     stores = samples / "magasins_fidelite.csv"
     stores.write_bytes(stores.read_bytes().replace(b";75", b";76", 80))
@@ -151,7 +141,7 @@ def test_failure_mid_write_leaves_store_unchanged(samples: Path, monkeypatch, ta
     assert result.exit_code == 1
     assert "internal error (RuntimeError" in result.stderr
     assert calls["n"] >= 2  # it failed after other writes, inside the transaction
-    after = _dump(url)
+    after = dump_store(url)
     for name, frame in before.items():
         pd.testing.assert_frame_equal(after[name], frame, obj=name)
     assert not list((samples / "out").glob(".mdm-export-*"))

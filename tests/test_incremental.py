@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
@@ -458,3 +459,76 @@ def test_a_snapshot_without_block_keys_gives_the_same_incremental_run(
         inc.block_column(r) for r in Pipeline.from_config(cfg).settings.matching.blocking.rules
     ]
     assert set(names) <= set(again[2]["records"].column_names)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_match_view_from_the_snapshot_and_the_changed_records_is_the_pandas_view(
+    samples: Path, seed: int
+) -> None:
+    """The matching view an incremental run assembles (unchanged rows taken from the
+    snapshot's Arrow table, changed rows from tonight's frame) holds value for value
+    the frame a full run matches (texts as Python strings, missing as missing), for
+    any rows asked, in their order; and the block keys of both agree."""
+    records = Pipeline.from_config(samples / "config.yaml").normalised_records()
+    view = records[list(MATCH_COLUMNS)].reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    changed = rng.random(len(view)) < 0.2
+    # The snapshot holds the unchanged records in another order; -1 marks a changed one.
+    kept = np.flatnonzero(~changed)
+    shuffled = rng.permutation(kept)
+    stored = pa.Table.from_pandas(view.iloc[shuffled], preserve_index=False)
+    stored_pos = np.full(len(view), -1, dtype=np.int64)
+    stored_pos[shuffled] = np.arange(len(shuffled))
+    changed_rows = view[changed].reset_index(drop=True)
+    rows = rng.choice(len(view), len(view) // 3, replace=False)
+    got = inc.match_view(stored, changed_rows, stored_pos, rows)
+    want = view.iloc[rows].reset_index(drop=True)
+    assert list(got.columns) == list(want.columns) and len(got) == len(want)
+    for c in want.columns:
+        assert (got[c].isna() == want[c].isna()).all(), c
+        here = want[c].notna()
+        assert got.loc[here, c].tolist() == want.loc[here, c].tolist(), c
+    # A snapshot without block keys: every record keyed from the same view.
+    keys_now, keys_old = inc.current_block_keys(
+        stored, changed_rows, stored_pos, np.array([0, 3]), settings_rules := _rules(samples)
+    )
+    expected = inc.block_keys(view, settings_rules)
+    for got_keys, want in zip(keys_now, expected, strict=True):
+        np.testing.assert_array_equal(got_keys, want)
+    old = inc.block_keys(view.iloc[shuffled[[0, 3]]].reset_index(drop=True), settings_rules)
+    for got_keys, want in zip(keys_old, old, strict=True):
+        np.testing.assert_array_equal(got_keys, want)
+
+
+def _rules(samples: Path) -> list:
+    return Pipeline.from_config(samples / "config.yaml").settings.matching.blocking.rules
+
+
+def test_a_failure_building_the_next_snapshot_leaves_the_store_unchanged(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dump_store
+) -> None:
+    """The next snapshot is built on a second thread while the store is written: if
+    that fails, the run fails with its error and rolls everything back."""
+    cfg = samples / "config.yaml"
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    _run(cfg, url)
+    before = dump_store(url)
+    day2(samples, seed=4)
+    calls = {"n": 0}
+
+    def failing(frames: dict) -> store.SnapshotParts:
+        calls["n"] += 1
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(store, "serialise_snapshot", failing)
+    result = runner.invoke(
+        app, ["run", "--config", str(cfg), "--incremental"], env={"MDM_STORE_URL": url}
+    )
+    assert result.exit_code == 1
+    assert "internal error (RuntimeError" in result.stderr
+    assert calls["n"] == 1
+    after = dump_store(url)
+    for name, frame in before.items():
+        pd.testing.assert_frame_equal(after[name], frame, obj=name)
+    monkeypatch.undo()
+    assert _run(cfg, url, "--incremental")["mode"] == "incremental"
