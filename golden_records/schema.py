@@ -109,6 +109,8 @@ match_evidence = sa.Table(
         sqlite_where=sa.text("band = 'review'"),
         postgresql_where=sa.text("band = 'review'"),
     ),
+    # One B-tree keyed by the pair on SQLite (migration 0009); ignored elsewhere.
+    sqlite_with_rowid=False,
 )
 
 golden_versions = sa.Table(
@@ -137,6 +139,7 @@ xref = sa.Table(
     sa.Column("golden_id", sa.String(40), nullable=False, index=True),
     sa.Column("run_id", sa.String(40), nullable=False),
     sa.Column("closed_run", sa.String(40)),
+    sqlite_with_rowid=False,  # see migration 0009
 )
 
 record_history = sa.Table(

@@ -41,7 +41,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def test_migrations_build_exactly_the_declared_schema(url: str) -> None:
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0008"
+    assert store.schema_revision(engine) == "0009"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
@@ -84,7 +84,7 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
         )
     engine.dispose()
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0008"
+    assert store.schema_revision(engine) == "0009"
     with engine.connect() as conn:
         version = conn.execute(sa.select(store.golden_versions)).mappings().one()
         link = conn.execute(sa.select(store.xref)).mappings().one()
@@ -102,6 +102,54 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
         back = conn.execute(sa.text("SELECT lineage FROM mdm_golden_records")).scalar()
     engine.dispose()
     assert "shop|k1|most_recent" in back
+
+
+def _layout(engine: sa.Engine) -> dict[str, tuple[bool, list[str], list[tuple]]]:
+    """Per narrow table: WITHOUT ROWID or not, its indexes, its rows."""
+    out = {}
+    with engine.connect() as conn:
+        for table in ("mdm_match_evidence", "mdm_xref"):
+            sql = conn.execute(
+                sa.text("SELECT sql FROM sqlite_master WHERE type='table' AND name=:t"),
+                {"t": table},
+            ).scalar_one()
+            indexes = conn.execute(
+                sa.text(
+                    "SELECT sql FROM sqlite_master WHERE type='index' AND tbl_name=:t "
+                    "AND sql IS NOT NULL ORDER BY name"
+                ),
+                {"t": table},
+            ).scalars()
+            rows = conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4")).all()
+            out[table] = ("WITHOUT ROWID" in sql.upper(), list(indexes), [tuple(r) for r in rows])
+    return out
+
+
+def test_evidence_and_xref_are_without_rowid_on_sqlite_and_migrate_both_ways(
+    samples: Path,
+) -> None:
+    """Migration 0009 rebuilds the two narrow tables keyed by their primary key, keeping
+    every row and index; its downgrade gives rowid tables back, the same rows."""
+    url = f"sqlite:///{samples / 'mdm.sqlite'}"
+    result = runner.invoke(
+        app, ["run", "--config", str(samples / "config.yaml")], env={"MDM_STORE_URL": url}
+    )
+    assert result.exit_code == 0, result.output
+    engine = store.connect(url)
+    now = _layout(engine)
+    assert all(without for without, _, _ in now.values())
+    assert len(now["mdm_match_evidence"][2]) > 100 and len(now["mdm_xref"][2]) > 100
+    assert any("ix_mdm_match_evidence_review" in i for i in now["mdm_match_evidence"][1])
+    with engine.begin() as conn:
+        store.alembic_command.downgrade(store._alembic_config(conn), "0008")
+    before = _layout(engine)
+    assert not any(without for without, _, _ in before.values())
+    for table, (_, indexes, rows) in now.items():
+        assert before[table][1:] == (indexes, rows), table
+    engine.dispose()
+    engine = store.connect(url)  # upgrades again
+    assert _layout(engine) == now
+    engine.dispose()
 
 
 # --- stable golden IDs -----------------------------------------------------------------
