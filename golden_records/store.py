@@ -1024,15 +1024,6 @@ def write_snapshot(
     )
 
 
-def has_snapshot(engine: Engine) -> bool:
-    """Whether `read_snapshot` would find one, without reading it: a run checks this
-    before it spends minutes loading extracts, then reads the snapshot alongside."""
-    previous = last_run(engine)
-    with engine.connect() as conn:
-        runs = conn.execute(sa.select(snapshot.c.run_id).distinct()).scalars().all()
-    return previous is not None and runs == [previous[0]]
-
-
 def read_snapshot(
     engine: Engine, convert: dict[str, list[str]] | None = None
 ) -> tuple[str, dict[str, pd.DataFrame], dict[str, pa.Table]] | None:

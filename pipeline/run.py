@@ -508,7 +508,10 @@ class Pipeline:
                 "an incremental run needs the matching model of a full run under these "
                 "matching settings: run `mdm run` without --incremental first"
             )
-        if not store.has_snapshot(engine):
+        # Only the columns needed for every record become Python objects; the matching
+        # view stays in Arrow until a few blocks need it (`inc.match_view`).
+        snap = store.read_snapshot(engine, convert={"records": inc.RECORD_COLUMNS})
+        if snap is None:
             raise StoreError(
                 "an incremental run starts from the snapshot the last full run left in "
                 "the store, and there is none: run `mdm run` without --incremental first"
@@ -517,18 +520,7 @@ class Pipeline:
         model = Model.from_json(stored_model[1])
         sources = [s.name for s in settings.sources]
         npai_before, _ = store.read_npai(engine, sent=False)
-        # The snapshot is read (on its own connection, decompressed in Arrow without
-        # Python's lock) while the extracts load. Only the columns needed for every
-        # record become Python objects; the matching view stays in Arrow until a few
-        # blocks need it (`inc.match_view`).
-        with ThreadPoolExecutor(1, thread_name_prefix="mdm-snapshot") as pool:
-            reading = pool.submit(
-                store.read_snapshot, engine, convert={"records": inc.RECORD_COLUMNS}
-            )
-            mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
-            snap = reading.result()
-        if snap is None:  # the run lock keeps runs out: only an outside write gets here
-            raise StoreError("the store's snapshot changed during the run: run it again")
+        mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         loaded = pd.concat([m.records for m in mapped], ignore_index=True)
         loaded["source_hash"] = source_hashes(loaded)
         state = snap[1]["records"]  # keys are text already (written so)
