@@ -532,3 +532,17 @@ def test_a_failure_building_the_next_snapshot_leaves_the_store_unchanged(
         pd.testing.assert_frame_equal(after[name], frame, obj=name)
     monkeypatch.undo()
     assert _run(cfg, url, "--incremental")["mode"] == "incremental"
+
+
+def test_json_lines_keep_timestamp_looking_text_as_text() -> None:
+    """Arrow reads "2026-04-23" as a timestamp: such columns come back as the text the
+    payload holds, the others with Arrow's types, missing values as missing."""
+    lines = [
+        '{"npai_date":"2026-04-23","raw":"2025-08-15T21:00:00","n":1,"name":"Zoé"}',
+        '{"npai_date":null,"raw":"2024-01-02T03:04:05","n":2,"name":null}',
+    ]
+    frame = inc.parse_json_lines("\n".join(lines))
+    assert list(frame.columns) == ["npai_date", "raw", "n", "name"]
+    assert frame["npai_date"].tolist()[0] == "2026-04-23" and pd.isna(frame["npai_date"][1])
+    assert frame["raw"].tolist() == ["2025-08-15T21:00:00", "2024-01-02T03:04:05"]
+    assert frame["n"].tolist() == [1, 2] and frame["name"].tolist()[0] == "Zoé"
