@@ -294,7 +294,8 @@ def match_view(
     """The matching view (MATCH_COLUMNS) of the current records at `rows`.
 
     `stored_pos` gives each current record's row in the snapshot's Arrow table, -1
-    for a changed one; `changed_rows` holds the changed ones' views in current order.
+    for a changed one; `changed_rows` holds the changed ones (at least their
+    MATCH_COLUMNS) in current order.
     Unchanged rows are taken in Arrow and only they are converted: a night matches
     again the blocks of a few records, and converting a million records' names and
     addresses to Python strings to use a tenth of them cost seconds.
@@ -323,8 +324,9 @@ def snapshot_records(
     `stored_pos` gives each current record's row in `stored`, -1 for a changed one
     (`changed_rows` holds those, in order); `tonight` has every current record's
     `source_line` and `npai_state`. One `take` over the stored rows followed by the
-    converted ones puts every row in place. Arrays, not the run's records frame, so
-    that the run can build this on a second thread while it writes the store.
+    converted ones puts every row in place. Its own inputs, not the run's records
+    frame, so that the run can build this on a second thread while it writes the
+    store.
     """
     stored = stored.select(SNAPSHOT_COLUMNS)
     schema = stored.schema.remove_metadata()

@@ -575,11 +575,20 @@ class Pipeline:
             current = inc.run_order(inc.stack([unchanged, fresh]), sources)
             is_changed = current["__changed"].to_numpy(dtype=bool)
             # Each current record's row in the snapshot (-1: changed), and the changed
-            # records' matching view in current order: with the snapshot's Arrow table,
-            # every record's view without converting the unchanged ones.
+            # records' snapshot columns in current order: with the snapshot's Arrow
+            # table, every record's matching view without converting the unchanged
+            # ones, and the next snapshot.
             stored_pos = np.where(is_changed, -1, current["snap_pos"].to_numpy(dtype=np.int64))
-            changed_rows = inc.take_rows(
-                changed, current["changed_pos"].to_numpy()[is_changed], list(store.MATCH_COLUMNS)
+            changed_rows = pd.concat(
+                [
+                    inc.take_rows(current, np.flatnonzero(is_changed), inc.RECORD_COLUMNS),
+                    inc.take_rows(
+                        changed,
+                        current["changed_pos"].to_numpy()[is_changed],
+                        list(store.MATCH_COLUMNS),
+                    ),
+                ],
+                axis=1,
             )
             # Records whose NPAI state changed: re-survived, not re-matched.
             # Only a record flagged tonight or before can have changed: the others are
@@ -725,17 +734,12 @@ class Pipeline:
             [current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True
         )
         # The next snapshot (a million rows taken and compressed, GIL-free in Arrow) is
-        # built on the second core while this one writes the store; its inputs are
-        # copied out of `current` first, so that no frame is shared between threads.
+        # built on the second core while this one writes the store. The worker reads
+        # only what no later step writes; tonight's line and NPAI state are copied out
+        # of `current`, which the main thread goes on using.
         snapshot_inputs = (
             snap[2]["records"],
-            pd.concat(
-                [
-                    inc.take_rows(current, np.flatnonzero(is_changed), inc.RECORD_COLUMNS),
-                    changed_rows,
-                ],
-                axis=1,
-            ),
+            changed_rows,
             stored_pos,
             pd.DataFrame(
                 {c: current[c].to_numpy(copy=True) for c in ("source_line", "npai_state")}
