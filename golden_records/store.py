@@ -18,10 +18,12 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -328,11 +330,101 @@ def transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+T = TypeVar("T")
+
+
+class Writer:
+    """A run's statements on its one connection, in the order they are given.
+
+    Threaded, the writes (`later`) run on one worker thread while the caller
+    prepares the next ones: SQLite and PostgreSQL do their work without
+    Python's GIL, so a night's deletes, inserts and index updates overlap with
+    the pandas work that compares and serialises the next table. A read
+    (`now`) first waits for every write given before it. Unthreaded, each
+    statement runs when given. After a failure the statements still queued
+    are skipped (the transaction will roll back) and the failure is raised by
+    the next `now`, `wait` or result of `soon`.
+    """
+
+    def __init__(self, conn: Connection, threaded: bool = False) -> None:
+        self.conn = conn
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mdm-writer") if threaded else None
+        self._pending: list[Future[Any]] = []
+        self._error: BaseException | None = None
+
+    def later(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run `fn(conn, *args)` after the writes given before; the caller must not
+        modify `args` afterwards."""
+        if self._pool is None:
+            fn(self.conn, *args)
+            return
+        self._pending.append(self._pool.submit(self._run, fn, args))
+
+    def soon(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """`fn(conn, *args)` after the writes given before, its result to be taken
+        from the future when needed (a read the caller can do without for a while)."""
+        if self._pool is None:
+            done: Future[T] = Future()
+            done.set_result(fn(self.conn, *args))
+            return done
+        future = self._pool.submit(self._run, fn, args)
+        self._pending.append(future)
+        return future
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._error is not None:
+            raise self._error
+        try:
+            return fn(self.conn, *args)
+        except BaseException as exc:
+            self._error = exc
+            raise
+
+    def now(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(conn, *args)` once every write given before has run."""
+        self.wait()
+        return fn(self.conn, *args)
+
+    def wait(self) -> None:
+        """Wait for every write given so far; raise the first that failed."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        """Drop the writes not started and wait for the running one: a transaction
+        must not roll back under a statement still running on its connection."""
+        for future in self._pending:
+            future.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+@contextmanager
+def writer(conn: Connection, threaded: bool = True) -> Iterator[Writer]:
+    """A `Writer` on `conn`; on leaving, every write has run (or the first failure is
+    raised) and the worker thread is gone, before the transaction ends."""
+    w = Writer(conn, threaded)
+    try:
+        yield w
+        w.wait()
+    finally:
+        w.close()
+
+
 _XREF_QUERY = sa.select(
     source_records.c.source,
     source_records.c.source_key,
     source_records.c.golden_id,
     source_records.c.record_hash,
+)
+_GOLDEN_QUERY = sa.select(
+    golden_records.c.golden_id,
+    golden_records.c.record_hash,
+    golden_records.c.members,
+    golden_records.c.status,
+    golden_records.c.created_run,
+    golden_records.c.version,
 )
 
 
@@ -444,7 +536,7 @@ def _reason(detail: dict[str, dict[str, list[str]]], steward: pd.DataFrame | Non
 
 
 def write_run(
-    conn: Connection,
+    conn: Connection | Writer,
     run_id: str,
     at: datetime,
     records: pd.DataFrame,
@@ -454,7 +546,7 @@ def write_run(
     lineage: pd.DataFrame,
     quarantined: pd.DataFrame,
     loaded_sources: list[str],
-    scope: pd.DataFrame | None = None,
+    scope: Scope | None = None,
     removed: pd.DataFrame | None = None,
     as_stored: pd.DataFrame | None = None,
     steward: pd.DataFrame | None = None,
@@ -468,35 +560,30 @@ def write_run(
     on the same input writes nothing but its run log. `at` dates every change.
 
     An incremental run passes only the records whose clusters it re-decided, with
-    `scope` (the stored records those clusters held: only their golden records
-    can change or retire) and `removed` (the records deleted at their source).
+    `scope` (`read_scope` of the records those clusters hold, tonight or in the
+    store: only their golden records can change or retire) and `removed` (the
+    records deleted at their source).
     `as_stored` (source, source_key, record_hash, payload) names records whose
     payload is the stored one, read back: they are not serialised again.
     `steward` holds the pairs (left_source, left_key, right_source, right_key) of
     decisions taken or revoked since the last run: a merge or split that puts
     both records of one in its members is logged with reason "steward".
+
+    Given a threaded `Writer`, the writes run on its worker thread while the next
+    ones are prepared; the caller waits for them (leaving `writer`).
     """
+    w = conn if isinstance(conn, Writer) else Writer(conn)
     result = WriteResult()
     keys = records[["source", "source_key"]].assign(
         source_key=records["source_key"].astype(str), cluster=cluster.to_numpy()
     )
-    golden_query = sa.select(
-        golden_records.c.golden_id,
-        golden_records.c.record_hash,
-        golden_records.c.members,
-        golden_records.c.status,
-        golden_records.c.created_run,
-        golden_records.c.version,
-    )
     if scope is None:
-        prev = previous_xref(conn)
-        stored = _read(conn, golden_query)
+        prev = w.now(previous_xref)
+        stored = w.now(_read, _GOLDEN_QUERY)
     else:
         # Only the golden records of the stored records in scope can change.
-        prev = _select_keys(conn, _XREF_QUERY, scope)
-        stored = _read(
-            conn, golden_query.where(_keys_in(conn, golden_records, prev[["golden_id"]]))
-        )
+        prev = scope.records[[*_XREF_QUERY.selected_columns.keys(), "valid_from"]]
+        stored = scope.golden
     created = stored.set_index("golden_id")["created_run"] if len(stored) else None
     assignment = assign_golden_ids(keys, prev[["source", "source_key", "golden_id"]], created)
     gid_of_cluster = assignment.gid_of_cluster
@@ -538,11 +625,13 @@ def write_run(
     write["valid_from"] = at
     write["retired_run"] = None
     write["survivor_id"] = None
-    _delete_keys(conn, golden_records, write.loc[~is_new[write.index], ["golden_id"]])
-    _insert(conn, golden_records, write[[c.name for c in golden_records.columns]])
-    _close_open(conn, golden_versions, write.loc[~is_new[write.index], ["golden_id"]], at, run_id)
-    _insert(
-        conn,
+    w.later(_delete_keys, golden_records, write.loc[~is_new[write.index], ["golden_id"]])
+    w.later(_insert, golden_records, write[[c.name for c in golden_records.columns]])
+    w.later(
+        _close_open, golden_versions, write.loc[~is_new[write.index], ["golden_id"]], at, run_id
+    )
+    w.later(
+        _insert,
         golden_versions,
         write.assign(run_id=run_id, valid_to=None, closed_run=None)[
             [c.name for c in golden_versions.columns]
@@ -557,19 +646,22 @@ def write_run(
     ]
     survivor = assignment.retired.set_index("golden_id")["survivor_id"]
     if len(gone):
-        conn.execute(
-            golden_records.update()
-            .where(golden_records.c.golden_id == sa.bindparam("gid"))
-            .values(
-                status="retired",
-                members=0,
-                updated_run=run_id,
-                retired_run=run_id,
-                survivor_id=sa.bindparam("survivor"),
+        w.later(
+            lambda c, rows: c.execute(
+                golden_records.update()
+                .where(golden_records.c.golden_id == sa.bindparam("gid"))
+                .values(
+                    status="retired",
+                    members=0,
+                    updated_run=run_id,
+                    retired_run=run_id,
+                    survivor_id=sa.bindparam("survivor"),
+                ),
+                rows,
             ),
             [{"gid": g, "survivor": survivor.get(g)} for g in gone["golden_id"]],
         )
-        _close_open(conn, golden_versions, gone[["golden_id"]], at, run_id)
+        w.later(_close_open, golden_versions, gone[["golden_id"]], at, run_id)
     result.golden_retired = len(gone)
 
     # Source records: current payload and golden ID, with history of both.
@@ -597,24 +689,33 @@ def write_run(
     moved = existed & (both["golden_id"] != both["golden_id_old"])
     dirty = ~existed | payload_changed | moved
     # Superseded payloads go to the record history before they are overwritten.
-    _archive_payloads(conn, both.loc[payload_changed, ["source", "source_key"]], at, run_id)
+    w.later(_archive_payloads, both.loc[payload_changed, ["source", "source_key"]], at, run_id)
     to_write = both[dirty][[c.name for c in source_records.columns]].copy()
     # A record that only moved keeps the date of its payload.
-    keep_date = (moved & ~payload_changed)[dirty]
+    keep_date = (moved & ~payload_changed)[dirty].to_numpy()
     if keep_date.any():
-        dates = _payload_dates(conn, to_write.loc[keep_date.to_numpy(), ["source", "source_key"]])
-        to_write.loc[keep_date.to_numpy(), "valid_from"] = dates
-    _delete_keys(
-        conn, source_records, to_write.loc[existed[dirty].to_numpy(), ["source", "source_key"]]
+        if "valid_from_old" in both:
+            dates = both.loc[dirty, "valid_from_old"].to_numpy()[keep_date]
+        else:
+            dates = w.now(_payload_dates, to_write.loc[keep_date, ["source", "source_key"]])
+        to_write.loc[keep_date, "valid_from"] = dates
+    w.later(
+        _delete_keys,
+        source_records,
+        to_write.loc[existed[dirty].to_numpy(), ["source", "source_key"]],
     )
-    _insert(conn, source_records, to_write)
+    w.later(_insert, source_records, to_write)
     result.records_written = len(to_write)
     relinked = both[~existed | moved]
-    _close_open(
-        conn, xref, relinked.loc[existed[relinked.index], ["source", "source_key"]], at, run_id
+    w.later(
+        _close_open,
+        xref,
+        relinked.loc[existed[relinked.index], ["source", "source_key"]],
+        at,
+        run_id,
     )
-    _insert(
-        conn,
+    w.later(
+        _insert,
         xref,
         relinked.assign(valid_to=None, run_id=run_id, closed_run=None)[
             [c.name for c in xref.columns]
@@ -628,9 +729,9 @@ def write_run(
         in_scope = prev[prev["source"].isin(loaded_sources)]
         missing = in_scope.merge(new_xref[["source", "source_key"]], how="left", indicator=True)
         missing = missing[missing["_merge"] == "left_only"][["source", "source_key"]]
-    _archive_payloads(conn, missing, at, run_id)
-    _delete_keys(conn, source_records, missing)
-    _close_open(conn, xref, missing, at, run_id)
+    w.later(_archive_payloads, missing, at, run_id)
+    w.later(_delete_keys, source_records, missing)
+    w.later(_close_open, xref, missing, at, run_id)
     result.records_removed = len(missing)
 
     # Merges and splits, with the members before and after.
@@ -638,8 +739,8 @@ def write_run(
         prev[["source", "source_key", "golden_id"]], new_xref[["source", "source_key", "golden_id"]]
     )
     if found:
-        _insert(
-            conn,
+        w.later(
+            _insert,
             events,
             pd.DataFrame(
                 {
@@ -655,7 +756,8 @@ def write_run(
     result.merges = sum(k == "merge" for k, _, _ in found)
     result.splits = sum(k == "split" for k, _, _ in found)
 
-    result.quarantine_rows = _write_quarantine(conn, run_id, quarantined, loaded_sources)
+    w.later(_write_quarantine, run_id, quarantined, loaded_sources)
+    result.quarantine_rows = len(quarantined)
     return result, record_gid
 
 
@@ -1056,20 +1158,36 @@ def read_snapshot(
     return last, frames, tables
 
 
-def read_payloads(engine: Engine, keys: pd.DataFrame) -> pd.DataFrame:
-    """(source, source_key, source_line, record_hash, payload JSON) of these stored records."""
-    with engine.connect() as conn:
-        return _select_keys(
-            conn,
-            sa.select(
-                source_records.c.source,
-                source_records.c.source_key,
-                source_records.c.source_line,
-                source_records.c.record_hash,
-                source_records.c.payload,
-            ),
-            keys,
-        )
+@dataclass(frozen=True)
+class Scope:
+    """The stored state of the records an incremental run re-decides the clusters of.
+
+    `records`: source, source_key, golden_id, record_hash, valid_from, source_line
+    and payload JSON of those the store holds; `golden`: their golden records
+    (golden_id, record_hash, members, status, created_run, version).
+    """
+
+    records: pd.DataFrame
+    golden: pd.DataFrame
+
+
+def read_scope(conn: Connection, keys: pd.DataFrame) -> Scope:
+    """The stored state of these records (source, source_key), read in one pass: the
+    payloads serve the records whose golden record is chosen again, the rest the
+    write's comparison with the store."""
+    records = _select_keys(
+        conn,
+        _XREF_QUERY.add_columns(
+            source_records.c.valid_from,
+            source_records.c.source_line,
+            source_records.c.payload,
+        ),
+        keys,
+    )
+    golden = _read(
+        conn, _GOLDEN_QUERY.where(_keys_in(conn, golden_records, records[["golden_id"]]))
+    )
+    return Scope(records, golden)
 
 
 def replace_evidence(

@@ -703,40 +703,18 @@ class Pipeline:
         summary.clusters_split = len(report.split_clusters)
         summary.weak_links_cut = report.bridges_cut
 
-        with self._stage("survive", summary, emit):
-            keys = current.loc[affected, inc.KEYS]
-            rows = np.flatnonzero(affected & ~is_changed)
-            from_store = current.loc[rows, inc.KEYS]
-            stored_payloads = store.read_payloads(engine, from_store)
-            restored = inc.records_from_payload(stored_payloads)
-            # Tonight's line and source hash, by position (no merge against all records).
-            at = inc.record_keys(from_store).get_indexer(inc.record_keys(restored))
-            if len(restored) != len(rows) or (at < 0).any():
-                raise StoreError(
-                    "the store's payloads do not match its snapshot: run `mdm run` "
-                    "without --incremental to rebuild it"
-                )
-            restored = restored.assign(
-                source_line=current["source_line"].to_numpy()[rows[at]],
-                source_hash=current["source_hash"].to_numpy()[rows[at]],
-            )
-            restored = with_flags(restored, flags)
-            # Changed records are all affected (they are matched again): with the
-            # restored ones they are exactly the affected records.
-            records = inc.run_order(pd.concat([changed, restored], ignore_index=True), sources)
-            # Positions follow `current` restricted to the affected records.
-            labels = pd.Series(cluster_ids, index=records.index)
-            golden, lineage = survive(records, labels, settings.survivorship)
-
+        keys = current.loc[affected, inc.KEYS]
+        rows = np.flatnonzero(affected & ~is_changed)
+        from_store = current.loc[rows, inc.KEYS]
         quarantined = pd.concat([m.quarantine for m in mapped] + npai_quarantine, ignore_index=True)
         quarantine_scope = sources + (["npai"] if settings.npai_returns else [])
         touched = pd.concat(
             [current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True
         )
         # The next snapshot (a million rows taken and compressed, GIL-free in Arrow) is
-        # built on the second core while this one writes the store. The worker reads
-        # only what no later step writes; tonight's line and NPAI state are copied out
-        # of `current`, which the main thread goes on using.
+        # built on a second thread from here on. It reads only what no later step
+        # writes; tonight's line and NPAI state are copied out of `current`, which
+        # this thread goes on using.
         snapshot_inputs = (
             snap[2]["records"],
             changed_rows,
@@ -745,48 +723,84 @@ class Pipeline:
                 {c: current[c].to_numpy(copy=True) for c in ("source_line", "npai_state")}
             ),
         )
+
+        def next_snapshot() -> store.SnapshotParts:
+            records = inc.snapshot_records(*snapshot_inputs)
+            return store.serialise_snapshot(
+                {"records": inc.with_block_keys(records, rules, block_now), "edges": links}
+            )
+
+        # The run's transaction opens before survivorship, and its statements run in
+        # order on a writer thread (`store.Writer`): the database reads the stored
+        # state of the records in scope, then replaces the evidence (which nothing
+        # else depends on) while this thread chooses golden records, and writes each
+        # table while this thread prepares the next.
         with (
             ThreadPoolExecutor(1, thread_name_prefix="mdm-snapshot") as pool,
             store.transaction(engine) as conn,
-            self._stage("store", summary, emit),
+            store.writer(conn) as w,
         ):
-
-            def next_snapshot() -> store.SnapshotParts:
-                records = inc.snapshot_records(*snapshot_inputs)
-                return store.serialise_snapshot(
-                    {"records": inc.with_block_keys(records, rules, block_now), "edges": links}
-                )
-
             snapshot_parts = pool.submit(next_snapshot)
             at = now.replace(tzinfo=None)
-            store.start_run(conn, summary.run_id, config_hash(settings), at)
-            written, _ = store.write_run(
-                conn,
-                summary.run_id,
-                at,
-                records,
-                self._payload_columns(),
-                labels,
-                golden,
-                lineage,
-                quarantined,
-                quarantine_scope,
-                scope=pd.concat([keys, delta.deleted[inc.KEYS]], ignore_index=True),
-                removed=delta.deleted[inc.KEYS],
-                # Read back and not re-flagged: their payload is the stored one.
-                as_stored=stored_payloads.merge(
-                    current.loc[affected & ~is_changed & ~resurvive, inc.KEYS], on=inc.KEYS
-                ),
-                steward=since,
+            # The stored state of every record in scope (tonight's affected ones and the
+            # deleted ones), read once: payloads for the unchanged, the rest for the write.
+            read = w.soon(
+                store.read_scope, pd.concat([keys, delta.deleted[inc.KEYS]], ignore_index=True)
             )
-            store.write_npai(conn, npai_before, npai_after)
-            store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))
-            store.write_snapshot(conn, summary.run_id, snapshot_parts.result())
-            summary.record_written(written)
-            summary.peak_rss_mib = round(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
-            )
-            store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
+            w.later(store.start_run, summary.run_id, config_hash(settings), at)
+            w.later(store.replace_evidence, summary.run_id, touched, _evidence(current, result))
+            w.later(store.write_npai, npai_before, npai_after)
+
+            with self._stage("survive", summary, emit):
+                scope = read.result()
+                stored_payloads = scope.records.merge(from_store, on=inc.KEYS)
+                restored = inc.records_from_payload(stored_payloads)
+                # Tonight's line and source hash, by position (no merge against all records).
+                at_row = inc.record_keys(from_store).get_indexer(inc.record_keys(restored))
+                if len(restored) != len(rows) or (at_row < 0).any():
+                    raise StoreError(
+                        "the store's payloads do not match its snapshot: run `mdm run` "
+                        "without --incremental to rebuild it"
+                    )
+                restored = restored.assign(
+                    source_line=current["source_line"].to_numpy()[rows[at_row]],
+                    source_hash=current["source_hash"].to_numpy()[rows[at_row]],
+                )
+                restored = with_flags(restored, flags)
+                # Changed records are all affected (they are matched again): with the
+                # restored ones they are exactly the affected records.
+                records = inc.run_order(pd.concat([changed, restored], ignore_index=True), sources)
+                # Positions follow `current` restricted to the affected records.
+                labels = pd.Series(cluster_ids, index=records.index)
+                golden, lineage = survive(records, labels, settings.survivorship)
+
+            with self._stage("store", summary, emit):
+                written, _ = store.write_run(
+                    w,
+                    summary.run_id,
+                    at,
+                    records,
+                    self._payload_columns(),
+                    labels,
+                    golden,
+                    lineage,
+                    quarantined,
+                    quarantine_scope,
+                    scope=scope,
+                    removed=delta.deleted[inc.KEYS],
+                    # Read back and not re-flagged: their payload is the stored one.
+                    as_stored=stored_payloads.merge(
+                        current.loc[affected & ~is_changed & ~resurvive, inc.KEYS], on=inc.KEYS
+                    ),
+                    steward=since,
+                )
+                w.later(lambda c: store.write_snapshot(c, summary.run_id, snapshot_parts.result()))
+                summary.record_written(written)
+                summary.peak_rss_mib = round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+                )
+                w.later(store.finish_run, summary.run_id, self._manifest(summary, mapped))
+                w.wait()
         self._report(summary, engine, records, pairs["weight"].to_numpy(), cluster_ids, quarantined)
         return summary
 
