@@ -119,9 +119,9 @@ def test_failure_mid_write_leaves_store_unchanged(
     real = store._insert
     calls = {"n": 0}
 
-    def failing_insert(conn, target, frame):
+    def failing_insert(conn, target, frame, **options):
         calls["n"] += 1
-        real(conn, target, frame)
+        real(conn, target, frame, **options)
         if target.name == table and len(frame):
             raise RuntimeError("disk full")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.matching.engine import match, train
 from mdm_pipeline.matching.keys import prepare
 from mdm_pipeline.pipeline import incremental as inc
+from mdm_pipeline.pipeline import run as run_module
 from mdm_pipeline.pipeline.run import Pipeline
 from mdm_pipeline.sources.synthetic import generate
 
@@ -531,6 +533,53 @@ def test_a_failure_building_the_next_snapshot_leaves_the_store_unchanged(
     for name, frame in before.items():
         pd.testing.assert_frame_equal(after[name], frame, obj=name)
     monkeypatch.undo()
+    assert _run(cfg, url, "--incremental")["mode"] == "incremental"
+
+
+@pytest.mark.parametrize(
+    "table",
+    ["mdm_match_evidence", "mdm_golden_versions", "mdm_source_records", "mdm_xref", "survive"],
+)
+def test_a_failure_on_the_writer_thread_or_while_it_writes_leaves_the_store_unchanged(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dump_store, table: str
+) -> None:
+    """An incremental run's statements run on a writer thread from survivorship on: a
+    statement failing there, or survivorship failing on the main thread while the
+    evidence is being written, fails the run with its error and rolls back all."""
+    cfg = samples / "config.yaml"
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    _run(cfg, url)
+    before = dump_store(url)
+    day2(samples, seed=5)
+    calls = {"writes": 0}
+    real_insert, real_survive = store._insert, run_module.survive
+
+    def failing_insert(conn, target, frame, **options):
+        calls["writes"] += 1
+        real_insert(conn, target, frame, **options)
+        if target.name == table and len(frame):
+            raise RuntimeError("disk full")
+
+    def failing_survive(*args, **kwargs):
+        # Let the writer thread start on the evidence first.
+        time.sleep(0.2)
+        raise RuntimeError("bad rule")
+
+    monkeypatch.setattr(store, "_insert", failing_insert)
+    if table == "survive":
+        monkeypatch.setattr(run_module, "survive", failing_survive)
+    result = runner.invoke(
+        app, ["run", "--config", str(cfg), "--incremental"], env={"MDM_STORE_URL": url}
+    )
+    assert result.exit_code == 1
+    assert "internal error (RuntimeError" in result.stderr
+    if table != "survive":
+        assert calls["writes"] >= 2  # it failed after other writes, inside the transaction
+    after = dump_store(url)
+    for name, frame in before.items():
+        pd.testing.assert_frame_equal(after[name], frame, obj=name)
+    monkeypatch.undo()
+    assert real_survive is run_module.survive
     assert _run(cfg, url, "--incremental")["mode"] == "incremental"
 
 
