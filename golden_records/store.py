@@ -18,12 +18,10 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -352,88 +350,6 @@ def transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-T = TypeVar("T")
-
-
-class Writer:
-    """A run's statements on its one connection, in the order they are given.
-
-    Threaded, the writes (`later`) run on one worker thread while the caller
-    prepares the next ones: SQLite and PostgreSQL do their work without
-    Python's GIL, so a night's deletes, inserts and index updates overlap with
-    the pandas work that compares and serialises the next table. A read
-    (`now`) first waits for every write given before it. Unthreaded, each
-    statement runs when given. After a failure the statements still queued
-    are skipped (the transaction will roll back) and the failure is raised by
-    the next `now`, `wait` or result of `soon`.
-    """
-
-    def __init__(self, conn: Connection, threaded: bool = False) -> None:
-        self.conn = conn
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mdm-writer") if threaded else None
-        self._pending: list[Future[Any]] = []
-        self._error: BaseException | None = None
-
-    def later(self, fn: Callable[..., object], *args: Any) -> None:
-        """Run `fn(conn, *args)` after the writes given before; the caller must not
-        modify `args` afterwards."""
-        if self._pool is None:
-            fn(self.conn, *args)
-            return
-        self._pending.append(self._pool.submit(self._run, fn, args))
-
-    def soon(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """`fn(conn, *args)` after the writes given before, its result to be taken
-        from the future when needed (a read the caller can do without for a while)."""
-        if self._pool is None:
-            done: Future[T] = Future()
-            done.set_result(fn(self.conn, *args))
-            return done
-        future = self._pool.submit(self._run, fn, args)
-        self._pending.append(future)
-        return future
-
-    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        if self._error is not None:
-            raise self._error
-        try:
-            return fn(self.conn, *args)
-        except BaseException as exc:
-            self._error = exc
-            raise
-
-    def now(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(conn, *args)` once every write given before has run."""
-        self.wait()
-        return fn(self.conn, *args)
-
-    def wait(self) -> None:
-        """Wait for every write given so far; raise the first that failed."""
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-    def close(self) -> None:
-        """Drop the writes not started and wait for the running one: a transaction
-        must not roll back under a statement still running on its connection."""
-        for future in self._pending:
-            future.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-
-@contextmanager
-def writer(conn: Connection, threaded: bool = True) -> Iterator[Writer]:
-    """A `Writer` on `conn`; on leaving, every write has run (or the first failure is
-    raised) and the worker thread is gone, before the transaction ends."""
-    w = Writer(conn, threaded)
-    try:
-        yield w
-        w.wait()
-    finally:
-        w.close()
-
-
 _XREF_QUERY = sa.select(
     source_records.c.source,
     source_records.c.source_key,
@@ -558,7 +474,7 @@ def _reason(detail: dict[str, dict[str, list[str]]], steward: pd.DataFrame | Non
 
 
 def write_run(
-    conn: Connection | Writer,
+    conn: Connection,
     run_id: str,
     at: datetime,
     records: pd.DataFrame,
@@ -590,18 +506,14 @@ def write_run(
     `steward` holds the pairs (left_source, left_key, right_source, right_key) of
     decisions taken or revoked since the last run: a merge or split that puts
     both records of one in its members is logged with reason "steward".
-
-    Given a threaded `Writer`, the writes run on its worker thread while the next
-    ones are prepared; the caller waits for them (leaving `writer`).
     """
-    w = conn if isinstance(conn, Writer) else Writer(conn)
     result = WriteResult()
     keys = records[["source", "source_key"]].assign(
         source_key=records["source_key"].astype(str), cluster=cluster.to_numpy()
     )
     if scope is None:
-        prev = w.now(previous_xref)
-        stored = w.now(_read, _GOLDEN_QUERY)
+        prev = previous_xref(conn)
+        stored = _read(conn, _GOLDEN_QUERY)
     else:
         # Only the golden records of the stored records in scope can change.
         prev = scope.records[[*_XREF_QUERY.selected_columns.keys(), "valid_from"]]
@@ -647,17 +559,15 @@ def write_run(
     write["valid_from"] = at
     write["retired_run"] = None
     write["survivor_id"] = None
-    w.later(
-        _replace,
+    _replace(
+        conn,
         golden_records,
         write[[c.name for c in golden_records.columns]],
         write.loc[~is_new[write.index], ["golden_id"]],
     )
-    w.later(
-        _close_open, golden_versions, write.loc[~is_new[write.index], ["golden_id"]], at, run_id
-    )
-    w.later(
-        _insert,
+    _close_open(conn, golden_versions, write.loc[~is_new[write.index], ["golden_id"]], at, run_id)
+    _insert(
+        conn,
         golden_versions,
         write.assign(run_id=run_id, valid_to=None, closed_run=None)[
             [c.name for c in golden_versions.columns]
@@ -672,22 +582,19 @@ def write_run(
     ]
     survivor = assignment.retired.set_index("golden_id")["survivor_id"]
     if len(gone):
-        w.later(
-            lambda c, rows: c.execute(
-                golden_records.update()
-                .where(golden_records.c.golden_id == sa.bindparam("gid"))
-                .values(
-                    status="retired",
-                    members=0,
-                    updated_run=run_id,
-                    retired_run=run_id,
-                    survivor_id=sa.bindparam("survivor"),
-                ),
-                rows,
+        conn.execute(
+            golden_records.update()
+            .where(golden_records.c.golden_id == sa.bindparam("gid"))
+            .values(
+                status="retired",
+                members=0,
+                updated_run=run_id,
+                retired_run=run_id,
+                survivor_id=sa.bindparam("survivor"),
             ),
             [{"gid": g, "survivor": survivor.get(g)} for g in gone["golden_id"]],
         )
-        w.later(_close_open, golden_versions, gone[["golden_id"]], at, run_id)
+        _close_open(conn, golden_versions, gone[["golden_id"]], at, run_id)
     result.golden_retired = len(gone)
 
     # Source records: current payload and golden ID, with history of both.
@@ -715,7 +622,7 @@ def write_run(
     moved = existed & (both["golden_id"] != both["golden_id_old"])
     dirty = ~existed | payload_changed | moved
     # Superseded payloads go to the record history before they are overwritten.
-    w.later(_archive_payloads, both.loc[payload_changed, ["source", "source_key"]], at, run_id)
+    _archive_payloads(conn, both.loc[payload_changed, ["source", "source_key"]], at, run_id)
     to_write = both[dirty][[c.name for c in source_records.columns]].copy()
     # A record that only moved keeps the date of its payload.
     keep_date = (moved & ~payload_changed)[dirty].to_numpy()
@@ -723,25 +630,25 @@ def write_run(
         if "valid_from_old" in both:
             dates = both.loc[dirty, "valid_from_old"].to_numpy()[keep_date]
         else:
-            dates = w.now(_payload_dates, to_write.loc[keep_date, ["source", "source_key"]])
+            dates = _payload_dates(conn, to_write.loc[keep_date, ["source", "source_key"]])
         to_write.loc[keep_date, "valid_from"] = dates
-    w.later(
-        _replace,
+    _replace(
+        conn,
         source_records,
         to_write,
         to_write.loc[existed[dirty].to_numpy(), ["source", "source_key"]],
     )
     result.records_written = len(to_write)
     relinked = both[~existed | moved]
-    w.later(
-        _close_open,
+    _close_open(
+        conn,
         xref,
         relinked.loc[existed[relinked.index], ["source", "source_key"]],
         at,
         run_id,
     )
-    w.later(
-        _insert,
+    _insert(
+        conn,
         xref,
         relinked.assign(valid_to=None, run_id=run_id, closed_run=None)[
             [c.name for c in xref.columns]
@@ -755,9 +662,9 @@ def write_run(
         in_scope = prev[prev["source"].isin(loaded_sources)]
         missing = in_scope.merge(new_xref[["source", "source_key"]], how="left", indicator=True)
         missing = missing[missing["_merge"] == "left_only"][["source", "source_key"]]
-    w.later(_archive_payloads, missing, at, run_id)
-    w.later(_delete_keys, source_records, missing)
-    w.later(_close_open, xref, missing, at, run_id)
+    _archive_payloads(conn, missing, at, run_id)
+    _delete_keys(conn, source_records, missing)
+    _close_open(conn, xref, missing, at, run_id)
     result.records_removed = len(missing)
 
     # Merges and splits, with the members before and after.
@@ -765,8 +672,8 @@ def write_run(
         prev[["source", "source_key", "golden_id"]], new_xref[["source", "source_key", "golden_id"]]
     )
     if found:
-        w.later(
-            _insert,
+        _insert(
+            conn,
             events,
             pd.DataFrame(
                 {
@@ -782,8 +689,7 @@ def write_run(
     result.merges = sum(k == "merge" for k, _, _ in found)
     result.splits = sum(k == "split" for k, _, _ in found)
 
-    w.later(_write_quarantine, run_id, quarantined, loaded_sources)
-    result.quarantine_rows = len(quarantined)
+    result.quarantine_rows = _write_quarantine(conn, run_id, quarantined, loaded_sources)
     return result, record_gid
 
 

@@ -712,9 +712,9 @@ class Pipeline:
             [current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True
         )
         # The next snapshot (a million rows taken and compressed, GIL-free in Arrow) is
-        # built on a second thread from here on. It reads only what no later step
-        # writes; tonight's line and NPAI state are copied out of `current`, which
-        # this thread goes on using.
+        # built on a second thread. It reads only what no later step writes; tonight's
+        # line and NPAI state are copied out of `current`, which this thread goes on
+        # using.
         snapshot_inputs = (
             snap[2]["records"],
             changed_rows,
@@ -730,29 +730,21 @@ class Pipeline:
                 {"records": inc.with_block_keys(records, rules, block_now), "edges": links}
             )
 
-        # The run's transaction opens before survivorship, and its statements run in
-        # order on a writer thread (`store.Writer`): the database reads the stored
-        # state of the records in scope, then replaces the evidence (which nothing
-        # else depends on) while this thread chooses golden records, and writes each
-        # table while this thread prepares the next.
+        # The transaction opens before survivorship, which reads the stored state of
+        # the records in scope inside it; the next snapshot is built on the second
+        # core from then on, while this one chooses golden records and writes them.
         with (
             ThreadPoolExecutor(1, thread_name_prefix="mdm-snapshot") as pool,
             store.transaction(engine) as conn,
-            store.writer(conn) as w,
         ):
             snapshot_parts = pool.submit(next_snapshot)
-            at = now.replace(tzinfo=None)
-            # The stored state of every record in scope (tonight's affected ones and the
-            # deleted ones), read once: payloads for the unchanged, the rest for the write.
-            read = w.soon(
-                store.read_scope, pd.concat([keys, delta.deleted[inc.KEYS]], ignore_index=True)
-            )
-            w.later(store.start_run, summary.run_id, config_hash(settings), at)
-            w.later(store.replace_evidence, summary.run_id, touched, _evidence(current, result))
-            w.later(store.write_npai, npai_before, npai_after)
-
             with self._stage("survive", summary, emit):
-                scope = read.result()
+                # The stored state of every record in scope (tonight's affected ones and
+                # the deleted ones), read once: payloads for the unchanged, the rest for
+                # the write.
+                scope = store.read_scope(
+                    conn, pd.concat([keys, delta.deleted[inc.KEYS]], ignore_index=True)
+                )
                 stored_payloads = scope.records.merge(from_store, on=inc.KEYS)
                 restored = inc.records_from_payload(stored_payloads)
                 # Tonight's line and source hash, by position (no merge against all records).
@@ -775,8 +767,10 @@ class Pipeline:
                 golden, lineage = survive(records, labels, settings.survivorship)
 
             with self._stage("store", summary, emit):
+                at = now.replace(tzinfo=None)
+                store.start_run(conn, summary.run_id, config_hash(settings), at)
                 written, _ = store.write_run(
-                    w,
+                    conn,
                     summary.run_id,
                     at,
                     records,
@@ -794,13 +788,14 @@ class Pipeline:
                     ),
                     steward=since,
                 )
-                w.later(lambda c: store.write_snapshot(c, summary.run_id, snapshot_parts.result()))
+                store.write_npai(conn, npai_before, npai_after)
+                store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))
+                store.write_snapshot(conn, summary.run_id, snapshot_parts.result())
                 summary.record_written(written)
                 summary.peak_rss_mib = round(
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
                 )
-                w.later(store.finish_run, summary.run_id, self._manifest(summary, mapped))
-                w.wait()
+                store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
         self._report(summary, engine, records, pairs["weight"].to_numpy(), cluster_ids, quarantined)
         return summary
 
