@@ -627,7 +627,7 @@ def write_run(
     # A record that only moved keeps the date of its payload.
     keep_date = (moved & ~payload_changed)[dirty].to_numpy()
     if keep_date.any():
-        if "valid_from_old" in both:
+        if scope is not None:  # the scope's read holds the payload dates
             dates = both.loc[dirty, "valid_from_old"].to_numpy()[keep_date]
         else:
             dates = _payload_dates(conn, to_write.loc[keep_date, ["source", "source_key"]])

@@ -505,6 +505,20 @@ def _rules(samples: Path) -> list:
     return Pipeline.from_config(samples / "config.yaml").settings.matching.blocking.rules
 
 
+def _fails_leaving_the_store_as_it_was(
+    cfg: Path, url: str, before: dict[str, pd.DataFrame], dump_store
+) -> None:
+    """An incremental run fails with its internal error, and every table is as before."""
+    result = runner.invoke(
+        app, ["run", "--config", str(cfg), "--incremental"], env={"MDM_STORE_URL": url}
+    )
+    assert result.exit_code == 1
+    assert "internal error (RuntimeError" in result.stderr
+    after = dump_store(url)
+    for name, frame in before.items():
+        pd.testing.assert_frame_equal(after[name], frame, obj=name)
+
+
 def test_a_failure_building_the_next_snapshot_leaves_the_store_unchanged(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dump_store
 ) -> None:
@@ -522,15 +536,8 @@ def test_a_failure_building_the_next_snapshot_leaves_the_store_unchanged(
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(store, "serialise_snapshot", failing)
-    result = runner.invoke(
-        app, ["run", "--config", str(cfg), "--incremental"], env={"MDM_STORE_URL": url}
-    )
-    assert result.exit_code == 1
-    assert "internal error (RuntimeError" in result.stderr
+    _fails_leaving_the_store_as_it_was(cfg, url, before, dump_store)
     assert calls["n"] == 1
-    after = dump_store(url)
-    for name, frame in before.items():
-        pd.testing.assert_frame_equal(after[name], frame, obj=name)
     monkeypatch.undo()
     assert _run(cfg, url, "--incremental")["mode"] == "incremental"
 
@@ -565,16 +572,9 @@ def test_an_incremental_run_failing_mid_write_or_in_survivorship_leaves_the_stor
     monkeypatch.setattr(store, "_insert", failing_insert)
     if table == "survive":
         monkeypatch.setattr(run_module, "survive", failing_survive)
-    result = runner.invoke(
-        app, ["run", "--config", str(cfg), "--incremental"], env={"MDM_STORE_URL": url}
-    )
-    assert result.exit_code == 1
-    assert "internal error (RuntimeError" in result.stderr
+    _fails_leaving_the_store_as_it_was(cfg, url, before, dump_store)
     if table != "survive":
         assert calls["writes"] >= 2  # it failed after other writes, inside the transaction
-    after = dump_store(url)
-    for name, frame in before.items():
-        pd.testing.assert_frame_equal(after[name], frame, obj=name)
     monkeypatch.undo()
     assert real_survive is run_module.survive
     assert _run(cfg, url, "--incremental")["mode"] == "incremental"
