@@ -19,6 +19,8 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
@@ -200,6 +202,54 @@ def test_assignment_does_not_depend_on_row_order() -> None:
         clusters.sample(frac=1, random_state=3), prev.sample(frac=1, random_state=4), created
     )
     pd.testing.assert_series_equal(first.gid_of_cluster, shuffled.gid_of_cluster)
+
+
+_KEY_TEXT = st.text(alphabet="aAbBéÉz0 -:\u00e0\u4e2d", max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["ecom", "stores", "b2b"]), _KEY_TEXT, st.integers(-3, 3)),
+        max_size=40,
+    )
+)
+def test_sort_order_is_pandas_stable_sort_in_code_point_order(
+    rows: list[tuple[str, str, int]],
+) -> None:
+    """The Arrow sort that orders every bulk write and temporary key table agrees with
+    pandas's stable sort (code point order, as SQLite's BINARY collation), ties kept
+    in row order."""
+    frame = pd.DataFrame(rows, columns=["source", "source_key", "n"], dtype=object)
+    frame["n"] = frame["n"].astype("int64")
+    for cols in (["source", "source_key"], ["source_key", "n"], ["n"]):
+        expected = frame[cols].reset_index(drop=True).sort_values(cols, kind="stable").index
+        assert store.sort_order(frame, cols).tolist() == expected.tolist()
+
+
+def test_change_events_find_merges_and_splits_and_nothing_else() -> None:
+    before = _previous({"G1": ["a", "b"], "G2": ["c"], "G3": ["d", "e", "f"], "G4": ["g", "h"]})
+    after = _previous({"G1": ["a", "b", "c"], "G3": ["d", "e"], "G5": ["f"], "G4": ["g", "h"]})
+    events = store.change_events(before, after)
+    assert events == [
+        (
+            "merge",
+            "G1",
+            {
+                "before": {"G1": ["s:a", "s:b"], "G2": ["s:c"]},
+                "after": {"G1": ["s:a", "s:b", "s:c"]},
+            },
+        ),
+        (
+            "split",
+            "G3",
+            {
+                "before": {"G3": ["s:d", "s:e", "s:f"]},
+                "after": {"G3": ["s:d", "s:e"], "G5": ["s:f"]},
+            },
+        ),
+    ]
+    assert store.change_events(before, before) == []
 
 
 # --- nights written to the store ---------------------------------------------------------
