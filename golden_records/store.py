@@ -1136,19 +1136,18 @@ class Scope:
 def read_scope(conn: Connection, keys: pd.DataFrame) -> Scope:
     """The stored state of these records (source, source_key), read in one pass: the
     payloads serve the records whose golden record is chosen again, the rest the
-    write's comparison with the store."""
-    records = _select_keys(
-        conn,
-        _XREF_QUERY.add_columns(
-            source_records.c.valid_from,
-            source_records.c.source_line,
-            source_records.c.payload,
-        ),
-        keys,
+    write's comparison with the store.
+
+    Their golden records are found by the database from the same key table, not
+    by sending their IDs back to it."""
+    tmp = _temp_keys(conn, source_records, keys[["source", "source_key"]].astype(str))
+    rec = source_records.c
+    on = sa.and_(rec.source == tmp.c.source, rec.source_key == tmp.c.source_key)
+    records = _read(
+        conn, _XREF_QUERY.add_columns(rec.valid_from, rec.source_line, rec.payload).join(tmp, on)
     )
-    golden = _read(
-        conn, _GOLDEN_QUERY.where(_keys_in(conn, golden_records, records[["golden_id"]]))
-    )
+    in_scope = sa.select(rec.golden_id).join(tmp, on)
+    golden = _read(conn, _GOLDEN_QUERY.where(golden_records.c.golden_id.in_(in_scope)))
     return Scope(records, golden)
 
 
