@@ -21,7 +21,9 @@ the store and the stages.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,17 +107,27 @@ def decision_links(decided: pd.DataFrame, keys: pd.Index) -> tuple[pd.DataFrame,
 
 
 def stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Frames with the same columns, one under the other, column by column: pd.concat
-    checks every value of a mostly-empty text column (a million records' SIREN) for
-    missing-ness, which costs seconds a night."""
+    """Frames one under the other, column by column (in the first one's column order):
+    pd.concat checks every value of a mostly-empty text column (a million records'
+    SIREN) for missing-ness, which costs seconds a night. Frames whose columns
+    differ are left to pd.concat."""
     columns = list(frames[0].columns)
+    if any(set(f.columns) != set(columns) for f in frames[1:]):
+        return pd.concat(frames, ignore_index=True)  # columns to align: pandas's own
     # The concatenated arrays are new already: no second copy into consolidated blocks
     # (two thirds of the time on a million records).
     return pd.DataFrame(
-        {c: np.concatenate([f[c].to_numpy() for f in frames]) for c in columns},
-        columns=columns,
-        copy=False,
+        {c: _stacked([f[c] for f in frames]) for c in columns}, columns=columns, copy=False
     )
+
+
+def _stacked(parts: list[pd.Series]) -> Any:
+    """One column's parts end to end; an extension type all parts share is kept (Arrow
+    texts are joined as Arrow chunks, not turned into Python objects)."""
+    dtype = parts[0].dtype
+    if isinstance(dtype, pd.api.extensions.ExtensionDtype) and all(p.dtype == dtype for p in parts):
+        return type(parts[0].array)._concat_same_type([p.array for p in parts])
+    return np.concatenate([p.to_numpy() for p in parts])
 
 
 def take_rows(
@@ -359,12 +371,14 @@ def snapshot_edges(
     )
 
 
-def parse_json_lines(text: str) -> pd.DataFrame:
+def parse_json_lines(text: str, strings: Collection[str] = ()) -> pd.DataFrame:
     """JSON lines into a frame with Arrow's parser (several times pandas' speed).
 
     Arrow reads text that looks like a timestamp as one, which would turn a raw
     value into a date: columns it read so are read again as text, and only they
-    (the other fields are skipped: a third of a full parse).
+    (the other fields are skipped: a third of a full parse). The text columns
+    named in `strings` stay in Arrow (pandas's Arrow-backed string dtype, as
+    normalisation makes them) instead of becoming Python objects.
     """
     data = text.encode()
     table = pa_json.read_json(pa.BufferReader(data))
@@ -378,14 +392,31 @@ def parse_json_lines(text: str) -> pd.DataFrame:
         for name in timestamps:
             i = table.schema.get_field_index(name)
             table = table.set_column(i, pa.field(name, pa.string()), texts.column(name))
-    return table.to_pandas()
+    # A column no line has a value in is read as Arrow's null type: typed as text too
+    # (a column of Python Nones is what pandas's concatenation scans value by value).
+    text_like = (pa.string(), pa.null())
+    kept = [
+        n for n in strings if n in table.column_names and table.schema.field(n).type in text_like
+    ]
+    frame = table.drop_columns(kept).to_pandas()
+    as_str = {pa.string(): pd.StringDtype("pyarrow", na_value=np.nan)}.get
+    for name in kept:
+        frame[name] = table.column(name).cast(pa.string()).to_pandas(types_mapper=as_str)
+    return frame[table.column_names]
 
 
-def records_from_payload(payloads: pd.DataFrame) -> pd.DataFrame:
-    """Stored records back as the frame normalisation produced (types restored)."""
+def records_from_payload(payloads: pd.DataFrame, like: pd.Series | None = None) -> pd.DataFrame:
+    """Stored records back as the frame normalisation produced (types restored).
+
+    `like` (column -> dtype, from tonight's normalised records) gives each column
+    the type normalisation gives it, so that the two frames concatenate without
+    converting either: Arrow-backed texts stay in Arrow.
+    """
     if not len(payloads):
         return pd.DataFrame(columns=[*KEYS, "source_line"])
-    frame = parse_json_lines("\n".join(payloads["payload"].tolist()))
+    like = like if like is not None else pd.Series(dtype=object)
+    strings = [c for c, d in like.items() if isinstance(d, pd.StringDtype)]
+    frame = parse_json_lines("\n".join(payloads["payload"].tolist()), strings)
     frame.insert(0, "source", payloads["source"].to_numpy())
     frame.insert(1, "source_key", payloads["source_key"].astype(str).to_numpy())
     frame.insert(2, "source_line", payloads["source_line"].astype(int).to_numpy())
@@ -399,6 +430,18 @@ def records_from_payload(payloads: pd.DataFrame) -> pd.DataFrame:
         frame["npai_flag"] = frame["npai_flag"].fillna(False).astype(bool)
     if schema.TRUST in frame:
         frame[schema.TRUST] = frame[schema.TRUST].astype(int)
+    for col, dtype in like.items():
+        if col not in frame or frame[col].dtype == dtype or isinstance(dtype, pd.StringDtype):
+            continue
+        # A numpy bool or integer column cannot hold a missing value: never cast one in.
+        if isinstance(dtype, np.dtype) and dtype.kind in "biu" and frame[col].isna().any():
+            continue
+        with contextlib.suppress(TypeError, ValueError):  # else kept as read
+            frame[col] = frame[col].astype(dtype)
     return frame.astype(
-        {c: object for c in frame.columns if frame[c].dtype == "float64" and frame[c].isna().all()}
+        {
+            c: object
+            for c in frame.columns
+            if c not in like and frame[c].dtype == "float64" and frame[c].isna().all()
+        }
     )

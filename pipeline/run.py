@@ -770,7 +770,7 @@ class Pipeline:
                     conn, pd.concat([keys, delta.deleted[inc.KEYS]], ignore_index=True)
                 )
                 stored_payloads = scope.records.merge(from_store, on=inc.KEYS)
-                restored = inc.records_from_payload(stored_payloads)
+                restored = inc.records_from_payload(stored_payloads, changed.dtypes)
                 # Tonight's line and source hash, by position (no merge against all records).
                 at_row = inc.record_keys(from_store).get_indexer(inc.record_keys(restored))
                 if len(restored) != len(rows) or (at_row < 0).any():
@@ -785,7 +785,7 @@ class Pipeline:
                 restored = with_flags(restored, flags)
                 # Changed records are all affected (they are matched again): with the
                 # restored ones they are exactly the affected records.
-                records = inc.run_order(pd.concat([changed, restored], ignore_index=True), sources)
+                records = inc.run_order(inc.stack([changed, restored]), sources)
                 # Positions follow `current` restricted to the affected records.
                 labels = pd.Series(cluster_ids, index=records.index)
                 golden, lineage = survive(records, labels, settings.survivorship)

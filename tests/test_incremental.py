@@ -617,3 +617,39 @@ def test_a_run_collects_garbage_less_often_and_restores_the_collector_after(
         pipeline.run()
     assert seen == [run_module.BATCH_GC_THRESHOLDS]
     assert gc.get_threshold() == before
+
+
+def test_restored_records_take_tonights_types_and_stack_without_conversion() -> None:
+    """Payloads read back get the dtypes of tonight's normalised records (Arrow texts,
+    nullable booleans, a column no payload has a value in), so that the two stack
+    as they are, with the values pd.concat gives."""
+    text = pd.StringDtype("pyarrow", na_value=np.nan)
+    tonight = pd.DataFrame(
+        {
+            "source": ["s"],
+            "source_key": ["1"],
+            "source_line": [1],
+            "first_name_norm": pd.array(["JEAN"], dtype=text),
+            "siren_norm": pd.array([None], dtype=text),
+            "email_valid": pd.array([True], dtype="boolean"),
+            "trust": [2],
+        }
+    )
+    payloads = pd.DataFrame(
+        {
+            "source": ["s", "s"],
+            "source_key": ["2", "3"],
+            "source_line": [2, 3],
+            "payload": [
+                '{"first_name_norm": "ÉLISE", "siren_norm": null, "email_valid": null, "trust": 1}',
+                '{"first_name_norm": null, "siren_norm": null, "email_valid": false, "trust": 3}',
+            ],
+        }
+    )
+    restored = inc.records_from_payload(payloads, tonight.dtypes)
+    assert restored.dtypes.to_dict() == tonight.dtypes.to_dict()
+    stacked = inc.stack([tonight, restored])
+    assert stacked.dtypes.to_dict() == tonight.dtypes.to_dict()
+    pd.testing.assert_frame_equal(stacked, pd.concat([tonight, restored], ignore_index=True))
+    assert stacked["first_name_norm"].tolist()[:2] == ["JEAN", "ÉLISE"]
+    assert stacked["email_valid"].tolist() == [True, pd.NA, False]
