@@ -579,3 +579,62 @@ def test_lineage_json_escapes_keys_and_leaves_missing_dates_empty() -> None:
     assert out[6] == "{}"
     assert json.loads(out[7]) == {"name": "shop|x/y é|trust|2025-12-31"}
     assert store._lineage_json(records, lineage.iloc[:0], pd.Index([5])).tolist() == ["{}"]
+
+
+# --- the SQLite journal -----------------------------------------------------------------
+
+_KILLED_WRITER = """
+import os, signal, sys
+import sqlalchemy as sa
+from mdm_pipeline.golden_records import connection
+engine = connection.connect(sys.argv[1])
+with engine.connect() as conn:
+    conn.exec_driver_sql("PRAGMA cache_size = 10")  # spill changed pages into the file
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    conn.exec_driver_sql("DELETE FROM mdm_source_records")
+    conn.exec_driver_sql("UPDATE mdm_golden_records SET members = members + 1")
+    print("written", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_process_killed_in_the_middle_of_writing_leaves_the_store_as_it_was(
+    samples: Path, tmp_path: Path
+) -> None:
+    """Killed (SIGKILL, no Python cleanup) after its changes reached the file: the kept
+    journal is hot, and the next opening of the store rolls it back."""
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    Pipeline.from_config(samples / "config.yaml").run()
+    url = f"sqlite:///{samples / 'mdm.sqlite'}"
+    engine = connection.connect(url)
+    before = {t: _table(engine, t) for t in (store.source_records, store.golden_records)}
+    engine.dispose()
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -9 and "written" in done.stdout, done.stderr
+    engine = connection.connect(url)
+    for table, frame in before.items():
+        pd.testing.assert_frame_equal(_table(engine, table), frame)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+    engine.dispose()
+
+
+def test_the_sqlite_journal_is_kept_between_runs_and_is_not_hot_after_a_commit(
+    samples: Path,
+) -> None:
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    Pipeline.from_config(samples / "config.yaml").run()
+    engine = connection.connect(f"sqlite:///{samples / 'mdm.sqlite'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "persist"
+        limit = conn.exec_driver_sql("PRAGMA journal_size_limit").scalar()
+        assert limit == connection.SQLITE_JOURNAL_LIMIT_BYTES
+    engine.dispose()
+    journal = samples / "mdm.sqlite-journal"
+    # Kept (its blocks are rewritten next night), its header zeroed: nothing to roll back.
+    assert journal.exists()
+    assert journal.read_bytes()[:28].strip(b"\0") == b""
