@@ -740,7 +740,7 @@ def _archive_payloads(conn: Connection, keys: pd.DataFrame, at: datetime, run_id
     if not len(keys):
         return
     rec = source_records.c
-    tmp = _temp_keys(conn, source_records, keys[["source", "source_key"]].astype(str))
+    tmp, on = _source_keys(conn, keys)
     moved = sa.select(
         rec.source,
         rec.source_key,
@@ -750,7 +750,7 @@ def _archive_payloads(conn: Connection, keys: pd.DataFrame, at: datetime, run_id
         rec.payload,
         rec.updated_run,
         sa.literal(run_id, sa.String),
-    ).join(tmp, sa.and_(rec.source == tmp.c.source, rec.source_key == tmp.c.source_key))
+    ).join(tmp, on)
     h = record_history.c
     conn.execute(
         record_history.insert().from_select(
@@ -809,12 +809,17 @@ def _temp_keys(conn: Connection, like: sa.Table, keys: pd.DataFrame) -> sa.Table
     return table
 
 
+def _source_keys(conn: Connection, keys: pd.DataFrame) -> tuple[sa.Table, sa.ColumnElement[bool]]:
+    """A key table of these (source, source_key) and the condition joining it to
+    mdm_source_records: one table can serve several queries of a transaction."""
+    tmp = _temp_keys(conn, source_records, keys[["source", "source_key"]].astype(str))
+    rec = source_records.c
+    return tmp, sa.and_(rec.source == tmp.c.source, rec.source_key == tmp.c.source_key)
+
+
 def _select_keys(conn: Connection, query: sa.Select, keys: pd.DataFrame) -> pd.DataFrame:
     """Rows of `query` (over mdm_source_records) for a set of (source, source_key)."""
-    tmp = _temp_keys(conn, source_records, keys[["source", "source_key"]].astype(str))
-    on = sa.and_(
-        source_records.c.source == tmp.c.source, source_records.c.source_key == tmp.c.source_key
-    )
+    tmp, on = _source_keys(conn, keys)
     return _read(conn, query.join(tmp, on))
 
 
@@ -1140,9 +1145,8 @@ def read_scope(conn: Connection, keys: pd.DataFrame) -> Scope:
 
     Their golden records are found by the database from the same key table, not
     by sending their IDs back to it."""
-    tmp = _temp_keys(conn, source_records, keys[["source", "source_key"]].astype(str))
+    tmp, on = _source_keys(conn, keys)
     rec = source_records.c
-    on = sa.and_(rec.source == tmp.c.source, rec.source_key == tmp.c.source_key)
     records = _read(
         conn, _XREF_QUERY.add_columns(rec.valid_from, rec.source_line, rec.payload).join(tmp, on)
     )

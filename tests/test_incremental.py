@@ -505,6 +505,19 @@ def _rules(samples: Path) -> list:
     return Pipeline.from_config(samples / "config.yaml").settings.matching.blocking.rules
 
 
+def _stored_with_a_day_2(
+    samples: Path, tmp_path: Path, dump_store, seed: int
+) -> tuple[Path, str, dict[str, pd.DataFrame]]:
+    """A full run into a fresh SQLite store, the store's tables as it left them, then a
+    day-2 change of the samples: (config, store URL, tables)."""
+    cfg = samples / "config.yaml"
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    _run(cfg, url)
+    before = dump_store(url)
+    day2(samples, seed=seed)
+    return cfg, url, before
+
+
 def _fails_leaving_the_store_as_it_was(
     cfg: Path, url: str, before: dict[str, pd.DataFrame], dump_store
 ) -> None:
@@ -524,11 +537,7 @@ def test_a_failure_building_the_next_snapshot_leaves_the_store_unchanged(
 ) -> None:
     """The next snapshot is built on a second thread while the store is written: if
     that fails, the run fails with its error and rolls everything back."""
-    cfg = samples / "config.yaml"
-    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
-    _run(cfg, url)
-    before = dump_store(url)
-    day2(samples, seed=4)
+    cfg, url, before = _stored_with_a_day_2(samples, tmp_path, dump_store, seed=4)
     calls = {"n": 0}
 
     def failing(frames: dict) -> store.SnapshotParts:
@@ -552,11 +561,7 @@ def test_an_incremental_run_failing_mid_write_or_in_survivorship_leaves_the_stor
     """An incremental run's transaction opens before survivorship (which reads the
     stored state inside it) and upserts records on SQLite: a failure while writing
     any table, or in survivorship, fails the run with its error and rolls back all."""
-    cfg = samples / "config.yaml"
-    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
-    _run(cfg, url)
-    before = dump_store(url)
-    day2(samples, seed=5)
+    cfg, url, before = _stored_with_a_day_2(samples, tmp_path, dump_store, seed=5)
     calls = {"writes": 0}
     real_insert, real_survive = store._insert, run_module.survive
 
