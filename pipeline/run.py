@@ -548,7 +548,6 @@ class Pipeline:
         loaded = pd.concat([m.records for m in mapped], ignore_index=True)
         loaded["source_hash"] = source_hashes(loaded)
         state = snap[1]["records"]  # keys are text already (written so)
-        npai_sent = state[[*inc.KEYS, "address_hash"]].dropna()
         deletions = pd.concat(
             [pd.DataFrame({"source": m.source, "source_key": m.deleted}) for m in mapped],
             ignore_index=True,
@@ -564,15 +563,26 @@ class Pipeline:
             changed = normalize_records(delta.changed, settings.normalize)
             changed = changed.assign(address_hash=npai.address_hash(changed))
             changed["source_key"] = changed["source_key"].astype(str)
-            # NPAI over every delivered record: unchanged ones keep their stored address.
+            # NPAI over the delivered records that have a flag or a return tonight (no
+            # other record's state can change): unchanged ones keep their stored
+            # address. Found by position in the snapshot's key index, not by keying a
+            # million delivered and stored records again.
+            wanted = inc.record_keys(
+                pd.concat(
+                    [npai_before[inc.KEYS], *[r[inc.KEYS] for r in returns]], ignore_index=True
+                ).astype(str)
+            )
+            at = delta.index.get_indexer(wanted)
+            at = np.unique(at[at >= 0])
+            addresses = state[[*inc.KEYS, "address_hash"]]
             current_addr = inc.stack(
                 [
-                    state[[*inc.KEYS, "address_hash"]].iloc[kept_pos],
-                    changed[[*inc.KEYS, "address_hash"]],
+                    addresses.iloc[kept_pos[np.isin(kept_pos, at)]],
+                    changed.loc[inc.record_keys(changed).isin(wanted), [*inc.KEYS, "address_hash"]],
                 ]
             )
             flags, npai_after = self._npai_flags(
-                current_addr, returns, npai_before, npai_sent, summary
+                current_addr, returns, npai_before, addresses.iloc[at].dropna(), summary
             )
             changed = with_flags(changed, flags)
 
