@@ -574,15 +574,19 @@ class Pipeline:
             )
             at = delta.index.get_indexer(wanted)
             at = np.unique(at[at >= 0])
-            addresses = state[[*inc.KEYS, "address_hash"]]
+            address = [*inc.KEYS, "address_hash"]
             current_addr = inc.stack(
                 [
-                    addresses.iloc[kept_pos[np.isin(kept_pos, at)]],
-                    changed.loc[inc.record_keys(changed).isin(wanted), [*inc.KEYS, "address_hash"]],
+                    inc.take_rows(state, kept_pos[np.isin(kept_pos, at)], address),
+                    changed.loc[inc.record_keys(changed).isin(wanted), address],
                 ]
             )
             flags, npai_after = self._npai_flags(
-                current_addr, returns, npai_before, addresses.iloc[at].dropna(), summary
+                current_addr,
+                returns,
+                npai_before,
+                inc.take_rows(state, at, address).dropna(),
+                summary,
             )
             changed = with_flags(changed, flags)
 
