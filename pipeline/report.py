@@ -39,6 +39,17 @@ def quality(records: pd.DataFrame) -> list[dict[str, Any]]:
     """Per source: completeness of key fields, validity of e-mail, phone and address,
     and the NPAI rate."""
     out = []
+    # Only the columns read here are split by source: grouping the whole frame copies
+    # every one of its ~80 columns per source (1.5 s for a night's 95k records).
+    wanted = [c for _, c in QUALITY_FIELDS] + [
+        "email_valid",
+        "email_norm",
+        "phone_valid",
+        "phone_norm",
+        "address_status",
+        "npai_flag",
+    ]
+    records = records[["source", *dict.fromkeys(c for c in wanted if c in records)]]
     for source, part in records.groupby("source", sort=False):
         n = len(part)
         row: dict[str, Any] = {"source": source, "records": n, "complete": {}}
