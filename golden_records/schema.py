@@ -228,12 +228,14 @@ MATCH_TEXT_COLUMNS = (
 #: What an incremental run reads of every record (matching fields, source hash, NPAI
 #: state) and the auto-match links, as Parquet: read in one go in seconds where the
 #: same rows read through SQL take tens of seconds at a million records. Derived
-#: data, rewritten by every run in its own transaction, so it always matches the
-#: tables it was derived from.
+#: data, written by every run in its own transaction, so it always matches the
+#: tables it was derived from. A full run writes it whole; an incremental one writes
+#: its changed records as a patch on the stored base, and the live index of every
+#: record's row (`store.read_snapshot`).
 snapshot = sa.Table(
     "mdm_snapshot",
     metadata,
-    sa.Column("name", sa.String(16), primary_key=True),  # records | edges
+    sa.Column("name", sa.String(16), primary_key=True),  # records | patch | live | edges
     sa.Column("part", sa.Integer, primary_key=True),  # a Parquet file cut in parts
     sa.Column("run_id", sa.String(40), nullable=False),  # the run that wrote it
     sa.Column("data", sa.LargeBinary, nullable=False),

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -1044,15 +1045,29 @@ def write_model(
 #: Parquet parts of at most this many bytes: far below PostgreSQL's 1 GB per value.
 SNAPSHOT_PART_BYTES = 64 * 2**20
 
+#: The parts a night rewrites when it keeps the snapshot's base: the rows appended since
+#: the base was written ("patch"), each current record's row among base and patch with
+#: its line and NPAI state tonight ("live"), and the auto-match links ("edges").
+NIGHTLY_PARTS = ("patch", "live", "edges")
+#: What the live index holds per record besides its row: what changes without the
+#: record changing (a line that moved in the file, an NPAI flag).
+LIVE_COLUMNS = ("source_line", "npai_state")
+
 
 @dataclass(frozen=True)
 class SnapshotParts:
-    """A snapshot serialised, ready to write: (name, part number, Parquet bytes)."""
+    """A snapshot serialised, ready to write: (name, part number, Parquet bytes).
+
+    `keep_base`: the parts replace the nightly ones only (`NIGHTLY_PARTS`), and the
+    stored base ("records") stays; otherwise they replace the whole snapshot."""
 
     parts: tuple[tuple[str, int, bytes], ...]
+    keep_base: bool = False
 
 
-def serialise_snapshot(frames: dict[str, pd.DataFrame | pa.Table]) -> SnapshotParts:
+def serialise_snapshot(
+    frames: dict[str, pd.DataFrame | pa.Table], keep_base: bool = False
+) -> SnapshotParts:
     """Each frame or Arrow table as Parquet, cut in parts of `SNAPSHOT_PART_BYTES`.
 
     Apart from `write_snapshot`, and touching no connection, so that a run can
@@ -1073,17 +1088,23 @@ def serialise_snapshot(frames: dict[str, pd.DataFrame | pa.Table]) -> SnapshotPa
         data = sink.getvalue()
         for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES)):
             parts.append((name, part, data[start : start + SNAPSHOT_PART_BYTES]))
-    return SnapshotParts(tuple(parts))
+    return SnapshotParts(tuple(parts), keep_base)
 
 
 def write_snapshot(
     conn: Connection, run_id: str, content: dict[str, pd.DataFrame | pa.Table] | SnapshotParts
 ) -> None:
     """Replace the store's snapshot by these frames or Arrow tables, or by a snapshot
-    already serialised (inside the run's transaction)."""
+    already serialised (inside the run's transaction). A snapshot that keeps its base
+    replaces the nightly parts only: the base's rows are neither deleted nor written
+    again (a hundred megabytes of pages a night, each journaled before it is
+    overwritten)."""
     if not isinstance(content, SnapshotParts):
         content = serialise_snapshot(content)
-    conn.execute(snapshot.delete())
+    if content.keep_base:
+        conn.execute(snapshot.delete().where(snapshot.c.name.in_(NIGHTLY_PARTS)))
+    else:
+        conn.execute(snapshot.delete())
     conn.execute(
         snapshot.insert(),
         [
@@ -1093,13 +1114,57 @@ def write_snapshot(
     )
 
 
+@dataclass(frozen=True)
+class StoredRecords:
+    """The snapshot's records: physical rows (the base a full run or a compaction
+    wrote, then the rows appended by the nights since) and, in the last run's record
+    order, each record's row among them (`at`).
+
+    Positions given to `take` and `column` are in that record order; physical rows
+    are never converted or reordered as a whole, so a night pays for the rows it
+    reads, not for the store's size."""
+
+    rows: pa.Table
+    at: np.ndarray
+    base_rows: int
+
+    @classmethod
+    def whole(cls, table: pa.Table) -> StoredRecords:
+        """A table whose rows are the records in order (no patch)."""
+        return cls(table, np.arange(table.num_rows, dtype=np.int64), table.num_rows)
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.rows.column_names)
+
+    @property
+    def patch(self) -> pa.Table:
+        """The rows appended since the base (live or superseded)."""
+        return self.rows.slice(self.base_rows)
+
+    def take(self, positions: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """The records at `positions` (record order), these columns (default: all)."""
+        table = self.rows if columns is None else self.rows.select(columns)
+        return table.take(pa.array(self.at[np.asarray(positions, dtype=np.int64)]))
+
+    def column(self, name: str) -> np.ndarray:
+        """One numeric column for every record, in record order."""
+        return self.rows.column(name).to_numpy()[self.at]
+
+
 def read_snapshot(
     engine: Engine, convert: dict[str, list[str]] | None = None
-) -> tuple[str, dict[str, pd.DataFrame], dict[str, pa.Table]] | None:
-    """(run that wrote it, frames, the same as Arrow tables) of the snapshot, or None if
-    the store has none or the last successful run did not write it (a store upgraded
-    from an older release). `convert` names, per part, the columns its frame holds
-    (default: all)."""
+) -> tuple[str, dict[str, pd.DataFrame], dict[str, Any]] | None:
+    """(run that wrote it, frames, tables) of the snapshot, or None if the store has
+    none or the last successful run did not write it (a store upgraded from an older
+    release). `convert` names, per part, the columns its frame holds (default: all).
+
+    The records' table is a `StoredRecords` (base and patch, with each record's row);
+    their frame holds the records in the last run's order, their line and NPAI
+    state those of that run."""
     previous = last_run(engine)
     with engine.connect() as conn:
         parts = conn.execute(
@@ -1108,19 +1173,45 @@ def read_snapshot(
             )
         ).all()
     last = previous[0] if previous else None
-    if not parts or last is None or any(run != last for _, run, _ in parts):
+    names = dict.fromkeys(n for n, _, _ in parts)
+    # The base may be older than the last run only when that run wrote a live index.
+    nightly = [run for name, run, _ in parts if name != "records" or "live" not in names]
+    if "records" not in names or last is None or any(run != last for run in nightly):
         return None
-    frames: dict[str, pd.DataFrame] = {}
-    # The Arrow tables too: a run that changes a few records writes the next snapshot
-    # from them, without converting a million unchanged rows back.
-    tables: dict[str, pa.Table] = {}
-    for name in dict.fromkeys(n for n, _, _ in parts):
+    tables: dict[str, Any] = {}
+    for name in names:
         data = b"".join(bytes(d) for n, _, d in parts if n == name)
         tables[name] = pq.read_table(pa.BufferReader(data))
+    base = tables.pop("records")
+    patch = tables.pop("patch", None)
+    live = tables.pop("live", None)
+    rows = base if patch is None else pa.concat_tables([base, patch])
+    records = (
+        StoredRecords.whole(base)
+        if live is None
+        else StoredRecords(rows, live.column("row").to_numpy(), base.num_rows)
+    )
+    tables["records"] = records
+    frames: dict[str, pd.DataFrame] = {}
+    for name, table in tables.items():
+        wanted = (convert or {}).get(name)
+        if name == "records":
+            columns = wanted or records.column_names
+            if live is None:
+                table = base.select(columns)
+            else:  # each record's row taken; its line and NPAI state from the live index
+                table = pa.table(
+                    {
+                        c: live.column(c)
+                        if c in LIVE_COLUMNS
+                        else rows.column(c).take(pa.array(records.at))
+                        for c in columns
+                    }
+                ).replace_schema_metadata(base.schema.metadata)
+        elif wanted is not None:
+            table = table.select(wanted)
         # Without interning equal texts: a third faster on a million records, for a
         # little more memory (the repeated values are short: source, city, type).
-        wanted = (convert or {}).get(name)
-        table = tables[name] if wanted is None else tables[name].select(wanted)
         frames[name] = table.to_pandas(deduplicate_objects=False)
     return last, frames, tables
 

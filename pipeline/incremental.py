@@ -37,7 +37,7 @@ from mdm_pipeline.config import schema
 from mdm_pipeline.config.schema import record_keys
 from mdm_pipeline.config.settings import BlockingRule, MatchingSettings
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
-from mdm_pipeline.golden_records.store import sort_order
+from mdm_pipeline.golden_records.store import StoredRecords, sort_order
 from mdm_pipeline.matching.blocking import block_hashes
 from mdm_pipeline.matching.clustering import components
 from mdm_pipeline.matching.keys import Fields, prepare
@@ -182,17 +182,17 @@ def block_keys(records: pd.DataFrame | Fields, rules: list[BlockingRule]) -> lis
     return [block_hashes(fields, rule) for rule in rules]
 
 
-def stored_block_keys(table: pa.Table, rules: list[BlockingRule]) -> list[np.ndarray] | None:
-    """The snapshot's block keys per rule, or None if it lacks one (a snapshot written
-    before they were kept, or under other rules)."""
+def stored_block_keys(stored: StoredRecords, rules: list[BlockingRule]) -> list[np.ndarray] | None:
+    """The snapshot's block keys per rule and record, or None if it lacks one (a
+    snapshot written before they were kept, or under other rules)."""
     names = [block_column(rule) for rule in rules]
-    if any(name not in table.column_names for name in names):
+    if any(name not in stored.column_names for name in names):
         return None
-    return [table.column(name).to_numpy() for name in names]
+    return [stored.column(name) for name in names]
 
 
 def current_block_keys(
-    stored: pa.Table,
+    stored: StoredRecords,
     changed_rows: pd.DataFrame,
     stored_pos: np.ndarray,
     old_pos: np.ndarray,
@@ -206,7 +206,7 @@ def current_block_keys(
     changed = stored_pos < 0
     if kept_keys is None:
         everyone = match_view(stored, changed_rows, stored_pos, np.arange(len(stored_pos)))
-        old = stored.select(list(MATCH_COLUMNS)).take(pa.array(old_pos))
+        old = stored.take(old_pos, list(MATCH_COLUMNS))
         return block_keys(everyone, rules), block_keys(
             old.to_pandas(deduplicate_objects=False), rules
         )
@@ -307,11 +307,11 @@ SNAPSHOT_COLUMNS = [*RECORD_COLUMNS, *MATCH_COLUMNS]
 
 
 def match_view(
-    stored: pa.Table, changed_rows: pd.DataFrame, stored_pos: np.ndarray, rows: np.ndarray
+    stored: StoredRecords, changed_rows: pd.DataFrame, stored_pos: np.ndarray, rows: np.ndarray
 ) -> pd.DataFrame:
     """The matching view (MATCH_COLUMNS) of the current records at `rows`.
 
-    `stored_pos` gives each current record's row in the snapshot's Arrow table, -1
+    `stored_pos` gives each current record's position in the snapshot's records, -1
     for a changed one; `changed_rows` holds the changed ones (at least their
     MATCH_COLUMNS) in current order.
     Unchanged rows are taken in Arrow and only they are converted: a night matches
@@ -321,9 +321,7 @@ def match_view(
     pos = stored_pos[rows]
     from_stored = pos >= 0
     columns = list(MATCH_COLUMNS)
-    old = (
-        stored.select(columns).take(pa.array(pos[from_stored])).to_pandas(deduplicate_objects=False)
-    )
+    old = stored.take(pos[from_stored], columns).to_pandas(deduplicate_objects=False)
     rank = np.cumsum(stored_pos < 0) - 1  # each changed record's row in changed_rows
     new = take_rows(changed_rows, rank[rows[~from_stored]], columns)
     both = stack([old, new])
@@ -333,32 +331,61 @@ def match_view(
     return take_rows(both, order, columns)
 
 
-def snapshot_records(
-    stored: pa.Table, changed_rows: pd.DataFrame, stored_pos: np.ndarray, tonight: pd.DataFrame
-) -> pa.Table:
-    """The next snapshot's records in tonight's order: unchanged rows taken from the
-    stored Arrow table, changed ones converted, tonight's line and NPAI state on all.
+#: A night keeps the snapshot's base while the rows appended to it since it was written
+#: (live or superseded) are at most this share of it; beyond, the night writes the
+#: whole snapshot again in record order, as a full run does, and the patch starts
+#: empty. A 5% night appends about 5%: the base is rewritten one night in five.
+PATCH_SHARE = 0.25
 
-    `stored_pos` gives each current record's row in `stored`, -1 for a changed one
-    (`changed_rows` holds those, in order); `tonight` has every current record's
-    `source_line` and `npai_state`. One `take` over the stored rows followed by the
-    converted ones puts every row in place. Its own inputs, not the run's records
-    frame, so that the run can build this on a second thread while it writes the
-    store.
+
+def next_snapshot(
+    stored: StoredRecords,
+    changed_rows: pd.DataFrame,
+    stored_pos: np.ndarray,
+    tonight: pd.DataFrame,
+    rules: list[BlockingRule],
+    block_now: list[np.ndarray],
+) -> tuple[dict[str, pa.Table], bool]:
+    """(the next snapshot's records parts, whether they keep the stored base).
+
+    `stored_pos` gives each current record's position in the stored records, -1
+    for a changed one (`changed_rows` holds those, in order, with their
+    SNAPSHOT_COLUMNS); `tonight` has every current record's `source_line` and
+    `npai_state`; `block_now` each rule's block key per current record.
+
+    A night appends its changed records to the patch and writes the live index
+    (each record's row, line and NPAI state): a few megabytes, where the whole
+    snapshot is a hundred, taken in a new order and compressed every night. When
+    the patch outgrows `PATCH_SHARE` of the base, or the base was written under
+    other blocking rules, the records are written whole, in tonight's order.
+    Its own inputs, not the run's records frame, so that the run can build this on
+    a second thread while it writes the store.
     """
-    stored = stored.select(SNAPSHOT_COLUMNS)
-    schema = stored.schema.remove_metadata()
-    new = pa.Table.from_pandas(changed_rows[SNAPSHOT_COLUMNS], schema=schema, preserve_index=False)
-    both = pa.concat_tables([stored.replace_schema_metadata(None), new])
+    names = [block_column(rule) for rule in rules]
     changed = stored_pos < 0
-    order = stored_pos.astype(np.int64, copy=True)
-    order[changed] = len(stored) + np.arange(int(changed.sum()))
-    out = both.take(pa.array(order))
-    for col in ("source_line", "npai_state"):
+    n_new = int(changed.sum())
+    physical = stored.rows.select(SNAPSHOT_COLUMNS)
+    schema = physical.schema.remove_metadata()
+    new = pa.Table.from_pandas(changed_rows[SNAPSHOT_COLUMNS], schema=schema, preserve_index=False)
+    row = np.empty(len(stored_pos), dtype=np.int64)
+    row[~changed] = stored.at[stored_pos[~changed]]
+    row[changed] = stored.rows.num_rows + np.arange(n_new)
+    lines = pa.array(tonight["source_line"].to_numpy(), type=pa.int64())
+    states = pa.array(tonight["npai_state"].to_numpy(), type=pa.string(), from_pandas=True)
+    same_rules = [c for c in stored.column_names if c.startswith("block_")] == names
+    if same_rules and stored.patch.num_rows + n_new <= PATCH_SHARE * stored.base_rows:
+        appended = with_block_keys(new, rules, [keys[changed] for keys in block_now])
+        patch = pa.concat_tables(
+            [stored.patch.replace_schema_metadata(None), appended], promote_options="none"
+        )
+        live = pa.table({"row": row, "source_line": lines, "npai_state": states})
+        return {"patch": patch, "live": live}, True
+    both = pa.concat_tables([physical.replace_schema_metadata(None), new])
+    out = both.take(pa.array(row))
+    for col, values in (("source_line", lines), ("npai_state", states)):
         i = schema.get_field_index(col)
-        values = pa.array(tonight[col].to_numpy(), type=schema.field(col).type, from_pandas=True)
-        out = out.set_column(i, schema.field(col), values)
-    return out
+        out = out.set_column(i, schema.field(col), values.cast(schema.field(col).type))
+    return {"records": with_block_keys(out, rules, block_now)}, False
 
 
 def snapshot_edges(

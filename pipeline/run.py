@@ -749,10 +749,10 @@ class Pipeline:
         touched = pd.concat(
             [current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True
         )
-        # The next snapshot (a million rows taken and compressed, GIL-free in Arrow) is
-        # built on a second thread. It reads only what no later step writes; tonight's
-        # line and NPAI state are copied out of `current`, which this thread goes on
-        # using.
+        # The next snapshot (tonight's changed rows appended and every record's row, or
+        # now and then a million rows taken and compressed, GIL-free in Arrow) is built
+        # on a second thread. It reads only what no later step writes; tonight's line
+        # and NPAI state are copied out of `current`, which this thread goes on using.
         snapshot_inputs = (
             snap[2]["records"],
             changed_rows,
@@ -760,13 +760,13 @@ class Pipeline:
             pd.DataFrame(
                 {c: current[c].to_numpy(copy=True) for c in ("source_line", "npai_state")}
             ),
+            rules,
+            block_now,
         )
 
         def next_snapshot() -> store.SnapshotParts:
-            records = inc.snapshot_records(*snapshot_inputs)
-            return store.serialise_snapshot(
-                {"records": inc.with_block_keys(records, rules, block_now), "edges": links}
-            )
+            records, keep_base = inc.next_snapshot(*snapshot_inputs)
+            return store.serialise_snapshot({**records, "edges": links}, keep_base=keep_base)
 
         # The transaction opens before survivorship, which reads the stored state of
         # the records in scope inside it; the next snapshot is built on the second

@@ -4,6 +4,7 @@ exactly as a full run with the same model would leave it."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -205,6 +206,47 @@ def test_incremental_run_equals_a_full_run_on_a_generated_day_2(tmp_path: Path) 
     generate(folder, 6000, seed=7)
     inc = _incremental_equals_full(folder, tmp_path, seed=2)
     assert inc["records_reclustered"] < sum(s["records"] for s in inc["sources"])
+
+
+def _snapshot_parts(url: str) -> dict[str, bytes]:
+    """The stored snapshot's Parquet files by name (parts joined)."""
+    engine = sa.create_engine(url)
+    snap = store.snapshot.c
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(snap.name, snap.data).order_by(snap.name, snap.part)).all()
+    engine.dispose()
+    out: dict[str, bytes] = {}
+    for name, data in rows:
+        out[name] = out.get(name, b"") + bytes(data)
+    return out
+
+
+@pytest.mark.parametrize("share", [0.0, 10.0])
+def test_nights_in_a_row_equal_full_runs_whether_the_snapshot_is_patched_or_rewritten(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: float
+) -> None:
+    """A night appends its changed records to the snapshot's patch and keeps the base,
+    or (patch beyond PATCH_SHARE of the base) writes the snapshot whole: either way,
+    night after night, the store and the snapshot are those a full run leaves."""
+    monkeypatch.setattr(inc, "PATCH_SHARE", share)
+    cfg = samples / "config.yaml"
+    a, b = tmp_path / "incremental.sqlite", tmp_path / "full.sqlite"
+    _run(cfg, f"sqlite:///{a}")
+    for night, seed in enumerate((1, 2, 3)):
+        shutil.copy(a, b)
+        day2(samples, seed)
+        assert _run(cfg, f"sqlite:///{a}", "--incremental")["records_changed"] > 0
+        _run(cfg, f"sqlite:///{b}")
+        assert _state(f"sqlite:///{a}") == _state(f"sqlite:///{b}"), night
+        got_snap, want_snap = _snapshot(f"sqlite:///{a}"), _snapshot(f"sqlite:///{b}")
+        for name in ("records", "edges"):
+            pd.testing.assert_frame_equal(got_snap[name], want_snap[name], obj=name)
+        parts = _snapshot_parts(f"sqlite:///{a}")
+        if share:  # the base of the first full run, and every night's changed records
+            assert set(parts) == {"records", "patch", "live", "edges"}
+            assert len(pd.read_parquet(io.BytesIO(parts["patch"]))) >= (night + 1) * 2
+        else:
+            assert set(parts) == {"records", "edges"}
 
 
 def test_incremental_without_a_model_says_to_run_a_full_run_first(
@@ -445,7 +487,7 @@ def test_a_snapshot_without_block_keys_gives_the_same_incremental_run(
             conn,
             stored[0],
             {
-                "records": records.select(inc.SNAPSHOT_COLUMNS),
+                "records": records.take(np.arange(len(records)), inc.SNAPSHOT_COLUMNS),
                 "edges": stored[1]["edges"],
             },
         )
@@ -479,7 +521,9 @@ def test_match_view_from_the_snapshot_and_the_changed_records_is_the_pandas_view
     # The snapshot holds the unchanged records in another order; -1 marks a changed one.
     kept = np.flatnonzero(~changed)
     shuffled = rng.permutation(kept)
-    stored = pa.Table.from_pandas(view.iloc[shuffled], preserve_index=False)
+    stored = store.StoredRecords.whole(
+        pa.Table.from_pandas(view.iloc[shuffled], preserve_index=False)
+    )
     stored_pos = np.full(len(view), -1, dtype=np.int64)
     stored_pos[shuffled] = np.arange(len(shuffled))
     changed_rows = view[changed].reset_index(drop=True)
@@ -542,7 +586,7 @@ def test_a_failure_building_the_next_snapshot_leaves_the_store_unchanged(
     cfg, url, before = _stored_with_a_day_2(samples, tmp_path, dump_store, seed=4)
     calls = {"n": 0}
 
-    def failing(frames: dict) -> store.SnapshotParts:
+    def failing(frames: dict, keep_base: bool = False) -> store.SnapshotParts:
         calls["n"] += 1
         raise RuntimeError("out of memory")
 
