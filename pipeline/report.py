@@ -38,39 +38,40 @@ def _rate(part: pd.Series, whole: int) -> float:
 def quality(records: pd.DataFrame) -> list[dict[str, Any]]:
     """Per source: completeness of key fields, validity of e-mail, phone and address,
     and the NPAI rate."""
-    out = []
-    # Only the columns read here are split by source: grouping the whole frame copies
-    # every one of its ~80 columns per source (1.5 s for a night's 95k records).
-    wanted = [c for _, c in QUALITY_FIELDS] + [
-        "email_valid",
+    # Each measure is a boolean column computed once over all records, then counted
+    # per source: splitting the frame by source copies every one of its ~80 columns
+    # (1.5 s for a night's 95k records, ten times that in a full run).
+    read = [c for _, c in QUALITY_FIELDS] + [
         "email_norm",
-        "phone_valid",
+        "email_valid",
         "phone_norm",
-        "address_status",
-        "npai_flag",
+        "phone_valid",
     ]
-    records = records[["source", *dict.fromkeys(c for c in wanted if c in records)]]
-    for source, part in records.groupby("source", sort=False):
-        n = len(part)
+    present = {c: records[c].notna().to_numpy(dtype=bool) for c in read if c in records}
+
+    def true(col: str) -> np.ndarray:
+        return records[col].eq(True).fillna(False).to_numpy(dtype=bool)
+
+    sources, codes = np.unique(records["source"].astype(str).to_numpy(), return_inverse=True)
+    first = pd.unique(records["source"].astype(str).to_numpy())  # order of first appearance
+    out = []
+    for source in first:
+        here = codes == int(np.searchsorted(sources, source))
+        n = int(here.sum())
         row: dict[str, Any] = {"source": source, "records": n, "complete": {}}
         for label, col in QUALITY_FIELDS:
-            if col in part:
-                row["complete"][label] = _rate(part[col].notna(), n)
-        if "email_valid" in part:
-            has = (
-                part["email_norm"].notna() if "email_norm" in part else part["email_valid"].notna()
-            )
-            row["email_valid"] = _rate(part["email_valid"].eq(True), int(has.sum()))
-        if "phone_valid" in part:
-            has = (
-                part["phone_norm"].notna() if "phone_norm" in part else part["phone_valid"].notna()
-            )
-            row["phone_valid"] = _rate(part["phone_valid"].eq(True), int(has.sum()))
-        if "address_status" in part:
-            status = part["address_status"].fillna("missing").astype(str)
+            if col in records:
+                row["complete"][label] = _rate(present[col][here], n)
+        for kind in ("email", "phone"):
+            valid, norm = f"{kind}_valid", f"{kind}_norm"
+            if valid in records:
+                has = present[norm if norm in records else valid][here]
+                row[valid] = _rate(true(valid)[here], int(has.sum()))
+        if "address_status" in records:
+            status = records["address_status"].fillna("missing").astype(str)[here]
             row["address_status"] = {k: int(v) for k, v in status.value_counts().items()}
-        if "npai_flag" in part:
-            row["npai_rate"] = _rate(part["npai_flag"].eq(True), n)
+        if "npai_flag" in records:
+            row["npai_rate"] = _rate(true("npai_flag")[here], n)
         out.append(row)
     return out
 

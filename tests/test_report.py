@@ -111,3 +111,31 @@ def test_run_ids_sort_by_start_even_within_one_second() -> None:
     assert ids == sorted(ids)
     assert ids[0] > "R20261123T110638-ffffff"
     assert all(len(i) <= 40 for i in ids)
+
+
+def test_quality_counts_each_source_over_its_own_records() -> None:
+    """Rates per source, sources in order of first appearance, records interleaved."""
+    import pandas as pd
+
+    from mdm_pipeline.pipeline.report import quality
+
+    records = pd.DataFrame(
+        {
+            "source": ["b", "a", "b", "a", "b"],
+            "last_name_norm": ["X", None, "Y", "Z", None],
+            "email_norm": ["e", "f", None, None, "g"],
+            "email_valid": [True, False, None, None, True],
+            "address_status": ["valid", None, "valid", "invalid", "corrected"],
+            "npai_flag": [False, True, True, False, False],
+        }
+    )
+    got = quality(records)
+    assert [r["source"] for r in got] == ["b", "a"]
+    b, a = got
+    assert (b["records"], a["records"]) == (3, 2)
+    assert b["complete"]["last name"] == 0.6667 and a["complete"]["last name"] == 0.5
+    assert b["complete"]["e-mail"] == 0.6667 and a["complete"]["e-mail"] == 0.5
+    assert b["email_valid"] == 1.0 and a["email_valid"] == 0.0
+    assert b["address_status"] == {"valid": 2, "corrected": 1}
+    assert a["address_status"] == {"missing": 1, "invalid": 1}
+    assert b["npai_rate"] == 0.3333 and a["npai_rate"] == 0.5
