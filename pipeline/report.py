@@ -52,11 +52,11 @@ def quality(records: pd.DataFrame) -> list[dict[str, Any]]:
     def true(col: str) -> np.ndarray:
         return records[col].eq(True).fillna(False).to_numpy(dtype=bool)
 
-    sources, codes = np.unique(records["source"].astype(str).to_numpy(), return_inverse=True)
-    first = pd.unique(records["source"].astype(str).to_numpy())  # order of first appearance
+    # Hashed, not sorted: sources in order of first appearance.
+    codes, sources = pd.factorize(records["source"].astype(str))
     out = []
-    for source in first:
-        here = codes == int(np.searchsorted(sources, source))
+    for i, source in enumerate(sources):
+        here = codes == i
         n = int(here.sum())
         row: dict[str, Any] = {"source": source, "records": n, "complete": {}}
         for label, col in QUALITY_FIELDS:
