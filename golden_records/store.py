@@ -17,8 +17,10 @@ import json
 import logging
 import os
 import socket
+import sys
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -372,8 +374,68 @@ def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame, upsert: bool
 @contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
     """One transaction for the whole write: all of it lands, or none of it."""
-    with engine.begin() as conn:
+    with engine.begin() as conn, _writeback(engine):
         yield conn
+
+
+#: How often the files of a SQLite store are asked to start writing their dirty pages.
+WRITEBACK_SECONDS = 0.25
+#: Linux's `sync_file_range` flag that starts writing dirty pages without waiting.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_range() -> Callable[[int], object] | None:
+    """`sync_file_range(fd, 0, 0, WRITE)` of the C library, or None where there is
+    none (not Linux)."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    call = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if call is None:
+        return None
+    zero = ctypes.c_int64(0)
+    return lambda fd: call(fd, zero, zero, _SYNC_FILE_RANGE_WRITE)
+
+
+@contextmanager
+def _writeback(engine: Engine) -> Iterator[None]:
+    """While a SQLite store's transaction runs, its file's and its journal's dirty pages
+    are handed to the disk as they accumulate, as PostgreSQL's `backend_flush_after`
+    does, instead of all at the commit's fsync: a night changes a gigabyte of pages
+    and journals their originals, which the disk then writes while the run computes
+    (commit 2.2-2.8 s -> 1.4-2.2 s at 1M records, docs/benchmarks.md). Only starts
+    writes the kernel could start at any time: SQLite's own fsyncs still order the
+    journal before the pages it protects."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    flush = _sync_range() if path and path != ":memory:" else None
+    if flush is None or path is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def run() -> None:
+        fds: dict[str, int] = {}
+        try:
+            while not stop.wait(WRITEBACK_SECONDS):
+                for name in (path, path + "-journal"):
+                    if name not in fds:
+                        try:
+                            fds[name] = os.open(name, os.O_RDONLY)
+                        except OSError:  # no journal yet
+                            continue
+                    flush(fds[name])
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    thread = threading.Thread(target=run, name="mdm-writeback", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 _XREF_QUERY = sa.select(

@@ -638,3 +638,41 @@ def test_the_sqlite_journal_is_kept_between_runs_and_is_not_hot_after_a_commit(
     # Kept (its blocks are rewritten next night), its header zeroed: nothing to roll back.
     assert journal.exists()
     assert journal.read_bytes()[:28].strip(b"\0") == b""
+
+
+def test_a_sqlite_transaction_hands_its_dirty_pages_to_the_disk_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store file and its journal are flushed in the background during the
+    transaction, not after it; an in-memory store starts no flusher."""
+    import os
+    import threading
+    import time
+
+    flushed: list[str] = []
+    done = threading.Event()
+
+    def recorder(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        done.set()
+
+    if sys.platform != "linux":
+        pytest.skip("sync_file_range is Linux's")
+    monkeypatch.setattr(store, "_sync_range", lambda: recorder)
+    monkeypatch.setattr(store, "WRITEBACK_SECONDS", 0.01)
+    path = tmp_path / "store.sqlite"
+    engine = store.connect(f"sqlite:///{path}")
+    with store.transaction(engine) as conn:
+        conn.execute(store.runs.delete())
+        assert done.wait(5)
+    during = len(flushed)
+    time.sleep(0.05)
+    assert len(flushed) == during  # stopped with the transaction
+    assert str(path) in flushed and str(path) + "-journal" in flushed
+    engine.dispose()
+    flushed.clear()
+    memory = store.connect("sqlite://")
+    with store.transaction(memory) as conn:
+        conn.execute(store.runs.delete())
+        time.sleep(0.05)
+    assert flushed == []
