@@ -89,8 +89,8 @@ def _state(url: str) -> dict[str, object]:
             conn,
         )
         evidence = pd.read_sql(
-            "select left_source, left_key, right_source, right_key, rule, band, weight "
-            "from mdm_match_evidence",
+            "select left_source, left_key, right_source, right_key, rule, band, contributions, "
+            "run_id, weight from mdm_match_evidence",
             conn,
         )
         # The earliest start, not the smallest ID: two runs can share a second.
@@ -101,6 +101,8 @@ def _state(url: str) -> dict[str, object]:
     old_ids = set(golden.loc[golden["created_run"] == first_run, "golden_id"])
     members = xref.assign(m=xref["source"] + ":" + xref["source_key"]).groupby("golden_id")["m"]
     label = {g: (g if g in old_ids else "NEW:" + ",".join(sorted(m))) for g, m in members}
+    # A pair keeps the run that last changed it: the first run, or a later one.
+    evidence["run_id"] = np.where(evidence["run_id"] == first_run, "first", "later")
     active = golden[golden["status"] == "active"]
     return {
         "xref": sorted(
