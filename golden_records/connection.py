@@ -58,8 +58,14 @@ def schema_revision(engine: Engine) -> str | None:
 
 #: SQLite's page cache per connection (KiB). Its default, 2 MiB, is a few thousand
 #: pages: a night's writes into a store of gigabytes then read and write the same
-#: index pages over and over through the operating system.
-SQLITE_CACHE_KIB = 512 * 1024
+#: index pages over and over through the operating system. Not much more either:
+#: the cache is the process's own memory, which the kernel must zero page by page
+#: the first time it is touched (on the project's virtual machines, 0.4-2 s a
+#: gigabyte), while a page SQLite drops is still in the operating system's file
+#: cache and comes back with one read. 512 MiB made a 5% incremental run at 1M
+#: records about a second slower than 128 MiB, and the full run no faster
+#: (docs/benchmarks.md, tenth pass).
+SQLITE_CACHE_KIB = 128 * 1024
 
 
 #: The rollback journal is kept between transactions (journal_mode PERSIST, its header
