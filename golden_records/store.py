@@ -273,7 +273,7 @@ class WriteResult:
 
 #: Column types whose values the drivers return as SQLAlchemy would (text, numbers), or
 #: as text or datetime objects that pandas converts a column at a time (DateTime).
-_PLAIN_TYPES = (sa.String, sa.Integer, sa.Float, sa.DateTime)
+_PLAIN_TYPES = (sa.String, sa.Integer, sa.Float, sa.DateTime, sa.LargeBinary)
 
 
 def _read(conn: Connection, query: sa.Select) -> pd.DataFrame:
@@ -550,6 +550,13 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
     return pd.Series(out, index=index, dtype=object)
 
 
+def _texts(payloads: np.ndarray) -> np.ndarray:
+    """Stored payloads (UTF-8 bytes as `read_scope` gives them, or text) as text."""
+    if len(payloads) and isinstance(payloads[0], bytes):
+        return pa.array(payloads, type=pa.binary()).cast(pa.string()).to_numpy(zero_copy_only=False)
+    return payloads
+
+
 def _payload_hashes(
     records: pd.DataFrame, payload_columns: list[str], as_stored: pd.DataFrame | None
 ) -> tuple[pd.Series, pd.Series]:
@@ -564,7 +571,8 @@ def _payload_hashes(
     )
     have = known["record_hash"].notna().to_numpy()
     digest = pd.Series(known["record_hash"].to_numpy(), index=records.index, dtype=object)
-    text = pd.Series(known["payload"].to_numpy(), index=records.index, dtype=object)
+    text = pd.Series(None, index=records.index, dtype=object)
+    text[have] = _texts(known["payload"].to_numpy()[have])
     fresh_hash, fresh_text = hash_rows(records.loc[~have, payload_columns])
     digest[~have], text[~have] = fresh_hash.to_numpy(), fresh_text.to_numpy()
     return digest, text
@@ -1313,7 +1321,7 @@ class Scope:
     """The stored state of the records an incremental run re-decides the clusters of.
 
     `records`: source, source_key, golden_id, record_hash, valid_from, source_line
-    and payload JSON of those the store holds; `golden`: their golden records
+    and payload JSON (UTF-8 bytes) of those the store holds; `golden`: their golden records
     (golden_id, record_hash, members, status, created_run, version).
     """
 
@@ -1330,6 +1338,7 @@ def read_scope(conn: Connection, keys: pd.DataFrame) -> Scope:
     by sending their IDs back to it."""
     tmp, on = _source_keys(conn, keys)
     rec, gold = source_records.c, golden_records.c
+    sqlite = conn.dialect.name == "sqlite"
     # One pass: each stored record is found once, with its golden record beside it,
     # instead of a second search of the records for the golden IDs they hold.
     golden_columns = [c for c in _GOLDEN_QUERY.selected_columns if c.key != "golden_id"]
@@ -1338,7 +1347,9 @@ def read_scope(conn: Connection, keys: pd.DataFrame) -> Scope:
         _XREF_QUERY.add_columns(
             rec.valid_from,
             rec.source_line,
-            rec.payload,
+            # SQLite hands the stored UTF-8 over as it is: no text object per payload
+            # to encode again for the JSON parser (a cast of TEXT to BLOB keeps the bytes).
+            sa.cast(rec.payload, sa.LargeBinary).label("payload") if sqlite else rec.payload,
             *[c.label(f"g_{c.key}") for c in golden_columns],
         )
         .join(tmp, on)
@@ -1352,6 +1363,9 @@ def read_scope(conn: Connection, keys: pd.DataFrame) -> Scope:
         .reset_index(drop=True)
     )
     records = both.drop(columns=list(labels))
+    if not sqlite and len(records):
+        payloads = pa.array(records["payload"].to_numpy(), type=pa.string()).cast(pa.binary())
+        records["payload"] = payloads.to_numpy(zero_copy_only=False)
     return Scope(records, golden)
 
 

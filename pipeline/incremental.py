@@ -404,7 +404,7 @@ def snapshot_edges(
     )
 
 
-def parse_json_lines(text: str, strings: Collection[str] = ()) -> pd.DataFrame:
+def parse_json_lines(text: str | bytes, strings: Collection[str] = ()) -> pd.DataFrame:
     """JSON lines into a frame with Arrow's parser (several times pandas' speed).
 
     Arrow reads text that looks like a timestamp as one, which would turn a raw
@@ -413,7 +413,7 @@ def parse_json_lines(text: str, strings: Collection[str] = ()) -> pd.DataFrame:
     named in `strings` stay in Arrow (pandas's Arrow-backed string dtype, as
     normalisation makes them) instead of becoming Python objects.
     """
-    data = text.encode()
+    data = text if isinstance(text, bytes) else text.encode()
     table = pa_json.read_json(pa.BufferReader(data))
     timestamps = [f.name for f in table.schema if pa.types.is_timestamp(f.type)]
     if timestamps:
@@ -449,7 +449,9 @@ def records_from_payload(payloads: pd.DataFrame, like: pd.Series | None = None) 
         return pd.DataFrame(columns=[*KEYS, "source_line"])
     like = like if like is not None else pd.Series(dtype=object)
     strings = [c for c, d in like.items() if isinstance(d, pd.StringDtype)]
-    frame = parse_json_lines("\n".join(payloads["payload"].tolist()), strings)
+    lines = payloads["payload"].tolist()
+    # UTF-8 bytes as the store's scope read gives them, or text.
+    frame = parse_json_lines((b"\n" if isinstance(lines[0], bytes) else "\n").join(lines), strings)
     frame.insert(0, "source", payloads["source"].to_numpy())
     frame.insert(1, "source_key", payloads["source_key"].astype(str).to_numpy())
     frame.insert(2, "source_line", payloads["source_line"].astype(int).to_numpy())
