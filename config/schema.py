@@ -84,10 +84,25 @@ QUARANTINE_COLUMNS: tuple[str, ...] = (
 
 
 def record_keys(frame: pd.DataFrame) -> pd.Index:
-    """(source, source_key) as one text per record: one hash table serves every lookup."""
-    import pandas as pd  # here, not at the top: see the import above
+    """(source, source_key) as one text per record: one hash table serves every lookup.
 
-    return pd.Index(frame[SOURCE].astype(str) + "\x1f" + frame[SOURCE_KEY].astype(str))
+    Joined in Arrow when both columns are texts without gaps (a million records'
+    keys in a tenth of the time of Python string additions); other values (a
+    numeric key, a missing one) take pandas' `astype(str)`, as they always did.
+    """
+    import pandas as pd  # here, not at the top: see the import above
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        source = pa.array(frame[SOURCE], type=pa.string(), from_pandas=True)
+        key = pa.array(frame[SOURCE_KEY], type=pa.string(), from_pandas=True)
+    except (pa.ArrowException, TypeError, ValueError):
+        source = key = None
+    if source is None or key is None or source.null_count or key.null_count:
+        return pd.Index(frame[SOURCE].astype(str) + "\x1f" + frame[SOURCE_KEY].astype(str))
+    joined = pc.binary_join_element_wise(source, key, "\x1f")
+    return pd.Index(joined.to_numpy(zero_copy_only=False), dtype=object)
 
 
 def require_columns(frame: pd.DataFrame, columns: Iterable[str], boundary: str) -> None:

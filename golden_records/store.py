@@ -1310,10 +1310,31 @@ def read_snapshot(
                 ).replace_schema_metadata(base.schema.metadata)
         elif wanted is not None:
             table = table.select(wanted)
-        # Without interning equal texts: a third faster on a million records, for a
-        # little more memory (the repeated values are short: source, city, type).
-        frames[name] = table.to_pandas(deduplicate_objects=False)
+        # Without interning equal texts: a third faster on a million records. Only
+        # the few columns of a handful of distinct values share one text object per
+        # value (a million objects less each, whose memory a run would fault in).
+        repeated = [
+            c
+            for c in _FEW_VALUES
+            if c in table.column_names
+            and table.schema.field(c).type in (pa.string(), pa.large_string())
+        ]
+        frame = table.drop_columns(repeated).to_pandas(deduplicate_objects=False)
+        for c in sorted(repeated, key=table.column_names.index):
+            frame.insert(table.column_names.index(c), c, _shared_texts(table.column(c)))
+        frames[name] = frame
     return last, frames, tables
+
+
+#: Snapshot columns of a few distinct values (sources, NPAI states, record types).
+_FEW_VALUES = ("source", "npai_state", "record_type")
+
+
+def _shared_texts(values: pa.ChunkedArray) -> np.ndarray:
+    """Texts as Python objects, one object per distinct value (None where missing)."""
+    encoded = pc.dictionary_encode(values).combine_chunks()
+    texts = np.asarray([*encoded.dictionary.to_pylist(), None], dtype=object)
+    return texts[encoded.indices.fill_null(len(encoded.dictionary)).to_numpy()]
 
 
 @dataclass(frozen=True)

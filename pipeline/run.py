@@ -1006,9 +1006,10 @@ def _evidence(records: pd.DataFrame, result: MatchResult) -> pd.DataFrame:
     contrib_cols = [c for c in pairs.columns if c.startswith("w_")]
     contrib = pairs[contrib_cols].round(3).rename(columns=lambda c: c[2:])
     text = contrib.to_json(orient="records", lines=True) if len(pairs) else ""
-    left, right = pairs["left"].to_numpy(), pairs["right"].to_numpy()
-    source = records["source"].astype(str).to_numpy()
-    key = records["source_key"].astype(str).to_numpy()
+    # Keys as text at the pairs' records only (an incremental run holds a million).
+    ends = np.r_[pairs["left"].to_numpy(), pairs["right"].to_numpy()]
+    source, key = (records[c].take(ends).astype(str).to_numpy() for c in ("source", "source_key"))
+    left, right = np.arange(len(pairs)), len(pairs) + np.arange(len(pairs))
     # A pair is stored one way round whatever the load order: the smaller (source, key)
     # on the left, so that an incremental run finds the row a full run wrote.
     swap = (source[left] > source[right]) | (
