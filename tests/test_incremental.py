@@ -737,3 +737,58 @@ def test_run_order_is_config_order_then_line_then_key(
         == expected
     )
     assert sorted(ordered["payload"]) == list(range(len(frame)))
+
+
+def test_record_keys_join_source_and_key_as_text_whatever_their_types() -> None:
+    frame = pd.DataFrame(
+        {"source": ["crm", "web", "web", "shop"], "source_key": ["a1", 42, None, "é-7"]}
+    )
+    # Numbers and gaps take pandas' text (the Python path); texts are joined in Arrow.
+    assert list(inc.record_keys(frame)) == ["crm\x1fa1", "web\x1f42", "web\x1fNone", "shop\x1fé-7"]
+    texts = frame.iloc[[0, 3]].astype({"source_key": pd.StringDtype("pyarrow")})
+    keys = inc.record_keys(texts)
+    assert list(keys) == ["crm\x1fa1", "shop\x1fé-7"] and keys.dtype == object
+    assert keys.get_indexer(["shop\x1fé-7"]).tolist() == [1]
+
+
+def test_with_flags_sets_each_records_flag_by_key_in_the_records_order() -> None:
+    from mdm_pipeline.pipeline.run import with_flags
+
+    records = pd.DataFrame(
+        {
+            "source": ["a", "a", "b"],
+            "source_key": ["1", "2", "1"],
+            "npai_flag": [True, True, True],  # replaced, not kept
+            "x": [1, 2, 3],
+        },
+        index=[10, 11, 12],
+    )
+    flags = pd.DataFrame(
+        {
+            "source": ["b", "a"],
+            "source_key": ["1", "2"],
+            "npai_flag": [True, True],
+            "npai_date": ["2026-01-01", "2026-02-01"],
+            "npai_reason": ["R1", "R2"],
+        }
+    )
+    out = with_flags(records, flags)
+    assert list(out.columns) == [
+        "source",
+        "source_key",
+        "x",
+        *("npai_flag", "npai_date", "npai_reason"),
+    ]
+    assert out.index.equals(pd.RangeIndex(3)) and out["x"].tolist() == [1, 2, 3]
+    assert out["npai_flag"].tolist() == [False, True, True]
+    assert out["npai_date"].tolist()[1:] == ["2026-02-01", "2026-01-01"]
+    assert out["npai_reason"].tolist()[1:] == ["R2", "R1"]
+    assert pd.isna(out.loc[0, "npai_date"]) and pd.isna(out.loc[0, "npai_reason"])
+    assert not with_flags(records, flags.iloc[:0])["npai_flag"].any()
+
+
+def test_snapshot_texts_of_few_values_share_one_object_per_value() -> None:
+    values = pa.chunked_array([pa.array(["web", "crm", None]), pa.array(["crm", "web"])])
+    shared = store._shared_texts(values)
+    assert shared.tolist() == ["web", "crm", None, "crm", "web"]
+    assert shared[1] is shared[3] and shared[0] is shared[4]

@@ -676,3 +676,55 @@ def test_a_sqlite_transaction_hands_its_dirty_pages_to_the_disk_while_it_runs(
         conn.execute(store.runs.delete())
         time.sleep(0.05)
     assert flushed == []
+
+
+def test_read_gives_what_sqlalchemy_gives_with_its_datetimes_parsed_by_column(
+    url: str, six_people: pd.DataFrame
+) -> None:
+    """The driver-text path of `_read` returns the same frame as SQLAlchemy's own
+    result processing: same columns, values and datetimes (NULLs included)."""
+    engine = store.connect(url)
+    _night(engine, "R1", T1, six_people, [["a", "b"], ["c"], ["d", "e", "f"]])
+    query = sa.select(
+        store.source_records.c.source,
+        store.source_records.c.source_key,
+        store.source_records.c.source_line,
+        store.source_records.c.valid_from,
+        store.golden_records.c.retired_run,
+    ).join(
+        store.golden_records,
+        store.golden_records.c.golden_id == store.source_records.c.golden_id,
+    )
+    with engine.connect() as conn:
+        fast = store._read(conn, query)
+        result = conn.execute(query)
+        slow = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+    engine.dispose()
+    assert len(fast) == 6
+    assert fast["valid_from"].dtype == "datetime64[ns]"
+    assert (fast["valid_from"] == pd.Timestamp(T1)).all()
+    pd.testing.assert_frame_equal(fast, slow, check_dtype=False)
+
+
+def test_read_scope_gives_each_stored_record_its_golden_record_and_payload_bytes(
+    url: str, six_people: pd.DataFrame
+) -> None:
+    engine = store.connect(url)
+    _night(engine, "R1", T1, six_people, [["a", "b"], ["c"], ["d", "e", "f"]])
+    keys = six_people[["source", "source_key"]].iloc[[0, 3]]
+    with engine.begin() as conn:
+        scope = store.read_scope(
+            conn, pd.concat([keys, pd.DataFrame({"source": ["crm"], "source_key": ["none"]})])
+        )
+        golden = store._read(conn, store._GOLDEN_QUERY)
+    engine.dispose()
+    records = scope.records.sort_values("source_key").reset_index(drop=True)
+    assert records[["source", "source_key"]].values.tolist() == keys.astype(str).values.tolist()
+    assert all(isinstance(p, bytes) and json.loads(p) for p in records["payload"])
+    expected = golden[golden["golden_id"].isin(records["golden_id"])]
+    assert sorted(scope.golden["golden_id"]) == sorted(set(records["golden_id"]))
+    pd.testing.assert_frame_equal(
+        scope.golden.sort_values("golden_id").reset_index(drop=True),
+        expected.sort_values("golden_id").reset_index(drop=True)[list(scope.golden.columns)],
+        check_dtype=False,
+    )
