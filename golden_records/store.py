@@ -1409,8 +1409,10 @@ def replace_evidence(
     for side in ("left", "right"):
         named = keys.set_axis([f"{side}_source", f"{side}_key"], axis=1)
         old.append(_read(conn, _EVIDENCE_QUERY.where(_keys_in(conn, match_evidence, named))))
-    # A pair of two touched records is found from both sides.
-    stored = pd.concat(old, ignore_index=True).drop_duplicates(list(EVIDENCE_KEYS))
+    # A pair of two touched records is found from both sides (a side with no pair
+    # is left out: an empty frame's untyped columns would decide nothing).
+    stored = pd.concat([o for o in old if len(o)] or old[:1], ignore_index=True)
+    stored = stored.drop_duplicates(list(EVIDENCE_KEYS))
     return _write_evidence_changes(conn, run_id, evidence, stored)
 
 
