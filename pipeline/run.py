@@ -611,6 +611,7 @@ class Pipeline:
                 __changed=True,
             )
             current = inc.run_order(inc.stack([unchanged, fresh]), sources)
+            del unchanged  # a million rows, held for nothing after
             is_changed = current["__changed"].to_numpy(dtype=bool)
             # Each current record's row in the snapshot (-1: changed), and the changed
             # records' snapshot columns in current order: with the snapshot's Arrow
@@ -768,6 +769,14 @@ class Pipeline:
             records, keep_base = inc.next_snapshot(*snapshot_inputs)
             return store.serialise_snapshot({**records, "edges": links}, keep_base=keep_base)
 
+        # What only finding the delta, the NPAI lookup and the clustering needed of
+        # every stored record (a million keys as Python texts and their hash table, the
+        # stored state, last night's links, tonight's loaded rows) is let go here: the
+        # memory survivorship and the store's write then take comes back from it
+        # instead of from new pages the kernel must zero (docs/benchmarks.md).
+        deleted = delta.deleted
+        del loaded, state, delta, snap, edges, now_pos, el, er, live, kept
+
         # The transaction opens before survivorship, which reads the stored state of
         # the records in scope inside it; the next snapshot is built on the second
         # core from then on, while this one chooses golden records and writes them.
@@ -781,7 +790,7 @@ class Pipeline:
                 # the deleted ones), read once: payloads for the unchanged, the rest for
                 # the write.
                 scope = store.read_scope(
-                    conn, pd.concat([keys, delta.deleted[inc.KEYS]], ignore_index=True)
+                    conn, pd.concat([keys, deleted[inc.KEYS]], ignore_index=True)
                 )
                 stored_payloads = scope.records.merge(from_store, on=inc.KEYS)
                 restored = inc.records_from_payload(stored_payloads, changed.dtypes)
@@ -819,7 +828,7 @@ class Pipeline:
                     quarantined,
                     quarantine_scope,
                     scope=scope,
-                    removed=delta.deleted[inc.KEYS],
+                    removed=deleted[inc.KEYS],
                     # Read back and not re-flagged: their payload is the stored one.
                     as_stored=stored_payloads.merge(
                         current.loc[affected & ~is_changed & ~resurvive, inc.KEYS], on=inc.KEYS
