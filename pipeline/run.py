@@ -809,6 +809,7 @@ class Pipeline:
                 # Changed records are all affected (they are matched again): with the
                 # restored ones they are exactly the affected records.
                 records = inc.run_order(inc.stack([changed, restored]), sources)
+                del changed, restored  # copied into `records`
                 # Positions follow `current` restricted to the affected records.
                 labels = pd.Series(cluster_ids, index=records.index)
                 golden, lineage = survive(records, labels, settings.survivorship)
