@@ -962,10 +962,6 @@ class Pipeline:
         }
 
 
-#: The NPAI columns `with_flags` sets on every record.
-FLAG_COLUMNS = ("npai_flag", "npai_date", "npai_reason")
-
-
 def with_flags(records: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
     """Records with their current NPAI flag, date and reason (replacing any they had),
     in their order, positionally indexed.
@@ -980,12 +976,12 @@ def with_flags(records: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
     data: dict[str, Any] = {
         c: records[c].to_numpy() if isinstance(records[c].dtype, np.dtype) else records[c].array
         for c in records.columns
-        if c not in FLAG_COLUMNS
+        if c not in store.NPAI_STATE_COLUMNS
     }
     flag = np.zeros(len(records), dtype=bool)
     flag[found] = flags["npai_flag"].astype("boolean").fillna(False).to_numpy(bool)[at[found]]
     data["npai_flag"] = flag
-    for c in FLAG_COLUMNS[1:]:
+    for c in store.NPAI_STATE_COLUMNS[1:]:
         values = np.full(len(records), np.nan, dtype=object)
         values[found] = flags[c].to_numpy(dtype=object)[at[found]]
         data[c] = values
