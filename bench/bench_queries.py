@@ -53,7 +53,7 @@ def pad(engine: sa.Engine, target: int) -> None:
             )
             for table, cols in (
                 ("mdm_golden_records", "golden_id"),
-                ("mdm_golden_versions", "golden_id"),
+                ("mdm_golden_history", "golden_id"),
             ):
                 names = [r[1] for r in conn.execute(sa.text(f"pragma table_info({table})")).all()]
                 select = ", ".join(f"{c} || '{tag}'" if c == cols else c for c in names)

@@ -2,10 +2,12 @@
 
 Current state and history live side by side: `mdm_golden_records` and
 `mdm_source_records` hold what is true now (fast reads for the applications),
-`mdm_golden_versions`, `mdm_xref` and `mdm_record_history` hold every earlier
+`mdm_golden_history`, `mdm_xref` and `mdm_record_history` hold every earlier
 state with its validity dates (what auditors ask for), `mdm_events` every merge
-and split. The schema itself is created and upgraded by the Alembic migrations
-in `migrations/`; a test checks that they leave exactly these tables.
+and split. The view `mdm_golden_versions` puts every version of a golden record,
+earlier and current, in one place for whoever asks in SQL. The schema itself is
+created and upgraded by the Alembic migrations in `migrations/`; a test checks
+that they leave exactly these tables.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ golden_records = sa.Table(
     sa.Column("members", sa.Integer, nullable=False),
     sa.Column("record_hash", sa.String(32), nullable=False),
     sa.Column("attributes", sa.Text, nullable=False),  # golden values, JSON
-    # Lineage (attribute -> source|source_key|rule|date) is in the version row only.
+    # attribute -> "source|source_key|rule|date" of the current version, JSON
+    sa.Column("lineage", sa.Text, nullable=False, server_default="{}"),
     sa.Column("created_run", sa.String(40), nullable=False),
     sa.Column("updated_run", sa.String(40), nullable=False),
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),
@@ -113,15 +116,21 @@ match_evidence = sa.Table(
     sqlite_with_rowid=False,
 )
 
-golden_versions = sa.Table(
-    "mdm_golden_versions",
+#: Every version of a golden record that is no longer current: a new night's version,
+#: a retirement or a merge closes the one in `mdm_golden_records` by copying it here
+#: with the date and run that closed it. Closed versions are only ever appended: a
+#: night that changes 40k golden records writes 40k rows at the end of this table,
+#: rather than reaching 40k scattered pages to date the rows it supersedes
+#: (migration 0010).
+golden_history = sa.Table(
+    "mdm_golden_history",
     metadata,
     sa.Column("golden_id", sa.String(40), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("valid_from", sa.DateTime, nullable=False),
-    sa.Column("valid_to", sa.DateTime),  # NULL: the current version
-    sa.Column("run_id", sa.String(40), nullable=False),
-    sa.Column("closed_run", sa.String(40)),
+    sa.Column("valid_to", sa.DateTime, nullable=False),
+    sa.Column("run_id", sa.String(40), nullable=False),  # the run that wrote it
+    sa.Column("closed_run", sa.String(40), nullable=False),
     sa.Column("record_type", sa.String(16), nullable=False),
     sa.Column("members", sa.Integer, nullable=False),
     sa.Column("record_hash", sa.String(32), nullable=False),
@@ -240,5 +249,27 @@ snapshot = sa.Table(
     sa.Column("run_id", sa.String(40), nullable=False),  # the run that wrote it
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
+#: Views the migrations create; declared apart from `metadata`, which lists the tables.
+views = sa.MetaData()
+
+#: Every version of every golden record: the closed ones of `mdm_golden_history` and
+#: the current one of each active golden record (`valid_to` NULL). What "golden
+#: versions" meant before migration 0010, when it was a table.
+golden_versions = sa.Table(
+    "mdm_golden_versions",
+    views,
+    sa.Column("golden_id", sa.String(40)),
+    sa.Column("version", sa.Integer),
+    sa.Column("valid_from", sa.DateTime),
+    sa.Column("valid_to", sa.DateTime),  # NULL: the current version
+    sa.Column("run_id", sa.String(40)),
+    sa.Column("closed_run", sa.String(40)),
+    sa.Column("record_type", sa.String(16)),
+    sa.Column("members", sa.Integer),
+    sa.Column("record_hash", sa.String(32)),
+    sa.Column("attributes", sa.Text),
+    sa.Column("lineage", sa.Text),
+)
+
 #: Columns of the snapshot's records an incremental run reads as the matching view.
 MATCH_COLUMNS = ("record_type", "birth_date", *MATCH_TEXT_COLUMNS)

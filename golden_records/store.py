@@ -46,6 +46,7 @@ from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the
 from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tables)
     MATCH_COLUMNS,
     events,
+    golden_history,
     golden_records,
     golden_versions,
     lock,
@@ -677,19 +678,15 @@ def write_run(
     write["valid_from"] = at
     write["retired_run"] = None
     write["survivor_id"] = None
+    # The version each changed golden record is at goes to the history before its row
+    # is overwritten (a retired one's last version went there when it retired).
+    superseded = ~is_new[write.index] & (write["status_old"] == "active")
+    _archive_versions(conn, write.loc[superseded, ["golden_id"]], at, run_id)
     _replace(
         conn,
         golden_records,
         write[[c.name for c in golden_records.columns]],
         write.loc[~is_new[write.index], ["golden_id"]],
-    )
-    _close_open(conn, golden_versions, write.loc[~is_new[write.index], ["golden_id"]], at, run_id)
-    _insert(
-        conn,
-        golden_versions,
-        write.assign(run_id=run_id, valid_to=None, closed_run=None)[
-            [c.name for c in golden_versions.columns]
-        ],
     )
 
     # Golden records no cluster kept are retired; a merged one resolves to its survivor.
@@ -700,6 +697,7 @@ def write_run(
     ]
     survivor = assignment.retired.set_index("golden_id")["survivor_id"]
     if len(gone):
+        _archive_versions(conn, gone[["golden_id"]], at, run_id)
         conn.execute(
             golden_records.update()
             .where(golden_records.c.golden_id == sa.bindparam("gid"))
@@ -712,7 +710,6 @@ def write_run(
             ),
             [{"gid": g, "survivor": survivor.get(g)} for g in gone["golden_id"]],
         )
-        _close_open(conn, golden_versions, gone[["golden_id"]], at, run_id)
     result.golden_retired = len(gone)
 
     # Source records: current payload and golden ID, with history of both.
@@ -860,6 +857,35 @@ def _archive_payloads(conn: Connection, keys: pd.DataFrame, at: datetime, run_id
             moved,
         )
     )
+
+
+def _archive_versions(conn: Connection, keys: pd.DataFrame, at: datetime, run_id: str) -> None:
+    """Close the current version of these active golden records at `at`: a copy of
+    their row, dated, appended to the golden history by the database itself (one
+    INSERT ... SELECT, as for payloads)."""
+    if not len(keys):
+        return
+    g = golden_records.c
+    tmp = _temp_keys(conn, golden_records, keys)
+    closed = (
+        sa.select(
+            g.golden_id,
+            g.version,
+            sa.func.coalesce(g.valid_from, sa.literal(at, sa.DateTime)),
+            sa.literal(at, sa.DateTime),
+            g.updated_run,
+            sa.literal(run_id, sa.String),
+            g.record_type,
+            g.members,
+            g.record_hash,
+            g.attributes,
+            g.lineage,
+        )
+        .join(tmp, tmp.c.golden_id == g.golden_id)
+        .where(g.status == "active")
+    )
+    # Selected in the history's column order.
+    conn.execute(golden_history.insert().from_select(list(golden_history.c), closed))
 
 
 def _payload_dates(conn: Connection, keys: pd.DataFrame) -> np.ndarray:

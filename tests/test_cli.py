@@ -104,7 +104,14 @@ def test_rerun_on_same_input_changes_nothing(samples: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "table", ["mdm_golden_versions", "mdm_source_records", "mdm_xref", "mdm_record_history"]
+    "table",
+    [
+        "mdm_golden_records",
+        "mdm_golden_history",
+        "mdm_source_records",
+        "mdm_xref",
+        "mdm_record_history",
+    ],
 )
 def test_failure_mid_write_leaves_store_unchanged(
     samples: Path, monkeypatch, table: str, dump_store
@@ -126,9 +133,10 @@ def test_failure_mid_write_leaves_store_unchanged(
             raise RuntimeError("disk full")
 
     monkeypatch.setattr(store, "_insert", failing_insert)
-    if table == "mdm_record_history":
-        # Superseded payloads are copied by the database (INSERT ... SELECT), not sent.
-        archive = store._archive_payloads
+    if table in ("mdm_record_history", "mdm_golden_history"):
+        # Superseded payloads and versions are copied by the database (INSERT ... SELECT).
+        name = "_archive_payloads" if table == "mdm_record_history" else "_archive_versions"
+        archive = getattr(store, name)
 
         def failing_archive(conn, keys, at, run_id):
             calls["n"] += 1
@@ -136,7 +144,7 @@ def test_failure_mid_write_leaves_store_unchanged(
             if len(keys):
                 raise RuntimeError("disk full")
 
-        monkeypatch.setattr(store, "_archive_payloads", failing_archive)
+        monkeypatch.setattr(store, name, failing_archive)
     result = _run(samples / "config.yaml")
     assert result.exit_code == 1
     assert "internal error (RuntimeError" in result.stderr

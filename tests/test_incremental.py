@@ -601,7 +601,14 @@ def test_a_failure_building_the_next_snapshot_leaves_the_store_unchanged(
 
 @pytest.mark.parametrize(
     "table",
-    ["mdm_match_evidence", "mdm_golden_versions", "mdm_source_records", "mdm_xref", "survive"],
+    [
+        "mdm_match_evidence",
+        "mdm_golden_records",
+        "mdm_golden_history",
+        "mdm_source_records",
+        "mdm_xref",
+        "survive",
+    ],
 )
 def test_an_incremental_run_failing_mid_write_or_in_survivorship_leaves_the_store_unchanged(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dump_store, table: str
@@ -612,6 +619,7 @@ def test_an_incremental_run_failing_mid_write_or_in_survivorship_leaves_the_stor
     cfg, url, before = _stored_with_a_day_2(samples, tmp_path, dump_store, seed=5)
     calls = {"writes": 0}
     real_insert, real_survive = store._insert, run_module.survive
+    real_archive = store._archive_versions
 
     def failing_insert(conn, target, frame, **options):
         calls["writes"] += 1
@@ -622,7 +630,15 @@ def test_an_incremental_run_failing_mid_write_or_in_survivorship_leaves_the_stor
     def failing_survive(*args, **kwargs):
         raise RuntimeError("bad rule")
 
+    def failing_archive(conn, keys, at, run_id):
+        calls["writes"] += 1
+        real_archive(conn, keys, at, run_id)
+        if len(keys):
+            raise RuntimeError("disk full")
+
     monkeypatch.setattr(store, "_insert", failing_insert)
+    if table == "mdm_golden_history":  # closed versions are copied by INSERT ... SELECT
+        monkeypatch.setattr(store, "_archive_versions", failing_archive)
     if table == "survive":
         monkeypatch.setattr(run_module, "survive", failing_survive)
     _fails_leaving_the_store_as_it_was(cfg, url, before, dump_store)

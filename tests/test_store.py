@@ -43,7 +43,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def test_migrations_build_exactly_the_declared_schema(url: str) -> None:
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0009"
+    assert store.schema_revision(engine) == "0010"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
@@ -86,7 +86,7 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
         )
     engine.dispose()
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0009"
+    assert store.schema_revision(engine) == "0010"
     with engine.connect() as conn:
         version = conn.execute(sa.select(store.golden_versions)).mappings().one()
         link = conn.execute(sa.select(store.xref)).mappings().one()
@@ -400,6 +400,84 @@ def test_a_changed_value_makes_a_version_and_keeps_the_old_payload(
     assert (source, key, rule) == ("s", "a", "only_candidate")
     updated = moved.loc[0, "source_updated_at"]
     assert day == ("" if pd.isna(updated) else pd.Timestamp(updated).strftime("%Y-%m-%d"))
+    engine.dispose()
+
+
+def _by_key(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["golden_id", "version"]).reset_index(drop=True)
+
+
+def test_closed_versions_are_appended_and_never_rewritten(
+    url: str, six_people: pd.DataFrame
+) -> None:
+    """A night closes a version by copying the current row to the golden history: the
+    rows earlier nights put there stay as they were, each dated and with the run
+    that closed it, and a current version is never in the history."""
+    engine = store.connect(url)
+    _night(engine, "R1", T1, six_people, [["c"], ["d", "e", "f"]])
+    assert _table(engine, store.golden_history).empty  # a first night closes nothing
+    _night(engine, "R2", T2, six_people, [["a", "b"], ["c"], ["d", "e", "f"]])
+    after_r2 = _by_key(_table(engine, store.golden_history))
+    _, n3 = _night(engine, "R3", T3, six_people, [["a", "b", "c"], ["d", "e"], ["f"]])
+    after_r3 = _by_key(_table(engine, store.golden_history))
+    kept = after_r3.merge(after_r2.astype(after_r3.dtypes), how="inner")
+    pd.testing.assert_frame_equal(_by_key(kept), after_r2, check_dtype=False)
+    added = after_r3[~after_r3["closed_run"].isin(after_r2["closed_run"])]
+    assert (added["closed_run"] == "R3").all() and (added["valid_to"] == T3).all()
+    # R3 closed the merged-away record's version (retired) and the split one's (changed),
+    # and the survivor's: the three golden records it rewrote.
+    golden = _table(engine, store.golden_records).set_index("golden_id")
+    retired = golden.index[golden["status"] == "retired"]
+    assert len(retired) == 1 and set(retired) <= set(added["golden_id"])
+    assert {n3["c"], n3["d"]} <= set(added["golden_id"])
+    # The current versions are in the current state, with their lineage, not in history.
+    current = golden[golden["status"] == "active"]
+    closed = after_r3.set_index(["golden_id", "version"]).index
+    assert not closed.isin(list(zip(current.index, current["version"], strict=True))).any()
+    assert all(json.loads(text) for text in current["lineage"])
+    # The view shows both, as auditors' SQL knows it: one open version per active record.
+    versions = _table(engine, store.golden_versions)
+    assert len(versions) == len(after_r3) + len(current)
+    open_ = versions[versions["valid_to"].isna()].set_index("golden_id")
+    assert sorted(open_.index) == sorted(current.index)
+    assert (open_["lineage"] == current.loc[open_.index, "lineage"]).all()
+    engine.dispose()
+
+
+def test_golden_history_migrates_both_ways_with_every_version(
+    url: str, six_people: pd.DataFrame
+) -> None:
+    """Down to 0009 the versions are one table again, the current ones open, the
+    lineage back in them only; up again, the same versions, the closed ones in the
+    history and the current ones' lineage in the current state."""
+    engine = store.connect(url)
+    _night(engine, "R1", T1, six_people, [["c"], ["d", "e", "f"]])
+    _night(engine, "R2", T2, six_people, [["a", "b"], ["c"], ["d", "e", "f"]])
+    _night(engine, "R3", T3, six_people, [["a", "b", "c"], ["d", "e"], ["f"]])
+    every = _by_key(_table(engine, store.golden_versions))
+    history = _by_key(_table(engine, store.golden_history))
+    current = _table(engine, store.golden_records)
+    with engine.begin() as conn:
+        store.alembic_command.downgrade(store._alembic_config(conn), "0009")
+    engine.dispose()
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        assert "mdm_golden_versions" in inspector.get_table_names()
+        assert "mdm_golden_history" not in inspector.get_table_names()
+        columns = {c["name"] for c in inspector.get_columns("mdm_golden_records")}
+        assert "lineage" not in columns
+        old = _by_key(store._read(conn, sa.select(store.golden_versions)))
+    engine.dispose()
+    pd.testing.assert_frame_equal(old, every)
+    engine = store.connect(url)  # upgrades again
+    assert store.schema_revision(engine) == connection.HEAD
+    pd.testing.assert_frame_equal(_by_key(_table(engine, store.golden_versions)), every)
+    pd.testing.assert_frame_equal(_by_key(_table(engine, store.golden_history)), history)
+    pd.testing.assert_frame_equal(
+        _table(engine, store.golden_records).sort_values("golden_id").reset_index(drop=True),
+        current.sort_values("golden_id").reset_index(drop=True),
+    )
     engine.dispose()
 
 
