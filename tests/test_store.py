@@ -7,8 +7,10 @@ missing server fails the test rather than skipping it).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -190,7 +192,16 @@ def test_a_split_keeps_the_id_for_the_larger_part() -> None:
 def test_new_ids_are_opaque_and_never_reused() -> None:
     ids = {store.new_golden_id() for _ in range(10_000)}
     assert len(ids) == 10_000
-    assert all(g.startswith("G") and len(g) == 21 for g in ids)
+    assert all(re.fullmatch(r"G[0-9A-F]{20}", g) for g in ids)
+    # A batch as large as a full run's is distinct too (its random tails are drawn
+    # until they are), and a later run's IDs sort after an earlier one's.
+    first = store.new_golden_ids(600_000)
+    assert len(set(first)) == 600_000
+    time.sleep(0.002)
+    later = store.new_golden_ids(1_000)
+    assert max(first) < min(later)
+    assert len({g[:12] for g in first}) == 1  # one time prefix, random tails
+    assert not (pd.Series(first).is_monotonic_increasing)
 
 
 def test_assignment_does_not_depend_on_row_order() -> None:
