@@ -170,9 +170,11 @@ def run(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Run the nightly job: load, normalise, match, cluster, store golden records, export."""
+    from mdm_pipeline.pipeline.allocator import keep_freed_memory
     from mdm_pipeline.pipeline.run import Pipeline
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+    keep_freed_memory()  # this process is the night's: its freed memory is for itself
     try:
         pipeline = Pipeline.from_config(config)
         if engine is not None:

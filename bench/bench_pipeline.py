@@ -37,8 +37,11 @@ def _one(records: int, workdir: Path, kind: str) -> dict:
     import sqlalchemy as sa
 
     from mdm_pipeline.matching.evaluation import pair_scores
+    from mdm_pipeline.pipeline.allocator import keep_freed_memory
     from mdm_pipeline.pipeline.run import Pipeline
     from mdm_pipeline.sources.synthetic import generate
+
+    keep_freed_memory()  # as `mdm run` does
 
     t0 = time.perf_counter()
     if not (workdir / "config.yaml").exists():
