@@ -583,16 +583,24 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
 
 
 def _texts(payloads: np.ndarray) -> np.ndarray:
-    """Stored payloads (UTF-8 bytes as `read_scope` gives them, or text) as text."""
-    if len(payloads) and isinstance(payloads[0], bytes):
-        return pa.array(payloads, type=pa.binary()).cast(pa.string()).to_numpy(zero_copy_only=False)
-    return payloads
+    """Payloads as text: those stored ones still as the UTF-8 bytes `read_scope` gave
+    (any of them, among texts) decoded together in Arrow."""
+    stored = np.fromiter((type(p) is bytes for p in payloads), dtype=bool, count=len(payloads))
+    if not stored.any():
+        return payloads
+    out = np.array(payloads, dtype=object)
+    out[stored] = (
+        pa.array(out[stored], type=pa.binary()).cast(pa.string()).to_numpy(zero_copy_only=False)
+    )
+    return out
 
 
 def _payload_hashes(
     records: pd.DataFrame, payload_columns: list[str], as_stored: pd.DataFrame | None
 ) -> tuple[pd.Series, pd.Series]:
-    """(hash, JSON payload) per record; those in `as_stored` keep their stored ones."""
+    """(hash, JSON payload) per record; those in `as_stored` keep their stored ones, as
+    they were read (UTF-8 bytes from SQLite): only the few a night writes again (records
+    that moved to another golden record) are decoded, by `_texts` when written."""
     if as_stored is None or not len(as_stored):
         return hash_rows(records[payload_columns])
     keys = records[["source", "source_key"]].astype({"source_key": str})
@@ -604,7 +612,7 @@ def _payload_hashes(
     have = known["record_hash"].notna().to_numpy()
     digest = pd.Series(known["record_hash"].to_numpy(), index=records.index, dtype=object)
     text = pd.Series(None, index=records.index, dtype=object)
-    text[have] = _texts(known["payload"].to_numpy()[have])
+    text[have] = known["payload"].to_numpy()[have]
     fresh_hash, fresh_text = hash_rows(records.loc[~have, payload_columns])
     digest[~have], text[~have] = fresh_hash.to_numpy(), fresh_text.to_numpy()
     return digest, text
@@ -770,6 +778,7 @@ def write_run(
     # Superseded payloads go to the record history before they are overwritten.
     _archive_payloads(conn, both.loc[payload_changed, ["source", "source_key"]], at, run_id)
     to_write = both[dirty][[c.name for c in source_records.columns]].copy()
+    to_write["payload"] = _texts(to_write["payload"].to_numpy())
     # A record that only moved keeps the date of its payload.
     keep_date = (moved & ~payload_changed)[dirty].to_numpy()
     if keep_date.any():

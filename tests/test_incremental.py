@@ -808,3 +808,17 @@ def test_snapshot_texts_of_few_values_share_one_object_per_value() -> None:
     shared = store._shared_texts(values)
     assert shared.tolist() == ["web", "crm", None, "crm", "web"]
     assert shared[1] is shared[3] and shared[0] is shared[4]
+
+
+def test_stored_payloads_read_as_bytes_are_written_as_the_same_text() -> None:
+    """Payloads read back from SQLite stay UTF-8 bytes until a record is written again:
+    the write decodes those (among fresh texts) to the very text that was stored, so
+    that the column keeps text, not blobs."""
+    stored = '{"last_name_norm":"LEFÈVRE","city_norm":"SAINT-ÉTIENNE"}'
+    mixed = np.array([stored.encode(), '{"email_norm":"a@b.fr"}', stored.encode()], dtype=object)
+    texts = store._texts(mixed)
+    assert texts.tolist() == [stored, '{"email_norm":"a@b.fr"}', stored]
+    assert all(type(t) is str for t in texts)
+    assert mixed[0] == stored.encode()  # the caller's array is left as it was
+    fresh = np.array(['{"a":1}'], dtype=object)
+    assert store._texts(fresh) is fresh  # nothing to decode: no copy
