@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -21,11 +21,11 @@ from mdm_pipeline.golden_records.schema import (
     decisions,
     events,
     golden_records,
+    golden_versions,
     match_evidence,
     source_records,
     xref,
 )
-from mdm_pipeline.golden_records.schema import golden_history as closed_versions
 
 #: A chain of merges longer than this is a corrupt store, not a history.
 MAX_RESOLVE = 100
@@ -47,26 +47,6 @@ def _golden_row(conn: Connection, golden_id: str) -> sa.Row[Any]:
     if row is None:
         raise AuditError(f"golden ID {golden_id} is not in the store")
     return row
-
-
-class _Version(NamedTuple):
-    """A version as `mdm_golden_history` holds one, for the current one too."""
-
-    version: int
-    valid_from: datetime
-    valid_to: datetime | None
-    run_id: str
-    members: int
-    attributes: str
-    lineage: str
-
-
-def _current_version(row: sa.Row[Any]) -> _Version:
-    """The version an active golden record is at: its row of the current state (closed
-    versions are in the history)."""
-    return _Version(
-        row.version, row.valid_from, None, row.updated_run, row.members, row.attributes, row.lineage
-    )
 
 
 def resolve(conn: Connection, golden_id: str) -> tuple[str, list[str]]:
@@ -132,14 +112,12 @@ def golden_history(engine: Engine, golden_id: str) -> dict[str, Any]:
     date (the ID asked for, not its survivor: a retired ID's history ends with it)."""
     with engine.connect() as conn:
         row = _golden_row(conn, golden_id)
-        versions = [
-            *conn.execute(
-                sa.select(closed_versions)
-                .where(closed_versions.c.golden_id == golden_id)
-                .order_by(closed_versions.c.version)
-            ).all(),
-            *([_current_version(row)] if row.status == "active" else []),
-        ]
+        # The view: the closed versions of the history, then the current one.
+        versions = conn.execute(
+            sa.select(golden_versions)
+            .where(golden_versions.c.golden_id == golden_id)
+            .order_by(golden_versions.c.version)
+        ).all()
         found = conn.execute(
             sa.select(events).where(events.c.golden_id == golden_id).order_by(events.c.event_id)
         ).all()
@@ -204,18 +182,14 @@ def golden_history(engine: Engine, golden_id: str) -> dict[str, Any]:
 def golden_as_of(engine: Engine, golden_id: str, when: datetime) -> dict[str, Any]:
     """The version of a golden record in force at `when`, with its lineage."""
     with engine.connect() as conn:
-        row = _golden_row(conn, golden_id)
-        current = _current_version(row) if row.status == "active" else None
-        if current is not None and current.valid_from is not None and current.valid_from <= when:
-            v: Any = current
-        else:
-            v = conn.execute(
-                sa.select(closed_versions).where(
-                    closed_versions.c.golden_id == golden_id,
-                    closed_versions.c.valid_from <= when,
-                    closed_versions.c.valid_to > when,
-                )
-            ).first()
+        _golden_row(conn, golden_id)
+        v = conn.execute(
+            sa.select(golden_versions).where(
+                golden_versions.c.golden_id == golden_id,
+                golden_versions.c.valid_from <= when,
+                sa.or_(golden_versions.c.valid_to.is_(None), golden_versions.c.valid_to > when),
+            )
+        ).first()
     if v is None:
         raise AuditError(f"golden ID {golden_id} had no version in force on {when:%Y-%m-%d %H:%M}")
     return {

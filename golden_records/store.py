@@ -611,8 +611,7 @@ def _payload_hashes(
     )
     have = known["record_hash"].notna().to_numpy()
     digest = pd.Series(known["record_hash"].to_numpy(), index=records.index, dtype=object)
-    text = pd.Series(None, index=records.index, dtype=object)
-    text[have] = known["payload"].to_numpy()[have]
+    text = pd.Series(known["payload"].to_numpy(), index=records.index, dtype=object)
     fresh_hash, fresh_text = hash_rows(records.loc[~have, payload_columns])
     digest[~have], text[~have] = fresh_hash.to_numpy(), fresh_text.to_numpy()
     return digest, text
