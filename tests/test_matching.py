@@ -456,6 +456,9 @@ def test_contributions_add_up_to_the_weight(samples: Path) -> None:
         parts = json.loads(contributions)
         assert weight == pytest.approx(prior_w + sum(parts.values()), abs=0.01)
         assert {"first_name", "birth_date", "address", "contact_overlap"} <= set(parts)
+        # Rounded to a thousandth as written, not a float32's 6.5130000114.
+        assert all(round(v, 3) == v for v in parts.values())
+        assert all(len(str(v).partition(".")[2]) <= 3 for v in parts.values()), contributions
 
 
 def test_bands_follow_the_configured_thresholds() -> None:
