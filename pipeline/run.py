@@ -536,17 +536,8 @@ class Pipeline:
         model = Model.from_json(stored_model[1])
         sources = [s.name for s in settings.sources]
         npai_before, _ = store.read_npai(engine, sent=False)
-        # The snapshot is read on a second thread while the extracts are loaded: most
-        # of its reading is SQLite's walk over 100 MB of pages and Arrow's decoding,
-        # both without the GIL, which the loading's pandas work needs (docs/benchmarks.md).
-        # Only the columns needed for every record become Python objects; the matching
-        # view stays in Arrow until a few blocks need it (`inc.match_view`).
-        with ThreadPoolExecutor(1, thread_name_prefix="mdm-snapshot-read") as pool:
-            reading = pool.submit(
-                store.read_snapshot, engine, convert={"records": inc.RECORD_COLUMNS}
-            )
-            mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
-            snap = reading.result()
+        snap = store.read_snapshot(engine, convert={"records": inc.RECORD_COLUMNS})
+        mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         if snap is None:
             raise StoreError(
                 "an incremental run starts from the snapshot the last full run left in "
