@@ -532,17 +532,19 @@ class Pipeline:
                 "an incremental run needs the matching model of a full run under these "
                 "matching settings: run `mdm run` without --incremental first"
             )
-        summary.model_run, summary.model_status = stored_model[0], "reused"
-        model = Model.from_json(stored_model[1])
-        sources = [s.name for s in settings.sources]
-        npai_before, _ = store.read_npai(engine, sent=False)
+        # Only the columns needed for every record become Python objects; the matching
+        # view stays in Arrow until a few blocks need it (`inc.match_view`).
         snap = store.read_snapshot(engine, convert={"records": inc.RECORD_COLUMNS})
-        mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         if snap is None:
             raise StoreError(
                 "an incremental run starts from the snapshot the last full run left in "
                 "the store, and there is none: run `mdm run` without --incremental first"
             )
+        summary.model_run, summary.model_status = stored_model[0], "reused"
+        model = Model.from_json(stored_model[1])
+        sources = [s.name for s in settings.sources]
+        npai_before, _ = store.read_npai(engine, sent=False)
+        mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         loaded = pd.concat([m.records for m in mapped], ignore_index=True)
         loaded["source_hash"] = source_hashes(loaded)
         state = snap[1]["records"]  # keys are text already (written so)
