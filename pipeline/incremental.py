@@ -243,29 +243,34 @@ def blocks_to_rematch(
     matching everyone, because every block that holds a record to match again is
     taken whole.
     """
-    n = len(changed)
     cap = settings.blocking.max_block_size
     rematch = changed.copy()
-    per_rule = []
     for keys_now, keys_old in zip(now, old, strict=True):
-        keys = np.r_[keys_now, keys_old]
-        ids, uniques = pd.factorize(keys)
-        ids = np.where(keys == 0, -1, ids)
-        size = len(uniques)
-        ok = ids >= 0
-        tonight = np.bincount(ids[:n][ok[:n]], minlength=size)
-        last = np.bincount(np.r_[ids[:n][ok[:n] & ~changed], ids[n:][ok[n:]]], minlength=size)
+        # Only a block a changed or deleted record joined or left can have crossed the
+        # cap: sizes are counted for those few thousand keys, not for every block of a
+        # million records (`pd.factorize` of every key, rule by rule, took twice as long).
+        moved = np.unique(np.r_[keys_now[changed], keys_old])
+        moved = moved[moved != 0]  # 0: the record has no key under this rule
+        if not len(moved):
+            continue
+        lookup = pd.Index(moved)
+        here, there = lookup.get_indexer(keys_now), lookup.get_indexer(keys_old)
+        inside = here >= 0
+        tonight = np.bincount(here[inside], minlength=len(moved))
+        last = np.bincount(here[inside & ~changed], minlength=len(moved)) + np.bincount(
+            there[there >= 0], minlength=len(moved)
+        )
         crossed = (tonight > cap) != (last > cap)
-        here = ids[:n]
         if crossed.any():
-            rematch |= (here >= 0) & crossed[np.maximum(here, 0)]
-        per_rule.append((here, size))
+            rematch |= inside & crossed[np.maximum(here, 0)]
+    # A record to match again reaches its blocks under every rule, including one whose
+    # key no changed record shares (it may be matched again for another rule's block).
     reach = rematch.copy()
-    for here, size in per_rule:
-        hit = np.zeros(size + 1, dtype=bool)
-        hit[here[rematch & (here >= 0)]] = True
-        hit[-1] = False  # the slot that records without this rule's key fall in
-        reach |= hit[here]
+    for keys_now in now:
+        hit = np.unique(keys_now[rematch])
+        hit = hit[hit != 0]
+        if len(hit):
+            reach |= pd.Index(hit).get_indexer(keys_now) >= 0
     return rematch, reach
 
 

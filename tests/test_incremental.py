@@ -441,6 +441,57 @@ def test_matching_the_blocks_of_changed_records_gives_the_pairs_of_matching_ever
     pd.testing.assert_frame_equal(got, everyone)
 
 
+def _rematch_by_counting(
+    now: list[list[int]], old: list[list[int]], changed: list[bool], cap: int
+) -> tuple[list[bool], list[bool]]:
+    """`blocks_to_rematch` spelled out record by record: every block counted."""
+    from collections import Counter
+
+    rematch = list(changed)
+    for keys_now, keys_old in zip(now, old, strict=True):
+        tonight = Counter(k for k in keys_now if k)
+        last = Counter(k for k, c in zip(keys_now, changed, strict=True) if k and not c)
+        last.update(k for k in keys_old if k)
+        for i, k in enumerate(keys_now):
+            if k and (tonight[k] > cap) != (last[k] > cap):
+                rematch[i] = True
+    reach = list(rematch)
+    for keys_now in now:
+        hit = {k for k, r in zip(keys_now, rematch, strict=True) if r and k}
+        reach = [r or k in hit for r, k in zip(reach, keys_now, strict=True)]
+    return rematch, reach
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 40).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.lists(st.integers(0, 6), min_size=n, max_size=n), min_size=1, max_size=3),
+            st.lists(st.booleans(), min_size=n, max_size=n),
+            st.integers(0, 8),
+            st.integers(1, 4),
+        )
+    ),
+    st.data(),
+)
+def test_blocks_to_rematch_counts_as_every_block_would(case: tuple, data: st.DataObject) -> None:
+    """Only the blocks changed records joined or left are counted: the same records to
+    match again and reach as counting every block (key 0: no key under the rule)."""
+    now, changed, n_old, cap = case
+    old = [data.draw(st.lists(st.integers(0, 6), min_size=n_old, max_size=n_old)) for _ in now]
+    from types import SimpleNamespace
+
+    rematch, reach = inc.blocks_to_rematch(
+        [np.array(k, dtype=np.int64) for k in now],
+        [np.array(k, dtype=np.int64) for k in old],
+        np.array(changed, dtype=bool),
+        SimpleNamespace(blocking=SimpleNamespace(max_block_size=cap)),  # type: ignore[arg-type]
+    )
+    want_rematch, want_reach = _rematch_by_counting(now, old, changed, cap)
+    assert rematch.tolist() == want_rematch
+    assert reach.tolist() == want_reach
+
+
 def test_a_new_return_for_an_unchanged_record_re_chooses_its_golden_record(
     samples: Path, tmp_path: Path
 ) -> None:
