@@ -717,9 +717,9 @@ def write_run(
     write["retired_run"] = None
     write["survivor_id"] = None
     # The version each changed golden record is at goes to the history before its row
-    # is overwritten (a retired one's last version went there when it retired).
-    superseded = ~is_new[write.index] & (write["status_old"] == "active")
-    _archive_versions(conn, write.loc[superseded, ["golden_id"]], at, run_id)
+    # is overwritten (`_archive_versions` skips a retired one: its last version went
+    # there when it retired).
+    _archive_versions(conn, write.loc[~is_new[write.index], ["golden_id"]], at, run_id)
     _replace(
         conn,
         golden_records,
@@ -899,9 +899,10 @@ def _archive_payloads(conn: Connection, keys: pd.DataFrame, at: datetime, run_id
 
 
 def _archive_versions(conn: Connection, keys: pd.DataFrame, at: datetime, run_id: str) -> None:
-    """Close the current version of these active golden records at `at`: a copy of
-    their row, dated, appended to the golden history by the database itself (one
-    INSERT ... SELECT, as for payloads)."""
+    """Close the current version of these golden records at `at`: a copy of their row,
+    dated, appended to the golden history by the database itself (one INSERT ...
+    SELECT, as for payloads). A retired one among them is skipped: its last version
+    went to the history when it retired."""
     if not len(keys):
         return
     g = golden_records.c

@@ -7,7 +7,9 @@ import csv
 import io
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -445,8 +447,6 @@ def _rematch_by_counting(
     now: list[list[int]], old: list[list[int]], changed: list[bool], cap: int
 ) -> tuple[list[bool], list[bool]]:
     """`blocks_to_rematch` spelled out record by record: every block counted."""
-    from collections import Counter
-
     rematch = list(changed)
     for keys_now, keys_old in zip(now, old, strict=True):
         tonight = Counter(k for k in keys_now if k)
@@ -479,8 +479,6 @@ def test_blocks_to_rematch_counts_as_every_block_would(case: tuple, data: st.Dat
     match again and reach as counting every block (key 0: no key under the rule)."""
     now, changed, n_old, cap = case
     old = [data.draw(st.lists(st.integers(0, 6), min_size=n_old, max_size=n_old)) for _ in now]
-    from types import SimpleNamespace
-
     rematch, reach = inc.blocks_to_rematch(
         [np.array(k, dtype=np.int64) for k in now],
         [np.array(k, dtype=np.int64) for k in old],
