@@ -1331,23 +1331,48 @@ def read_snapshot(
     The records' table is a `StoredRecords` (base and patch, with each record's row);
     their frame holds the records in the last run's order, their line and NPAI
     state those of that run."""
-    previous = last_run(engine)
+    found = snapshot_tables(engine)
+    return None if found is None else snapshot_frames(*found, convert)
+
+
+def snapshot_tables(engine: Engine) -> tuple[str, dict[str, pa.Table]] | None:
+    """(run that wrote it, its parts as Arrow tables) of the snapshot, or None (see
+    `read_snapshot`). Apart from `snapshot_frames`, which makes the Python objects:
+    `snapshot_reader` does this part in another process."""
     with engine.connect() as conn:
         parts = conn.execute(
             sa.select(snapshot.c.name, snapshot.c.run_id, snapshot.c.data).order_by(
                 snapshot.c.name, snapshot.c.part
             )
         ).all()
-    last = previous[0] if previous else None
-    names = dict.fromkeys(n for n, _, _ in parts)
-    # The base may be older than the last run only when that run wrote a live index.
-    nightly = [run for name, run, _ in parts if name != "records" or "live" not in names]
-    if "records" not in names or last is None or any(run != last for run in nightly):
+    last = snapshot_run(engine, [(name, run) for name, run, _ in parts])
+    if last is None:
         return None
-    tables: dict[str, Any] = {}
-    for name in names:
+    tables: dict[str, pa.Table] = {}
+    for name in dict.fromkeys(n for n, _, _ in parts):
         data = b"".join(bytes(d) for n, _, d in parts if n == name)
         tables[name] = pq.read_table(pa.BufferReader(data))
+    return last, tables
+
+
+def snapshot_run(engine: Engine, parts: list[tuple[str, str]]) -> str | None:
+    """The last successful run, if the snapshot parts (name, run that wrote it) are
+    the snapshot it left; None otherwise (no snapshot, or an older one)."""
+    previous = last_run(engine)
+    last = previous[0] if previous else None
+    names = dict.fromkeys(n for n, _ in parts)
+    # The base may be older than the last run only when that run wrote a live index.
+    nightly = [run for name, run in parts if name != "records" or "live" not in names]
+    if "records" not in names or last is None or any(run != last for run in nightly):
+        return None
+    return last
+
+
+def snapshot_frames(
+    last: str, tables: dict[str, pa.Table], convert: dict[str, list[str]] | None = None
+) -> tuple[str, dict[str, pd.DataFrame], dict[str, Any]]:
+    """`read_snapshot`'s answer from the snapshot's Arrow tables (`snapshot_tables`)."""
+    tables = dict(tables)
     base = tables.pop("records")
     patch = tables.pop("patch", None)
     live = tables.pop("live", None)
@@ -1357,9 +1382,9 @@ def read_snapshot(
         if live is None
         else StoredRecords(rows, live.column("row").to_numpy(), base.num_rows)
     )
-    tables["records"] = records
+    out: dict[str, Any] = {**tables, "records": records}
     frames: dict[str, pd.DataFrame] = {}
-    for name, table in tables.items():
+    for name, table in out.items():
         wanted = (convert or {}).get(name)
         if name == "records":
             columns = wanted or records.column_names
@@ -1389,7 +1414,7 @@ def read_snapshot(
         for c in sorted(repeated, key=table.column_names.index):
             frame.insert(table.column_names.index(c), c, _shared_texts(table.column(c)))
         frames[name] = frame
-    return last, frames, tables
+    return last, frames, out
 
 
 #: Snapshot columns of a few distinct values (sources, NPAI states, record types).

@@ -34,6 +34,7 @@ from mdm_pipeline.config.errors import ConfigError, DataContractError, StoreErro
 from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
 from mdm_pipeline.config.settings import BlockingRule, Settings
 from mdm_pipeline.golden_records import review, store
+from mdm_pipeline.golden_records.snapshot_reader import SnapshotRead
 from mdm_pipeline.golden_records.survivorship import survive
 from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
 from mdm_pipeline.matching.clustering import guarded_clusters
@@ -532,21 +533,27 @@ class Pipeline:
                 "an incremental run needs the matching model of a full run under these "
                 "matching settings: run `mdm run` without --incremental first"
             )
-        # Only the columns needed for every record become Python objects; the matching
-        # view stays in Arrow until a few blocks need it (`inc.match_view`).
-        snap = store.read_snapshot(engine, convert={"records": inc.RECORD_COLUMNS})
+        # The snapshot is fetched and decompressed by a second process while this one
+        # loads the extracts (`snapshot_reader`). Only the columns needed for every
+        # record become Python objects; the matching view stays in Arrow until a few
+        # blocks need it (`inc.match_view`).
+        pending = SnapshotRead(engine)
+        try:
+            summary.model_run, summary.model_status = stored_model[0], "reused"
+            model = Model.from_json(stored_model[1])
+            sources = [s.name for s in settings.sources]
+            npai_before, _ = store.read_npai(engine, sent=False)
+            mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
+            loaded = pd.concat([m.records for m in mapped], ignore_index=True)
+            loaded["source_hash"] = source_hashes(loaded)
+            snap = pending.result(convert={"records": inc.RECORD_COLUMNS})
+        finally:
+            pending.close()
         if snap is None:
             raise StoreError(
                 "an incremental run starts from the snapshot the last full run left in "
                 "the store, and there is none: run `mdm run` without --incremental first"
             )
-        summary.model_run, summary.model_status = stored_model[0], "reused"
-        model = Model.from_json(stored_model[1])
-        sources = [s.name for s in settings.sources]
-        npai_before, _ = store.read_npai(engine, sent=False)
-        mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
-        loaded = pd.concat([m.records for m in mapped], ignore_index=True)
-        loaded["source_hash"] = source_hashes(loaded)
         state = snap[1]["records"]  # keys are text already (written so)
         deletions = pd.concat(
             [pd.DataFrame({"source": m.source, "source_key": m.deleted}) for m in mapped],

@@ -1,0 +1,64 @@
+"""The process `snapshot_reader` starts: a SQLite store's snapshot, decoded to files.
+
+Run as ``python -m mdm_pipeline.golden_records.snapshot_child STORE_FILE FOLDER``.
+It imports neither pandas nor SQLAlchemy (it starts in a fifth of a second),
+reads the rows of `mdm_snapshot` (the table `schema.snapshot`) read-only,
+decodes each part's Parquet and writes it to FOLDER as an Arrow IPC file, then
+prints one JSON line: the (name, run) of every row, and the file of every
+part. Whether those rows are the last run's snapshot is for the caller to
+decide (`store.snapshot_run`). On failure it prints the error's class alone
+(never a value from the store) and exits with 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+#: As `connection._tune_sqlite` maps the store: most of the snapshot's pages are read
+#: from the map rather than copied by a read call each.
+_MMAP_BYTES = 2147418112
+
+
+def read(store_file: str, folder: str) -> dict[str, object]:
+    """Decode the snapshot's parts into `folder`; what to print."""
+    uri = "file:" + store_file.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
+        rows = conn.execute(
+            "SELECT name, run_id, data FROM mdm_snapshot ORDER BY name, part"
+        ).fetchall()
+    finally:
+        conn.close()
+    files = {}
+    for i, name in enumerate(dict.fromkeys(n for n, _, _ in rows)):
+        data = b"".join(d for n, _, d in rows if n == name)
+        table = pq.read_table(pa.BufferReader(data))
+        del data
+        path = os.path.join(folder, f"{i}.arrow")
+        with pa.OSFile(path, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        files[name] = path
+    return {"parts": [[name, run] for name, run, _ in rows], "files": files}
+
+
+def main(argv: list[str]) -> int:
+    try:
+        answer = read(argv[0], argv[1])
+    except Exception as exc:  # the class only: a message could quote stored data
+        sys.stderr.write(exc.__class__.__name__ + "\n")
+        return 1
+    # The answer to the parent process (a protocol, not a message to a person).
+    sys.stdout.write(json.dumps(answer) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
