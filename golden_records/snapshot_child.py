@@ -1,4 +1,4 @@
-"""The process `snapshot_reader` starts: a SQLite store's snapshot, decoded to files.
+"""The process `background` starts: a SQLite store's snapshot, decoded to files.
 
 Run as ``python -m mdm_pipeline.golden_records.snapshot_child STORE_FILE FOLDER``.
 It imports neither pandas nor SQLAlchemy (it starts in a fifth of a second),
@@ -16,6 +16,8 @@ import json
 import os
 import sqlite3
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -26,7 +28,7 @@ import pyarrow.parquet as pq
 _MMAP_BYTES = 2147418112
 
 
-def read(store_file: str, folder: str) -> dict[str, object]:
+def read(store_file: str, folder: str) -> dict[str, Any]:
     """Decode the snapshot's parts into `folder`; what to print."""
     uri = "file:" + store_file.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True)
@@ -49,10 +51,13 @@ def read(store_file: str, folder: str) -> dict[str, object]:
     return {"parts": [[name, run] for name, run, _ in rows], "files": files}
 
 
-def main(argv: list[str]) -> int:
+def serve(read_into: Callable[[str, str], dict[str, Any]], argv: list[str]) -> int:
+    """Run a child's read (STORE_FILE, FOLDER) and answer the parent: one JSON line on
+    the standard output, or the error's class alone on the standard error (a message
+    could quote stored data) and exit status 1."""
     try:
-        answer = read(argv[0], argv[1])
-    except Exception as exc:  # the class only: a message could quote stored data
+        answer = read_into(argv[0], argv[1])
+    except Exception as exc:
         sys.stderr.write(exc.__class__.__name__ + "\n")
         return 1
     # The answer to the parent process (a protocol, not a message to a person).
@@ -61,4 +66,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(serve(read, sys.argv[1:]))

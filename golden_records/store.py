@@ -1338,7 +1338,7 @@ def read_snapshot(
 def snapshot_tables(engine: Engine) -> tuple[str, dict[str, pa.Table]] | None:
     """(run that wrote it, its parts as Arrow tables) of the snapshot, or None (see
     `read_snapshot`). Apart from `snapshot_frames`, which makes the Python objects:
-    `snapshot_reader` does this part in another process."""
+    `background` does this part in another process."""
     with engine.connect() as conn:
         parts = conn.execute(
             sa.select(snapshot.c.name, snapshot.c.run_id, snapshot.c.data).order_by(
@@ -1449,6 +1449,22 @@ def read_scope(conn: Connection, keys: pd.DataFrame) -> Scope:
     Their golden records are found by the database from the same key table, not
     by sending their IDs back to it."""
     tmp, on = _source_keys(conn, keys)
+    return _read_scope(conn, lambda query: query.join(tmp, on))
+
+
+def read_cluster_scope(conn: Connection, keys: pd.DataFrame) -> Scope:
+    """`read_scope` of every record of the golden records these records belong to: the
+    records whose golden record a night re-decides are mostly these (nine in ten at
+    1M records), and they are known before matching (`background.ScopeRead`)."""
+    tmp, on = _source_keys(conn, keys)
+    rec = source_records.c
+    ids = conn.execute(sa.select(rec.golden_id).join(tmp, on).distinct()).scalars().all()
+    held = _temp_keys(conn, source_records, pd.DataFrame({"golden_id": ids}, dtype=object))
+    return _read_scope(conn, lambda query: query.join(held, held.c.golden_id == rec.golden_id))
+
+
+def _read_scope(conn: Connection, join: Callable[[sa.Select], sa.Select]) -> Scope:
+    """The scope's query, its records chosen by `join`."""
     rec, gold = source_records.c, golden_records.c
     sqlite = conn.dialect.name == "sqlite"
     # One pass: each stored record is found once, with its golden record beside it,
@@ -1456,29 +1472,45 @@ def read_scope(conn: Connection, keys: pd.DataFrame) -> Scope:
     golden_columns = [c for c in _GOLDEN_QUERY.selected_columns if c.key != "golden_id"]
     both = _read(
         conn,
-        _XREF_QUERY.add_columns(
-            rec.valid_from,
-            rec.source_line,
-            # SQLite hands the stored UTF-8 over as it is: no text object per payload
-            # to encode again for the JSON parser (a cast of TEXT to BLOB keeps the bytes).
-            sa.cast(rec.payload, sa.LargeBinary).label("payload") if sqlite else rec.payload,
-            *[c.label(f"g_{c.key}") for c in golden_columns],
-        )
-        .join(tmp, on)
-        .outerjoin(golden_records, gold.golden_id == rec.golden_id),
+        join(
+            _XREF_QUERY.add_columns(
+                rec.valid_from,
+                rec.source_line,
+                # SQLite hands the stored UTF-8 over as it is: no text object per payload
+                # to encode again for the JSON parser (a cast of TEXT to BLOB keeps the
+                # bytes).
+                sa.cast(rec.payload, sa.LargeBinary).label("payload") if sqlite else rec.payload,
+                *[c.label(f"g_{c.key}") for c in golden_columns],
+            )
+        ).outerjoin(golden_records, gold.golden_id == rec.golden_id),
     )
     labels = {f"g_{c.key}": c.key for c in golden_columns}
-    golden = (
-        both.loc[both["g_record_hash"].notna(), ["golden_id", *labels]]
-        .drop_duplicates("golden_id")
-        .rename(columns=labels)
-        .reset_index(drop=True)
-    )
+    golden = both.loc[both["g_record_hash"].notna(), ["golden_id", *labels]].rename(columns=labels)
     records = both.drop(columns=list(labels))
     if not sqlite and len(records):
         payloads = pa.array(records["payload"].to_numpy(), type=pa.string()).cast(pa.binary())
         records["payload"] = payloads.to_numpy(zero_copy_only=False)
-    return Scope(records, golden)
+    return _in_scope_order(records, golden)
+
+
+def _in_scope_order(records: pd.DataFrame, golden: pd.DataFrame) -> Scope:
+    """A scope in one order whatever its reads: records by key, golden records as their
+    records first name them (once each)."""
+    records = records.take(sort_order(records, ["source", "source_key"])).reset_index(drop=True)
+    golden = golden.drop_duplicates("golden_id").set_index("golden_id")
+    named = pd.unique(records["golden_id"].to_numpy())
+    golden = golden.reindex(named[pd.Index(named).isin(golden.index)])
+    return Scope(records, golden.rename_axis("golden_id").reset_index())
+
+
+def merge_scopes(scopes: list[Scope]) -> Scope:
+    """One scope of several (a record or golden record read twice is kept once), as
+    one read of all their records would give it."""
+    read = [s for s in scopes if len(s.records)] or scopes[:1]
+    records = pd.concat([s.records for s in read], ignore_index=True)
+    records = records.drop_duplicates(["source", "source_key"])
+    golden = pd.concat([s.golden for s in read if len(s.golden)] or [read[0].golden])
+    return _in_scope_order(records, golden)
 
 
 def replace_evidence(

@@ -34,7 +34,7 @@ from mdm_pipeline.config.errors import ConfigError, DataContractError, StoreErro
 from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
 from mdm_pipeline.config.settings import BlockingRule, Settings
 from mdm_pipeline.golden_records import review, store
-from mdm_pipeline.golden_records.snapshot_reader import SnapshotRead
+from mdm_pipeline.golden_records.background import ScopeRead, SnapshotRead
 from mdm_pipeline.golden_records.survivorship import survive
 from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
 from mdm_pipeline.matching.clustering import guarded_clusters
@@ -534,7 +534,7 @@ class Pipeline:
                 "matching settings: run `mdm run` without --incremental first"
             )
         # The snapshot is fetched and decompressed by a second process while this one
-        # loads the extracts (`snapshot_reader`). Only the columns needed for every
+        # loads the extracts (`background`). Only the columns needed for every
         # record become Python objects; the matching view stays in Arrow until a few
         # blocks need it (`inc.match_view`).
         pending = SnapshotRead(engine)
@@ -564,6 +564,12 @@ class Pipeline:
             loaded, state, [s for s in sources if s not in delta_sources], deletions
         )
         summary.records_changed, summary.records_deleted = len(delta.changed), len(delta.deleted)
+        # The stored records of the golden records that changed and deleted records
+        # belong to, read by a second process while this one normalises, matches and
+        # clusters (`background`): most of the scope survivorship reads.
+        scope_read = ScopeRead(
+            engine, pd.concat([delta.changed[inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True)
+        )
         kept_pos = delta.unchanged["snap_pos"].to_numpy()
 
         with self._stage("normalize", summary, emit):
@@ -796,7 +802,7 @@ class Pipeline:
                 # The stored state of every record in scope (tonight's affected ones and
                 # the deleted ones), read once: payloads for the unchanged, the rest for
                 # the write.
-                scope = store.read_scope(
+                scope = scope_read.result(
                     conn, pd.concat([keys, deleted[inc.KEYS]], ignore_index=True)
                 )
                 stored_payloads = scope.records.merge(from_store, on=inc.KEYS)

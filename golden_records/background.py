@@ -1,0 +1,212 @@
+"""Reads of the store done by a child process while the run goes on with other work.
+
+An incremental night reads two large things from the store that it knows how
+to ask for well before it needs them:
+
+- the snapshot the last run left (every record's matching fields, about a
+  hundred megabytes of compressed Parquet at a million records), needed once
+  tonight's extracts are loaded (`SnapshotRead`);
+- the stored records, with their payloads and golden records, of the golden
+  records that tonight's changed and deleted records belong to: most of the
+  records whose golden record the night chooses again (nine in ten at 1M
+  records), needed once matching and clustering are done (`ScopeRead`).
+
+In one process each read would hold the GIL for much of its work beside the
+work it could overlap (a thread was tried for the snapshot: each slowed the
+other down, docs/benchmarks.md). So, for a SQLite store, each runs in a child
+process on the machine's other core and hands its tables over as Arrow IPC
+files in memory (`/dev/shm` where the system has it), which this process maps
+without copying. A child process rather than a fork: this one holds an open
+database connection and may hold Arrow's threads, neither of which is safe to
+fork. The store does not change in between: the run holds the store's run
+lock, and writes nothing before it has collected both reads.
+
+A PostgreSQL store, a store in memory, or a child that fails for any reason:
+the read is done in this process, as before. A background read is a speed-up,
+never a different answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as ipc
+from sqlalchemy.engine import Connection, Engine
+
+from mdm_pipeline.config.schema import SOURCE, SOURCE_KEY, record_keys
+from mdm_pipeline.golden_records import store
+
+log = logging.getLogger(__name__)
+
+#: Where a child writes its tables: memory-backed where the system has it, so that
+#: neither process waits on a disk for data that lives a few seconds.
+SHARED_MEMORY = Path("/dev/shm")
+#: The children's modules, each run with `python -m`.
+CHILD_MODULE = "mdm_pipeline.golden_records.snapshot_child"
+SCOPE_CHILD_MODULE = "mdm_pipeline.golden_records.scope_child"
+KEYS = [SOURCE, SOURCE_KEY]
+
+
+#: The smallest store file read in the background. A child costs about a second of
+#: start-up (the scope's child imports pandas and SQLAlchemy), which the work it
+#: overlaps hides on a store of a hundred thousand records and more, not on a small
+#: one, where the reads themselves take a few milliseconds.
+BACKGROUND_MIN_BYTES = 256 * 2**20
+
+
+def _store_file(engine: Engine) -> str | None:
+    """The file of a SQLite store large enough to be read in the background, else None."""
+    if engine.dialect.name != "sqlite":
+        return None
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database)
+    if not path.is_file() or path.stat().st_size < BACKGROUND_MIN_BYTES:
+        return None
+    return database
+
+
+def write_table(table: pa.Table, path: Path | str) -> None:
+    """`table` as an Arrow IPC file (what a child hands over)."""
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def map_table(path: Path | str) -> pa.Table:
+    """An Arrow IPC file's table, its buffers mapped rather than read: the file can go
+    at once, its pages stay until the table is let go."""
+    return ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def _stop(child: subprocess.Popen[str] | None, folder: str | None) -> None:
+    if child is not None and child.returncode is None:
+        child.kill()
+        child.communicate()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Child:
+    """A child process `python -m MODULE STORE_FILE FOLDER` answering one JSON line on
+    its standard output (see `snapshot_child`): started at once, waited for by
+    `answer`, stopped and its folder removed by `close` (or when this object goes)."""
+
+    def __init__(self, engine: Engine, module: str, inputs: dict[str, pa.Table]) -> None:
+        self.engine = engine
+        self._process: subprocess.Popen[str] | None = None
+        self.folder: str | None = None
+        store_file = _store_file(engine)
+        if store_file is None:
+            self._finalizer = weakref.finalize(self, _stop, None, None)
+            return
+        shared = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
+        try:
+            self.folder = tempfile.mkdtemp(prefix="mdm-background-", dir=shared)
+        except OSError:  # /dev/shm there but not writable here
+            self.folder = tempfile.mkdtemp(prefix="mdm-background-")
+        for name, table in inputs.items():
+            write_table(table, Path(self.folder) / f"{name}.arrow")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", module, store_file, self.folder],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # A run that fails before it collects the answer still stops the child and
+        # removes its files (at the latest when the interpreter exits).
+        self._finalizer = weakref.finalize(self, _stop, self._process, self.folder)
+
+    @property
+    def started(self) -> bool:
+        return self._process is not None
+
+    def answer(self) -> dict[str, Any] | None:
+        """The child's answer; None if there is no child or it failed (logged)."""
+        if self._process is None:
+            return None
+        out, err = self._process.communicate()
+        if self._process.returncode != 0:
+            log.warning(
+                "a read of the store in a child process failed (%s): done in this one",
+                (err.strip().splitlines() or ["no message"])[-1],
+            )
+            return None
+        return json.loads(out)
+
+    def close(self) -> None:
+        """Stop the child if it still runs and remove its files (idempotent)."""
+        self._finalizer()
+        self._process = None
+        self.folder = None
+
+
+class SnapshotRead:
+    """`store.read_snapshot`, started now and collected by `result` (see the module)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._child = _Child(engine, CHILD_MODULE, {})
+
+    def result(
+        self, convert: dict[str, list[str]] | None = None
+    ) -> tuple[str, dict[str, pd.DataFrame], dict[str, Any]] | None:
+        """What `store.read_snapshot(engine, convert)` would answer."""
+        engine = self._child.engine
+        try:
+            answer = self._child.answer()
+            if answer is None:
+                return store.read_snapshot(engine, convert)
+            last = store.snapshot_run(engine, [tuple(p) for p in answer["parts"]])
+            if last is None:
+                return None
+            tables = {name: map_table(path) for name, path in answer["files"].items()}
+            return store.snapshot_frames(last, tables, convert)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._child.close()
+
+
+class ScopeRead:
+    """`store.read_cluster_scope` of some records, started now; `result` completes it
+    into `store.read_scope` of the records a night needs (see the module)."""
+
+    def __init__(self, engine: Engine, keys: pd.DataFrame) -> None:
+        table = pa.table({c: pa.array(keys[c].astype(str).to_numpy()) for c in KEYS})
+        self._child = _Child(engine, SCOPE_CHILD_MODULE, {"keys": table})
+
+    @property
+    def started(self) -> bool:
+        return self._child.started
+
+    def result(self, conn: Connection, keys: pd.DataFrame) -> store.Scope:
+        """`store.read_scope(conn, keys)`: what the child read of these records, and the
+        rest read here (through `conn`, inside the run's transaction)."""
+        try:
+            answer = self._child.answer()
+            if answer is None:
+                return store.read_scope(conn, keys)
+            records = map_table(answer["records"]).to_pandas()
+            golden = map_table(answer["golden"]).to_pandas()
+        finally:
+            self.close()
+        wanted = keys[KEYS].astype(str)
+        found = record_keys(records).get_indexer(record_keys(wanted))
+        early = store.Scope(records.take(found[found >= 0]).reset_index(drop=True), golden)
+        rest = wanted[found < 0]
+        return store.merge_scopes([early, store.read_scope(conn, rest)])
+
+    def close(self) -> None:
+        self._child.close()

@@ -1,0 +1,251 @@
+"""The store's reads done in a child process (golden_records/background.py) give what
+the store's own reads give, and fall back to them."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from mdm_pipeline.cli import app
+from mdm_pipeline.golden_records import background, store
+from mdm_pipeline.golden_records.background import ScopeRead, SnapshotRead
+from mdm_pipeline.pipeline import incremental as inc
+
+from .test_incremental import _state, day2
+
+runner = CliRunner()
+CONVERT = {"records": inc.RECORD_COLUMNS}
+
+
+def _run(cfg: Path, url: str, *extra: str) -> None:
+    result = runner.invoke(
+        app, ["run", "--config", str(cfg), "--json", *extra], env={"MDM_STORE_URL": url}
+    )
+    assert result.exit_code == 0, result.output
+
+
+def _assert_same(got: tuple | None, want: tuple | None) -> None:
+    assert got is not None and want is not None
+    assert got[0] == want[0]
+    assert got[1].keys() == want[1].keys() and got[2].keys() == want[2].keys()
+    for name in want[1]:
+        pd.testing.assert_frame_equal(got[1][name], want[1][name], obj=name)
+    for name, table in want[2].items():
+        if isinstance(table, store.StoredRecords):
+            assert got[2][name].rows.equals(table.rows)
+            assert (got[2][name].at == table.at).all()
+        else:
+            assert isinstance(got[2][name], pa.Table) and got[2][name].equals(table)
+
+
+@pytest.fixture(autouse=True)
+def any_store_in_the_background(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The samples' stores are far below the size read in the background by default."""
+    monkeypatch.setattr(background, "BACKGROUND_MIN_BYTES", 0)
+
+
+@pytest.fixture
+def night_two(samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A store after a full run and an incremental night that patched its snapshot (a
+    base, a patch, a live index and the links: every kind of part), its night read in
+    the background."""
+    monkeypatch.setattr(inc, "PATCH_SHARE", 10.0)
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    _run(samples / "config.yaml", url)
+    day2(samples, 1)
+    _run(samples / "config.yaml", url, "--incremental")
+    return url
+
+
+def test_the_child_process_reads_what_the_store_reads(night_two: str) -> None:
+    engine = store.connect(night_two)
+    want = store.read_snapshot(engine, CONVERT)
+    assert want is not None and {"patch", "live"} <= _part_names(engine)
+    pending = SnapshotRead(engine)
+    folder = pending._child.folder
+    assert pending._child.started and folder is not None  # a child was started
+    got = pending.result(CONVERT)
+    _assert_same(got, want)
+    assert not Path(folder).exists()  # its files are gone once mapped
+    # Without `convert`, every column, as the store's own read.
+    _assert_same(SnapshotRead(engine).result(), store.read_snapshot(engine))
+    engine.dispose()
+
+
+def _part_names(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(store.snapshot.c.name)).scalars())
+
+
+def test_a_failed_child_falls_back_to_reading_here(
+    night_two: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(background, "CHILD_MODULE", "mdm_pipeline.no_such_module")
+    engine = store.connect(night_two)
+    with caplog.at_level(logging.WARNING, logger=background.__name__):
+        got = SnapshotRead(engine).result(CONVERT)
+    _assert_same(got, store.read_snapshot(engine, CONVERT))
+    assert "done in this one" in caplog.text
+    engine.dispose()
+
+
+def test_a_store_without_the_last_runs_snapshot_has_none(night_two: str, tmp_path: Path) -> None:
+    # No snapshot at all: a store with its schema and nothing else.
+    empty = store.connect(f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    assert SnapshotRead(empty).result(CONVERT) is None
+    empty.dispose()
+    # A snapshot older than the last successful run: not the answer either.
+    engine = store.connect(night_two)
+    with engine.begin() as conn:
+        conn.execute(sa.update(store.snapshot).values(run_id="an older run"))
+    assert store.read_snapshot(engine, CONVERT) is None
+    assert SnapshotRead(engine).result(CONVERT) is None
+    engine.dispose()
+
+
+def test_only_a_large_enough_sqlite_file_is_read_in_a_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pg = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    assert background._store_file(pg) is None
+    assert background._store_file(sa.create_engine("sqlite://")) is None
+    assert background._store_file(sa.create_engine(f"sqlite:///{tmp_path}/absent")) is None
+    there = tmp_path / "there.sqlite"
+    shutil.copy(Path(__file__), there)
+    assert background._store_file(sa.create_engine(f"sqlite:///{there}")) == str(there)
+    monkeypatch.setattr(background, "BACKGROUND_MIN_BYTES", there.stat().st_size + 1)
+    assert background._store_file(sa.create_engine(f"sqlite:///{there}")) is None
+
+
+def _scope_keys(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Some stored records (the prefetch's input), and the keys a night would need:
+    some of those records' golden records' members, records of other golden records,
+    and a key the store does not hold."""
+    with engine.connect() as conn:
+        stored = pd.DataFrame(
+            conn.execute(
+                sa.select(
+                    store.source_records.c.source,
+                    store.source_records.c.source_key,
+                    store.source_records.c.golden_id,
+                ).order_by(store.source_records.c.golden_id, store.source_records.c.source_key)
+            ).all(),
+            columns=["source", "source_key", "golden_id"],
+        )
+    multi = stored[stored["golden_id"].duplicated(keep=False)]
+    changed = multi.drop_duplicates("golden_id").head(5)[["source", "source_key"]]
+    members = multi[multi["golden_id"].isin(multi["golden_id"].unique()[:3])]
+    others = stored[~stored["golden_id"].isin(multi["golden_id"])].head(4)
+    new = pd.DataFrame({"source": ["stores"], "source_key": ["never-stored"]})
+    wanted = pd.concat(
+        [members[["source", "source_key"]], others[["source", "source_key"]], new],
+        ignore_index=True,
+    )
+    assert len(members) > 3 and len(others) == 4
+    return changed, wanted
+
+
+def _assert_same_scope(got: store.Scope, want: store.Scope) -> None:
+    pd.testing.assert_frame_equal(got.records, want.records, obj="records")
+    pd.testing.assert_frame_equal(got.golden, want.golden, obj="golden")
+
+
+def test_the_scope_read_early_and_completed_here_is_the_scope_read_here(night_two: str) -> None:
+    engine = store.connect(night_two)
+    changed, wanted = _scope_keys(engine)
+    pending = ScopeRead(engine, changed)
+    assert pending.started
+    with engine.connect() as conn:
+        got = pending.result(conn, wanted)
+        want = store.read_scope(conn, wanted)
+    _assert_same_scope(got, want)
+    assert len(got.records) == len(wanted) - 1  # all but the key never stored
+    engine.dispose()
+
+
+def test_a_failed_scope_child_falls_back_to_reading_here(
+    night_two: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(background, "SCOPE_CHILD_MODULE", "mdm_pipeline.no_such_module")
+    engine = store.connect(night_two)
+    changed, wanted = _scope_keys(engine)
+    with caplog.at_level(logging.WARNING, logger=background.__name__), engine.connect() as conn:
+        got = ScopeRead(engine, changed).result(conn, wanted)
+        want = store.read_scope(conn, wanted)
+    _assert_same_scope(got, want)
+    assert "done in this one" in caplog.text
+    engine.dispose()
+
+
+def test_cluster_scope_holds_every_member_of_the_records_golden_records(night_two: str) -> None:
+    engine = store.connect(night_two)
+    changed, _ = _scope_keys(engine)
+    with engine.connect() as conn:
+        scope = store.read_cluster_scope(conn, changed)
+        ids = set(
+            conn.execute(
+                sa.select(store.source_records.c.golden_id).where(
+                    sa.tuple_(store.source_records.c.source, store.source_records.c.source_key).in_(
+                        list(changed.itertuples(index=False, name=None))
+                    )
+                )
+            ).scalars()
+        )
+        members = store.read_scope(
+            conn,
+            pd.DataFrame(
+                conn.execute(
+                    sa.select(
+                        store.source_records.c.source, store.source_records.c.source_key
+                    ).where(store.source_records.c.golden_id.in_(ids))
+                ).all(),
+                columns=["source", "source_key"],
+            ),
+        )
+    assert set(scope.golden["golden_id"]) == ids
+    _assert_same_scope(scope, members)
+    engine.dispose()
+
+
+def test_merged_scopes_are_one_read_of_all_their_records(night_two: str) -> None:
+    engine = store.connect(night_two)
+    _, wanted = _scope_keys(engine)
+    halves = [wanted.iloc[::2], wanted.iloc[1::2], wanted.iloc[:3]]  # one key read twice
+    with engine.connect() as conn:
+        got = store.merge_scopes([store.read_scope(conn, h) for h in halves])
+        want = store.read_scope(conn, wanted)
+    _assert_same_scope(got, want)
+    engine.dispose()
+
+
+def test_nights_read_in_the_background_equal_full_runs(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole incremental run with both reads in children: the store a full run
+    leaves, night after night (the patched snapshot included)."""
+    monkeypatch.setattr(inc, "PATCH_SHARE", 10.0)
+    started = []
+    real = background._Child.__init__
+
+    def spy(self: background._Child, *args: object) -> None:
+        real(self, *args)  # type: ignore[arg-type]
+        started.append(self.started)
+
+    monkeypatch.setattr(background._Child, "__init__", spy)
+    cfg = samples / "config.yaml"
+    a, b = tmp_path / "incremental.sqlite", tmp_path / "full.sqlite"
+    _run(cfg, f"sqlite:///{a}")
+    for seed in (1, 2):
+        shutil.copy(a, b)
+        day2(samples, seed)
+        _run(cfg, f"sqlite:///{a}", "--incremental")
+        _run(cfg, f"sqlite:///{b}")
+        assert _state(f"sqlite:///{a}") == _state(f"sqlite:///{b}"), seed
+    assert started == [True] * 4  # the snapshot's and the scope's child, each night
