@@ -1,7 +1,7 @@
 """Reads of the store done by a child process while the run goes on with other work.
 
-An incremental night reads two large things from the store that it knows how
-to ask for well before it needs them:
+An incremental night reads large things from the store that it knows how to
+ask for well before it needs them:
 
 - the snapshot the last run left (every record's matching fields, about a
   hundred megabytes of compressed Parquet at a million records), needed once
@@ -9,7 +9,9 @@ to ask for well before it needs them:
 - the stored records, with their payloads and golden records, of the golden
   records that tonight's changed and deleted records belong to: most of the
   records whose golden record the night chooses again (nine in ten at 1M
-  records), needed once matching and clustering are done (`ScopeRead`).
+  records), needed once matching and clustering are done (`ScopeRead`);
+- the stored match evidence of the records matched again or deleted, compared
+  with tonight's, needed when the night writes (`EvidenceRead`).
 
 In one process each read would hold the GIL for much of its work beside the
 work it could overlap (a thread was tried for the snapshot: each slowed the
@@ -19,11 +21,12 @@ files in memory (`/dev/shm` where the system has it), which this process maps
 without copying. A child process rather than a fork: this one holds an open
 database connection and may hold Arrow's threads, neither of which is safe to
 fork. The store does not change in between: the run holds the store's run
-lock, and writes nothing before it has collected both reads.
+lock, and collects every answer before it writes anything (a child reading
+the store would otherwise hold up the transaction's commit).
 
-A PostgreSQL store, a store in memory, or a child that fails for any reason:
-the read is done in this process, as before. A background read is a speed-up,
-never a different answer.
+A PostgreSQL store, a store in memory, a small store (`BACKGROUND_MIN_BYTES`),
+or a child that fails for any reason: the read is done in this process, as
+before. A background read is a speed-up, never a different answer.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ log = logging.getLogger(__name__)
 SHARED_MEMORY = Path("/dev/shm")
 #: The children's modules, each run with `python -m`.
 CHILD_MODULE = "mdm_pipeline.golden_records.snapshot_child"
-SCOPE_CHILD_MODULE = "mdm_pipeline.golden_records.scope_child"
+STORE_CHILD_MODULE = "mdm_pipeline.golden_records.store_child"
 KEYS = [SOURCE, SOURCE_KEY]
 
 
@@ -98,11 +101,13 @@ def _stop(child: subprocess.Popen[str] | None, folder: str | None) -> None:
 
 
 class _Child:
-    """A child process `python -m MODULE STORE_FILE FOLDER` answering one JSON line on
+    """A child process `python -m MODULE [ARGS] STORE_FILE FOLDER` answering one JSON line on
     its standard output (see `snapshot_child`): started at once, waited for by
     `answer`, stopped and its folder removed by `close` (or when this object goes)."""
 
-    def __init__(self, engine: Engine, module: str, inputs: dict[str, pa.Table]) -> None:
+    def __init__(
+        self, engine: Engine, module: str, inputs: dict[str, pa.Table], *args: str
+    ) -> None:
         self.engine = engine
         self._process: subprocess.Popen[str] | None = None
         self.folder: str | None = None
@@ -118,7 +123,7 @@ class _Child:
         for name, table in inputs.items():
             write_table(table, Path(self.folder) / f"{name}.arrow")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", module, store_file, self.folder],
+            [sys.executable, "-m", module, *args, store_file, self.folder],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -185,7 +190,7 @@ class ScopeRead:
 
     def __init__(self, engine: Engine, keys: pd.DataFrame) -> None:
         table = pa.table({c: pa.array(keys[c].astype(str).to_numpy()) for c in KEYS})
-        self._child = _Child(engine, SCOPE_CHILD_MODULE, {"keys": table})
+        self._child = _Child(engine, STORE_CHILD_MODULE, {"keys": table}, "scope")
 
     @property
     def started(self) -> bool:
@@ -207,6 +212,43 @@ class ScopeRead:
         early = store.Scope(records.take(found[found >= 0]).reset_index(drop=True), golden)
         rest = wanted[found < 0]
         return store.merge_scopes([early, store.read_scope(conn, rest)])
+
+    def close(self) -> None:
+        self._child.close()
+
+
+def _table(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+class EvidenceRead:
+    """`store.evidence_changes`, started now and collected by `result` (see the module):
+    the stored pairs of the records matched again or deleted tonight, read and
+    compared with tonight's evidence while the run clusters and chooses golden
+    records."""
+
+    def __init__(self, engine: Engine, touched: pd.DataFrame, evidence: pd.DataFrame) -> None:
+        self._touched, self._evidence = touched[KEYS].astype(str), evidence
+        self._child = _Child(
+            engine,
+            STORE_CHILD_MODULE,
+            {"touched": _table(self._touched), "evidence": _table(evidence)},
+            "evidence",
+        )
+
+    def result(self, conn: Connection) -> store.EvidenceChanges:
+        """What `store.evidence_changes(conn, touched, evidence)` answers. Collected
+        before the run writes anything: the child's read must not hold the store
+        while the run's transaction needs it whole."""
+        try:
+            answer = self._child.answer()
+            if answer is None:
+                return store.evidence_changes(conn, self._touched, self._evidence)
+            return store.EvidenceChanges(
+                *(map_table(answer[name]).to_pandas() for name in ("gone", "fresh", "changed"))
+            )
+        finally:
+            self.close()
 
     def close(self) -> None:
         self._child.close()

@@ -1015,7 +1015,8 @@ def write_evidence(conn: Connection, run_id: str, evidence: pd.DataFrame) -> int
     `evidence` has EVIDENCE_KEYS, rule, weight, probability, band and
     contributions (JSON text). Returns the rows written or deleted.
     """
-    return _write_evidence_changes(conn, run_id, evidence, _read(conn, _EVIDENCE_QUERY))
+    changes = compare_evidence(evidence, _read(conn, _EVIDENCE_QUERY))
+    return write_evidence_changes(conn, run_id, changes)
 
 
 #: The stored columns a pair's evidence is compared on (everything but its run).
@@ -1023,12 +1024,22 @@ _EVIDENCE_COLUMNS = (*EVIDENCE_KEYS, "rule", "weight", "probability", "band", "c
 _EVIDENCE_QUERY = sa.select(*[match_evidence.c[c] for c in _EVIDENCE_COLUMNS])
 
 
-def _write_evidence_changes(
-    conn: Connection, run_id: str, evidence: pd.DataFrame, old: pd.DataFrame
-) -> int:
-    """`evidence` in place of the stored pairs `old`: pairs only in `old` are deleted,
-    new or changed ones written with this run, identical ones left as they are (their
-    run stays the one that last changed them, and their pages are not rewritten).
+@dataclass(frozen=True)
+class EvidenceChanges:
+    """What writing a run's evidence in place of stored pairs changes: the pairs to
+    delete (`gone`, their keys), and those to write (`fresh`: new or changed ones,
+    `changed` the keys of the latter)."""
+
+    gone: pd.DataFrame
+    fresh: pd.DataFrame
+    changed: pd.DataFrame
+
+
+def compare_evidence(evidence: pd.DataFrame, old: pd.DataFrame) -> EvidenceChanges:
+    """`evidence` in place of the stored pairs `old`: pairs only in `old` go, new or
+    changed ones are written with this run, identical ones are left as they are
+    (their run stays the one that last changed them, and their pages are not
+    rewritten).
 
     Compared exactly, weights included: with the same model a pair scores the same
     floats, and an incremental run clusters on the stored weights, so it must break
@@ -1048,10 +1059,19 @@ def _write_evidence_changes(
         | (merged["band"] != merged["band_old"])
         | (merged["contributions"] != merged["contributions_old"])
     )
-    _delete_keys(conn, match_evidence, gone)
     fresh = merged.loc[(merged["_merge"] == "left_only") | changed, list(_EVIDENCE_COLUMNS)]
-    _replace(conn, match_evidence, fresh.assign(run_id=run_id), merged.loc[changed, keys])
-    return len(fresh) + len(gone)
+    return EvidenceChanges(
+        gone.reset_index(drop=True),
+        fresh.reset_index(drop=True),
+        merged.loc[changed, keys].reset_index(drop=True),
+    )
+
+
+def write_evidence_changes(conn: Connection, run_id: str, changes: EvidenceChanges) -> int:
+    """Apply `compare_evidence`'s changes; returns the rows written or deleted."""
+    _delete_keys(conn, match_evidence, changes.gone)
+    _replace(conn, match_evidence, changes.fresh.assign(run_id=run_id), changes.changed)
+    return len(changes.fresh) + len(changes.gone)
 
 
 def start_run(conn: Connection, run_id: str, config_hash: str, at: datetime) -> None:
@@ -1520,13 +1540,19 @@ def replace_evidence(
 
     `touched` is (source, source_key) of the records an incremental run matched
     again or deleted; every other stored pair keeps its row, as a full run
-    with the same model would have left it. Only the touched records' stored
-    pairs are read (through the evidence's indexes on either side) and compared:
-    most pairs of a block matched again score as they did, and rewriting them
-    would cost a random page each (a 5% delta at 1M records deleted and wrote
-    again 40k pairs of which 16k had not changed, docs/benchmarks.md).
-    Returns the rows written or deleted.
+    with the same model would have left it. Returns the rows written or deleted.
     """
+    return write_evidence_changes(conn, run_id, evidence_changes(conn, touched, evidence))
+
+
+def evidence_changes(
+    conn: Connection, touched: pd.DataFrame, evidence: pd.DataFrame
+) -> EvidenceChanges:
+    """`compare_evidence` of this run's `evidence` with the stored pairs that involve a
+    touched record (see `replace_evidence`), read through the evidence's indexes on
+    either side: most pairs of a block matched again score as they did, and
+    rewriting them would cost a random page each (a 5% delta at 1M records deleted
+    and wrote again 40k pairs of which 16k had not changed, docs/benchmarks.md)."""
     keys = touched[["source", "source_key"]].astype(str)
     old = []
     for side in ("left", "right"):
@@ -1536,7 +1562,7 @@ def replace_evidence(
     # is left out: an empty frame's untyped columns would decide nothing).
     stored = pd.concat([o for o in old if len(o)] or old[:1], ignore_index=True)
     stored = stored.drop_duplicates(list(EVIDENCE_KEYS))
-    return _write_evidence_changes(conn, run_id, evidence, stored)
+    return compare_evidence(evidence, stored)
 
 
 def last_run(engine: Engine) -> tuple[str, datetime] | None:

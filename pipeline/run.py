@@ -34,7 +34,7 @@ from mdm_pipeline.config.errors import ConfigError, DataContractError, StoreErro
 from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
 from mdm_pipeline.config.settings import BlockingRule, Settings
 from mdm_pipeline.golden_records import review, store
-from mdm_pipeline.golden_records.background import ScopeRead, SnapshotRead
+from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
 from mdm_pipeline.golden_records.survivorship import survive
 from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
 from mdm_pipeline.matching.clustering import guarded_clusters
@@ -678,6 +678,14 @@ class Pipeline:
             result.pairs["left"] = part[result.pairs["left"].to_numpy()]
             result.pairs["right"] = part[result.pairs["right"].to_numpy()]
             self._model = model.as_dict()
+        # Tonight's evidence against the stored pairs of the records matched again or
+        # deleted: read and compared by a second process while this one clusters and
+        # chooses golden records (`background`).
+        evidence_read = EvidenceRead(
+            engine,
+            pd.concat([current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True),
+            _evidence(current, result),
+        )
         pairs = result.pairs
         summary.candidate_pairs = len(pairs)
         summary.pairs_per_rule = {k: int(v) for k, v in pairs["rule"].value_counts().items()}
@@ -760,9 +768,6 @@ class Pipeline:
         from_store = current.loc[rows, inc.KEYS]
         quarantined = pd.concat([m.quarantine for m in mapped] + npai_quarantine, ignore_index=True)
         quarantine_scope = sources + (["npai"] if settings.npai_returns else [])
-        touched = pd.concat(
-            [current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True
-        )
         # The next snapshot (tonight's changed rows appended and every record's row, or
         # now and then a million rows taken and compressed, GIL-free in Arrow) is built
         # on a second thread. It reads only what no later step writes; tonight's line
@@ -828,6 +833,9 @@ class Pipeline:
                 golden, lineage = survive(records, labels, settings.survivorship)
 
             with self._stage("store", summary, emit):
+                # Collected before the first write: the run's transaction must not wait
+                # on the child's read of the store.
+                evidence = evidence_read.result(conn)
                 at = now.replace(tzinfo=None)
                 store.start_run(conn, summary.run_id, config_hash(settings), at)
                 written, _ = store.write_run(
@@ -850,7 +858,7 @@ class Pipeline:
                     steward=since,
                 )
                 store.write_npai(conn, npai_before, npai_after)
-                store.replace_evidence(conn, summary.run_id, touched, _evidence(current, result))
+                store.write_evidence_changes(conn, summary.run_id, evidence)
                 store.write_snapshot(conn, summary.run_id, snapshot_parts.result())
                 summary.record_written(written)
                 summary.peak_rss_mib = round(

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
 from mdm_pipeline.golden_records import background, store
-from mdm_pipeline.golden_records.background import ScopeRead, SnapshotRead
+from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
 from mdm_pipeline.pipeline import incremental as inc
 
 from .test_incremental import _state, day2
@@ -173,7 +173,7 @@ def test_the_scope_read_early_and_completed_here_is_the_scope_read_here(night_tw
 def test_a_failed_scope_child_falls_back_to_reading_here(
     night_two: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(background, "SCOPE_CHILD_MODULE", "mdm_pipeline.no_such_module")
+    monkeypatch.setattr(background, "STORE_CHILD_MODULE", "mdm_pipeline.no_such_module")
     engine = store.connect(night_two)
     changed, wanted = _scope_keys(engine)
     with caplog.at_level(logging.WARNING, logger=background.__name__), engine.connect() as conn:
@@ -248,4 +248,60 @@ def test_nights_read_in_the_background_equal_full_runs(
         _run(cfg, f"sqlite:///{a}", "--incremental")
         _run(cfg, f"sqlite:///{b}")
         assert _state(f"sqlite:///{a}") == _state(f"sqlite:///{b}"), seed
-    assert started == [True] * 4  # the snapshot's and the scope's child, each night
+    assert started == [True] * 6  # the snapshot's, the scope's and the evidence's, nightly
+
+
+def _evidence_inputs(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Touched records and a night's evidence for them: some stored pairs kept, one
+    with another weight, one new pair, and the others gone."""
+    with engine.connect() as conn:
+        stored = pd.DataFrame(
+            conn.execute(
+                store._EVIDENCE_QUERY.order_by(*store._EVIDENCE_QUERY.selected_columns[:4])
+            )
+            .mappings()
+            .all()
+        )
+    assert len(stored) >= 6
+    touched = pd.concat(
+        [
+            stored[["left_source", "left_key"]].set_axis(["source", "source_key"], axis=1),
+            stored[["right_source", "right_key"]].set_axis(["source", "source_key"], axis=1),
+        ]
+    ).head(6)
+    evidence = stored.head(4).copy()
+    evidence.loc[evidence.index[1], "weight"] += 0.5
+    new = stored.head(1).assign(right_key="never-stored")
+    return touched, pd.concat([evidence, new], ignore_index=True)
+
+
+def _assert_same_changes(got: store.EvidenceChanges, want: store.EvidenceChanges) -> None:
+    for name in ("gone", "fresh", "changed"):
+        pd.testing.assert_frame_equal(getattr(got, name), getattr(want, name), obj=name)
+
+
+def test_the_evidence_compared_in_a_child_is_the_evidence_compared_here(night_two: str) -> None:
+    engine = store.connect(night_two)
+    touched, evidence = _evidence_inputs(engine)
+    pending = EvidenceRead(engine, touched, evidence)
+    assert pending._child.started
+    with engine.connect() as conn:
+        got = pending.result(conn)
+        want = store.evidence_changes(conn, touched, evidence)
+    _assert_same_changes(got, want)
+    assert len(want.changed) == 1 and len(want.gone) and len(want.fresh) == 2
+    engine.dispose()
+
+
+def test_a_failed_evidence_child_falls_back_to_comparing_here(
+    night_two: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(background, "STORE_CHILD_MODULE", "mdm_pipeline.no_such_module")
+    engine = store.connect(night_two)
+    touched, evidence = _evidence_inputs(engine)
+    with caplog.at_level(logging.WARNING, logger=background.__name__), engine.connect() as conn:
+        got = EvidenceRead(engine, touched, evidence).result(conn)
+        want = store.evidence_changes(conn, touched, evidence)
+    _assert_same_changes(got, want)
+    assert "done in this one" in caplog.text
+    engine.dispose()

@@ -1,0 +1,77 @@
+"""The process `background.ScopeRead` and `background.EvidenceRead` start: a read of a
+SQLite store, handed back as Arrow IPC files.
+
+Run as ``python -m mdm_pipeline.golden_records.store_child TASK STORE_FILE FOLDER``,
+its inputs in FOLDER as Arrow IPC files. It opens the store read-only and does
+TASK:
+
+- ``scope``: FOLDER/keys.arrow holds (source, source_key) of tonight's changed
+  and deleted records; it reads `store.read_cluster_scope` of them (every
+  record of their golden records, payloads included, and the golden records)
+  into FOLDER/records.arrow and FOLDER/golden.arrow;
+- ``evidence``: FOLDER/touched.arrow and FOLDER/evidence.arrow hold the records
+  tonight matches again or deletes and tonight's match evidence; it writes
+  `store.evidence_changes` of them (FOLDER/gone.arrow, fresh.arrow,
+  changed.arrow).
+
+Then it prints one JSON line naming the files (`snapshot_child.serve`: on
+failure, the error's class alone, exit status 1).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pandas as pd
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from mdm_pipeline.golden_records import background, store
+from mdm_pipeline.golden_records.connection import _tune_sqlite
+from mdm_pipeline.golden_records.snapshot_child import serve
+
+
+def _scope(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    scope = store.read_cluster_scope(conn, inputs("keys"))
+    return {"records": scope.records, "golden": scope.golden}
+
+
+def _evidence(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    changes = store.evidence_changes(conn, inputs("touched"), inputs("evidence"))
+    return {"gone": changes.gone, "fresh": changes.fresh, "changed": changes.changed}
+
+
+TASKS = {"scope": _scope, "evidence": _evidence}
+
+
+def read(task: str, store_file: str, folder: str) -> dict[str, Any]:
+    """Do `task` on the store, its inputs and outputs in `folder`; what to print."""
+    out = Path(folder)
+
+    def inputs(name: str) -> pd.DataFrame:
+        return background.map_table(out / f"{name}.arrow").to_pandas()
+
+    # Read-only: this process never writes, whatever its code comes to do.
+    engine = sa.create_engine(f"sqlite:///file:{quote(store_file)}?mode=ro&uri=true")
+    sa.event.listen(engine, "connect", _tune_sqlite)
+    try:
+        with engine.connect() as conn:
+            frames = TASKS[task](conn, inputs)
+    finally:
+        engine.dispose()
+    answer = {}
+    for name, frame in frames.items():
+        path = out / f"{name}.arrow"
+        background.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+        answer[name] = str(path)
+    return answer
+
+
+if __name__ == "__main__":
+    task = sys.argv[1] if len(sys.argv) > 1 else ""
+    sys.exit(serve(lambda store_file, folder: read(task, store_file, folder), sys.argv[2:]))
