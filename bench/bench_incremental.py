@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--share", type=float, default=0.05)
     parser.add_argument("--repeat", type=int, default=1, help="incremental runs (median)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
     parser.add_argument("--child", choices=("full", "incremental"), help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,6 +132,8 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="mdm-bench-inc-")) / "data"
     shutil.copytree(args.data, work, ignore=shutil.ignore_patterns("*.sqlite", "out"))
+    if args.keep:
+        print(json.dumps({"work": str(work)}), flush=True)
     rows = []
 
     def run(mode: str) -> dict:
@@ -152,20 +155,28 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
-    full = run("full")
-    print(json.dumps({"delta_rows": make_deltas(work, args.share)}), flush=True)
-    stored = work / "mdm.sqlite"
-    kept = work.parent / "after_full.sqlite"
-    if args.repeat > 1:
-        shutil.copy(stored, kept)
-    for i in range(args.repeat):
-        if i:
-            shutil.copy(kept, stored)
-        # The copies are the benchmark's own doing: their gigabytes of dirty pages are
-        # flushed before the run, not by its commit (an fsync of the store's file
-        # writes every dirty page of it, 4 GB a copy), as no real night inherits them.
-        os.sync()
-        rows.append(run("incremental"))
+    try:
+        full = run("full")
+        print(json.dumps({"delta_rows": make_deltas(work, args.share)}), flush=True)
+        stored = work / "mdm.sqlite"
+        kept = work.parent / "after_full.sqlite"
+        if args.repeat > 1:
+            shutil.copy(stored, kept)
+        for i in range(args.repeat):
+            if i:
+                shutil.copy(kept, stored)
+            # The copies are the benchmark's own doing: their gigabytes of dirty pages
+            # are flushed before the run, not by its commit (an fsync of the store's
+            # file writes every dirty page of it, 4 GB a copy), as no real night
+            # inherits them.
+            os.sync()
+            rows.append(run("incremental"))
+    finally:
+        # Eight gigabytes at 1M records (the extracts, the store and its copy): left
+        # behind, a few runs fill the page cache, and the next runs pay for the memory
+        # the kernel must then reclaim.
+        if not args.keep:
+            shutil.rmtree(work.parent, ignore_errors=True)
     walls = sorted(r["wall_s"] for r in rows)
     median = walls[len(walls) // 2]
     print(
