@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -84,18 +85,6 @@ def _part_names(engine: sa.Engine) -> set[str]:
         return set(conn.execute(sa.select(store.snapshot.c.name)).scalars())
 
 
-def test_a_failed_child_falls_back_to_reading_here(
-    night_two: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(background, "CHILD_MODULE", "mdm_pipeline.no_such_module")
-    engine = store.connect(night_two)
-    with caplog.at_level(logging.WARNING, logger=background.__name__):
-        got = SnapshotRead(engine).result(CONVERT)
-    _assert_same(got, store.read_snapshot(engine, CONVERT))
-    assert "done in this one" in caplog.text
-    engine.dispose()
-
-
 def test_a_store_without_the_last_runs_snapshot_has_none(night_two: str, tmp_path: Path) -> None:
     # No snapshot at all: a store with its schema and nothing else.
     empty = store.connect(f"sqlite:///{tmp_path / 'empty.sqlite'}")
@@ -167,20 +156,6 @@ def test_the_scope_read_early_and_completed_here_is_the_scope_read_here(night_tw
         want = store.read_scope(conn, wanted)
     _assert_same_scope(got, want)
     assert len(got.records) == len(wanted) - 1  # all but the key never stored
-    engine.dispose()
-
-
-def test_a_failed_scope_child_falls_back_to_reading_here(
-    night_two: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(background, "STORE_CHILD_MODULE", "mdm_pipeline.no_such_module")
-    engine = store.connect(night_two)
-    changed, wanted = _scope_keys(engine)
-    with caplog.at_level(logging.WARNING, logger=background.__name__), engine.connect() as conn:
-        got = ScopeRead(engine, changed).result(conn, wanted)
-        want = store.read_scope(conn, wanted)
-    _assert_same_scope(got, want)
-    assert "done in this one" in caplog.text
     engine.dispose()
 
 
@@ -293,15 +268,37 @@ def test_the_evidence_compared_in_a_child_is_the_evidence_compared_here(night_tw
     engine.dispose()
 
 
-def test_a_failed_evidence_child_falls_back_to_comparing_here(
-    night_two: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(background, "STORE_CHILD_MODULE", "mdm_pipeline.no_such_module")
-    engine = store.connect(night_two)
+def _snapshot_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
+    got = SnapshotRead(engine).result(CONVERT)
+    return got, store.read_snapshot(engine, CONVERT), _assert_same
+
+
+def _scope_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
+    changed, wanted = _scope_keys(engine)
+    got = ScopeRead(engine, changed).result(conn, wanted)
+    return got, store.read_scope(conn, wanted), _assert_same_scope
+
+
+def _evidence_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
     touched, evidence = _evidence_inputs(engine)
+    got = EvidenceRead(engine, touched, evidence).result(conn)
+    return got, store.evidence_changes(conn, touched, evidence), _assert_same_changes
+
+
+@pytest.mark.parametrize(
+    "both", [_snapshot_both, _scope_both, _evidence_both], ids=["snapshot", "scope", "evidence"]
+)
+def test_a_failed_child_falls_back_to_reading_here(
+    night_two: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    both: Callable[[sa.Engine, sa.Connection], tuple],
+) -> None:
+    for name in ("CHILD_MODULE", "STORE_CHILD_MODULE"):
+        monkeypatch.setattr(background, name, "mdm_pipeline.no_such_module")
+    engine = store.connect(night_two)
     with caplog.at_level(logging.WARNING, logger=background.__name__), engine.connect() as conn:
-        got = EvidenceRead(engine, touched, evidence).result(conn)
-        want = store.evidence_changes(conn, touched, evidence)
-    _assert_same_changes(got, want)
+        got, want, assert_same = both(engine, conn)
+    assert_same(got, want)
     assert "done in this one" in caplog.text
     engine.dispose()
