@@ -117,18 +117,26 @@ class _Child:
             return
         shared = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
         try:
-            self.folder = tempfile.mkdtemp(prefix="mdm-background-", dir=shared)
-        except OSError:  # /dev/shm there but not writable here
-            self.folder = tempfile.mkdtemp(prefix="mdm-background-")
-        for name, table in inputs.items():
-            write_table(table, Path(self.folder) / f"{name}.arrow")
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", module, *args, store_file, self.folder],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+            try:
+                self.folder = tempfile.mkdtemp(prefix="mdm-background-", dir=shared)
+            except OSError:  # /dev/shm there but not writable here
+                self.folder = tempfile.mkdtemp(prefix="mdm-background-")
+            for name, table in inputs.items():
+                write_table(table, Path(self.folder) / f"{name}.arrow")
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", module, *args, store_file, self.folder],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        except OSError as exc:  # no room for the inputs, no process to be had
+            log.warning(
+                "a read of the store could not start in a child process (%s): done in this one",
+                exc.__class__.__name__,
+            )
+            _stop(None, self.folder)
+            self.folder = None
         # A run that fails before it collects the answer still stops the child and
         # removes its files (at the latest when the interpreter exits).
         self._finalizer = weakref.finalize(self, _stop, self._process, self.folder)
@@ -143,12 +151,14 @@ class _Child:
             return None
         out, err = self._process.communicate()
         if self._process.returncode != 0:
-            log.warning(
-                "a read of the store in a child process failed (%s): done in this one",
-                (err.strip().splitlines() or ["no message"])[-1],
-            )
-            return None
-        return json.loads(out)
+            reason = (err.strip().splitlines() or ["no message"])[-1]
+        else:
+            try:
+                return dict(json.loads(out))
+            except ValueError:
+                reason = "an answer that is not JSON"
+        log.warning("a read of the store in a child process failed (%s): done in this one", reason)
+        return None
 
     def close(self) -> None:
         """Stop the child if it still runs and remove its files (idempotent)."""

@@ -288,17 +288,37 @@ def _evidence_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
 @pytest.mark.parametrize(
     "both", [_snapshot_both, _scope_both, _evidence_both], ids=["snapshot", "scope", "evidence"]
 )
+# A child that exits with an error, and one that exits cleanly with no JSON answer.
+@pytest.mark.parametrize("module", ["mdm_pipeline.no_such_module", "this"])
 def test_a_failed_child_falls_back_to_reading_here(
     night_two: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     both: Callable[[sa.Engine, sa.Connection], tuple],
+    module: str,
 ) -> None:
     for name in ("CHILD_MODULE", "STORE_CHILD_MODULE"):
-        monkeypatch.setattr(background, name, "mdm_pipeline.no_such_module")
+        monkeypatch.setattr(background, name, module)
     engine = store.connect(night_two)
     with caplog.at_level(logging.WARNING, logger=background.__name__), engine.connect() as conn:
         got, want, assert_same = both(engine, conn)
     assert_same(got, want)
     assert "done in this one" in caplog.text
+    engine.dispose()
+
+
+def test_a_child_that_cannot_start_leaves_the_read_to_this_process(
+    night_two: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise OSError("no process to be had")
+
+    monkeypatch.setattr(background.subprocess, "Popen", no_process)
+    engine = store.connect(night_two)
+    with caplog.at_level(logging.WARNING, logger=background.__name__):
+        pending = SnapshotRead(engine)
+        assert not pending._child.started and pending._child.folder is None
+        got = pending.result(CONVERT)
+    _assert_same(got, store.read_snapshot(engine, CONVERT))
+    assert "could not start" in caplog.text
     engine.dispose()
