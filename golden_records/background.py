@@ -48,6 +48,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.schema import SOURCE, SOURCE_KEY, record_keys
 from mdm_pipeline.golden_records import store
+from mdm_pipeline.golden_records.snapshot_child import write_table
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,6 @@ def _store_file(engine: Engine) -> str | None:
     return database
 
 
-def write_table(table: pa.Table, path: Path | str) -> None:
-    """`table` as an Arrow IPC file (what a child hands over)."""
-    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-
-
 def map_table(path: Path | str) -> pa.Table:
     """An Arrow IPC file's table, its buffers mapped rather than read: the file can go
     at once, its pages stay until the table is let go."""
@@ -100,6 +95,10 @@ def _stop(child: subprocess.Popen[str] | None, folder: str | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _table(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
 class _Child:
     """A child process `python -m MODULE [ARGS] STORE_FILE FOLDER` answering one JSON line on
     its standard output (see `snapshot_child`): started at once, waited for by
@@ -112,9 +111,15 @@ class _Child:
         self._process: subprocess.Popen[str] | None = None
         self.folder: str | None = None
         store_file = _store_file(engine)
-        if store_file is None:
-            self._finalizer = weakref.finalize(self, _stop, None, None)
-            return
+        if store_file is not None:
+            self._start(store_file, module, inputs, args)
+        # A run that fails before it collects the answer still stops the child and
+        # removes its files (at the latest when the interpreter exits).
+        self._finalizer = weakref.finalize(self, _stop, self._process, self.folder)
+
+    def _start(
+        self, store_file: str, module: str, inputs: dict[str, pa.Table], args: tuple[str, ...]
+    ) -> None:
         shared = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
         try:
             try:
@@ -122,7 +127,7 @@ class _Child:
             except OSError:  # /dev/shm there but not writable here
                 self.folder = tempfile.mkdtemp(prefix="mdm-background-")
             for name, table in inputs.items():
-                write_table(table, Path(self.folder) / f"{name}.arrow")
+                write_table(table, str(Path(self.folder) / f"{name}.arrow"))
             self._process = subprocess.Popen(
                 [sys.executable, "-m", module, *args, store_file, self.folder],
                 stdin=subprocess.DEVNULL,
@@ -137,9 +142,6 @@ class _Child:
             )
             _stop(None, self.folder)
             self.folder = None
-        # A run that fails before it collects the answer still stops the child and
-        # removes its files (at the latest when the interpreter exits).
-        self._finalizer = weakref.finalize(self, _stop, self._process, self.folder)
 
     @property
     def started(self) -> bool:
@@ -199,8 +201,9 @@ class ScopeRead:
     into `store.read_scope` of the records a night needs (see the module)."""
 
     def __init__(self, engine: Engine, keys: pd.DataFrame) -> None:
-        table = pa.table({c: pa.array(keys[c].astype(str).to_numpy()) for c in KEYS})
-        self._child = _Child(engine, STORE_CHILD_MODULE, {"keys": table}, "scope")
+        self._child = _Child(
+            engine, STORE_CHILD_MODULE, {"keys": _table(keys[KEYS].astype(str))}, "scope"
+        )
 
     @property
     def started(self) -> bool:
@@ -225,10 +228,6 @@ class ScopeRead:
 
     def close(self) -> None:
         self._child.close()
-
-
-def _table(frame: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(frame, preserve_index=False)
 
 
 class EvidenceRead:

@@ -28,6 +28,12 @@ import pyarrow.parquet as pq
 _MMAP_BYTES = 2147418112
 
 
+def write_table(table: pa.Table, path: str) -> None:
+    """`table` as an Arrow IPC file (what a child hands over)."""
+    with pa.OSFile(path, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
 def read(store_file: str, folder: str) -> dict[str, Any]:
     """Decode the snapshot's parts into `folder`; what to print."""
     uri = "file:" + store_file.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
@@ -45,8 +51,7 @@ def read(store_file: str, folder: str) -> dict[str, Any]:
         table = pq.read_table(pa.BufferReader(data))
         del data
         path = os.path.join(folder, f"{i}.arrow")
-        with pa.OSFile(path, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+        write_table(table, path)
         files[name] = path
     return {"parts": [[name, run] for name, run, _ in rows], "files": files}
 

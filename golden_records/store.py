@@ -1533,26 +1533,19 @@ def merge_scopes(scopes: list[Scope]) -> Scope:
     return _in_scope_order(records, golden)
 
 
-def replace_evidence(
-    conn: Connection, run_id: str, touched: pd.DataFrame, evidence: pd.DataFrame
-) -> int:
-    """Make the stored pairs that involve a touched record this run's `evidence`.
-
-    `touched` is (source, source_key) of the records an incremental run matched
-    again or deleted; every other stored pair keeps its row, as a full run
-    with the same model would have left it. Returns the rows written or deleted.
-    """
-    return write_evidence_changes(conn, run_id, evidence_changes(conn, touched, evidence))
-
-
 def evidence_changes(
     conn: Connection, touched: pd.DataFrame, evidence: pd.DataFrame
 ) -> EvidenceChanges:
     """`compare_evidence` of this run's `evidence` with the stored pairs that involve a
-    touched record (see `replace_evidence`), read through the evidence's indexes on
-    either side: most pairs of a block matched again score as they did, and
-    rewriting them would cost a random page each (a 5% delta at 1M records deleted
-    and wrote again 40k pairs of which 16k had not changed, docs/benchmarks.md)."""
+    touched record, for `write_evidence_changes`.
+
+    `touched` is (source, source_key) of the records an incremental run matched
+    again or deleted; every other stored pair keeps its row, as a full run with
+    the same model would have left it. The touched records' pairs are read
+    through the evidence's indexes on either side: most pairs of a block matched
+    again score as they did, and rewriting them would cost a random page each (a
+    5% delta at 1M records deleted and wrote again 40k pairs of which 16k had not
+    changed, docs/benchmarks.md)."""
     keys = touched[["source", "source_key"]].astype(str)
     old = []
     for side in ("left", "right"):

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 
 from mdm_pipeline.golden_records import background, store
 from mdm_pipeline.golden_records.connection import _tune_sqlite
-from mdm_pipeline.golden_records.snapshot_child import serve
+from mdm_pipeline.golden_records.snapshot_child import serve, write_table
 
 
 def _scope(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -67,7 +67,7 @@ def read(task: str, store_file: str, folder: str) -> dict[str, Any]:
     answer = {}
     for name, frame in frames.items():
         path = out / f"{name}.arrow"
-        background.write_table(pa.Table.from_pandas(frame, preserve_index=False), path)
+        write_table(pa.Table.from_pandas(frame, preserve_index=False), str(path))
         answer[name] = str(path)
     return answer
 
