@@ -8,11 +8,14 @@ name fields and formats, never the offending value (it is personal data).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from unidecode import unidecode
 
 from mdm_pipeline.config import schema
@@ -46,8 +49,34 @@ class MappedSource:
     deleted: pd.Series = dc_field(default_factory=lambda: pd.Series(dtype=object))
 
 
+#: What Python's `str.strip()` removes (`str.isspace`), for Arrow's trim to remove the
+#: same characters, no more and no fewer.
+_WHITESPACE = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+
+
 def _clean(series: pd.Series) -> pd.Series:
-    """Strip blanks and turn empty text into None."""
+    """Strip blanks, fold runs of spaces and tabs into one space, and turn empty text
+    into None.
+
+    Done in Arrow (C++ over the column, the same characters stripped and the same
+    runs folded) when every value is a text or missing: pandas's string methods
+    on object columns call Python once per value, a tenth of a full run's load at
+    a million records. Any other value (a number in a column read as such) takes
+    the pandas path, which gives it no text at all, as it always did."""
+    try:
+        values = pa.array(series.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
+    except (pa.ArrowException, TypeError, ValueError):
+        return _clean_pandas(series)
+    values = pc.replace_substring_regex(
+        pc.utf8_trim(values, characters=_WHITESPACE), pattern=r"[ \t]+", replacement=" "
+    )
+    values = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+    return pd.Series(
+        values.to_numpy(zero_copy_only=False), index=series.index, name=series.name, dtype=object
+    )
+
+
+def _clean_pandas(series: pd.Series) -> pd.Series:
     text = series.astype(object).where(series.notna(), None)
     text = text.str.strip().str.replace(r"[ \t]+", " ", regex=True)
     return text.where(text.notna() & (text != ""), None)

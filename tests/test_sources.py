@@ -7,10 +7,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mdm_pipeline.config.errors import SourceError
 from mdm_pipeline.config.settings import Settings
-from mdm_pipeline.sources import load_source
+from mdm_pipeline.sources import load_source, mapping
 from mdm_pipeline.sources.mapping import split_full_name
 from mdm_pipeline.sources.readers import LINE, read_source
 
@@ -280,3 +282,24 @@ def test_reader_line_column_never_collides_with_extract_columns(tmp_path: Path) 
     settings = _settings(tmp_path, _csv_source())
     raw = read_source(settings.sources[0], settings)
     assert LINE in raw.rows.columns and LINE.startswith("__")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.just(float("nan")),
+            # Every kind of blank Python strips (and some it does not), among letters.
+            st.text(
+                alphabet=st.sampled_from(list("aé Z\t\n\r\x0b\x0c\x1c\x85\xa0\u2003\u3000\u200b"))
+            )
+            | st.text(max_size=8),
+        ),
+        max_size=40,
+    )
+)
+def test_cleaning_in_arrow_is_cleaning_in_python(values: list) -> None:
+    """`_clean` (Arrow) strips, folds and empties exactly as Python's string methods do."""
+    series = pd.Series(values, dtype=object, name="field")
+    pd.testing.assert_series_equal(mapping._clean(series), mapping._clean_pandas(series))
