@@ -20,7 +20,7 @@ from mdm_pipeline.golden_records.schema import golden_records, source_records
 from mdm_pipeline.pipeline.incremental import parse_json_lines
 from mdm_pipeline.pipeline.run import RETURN_COLUMNS, return_columns
 from mdm_pipeline.sources import load_source, write_back
-from mdm_pipeline.sources.writers import neutralise_formulas
+from mdm_pipeline.sources.writers import write_csv
 
 #: What a business unit's return file needs from each stored payload.
 _PAYLOAD_FIELDS = [c for c in RETURN_COLUMNS if c != "golden_id"]
@@ -96,5 +96,5 @@ def export_golden(settings: Settings, path: Path) -> int:
     if path.suffix.lower() == ".parquet":
         frame.to_parquet(path, index=False)
     else:
-        neutralise_formulas(frame).to_csv(path, index=False, encoding="utf-8", lineterminator="\n")
+        write_csv(frame, path)
     return len(frame)

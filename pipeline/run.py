@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy.engine import make_url
 
 from mdm_pipeline import __version__
@@ -80,19 +81,48 @@ def return_columns(records: pd.DataFrame) -> pd.DataFrame:
     with their golden ID): cleaned values and flags, and its own duplicates, i.e. its
     other records in the same golden record, by key, so that it can merge them."""
     added = records.reindex(columns=list(RETURN_COLUMNS)).rename(columns=RETURN_COLUMNS)
-    pairs = pd.DataFrame(
-        {
-            "gid": records["golden_id"].to_numpy(),
-            "key": records["source_key"].astype(str).to_numpy(),
-        }
-    ).dropna(subset=["gid"])
-    # Pairs of the BU's records in one golden record (clusters are small: a few per ID).
-    both = pairs.merge(pairs, on="gid", suffixes=("", "_other"))
-    both = both[both["key"] != both["key_other"]].sort_values(["key", "key_other"])
-    dupes = both.groupby("key")["key_other"].agg(" ".join)
-    others = records["source_key"].astype(str).map(dupes).fillna("").to_numpy()
-    added["mdm_bu_duplicates"] = others
+    added["mdm_bu_duplicates"] = bu_duplicates(
+        records["source_key"].astype(str).to_numpy(dtype=object), records["golden_id"].to_numpy()
+    )
     return added.reset_index(drop=True)
+
+
+def bu_duplicates(keys: np.ndarray, golden_ids: np.ndarray) -> np.ndarray:
+    """Per record, the keys of the other records in its golden record, in key order and
+    joined by spaces ("" for none or no golden ID).
+
+    Golden records are small (a few records each): every record's others are
+    enumerated as positions in one sorted array and joined in Arrow, with no
+    Python call per record (a group-by joining texts took six seconds of a full
+    run's export at a million records)."""
+    out = np.full(len(keys), "", dtype=object)
+    gid_codes, _ = pd.factorize(golden_ids)
+    key_ranks, uniques = pd.factorize(keys, sort=True)
+    # Records grouped by golden record, each group in key order.
+    order = np.lexsort((key_ranks, gid_codes))
+    order = order[gid_codes[order] >= 0]
+    group = gid_codes[order]
+    if not len(group):
+        return out
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    sizes = np.diff(np.r_[starts, len(group)])
+    member_start = np.repeat(starts, sizes)
+    member_size = np.repeat(sizes, sizes)
+    # Each member against every member of its group, itself (and its own key) left out.
+    member = np.repeat(np.arange(len(group)), member_size)
+    within = np.arange(len(member)) - np.repeat(np.cumsum(member_size) - member_size, member_size)
+    other = member_start[member] + within
+    rank = key_ranks[order]
+    keep = rank[other] != rank[member]
+    member, other = member[keep], other[keep]
+    counts = np.bincount(member, minlength=len(group))
+    offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
+    texts = pa.array(np.asarray(uniques, dtype=object), type=pa.string()).take(
+        pa.array(rank[other])
+    )
+    joined = pc.binary_join(pa.ListArray.from_arrays(offsets, texts), " ")
+    out[order] = joined.to_numpy(zero_copy_only=False)
+    return out
 
 
 NPAI_COLUMNS = ("address_hash", "npai_flag", "npai_date", "npai_reason")

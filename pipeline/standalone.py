@@ -17,7 +17,7 @@ from mdm_pipeline.config.settings import CsvSource
 from mdm_pipeline.normalize.addresses import ADDRESS_COLUMNS, normalize_addresses
 from mdm_pipeline.normalize.text import fold
 from mdm_pipeline.sources.readers import LINE, read_csv
-from mdm_pipeline.sources.writers import neutralise_formulas
+from mdm_pipeline.sources.writers import write_csv
 
 
 @dataclass
@@ -82,15 +82,7 @@ def clean_addresses_file(
         lines, col(postcode_column), col(city_column), country, col(name_column)
     )
     out = pd.concat([rows.drop(columns=[LINE]), result], axis=1)
-    out = neutralise_formulas(out)
-    out.to_csv(
-        out_path,
-        sep=delimiter,
-        index=False,
-        encoding=encoding,
-        errors="replace",
-        lineterminator="\n",
-    )
+    write_csv(out, out_path, sep=delimiter, encoding=encoding)
     summary = RnvpSummary(
         rows_read=raw.rows_read,
         rows_written=len(out),

@@ -7,27 +7,178 @@ then the golden ID and the normalised values the pipeline added.
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from mdm_pipeline.config.settings import CsvSource, ParquetSource, Source
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
+#: Rows turned into CSV text at a time: a million rows' text is hundreds of megabytes,
+#: and only one chunk of it is held at once.
+CSV_CHUNK_ROWS = 100_000
+
+
+def _is_text(series: pd.Series) -> bool:
+    """Whether a column holds texts (object or string dtype): the columns a spreadsheet
+    could read a formula from. A column of another dtype (numbers, flags, dates) is
+    written as pandas renders it, never as a formula."""
+    return series.dtype == object or isinstance(series.dtype, pd.StringDtype)
+
 
 def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
-    """Prefix text cells a spreadsheet would run as a formula (=, +, -, @) with a quote."""
+    """Prefix text cells a spreadsheet would run as a formula (=, +, -, @) with a quote.
+
+    Every text column is checked, object and string dtype alike: an e-mail or an
+    RNVP line may start with one of those characters as well as a name can."""
     out = frame.copy()
     for col in out.columns:
-        if out[col].dtype == object:
+        if _is_text(out[col]):
             # As text: a column may mix strings with flags or numbers (a golden record's
             # attributes); a negative number there is written as text too.
             text = out[col].astype("string")
             risky = text.str.startswith(_FORMULA_START).fillna(False).astype(bool)
             if risky.any():
-                out[col] = out[col].where(~risky, "'" + text.astype(object))
+                out[col] = out[col].astype(object).where(~risky, "'" + text.astype(object))
     return out
+
+
+def _as_arrow_text(series: pd.Series) -> pa.Array:
+    """A text column as Arrow strings (null where missing); a value that is not a
+    text (a number in an object column) becomes its `str`, as `to_csv` writes it."""
+    values = series.to_numpy(dtype=object)
+    try:
+        return pa.array(values, type=pa.string(), from_pandas=True)
+    except (pa.ArrowException, TypeError, ValueError):
+        missing = pd.isna(values)
+        texts = np.array([v if isinstance(v, str) else str(v) for v in values], dtype=object)
+        texts[missing] = None
+        return pa.array(texts, type=pa.string())
+
+
+def _rendered(series: pd.Series, sep: str, quotechar: str) -> pa.Array:
+    """A column of another dtype as `to_csv` renders it, quoting included: pandas
+    writes it beside a constant column (alone, an empty field would be written as
+    two quotes) and each line's constant is cut off."""
+    text = pd.DataFrame({"_": 0, "v": series.reset_index(drop=True)}).to_csv(
+        header=False, index=False, sep=sep, quotechar=quotechar, lineterminator="\n"
+    )
+    lines = text.split("\n")[:-1]
+    return pa.array([line[1 + len(sep) :] for line in lines], type=pa.string())
+
+
+def _byte_view(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string array's UTF-8 bytes and its values' start offsets into them (one more
+    than values), read in place: the characters a field is checked for are single
+    bytes in UTF-8, so that one numpy pass over a column's bytes finds them all."""
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
+    offsets = offsets[values.offset : values.offset + len(values) + 1].astype(np.int64)
+    data = values.buffers()[2]
+    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return raw, offsets
+
+
+def _rows_holding(values: pa.Array, chars: str) -> np.ndarray:
+    """Which values hold any of `chars` (ASCII characters)."""
+    raw, offsets = _byte_view(values)
+    raw = raw[offsets[0] : offsets[-1]]
+    hit = np.zeros(len(raw), dtype=bool)
+    for c in chars:
+        hit |= raw == ord(c)
+    where = np.flatnonzero(hit) + offsets[0]
+    flags = np.zeros(len(values), dtype=bool)
+    flags[np.searchsorted(offsets, where, side="right") - 1] = True
+    return flags
+
+
+def _rows_starting_with(values: pa.Array, chars: str) -> np.ndarray:
+    """Which values start with one of `chars` (ASCII characters)."""
+    raw, offsets = _byte_view(values)
+    filled = offsets[1:] > offsets[:-1]
+    first = np.zeros(len(values), dtype=np.uint8)
+    first[filled] = raw[offsets[:-1][filled]]
+    return np.isin(first, np.frombuffer(chars.encode("ascii"), dtype=np.uint8))
+
+
+def _quoted(values: pa.Array, sep: str, quotechar: str) -> pa.Array:
+    """Fields quoted as the csv module's minimal quoting does: a field holding the
+    delimiter, the quote character or a newline is put in quotes, its quotes
+    doubled; missing values are empty fields."""
+    values = pc.fill_null(values, "")
+    need = _rows_holding(values, sep + quotechar + "\n")
+    if not need.any():
+        return values
+    doubled = pc.replace_substring(values, quotechar, quotechar * 2)
+    quoted = pc.binary_join_element_wise(quotechar, doubled, quotechar, "")
+    return pc.if_else(pa.array(need), quoted, values)
+
+
+def _csv_fields(series: pd.Series, sep: str, quotechar: str) -> pa.Array:
+    """One column's final field texts: formulas neutralised, quoted where needed."""
+    if pd.api.types.is_bool_dtype(series.dtype):
+        # Flags, as `to_csv` writes them (True, False, an empty field when missing).
+        flags = pa.array(series.to_numpy(dtype=object), type=pa.bool_(), from_pandas=True)
+        return _quoted(pc.if_else(flags, "True", "False"), sep, quotechar)
+    if pd.api.types.is_integer_dtype(series.dtype):
+        whole = pa.array(series.to_numpy(dtype=object), type=pa.int64(), from_pandas=True)
+        return _quoted(pc.cast(whole, pa.string()), sep, quotechar)
+    if not _is_text(series):
+        return _rendered(series, sep, quotechar)
+    values = pc.fill_null(_as_arrow_text(series), "")
+    risky = _rows_starting_with(values, "".join(_FORMULA_START))
+    if risky.any():
+        values = pc.if_else(pa.array(risky), pc.binary_join_element_wise("'", values, ""), values)
+    return _quoted(values, sep, quotechar)
+
+
+def write_csv(
+    frame: pd.DataFrame, path: Path, sep: str = ",", quotechar: str = '"', encoding: str = "utf-8"
+) -> None:
+    """`frame` as CSV, formulas neutralised: the text `neutralise_formulas` then
+    `to_csv(index=False, lineterminator="\\n", errors="replace")` write, built column by
+    column in Arrow by chunks of rows.
+
+    pandas' writer turns each row into Python objects for the csv module: ten
+    seconds of a full run's export at a million records. Characters the encoding
+    cannot hold are replaced, as `to_csv(errors="replace")` does.
+    """
+    columns = [str(c) for c in frame.columns]
+    if len(columns) < 2:
+        # A lone empty field is written as two quotes: pandas knows that case.
+        neutralise_formulas(frame).to_csv(
+            path,
+            sep=sep,
+            quotechar=quotechar,
+            index=False,
+            encoding=encoding,
+            errors="replace",
+            lineterminator="\n",
+        )
+        return
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    encoder = codecs.getincrementalencoder(encoding)(errors="replace")
+    header = _quoted(pa.array(columns, type=pa.string()), sep, quotechar).to_pylist()
+    with path.open("wb") as out:
+        out.write(encoder.encode(sep.join(header) + "\n"))
+        for start in range(0, len(frame), CSV_CHUNK_ROWS):
+            part = frame.iloc[start : start + CSV_CHUNK_ROWS]
+            fields = [_csv_fields(part.iloc[:, i], sep, quotechar) for i in range(len(columns))]
+            # Each row with its line end: the array's character data is then the
+            # chunk's text, written as it lies in memory.
+            rows = pc.binary_join_element_wise(*fields, sep)
+            lines = pc.binary_join_element_wise(rows, "", "\n")
+            offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)
+            data = lines.buffers()[2][offsets[lines.offset] : offsets[lines.offset + len(lines)]]
+            if utf8:
+                out.write(data)
+            else:
+                out.write(encoder.encode(data.to_pybytes().decode("utf-8")))
+        out.write(encoder.encode("", final=True))
 
 
 def write_back(spec: Source, raw: pd.DataFrame, added: pd.DataFrame, out_dir: Path) -> Path:
@@ -38,18 +189,9 @@ def write_back(spec: Source, raw: pd.DataFrame, added: pd.DataFrame, out_dir: Pa
         path = out_dir / f"{spec.name}_return.parquet"
         frame.to_parquet(path, index=False)
         return path
-    frame = neutralise_formulas(frame)
     path = out_dir / f"{spec.name}_return.csv"
     if isinstance(spec, CsvSource):
-        frame.to_csv(
-            path,
-            sep=spec.delimiter,
-            quotechar=spec.quotechar,
-            index=False,
-            encoding=spec.encoding,
-            errors="replace",
-            lineterminator="\n",
-        )
+        write_csv(frame, path, sep=spec.delimiter, quotechar=spec.quotechar, encoding=spec.encoding)
     else:
-        frame.to_csv(path, index=False, encoding="utf-8", lineterminator="\n")
+        write_csv(frame, path)
     return path
