@@ -13,6 +13,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the
     schema_revision,
     upgrade,
 )
+from mdm_pipeline.golden_records.jsonrows import json_rows
 from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tables)
     MATCH_COLUMNS,
     events,
@@ -75,29 +77,36 @@ HASH_CHUNK_ROWS = 50_000
 def hash_rows(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """A stable hash per row of JSON-able values, to find what changed, and the JSON.
 
-    The rows are cut out of one JSON array at its "},{" separators when that text
-    occurs nowhere else (a value can hold it, and then pandas' own line splitting,
-    a slow character walk over the whole text, is used): each row's text is the
-    same either way, so stored hashes stay valid. Done by chunks of rows, so that
-    only one chunk's text is held at a time.
+    Each row's text is the JSON object pandas writes for it (`jsonrows`), so that
+    stored hashes stay valid; its hash is BLAKE2b of its UTF-8 bytes, read in
+    place from the Arrow array. Done by chunks of rows, so that only one chunk's
+    text is held twice at a time.
     """
-    lines: list[str] = []
+    digests: list[str] = []
+    lines: list[np.ndarray] = []
     for start in range(0, len(frame), HASH_CHUNK_ROWS):
-        lines.extend(_json_rows(frame.iloc[start : start + HASH_CHUNK_ROWS]))
-    digests = [hashlib.blake2b(line.encode(), digest_size=16).hexdigest() for line in lines]
+        rows = json_rows(frame.iloc[start : start + HASH_CHUNK_ROWS])
+        offsets = np.frombuffer(rows.buffers()[1], dtype=np.int32)[
+            rows.offset : rows.offset + len(rows) + 1
+        ].tolist()
+        data = memoryview(rows.buffers()[2])
+        digests.extend(
+            hashlib.blake2b(data[a:b], digest_size=16).hexdigest()
+            for a, b in itertools.pairwise(offsets)
+        )
+        lines.append(rows.to_numpy(zero_copy_only=False))
+    text = np.concatenate(lines) if lines else np.array([], dtype=object)
     return pd.Series(digests, index=frame.index, dtype=object), pd.Series(
-        lines, index=frame.index, dtype=object
+        text, index=frame.index, dtype=object
     )
 
 
 def _json_rows(frame: pd.DataFrame) -> list[str]:
-    """One JSON object per row, as pandas writes it."""
-    text = frame.to_json(orient="records", date_format="iso", force_ascii=False)
-    if text.count("},{") == len(frame) - 1:
-        return ["{" + row + "}" for row in text[2:-2].split("},{")]
+    """One JSON object per row, as pandas writes it: what `jsonrows` must write, kept
+    for the tests that compare both."""
     text = frame.to_json(orient="records", lines=True, date_format="iso", force_ascii=False)
     # "\n" only: JSON escapes it inside strings, not U+2028 and the like.
-    return text.rstrip("\n").split("\n")
+    return text.rstrip("\n").split("\n") if len(frame) else []
 
 
 def sort_order(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -397,9 +406,7 @@ def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame, upsert: bool
     # `where` and `itertuples` cost seconds on a million rows.
     for c in cols:
         if sqlite and isinstance(table.c[c].type, sa.DateTime):
-            stamps = pd.to_datetime(frame[c])
-            text = stamps.dt.strftime("%Y-%m-%d %H:%M:%S.%f")
-            values = text.to_numpy(dtype=object)
+            values = _datetime_texts(frame[c])
         else:
             values = frame[c].to_numpy(dtype=object)
         # A new array either way: the caller's frame is never written to.
@@ -423,6 +430,15 @@ def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame, upsert: bool
         target = ", ".join(f'"{k}"' for k in key)
         conflict = f" ON CONFLICT ({target}) DO UPDATE SET {updated}"
     conn.exec_driver_sql(f'INSERT INTO "{table.name}" ({names}) VALUES ({marks}){conflict}', rows)
+
+
+def _datetime_texts(column: pd.Series) -> np.ndarray:
+    """Datetimes as SQLAlchemy writes them to SQLite (None where missing), each distinct
+    value formatted once: a column holds few (a run's time, payload dates), and
+    `strftime` over a million rows is a Python call per row (8 s of a full run)."""
+    codes, uniques = pd.factorize(pd.to_datetime(column))
+    texts = pd.DatetimeIndex(uniques).strftime("%Y-%m-%d %H:%M:%S.%f").to_numpy(dtype=object)
+    return np.append(texts, None)[np.where(codes < 0, len(texts), codes)]
 
 
 @contextmanager

@@ -51,6 +51,8 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
 def _as_arrow_text(series: pd.Series) -> pa.Array:
     """A text column as Arrow strings (null where missing); a value that is not a
     text (a number in an object column) becomes its `str`, as `to_csv` writes it."""
+    if isinstance(series.dtype, pd.StringDtype):
+        return pa.array(series).cast(pa.string())
     values = series.to_numpy(dtype=object)
     try:
         return pa.array(values, type=pa.string(), from_pandas=True)

@@ -47,6 +47,7 @@ def test_columnar_csv_is_pandas_csv(
 ) -> None:
     frame = pd.DataFrame(rows, columns=["nom", "prenom;x", "score"]).astype({"nom": object})
     frame["nom_str"] = frame["nom"].astype("string")  # a string-dtype column is text too
+    frame["nom_arrow"] = frame["nom"].astype(pd.StringDtype("pyarrow", na_value=np.nan))
     frame["flag"] = pd.array([i % 3 == 0 if i % 4 else None for i in range(len(frame))], "boolean")
     frame["valid"] = np.arange(len(frame)) % 2 == 0
     frame["n"] = np.arange(len(frame)) - 3

@@ -1,0 +1,141 @@
+"""One JSON object per row of a frame, in Arrow, with exactly the text pandas writes.
+
+Stored payloads and golden records are hashed on their JSON text, so the text
+must never change from one version of the pipeline to the next: a changed
+byte would make every stored record look changed. That text is what
+`DataFrame.to_json(orient="records", date_format="iso", force_ascii=False)`
+writes for each row. pandas' encoder visits every value as a Python object
+(20 s of a full run at a million records); here each column's values are
+rendered once, vectorised, and the rows are joined in Arrow:
+
+- texts: quoted, with `"`, `\\` and `/` escaped as pandas does; the rare text
+  holding a control character takes `json.dumps` (pandas' escapes are JSON's);
+- flags and whole numbers: Arrow's own rendering, which is pandas';
+- any other column (dates, decimals, mixed objects): each distinct value is
+  rendered by pandas itself, then taken per row.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def _pandas_values(values: pd.Series) -> pa.Array:
+    """Values as pandas' JSON encoder writes them: a one-column frame encoded as
+    lines, each line's key and braces cut off in Arrow."""
+    if not len(values):
+        return pa.array([], type=pa.string())
+    frame = pd.DataFrame({"v": values.to_numpy()})
+    text = frame.to_json(orient="records", lines=True, date_format="iso", force_ascii=False)
+    lines = pc.split_pattern(pa.array([text.rstrip("\n")], type=pa.large_string()), "\n")
+    cut = pc.utf8_slice_codeunits(lines.flatten(), len('{"v":'), -1)
+    return cut.cast(pa.string())
+
+
+def _distinct_values(series: pd.Series) -> pa.Array:
+    """A column of few distinct values (dates, numbers): each rendered once by pandas."""
+    codes, uniques = pd.factorize(series)
+    texts = _pandas_values(pd.Series(uniques))
+    texts = pa.concat_arrays([texts, pa.array(["null"], type=pa.string())])
+    return texts.take(pa.array(np.where(codes < 0, len(uniques), codes)))
+
+
+#: The escapes JSON has a short form for, in the order they are applied (the backslash
+#: first: the others add backslashes). pandas also escapes "/".
+_SHORT_ESCAPES = (
+    ("\\", "\\\\"),
+    ('"', '\\"'),
+    ("/", "\\/"),
+    ("\n", "\\n"),
+    ("\r", "\\r"),
+    ("\t", "\\t"),
+    ("\b", "\\b"),
+    ("\f", "\\f"),
+)
+#: Control characters JSON writes as \u00XX.
+_LONG_ESCAPES = np.array([c for c in range(32) if chr(c) not in "\n\r\t\b\f"], dtype=np.uint8)
+
+
+def _utf8_bytes(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string array's UTF-8 bytes (those of its values only) and its offsets into them."""
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)
+    offsets = offsets[values.offset : values.offset + len(values) + 1].astype(np.int64)
+    data = values.buffers()[2]
+    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return raw[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def json_texts(values: pa.Array) -> pa.Array:
+    """Text values as pandas writes them in JSON ("null" where missing).
+
+    One count of the column's bytes says which escapes it needs (all are single
+    bytes in UTF-8): a column without any is only quoted, and each escape a
+    column does need is one replacement over it. A value holding a control
+    character without a short escape (rare) takes `json.dumps`."""
+    raw, offsets = _utf8_bytes(values)
+    present = np.bincount(raw, minlength=256)
+    escaped = values
+    for char, escape in _SHORT_ESCAPES:
+        if present[ord(char)]:
+            escaped = pc.replace_substring(escaped, char, escape)
+    quoted = pc.binary_join_element_wise('"', escaped, '"', "")
+    if present[_LONG_ESCAPES].any():
+        hit = np.flatnonzero(np.isin(raw, _LONG_ESCAPES))
+        where = np.unique(np.searchsorted(offsets, hit, side="right") - 1)
+        fixed = quoted.to_numpy(zero_copy_only=False).astype(object)
+        fixed[where] = [
+            json.dumps(v, ensure_ascii=False).replace("/", "\\/")
+            for v in values.take(pa.array(where)).to_pylist()
+        ]
+        quoted = pa.array(fixed, type=pa.string())
+    return pc.fill_null(quoted, "null")
+
+
+def _as_texts(series: pd.Series) -> pa.Array | None:
+    """A column as Arrow strings if it holds only texts and missing values, else None."""
+    if isinstance(series.dtype, pd.StringDtype):
+        # Already Arrow strings (the normalised columns): taken as they are.
+        return pa.array(series).cast(pa.string())
+    if series.dtype != object:
+        return None
+    try:
+        return pa.array(series.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+
+
+def column_json(series: pd.Series) -> pa.Array:
+    """One column's values as JSON texts ("null" where missing)."""
+    texts = _as_texts(series)
+    if texts is not None:
+        return json_texts(texts)
+    dtype = series.dtype
+    if pd.api.types.is_bool_dtype(dtype):
+        flags = pa.array(series.to_numpy(dtype=object), type=pa.bool_(), from_pandas=True)
+        return pc.fill_null(pc.if_else(flags, "true", "false"), "null")
+    if pd.api.types.is_integer_dtype(dtype):
+        whole = pa.array(series.to_numpy(dtype=object), type=pa.int64(), from_pandas=True)
+        return pc.fill_null(pc.cast(whole, pa.string()), "null")
+    if dtype == np.dtype(object):
+        # Mixed values (a number beside a text): factorising would take 1, 1.0 and True
+        # for one value, so pandas renders every row.
+        return _pandas_values(series)
+    return _distinct_values(series)
+
+
+def json_rows(frame: pd.DataFrame) -> pa.Array:
+    """Each row of `frame` as the JSON object pandas writes for it (see the module)."""
+    if not len(frame.columns):
+        return pa.array(["{}"] * len(frame), type=pa.string())
+    keys = [json_texts(pa.array([str(c)], type=pa.string()))[0].as_py() for c in frame.columns]
+    # One concatenation over the whole row: the keys, with their braces and commas,
+    # are constants between the columns' values.
+    parts: list[pa.Array | str] = []
+    for i, key in enumerate(keys):
+        parts += [("{" if i == 0 else ",") + key + ":", column_json(frame.iloc[:, i])]
+    return pc.binary_join_element_wise(*parts, "}", "")
