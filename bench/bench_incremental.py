@@ -56,7 +56,9 @@ def child(config: Path, incremental: bool) -> None:
                 "golden_created": summary.golden_created,
                 "golden_updated": summary.golden_updated,
                 "golden_retired": summary.golden_retired,
-                "peak_rss_mib": round(peak_rss_mib()),
+                # The run resets the kernel's high-water mark at each stage.
+                "peak_rss_mib": round(max(summary.peak_rss_mib, peak_rss_mib())),
+                "stage_peak_rss_mib": summary.peak_rss_by_stage,
             }
         )
     )

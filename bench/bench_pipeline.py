@@ -61,7 +61,9 @@ def _one(records: int, workdir: Path, kind: str) -> dict:
     wall = time.perf_counter() - t0
     # Before the scoring below reads the store back: the run's own peak, and with
     # Spark's JVM and Python workers (processes of their own).
-    peak = round(peak_rss_mib())
+    # The run resets the kernel's high-water mark at each stage: its summary holds
+    # the largest of them.
+    peak = round(max(summary.peak_rss_mib, peak_rss_mib()))
     engine = sa.create_engine(f"sqlite:///{workdir / 'mdm.sqlite'}")
     xref = pd.read_sql("select source, source_key, golden_id from mdm_source_records", engine)
     truth = pd.read_csv(workdir / "truth.csv", dtype=str)
@@ -74,6 +76,7 @@ def _one(records: int, workdir: Path, kind: str) -> dict:
         "stages_s": summary.seconds,
         "engine": kind,
         "peak_rss_mib": peak,
+        "stage_peak_rss_mib": summary.peak_rss_by_stage,
         "peak_rss_tree_mib": round(tree.peak_mib),
         "candidate_pairs": summary.candidate_pairs,
         "clusters": summary.clusters,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import resource
 import shutil
 import tempfile
 import time
@@ -47,6 +46,7 @@ from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
 from mdm_pipeline.pipeline import incremental as inc
 from mdm_pipeline.pipeline import report
+from mdm_pipeline.pipeline.memory import PeakMemory
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
 from mdm_pipeline.sources.npai import read_returns
 
@@ -190,6 +190,8 @@ class RunSummary:
     npai_flags_active: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
+    #: Each stage's own peak (`memory.PeakMemory`).
+    peak_rss_by_stage: dict[str, float] = field(default_factory=dict)
     exports: list[str] = field(default_factory=list)
     #: The run report's HTML file (its JSON twin is beside it).
     report: str = ""
@@ -271,6 +273,7 @@ class Pipeline:
         self.settings = settings
         self._model: dict[str, Any] = {}
         self._retrain = False
+        self._memory = PeakMemory()
 
     @classmethod
     def from_config(cls, path: str | Path) -> Pipeline:
@@ -291,9 +294,11 @@ class Pipeline:
         self, name: str, summary: RunSummary, on_event: EventCallback, total: int | None = None
     ) -> Iterator[None]:
         on_event(name, "start", {"total": total})
+        self._memory.start()
         t0 = time.perf_counter()
         yield
         summary.seconds[name] = round(time.perf_counter() - t0, 3)
+        summary.peak_rss_by_stage[name] = round(self._memory.stop(), 1)
         on_event(name, "end", {"seconds": summary.seconds[name]})
         log.info("stage %s done in %.2fs", name, summary.seconds[name])
 
@@ -311,6 +316,7 @@ class Pipeline:
         night's new records do not shift the weights of every pair in the store.
         """
         self._retrain = retrain
+        self._memory = PeakMemory()
         if retrain and incremental:
             raise ConfigError(
                 "--retrain and --incremental cannot be combined: a retrained "
@@ -467,9 +473,8 @@ class Pipeline:
                         if settings.export.enabled
                         else []
                     )
-                summary.peak_rss_mib = round(
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
-                )
+                self._memory.stop()
+                summary.peak_rss_mib = round(self._memory.overall, 1)
                 store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
             # Committed: only now do the return files replace the previous ones.
             for path in staged:
@@ -891,9 +896,8 @@ class Pipeline:
                 store.write_evidence_changes(conn, summary.run_id, evidence)
                 store.write_snapshot(conn, summary.run_id, snapshot_parts.result())
                 summary.record_written(written)
-                summary.peak_rss_mib = round(
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
-                )
+                self._memory.stop()
+                summary.peak_rss_mib = round(self._memory.overall, 1)
                 store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
         self._report(summary, engine, records, pairs["weight"].to_numpy(), cluster_ids, quarantined)
         return summary
