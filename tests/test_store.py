@@ -860,3 +860,30 @@ def test_a_bulk_insert_into_an_empty_table_leaves_its_indexes_as_declared(
         store._insert(conn, table, rows.assign(valid_from=T2))
     assert _indexes(engine, table.name) == declared
     engine.dispose()
+
+
+def test_a_first_runs_evidence_is_all_fresh_as_the_general_comparison_finds_it() -> None:
+    evidence = pd.DataFrame(
+        {
+            "left_source": ["a", "a", "b"],
+            "left_key": ["1", "2", "3"],
+            "right_source": ["b", "b", "b"],
+            "right_key": ["9", "8", "7"],
+            "rule": "email",
+            "weight": [12.5, 3.25, 20.0],
+            "probability": [0.99, 0.9, 0.999],
+            "band": ["auto_match", "review", "auto_match"],
+            "contributions": ['{"email":9.1}', '{"email":1.2}', '{"email":9.1}'],
+        }
+    )
+    columns = list(evidence.columns)
+    empty = evidence.iloc[:0]
+    first = store.compare_evidence(evidence, empty)
+    # The general comparison, against a store holding one other pair that goes.
+    other = evidence.iloc[:1].assign(left_key="0")
+    general = store.compare_evidence(evidence, other)
+    assert first.gone.empty and first.changed.empty and len(general.gone) == 1
+    pd.testing.assert_frame_equal(
+        first.fresh[columns].sort_values("left_key").reset_index(drop=True),
+        general.fresh[columns].sort_values("left_key").reset_index(drop=True),
+    )
