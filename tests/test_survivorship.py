@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
@@ -223,3 +225,18 @@ def test_an_unknown_attribute_in_the_rules_is_a_one_line_config_error(samples: P
 def test_an_unknown_rule_is_refused(rule: str) -> None:
     with pytest.raises(ValueError, match="default"):
         SurvivorshipSettings(default=[rule])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b", None]), st.sampled_from(["x", "é", None])),
+        max_size=12,
+    )
+)
+def test_row_codes_number_distinct_rows_in_order_of_first_appearance(rows: list) -> None:
+    from mdm_pipeline.golden_records.survivorship import _row_codes
+
+    frame = pd.DataFrame(rows, columns=["street", "city"], dtype=object)
+    expected = pd.factorize(pd.Series([str(r) for r in rows], dtype=object))[0]
+    assert _row_codes(frame).tolist() == expected.tolist()
