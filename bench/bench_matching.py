@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -239,20 +240,25 @@ def main() -> None:
     if args.child:
         child(args.child, args.work)
         return
+    # The prepared records (600 MB at 1M) are removed at the end: left in /tmp, they
+    # sit in the page cache and slow the next benchmark run down (docs/benchmarks.md).
     work = Path(tempfile.mkdtemp(prefix="mdm-bench-match-"))
-    info = prepare(args, work)
-    tools = ("ours", "splink") if args.tool == "both" else (args.tool,)
-    rows = []
-    for tool in tools:
-        cmd = [sys.executable, __file__, "--child", tool, "--work", str(work)]
-        cmd += ["--febrl", str(args.febrl)] if args.febrl else ["--data", str(args.data)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{tool} failed")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(json.dumps({**info, **row}))
+    try:
+        info = prepare(args, work)
+        tools = ("ours", "splink") if args.tool == "both" else (args.tool,)
+        rows = []
+        for tool in tools:
+            cmd = [sys.executable, __file__, "--child", tool, "--work", str(work)]
+            cmd += ["--febrl", str(args.febrl)] if args.febrl else ["--data", str(args.data)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{tool} failed")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps({**info, **row}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(
         f"\n{info['dataset']} — {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
         f"{os.cpu_count()} cores\n"
