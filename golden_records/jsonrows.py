@@ -119,7 +119,7 @@ def column_json(series: pd.Series) -> pa.Array:
         flags = pa.array(series.to_numpy(dtype=object), type=pa.bool_(), from_pandas=True)
         return pc.fill_null(pc.if_else(flags, "true", "false"), "null")
     if pd.api.types.is_integer_dtype(dtype):
-        whole = pa.array(series.to_numpy(dtype=object), type=pa.int64(), from_pandas=True)
+        whole = pa.array(series, from_pandas=True)  # its own width and sign
         return pc.fill_null(pc.cast(whole, pa.string()), "null")
     if dtype == np.dtype(object):
         # Mixed values (a number beside a text): factorising would take 1, 1.0 and True

@@ -127,7 +127,7 @@ def _csv_fields(series: pd.Series, sep: str, quotechar: str) -> pa.Array:
         flags = pa.array(series.to_numpy(dtype=object), type=pa.bool_(), from_pandas=True)
         return _quoted(pc.if_else(flags, "True", "False"), sep, quotechar)
     if pd.api.types.is_integer_dtype(series.dtype):
-        whole = pa.array(series.to_numpy(dtype=object), type=pa.int64(), from_pandas=True)
+        whole = pa.array(series, from_pandas=True)  # its own width and sign
         return _quoted(pc.cast(whole, pa.string()), sep, quotechar)
     if not _is_text(series):
         return _rendered(series, sep, quotechar)

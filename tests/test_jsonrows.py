@@ -60,3 +60,14 @@ def test_row_hash_is_blake2b_of_the_pandas_text() -> None:
     assert digests.tolist() == [
         hashlib.blake2b(line.encode(), digest_size=16).hexdigest() for line in expected
     ]
+
+
+def test_integers_of_every_width_sign_and_nullability_are_pandas_json() -> None:
+    frame = pd.DataFrame(
+        {
+            "u64": np.array([2**64 - 1, 0], dtype=np.uint64),
+            "i8": np.array([-128, 5], dtype=np.int8),
+            "nullable": pd.array([1, None], dtype="Int64"),
+        }
+    )
+    assert json_rows(frame).to_pylist() == store._json_rows(frame)

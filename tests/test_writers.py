@@ -104,3 +104,17 @@ def test_bu_duplicates_are_the_other_keys_of_each_golden_record(rows: list) -> N
     gids = [None if g == "-" else g for _, g in rows]
     got = bu_duplicates(np.array(keys, dtype=object), np.array(gids, dtype=object))
     assert got.tolist() == _duplicates_by_groupby(keys, gids)
+
+
+def test_integers_of_every_width_sign_and_nullability_are_pandas_csv(tmp_path: Path) -> None:
+    frame = pd.DataFrame(
+        {
+            "u64": np.array([2**64 - 1, 0], dtype=np.uint64),
+            "i8": np.array([-128, 5], dtype=np.int8),
+            "nullable": pd.array([1, None], dtype="Int64"),
+        }
+    )
+    write_csv(frame, tmp_path / "ours.csv")
+    assert (tmp_path / "ours.csv").read_bytes() == _pandas(
+        frame, tmp_path / "theirs.csv", ",", '"', "utf-8"
+    )
