@@ -86,15 +86,20 @@ def _byte_view(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rows_holding(values: pa.Array, chars: str) -> np.ndarray:
-    """Which values hold any of `chars` (ASCII characters)."""
+    """Which values hold any of `chars`: ASCII ones by their byte, any other (a
+    delimiter such as "§") by Arrow's substring search."""
     raw, offsets = _byte_view(values)
     raw = raw[offsets[0] : offsets[-1]]
     hit = np.zeros(len(raw), dtype=bool)
     for c in chars:
-        hit |= raw == ord(c)
+        if c.isascii():
+            hit |= raw == ord(c)
     where = np.flatnonzero(hit) + offsets[0]
     flags = np.zeros(len(values), dtype=bool)
     flags[np.searchsorted(offsets, where, side="right") - 1] = True
+    for c in chars:
+        if not c.isascii():
+            flags |= pc.match_substring(values, c).to_numpy(zero_copy_only=False)
     return flags
 
 

@@ -17,7 +17,7 @@ from mdm_pipeline.sources.writers import neutralise_formulas, write_csv
 
 #: Texts made of what a CSV writer treats specially: delimiters, quotes, line breaks,
 #: formula starts, accents and characters cp1252 cannot hold.
-_TEXT = st.text(alphabet=st.sampled_from(list("ab ;,|\t\"'\n\r=+-@éœ€漢")), max_size=6)
+_TEXT = st.text(alphabet=st.sampled_from(list("ab ;,|\t\"'\n\r=+-@éœ€漢§")), max_size=6)
 _CELL = st.one_of(st.none(), _TEXT)
 
 
@@ -37,7 +37,7 @@ def _pandas(frame: pd.DataFrame, path: Path, sep: str, quotechar: str, encoding:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rows=st.lists(st.tuples(_CELL, _CELL, st.one_of(st.none(), st.floats(-5, 5))), max_size=12),
-    sep=st.sampled_from([",", ";", "|", "\t"]),
+    sep=st.sampled_from([",", ";", "|", "\t", "§"]),
     quotechar=st.sampled_from(['"', "'"]),
     encoding=st.sampled_from(["utf-8", "utf-8-sig", "cp1252", "latin-1", "iso-8859-15"]),
     chunk=st.integers(1, 5),
