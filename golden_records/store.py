@@ -614,6 +614,10 @@ def _taken(values: np.ndarray) -> pa.Array:
     )
 
 
+#: Golden records whose lineage JSON is built at a time.
+LINEAGE_CHUNK_GOLDEN = 100_000
+
+
 def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index) -> pd.Series:
     """Lineage per golden record as JSON {attribute: "source|source_key|rule|date"}, keys
     in name order, built column-wise in Arrow: each member "attribute": "value" is one
@@ -622,6 +626,15 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
     records)."""
     if not len(index):
         return pd.Series([], index=index, dtype=object)
+    if len(index) > LINEAGE_CHUNK_GOLDEN:
+        # By chunks of golden records: a million golden records' lineage is tens of
+        # millions of members, and their arrays and texts are held a chunk at a time.
+        return pd.concat(
+            [
+                _lineage_json(records, lineage, index[start : start + LINEAGE_CHUNK_GOLDEN])
+                for start in range(0, len(index), LINEAGE_CHUNK_GOLDEN)
+            ]
+        )
     lineage = lineage[lineage["cluster"].isin(index)]
     out = np.full(len(index), "{}", dtype=object)
     if not len(lineage):
