@@ -629,9 +629,16 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
     if len(index) > LINEAGE_CHUNK_GOLDEN:
         # By chunks of golden records: a million golden records' lineage is tens of
         # millions of members, and their arrays and texts are held a chunk at a time.
+        # Each member's golden record is found once; a chunk takes its members by
+        # position.
+        where = index.get_indexer(lineage["cluster"])
         return pd.concat(
             [
-                _lineage_json(records, lineage, index[start : start + LINEAGE_CHUNK_GOLDEN])
+                _lineage_json(
+                    records,
+                    lineage[(where >= start) & (where < start + LINEAGE_CHUNK_GOLDEN)],
+                    index[start : start + LINEAGE_CHUNK_GOLDEN],
+                )
                 for start in range(0, len(index), LINEAGE_CHUNK_GOLDEN)
             ]
         )
@@ -844,9 +851,21 @@ def write_run(
     # million payloads are gigabytes of Python strings), and each chunk's rows land
     # after the previous chunk's in the tables' B-trees.
     order = sort_order(keys, ["source", "source_key"])
+    # Each record's stored row, found once: merged chunk by chunk with all the stored
+    # rows, a repeated full run would match a million rows again for every chunk.
+    stored_row = (
+        keys[["source", "source_key"]]
+        .merge(
+            prev[["source", "source_key"]].assign(row=np.arange(len(prev))),
+            on=["source", "source_key"],
+            how="left",
+        )["row"]
+        .to_numpy()
+    )
     with _indexes_built_after(conn, [source_records, xref], len(records)):
         for start in range(0, len(order), WRITE_CHUNK_ROWS):
             rows = order[start : start + WRITE_CHUNK_ROWS]
+            held = stored_row[rows]
             result.records_written += _write_records(
                 conn,
                 run_id,
@@ -855,7 +874,7 @@ def write_run(
                 keys.iloc[rows],
                 record_gid.iloc[rows],
                 payload_columns,
-                prev,
+                prev.iloc[held[~np.isnan(held)].astype(np.int64)],
                 scope is not None,
                 as_stored,
             )
@@ -917,7 +936,8 @@ def _write_records(
 ) -> int:
     """One chunk of `write_run`'s source records: their payloads, the changed ones
     written (the superseded payloads archived first) and their cross-references
-    opened or moved; returns how many records were written."""
+    opened or moved; returns how many records were written. `prev` holds the
+    stored rows of these records (those the store has)."""
     r_hash, r_json = _payload_hashes(records, payload_columns, as_stored)
     new_xref = pd.DataFrame(
         {

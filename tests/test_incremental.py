@@ -899,7 +899,7 @@ def test_writing_records_by_chunks_writes_what_one_chunk_writes(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full run written seven records at a time (the indexes rebuilt around all the
-    chunks) stores what one chunk stores, and so does a night."""
+    chunks) stores what one chunk stores, and so do a night and a later full run."""
     cfg = samples / "config.yaml"
     whole = f"sqlite:///{tmp_path / 'whole.sqlite'}"
     _run(cfg, whole)
@@ -919,6 +919,14 @@ def test_writing_records_by_chunks_writes_what_one_chunk_writes(
     assert _run(cfg, chunked, "--incremental")["mode"] == "incremental"
     monkeypatch.undo()
     assert _run(cfg, whole, "--incremental")["mode"] == "incremental"
+    got, want = _records_and_partition(chunked), _records_and_partition(whole)
+    pd.testing.assert_frame_equal(got[0], want[0])
+    assert got[1:] == want[1:]
+    # And a full run over a store that holds every record already.
+    day2(samples, seed=4)
+    assert _run(cfg, whole)["mode"] == "full"
+    monkeypatch.setattr(store, "WRITE_CHUNK_ROWS", 7)
+    assert _run(cfg, chunked)["mode"] == "full"
     got, want = _records_and_partition(chunked), _records_and_partition(whole)
     pd.testing.assert_frame_equal(got[0], want[0])
     assert got[1:] == want[1:]
