@@ -303,3 +303,10 @@ def test_cleaning_in_arrow_is_cleaning_in_python(values: list) -> None:
     """`_clean` (Arrow) strips, folds and empties exactly as Python's string methods do."""
     series = pd.Series(values, dtype=object, name="field")
     pd.testing.assert_series_equal(mapping._clean(series), mapping._clean_pandas(series))
+
+
+def test_the_blanks_arrow_trims_are_the_ones_python_strips() -> None:
+    import sys
+
+    every = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+    assert every == mapping._WHITESPACE
