@@ -22,7 +22,10 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _RESET_PEAK = "5"
 
 
-def _high_water_mib() -> float:
+def high_water_mib() -> float:
+    """This process's own peak RSS (VmHWM), since its start or its last reset. Not
+    `getrusage` first: Linux keeps ru_maxrss across execve, so a child would report
+    its parent's peak if larger."""
     try:
         for line in _STATUS.read_text(encoding="ascii").splitlines():
             if line.startswith("VmHWM:"):
@@ -37,16 +40,21 @@ class PeakMemory:
     over the whole run (`overall`)."""
 
     def __init__(self) -> None:
-        self.overall = _high_water_mib()
+        self.overall = high_water_mib()
 
     def start(self) -> None:
-        self.overall = max(self.overall, _high_water_mib())
+        self.overall = max(self.overall, high_water_mib())
         # Not Linux, or not allowed: each stage then reports the peak so far.
         with contextlib.suppress(OSError):
             _CLEAR_REFS.write_text(_RESET_PEAK, encoding="ascii")
 
     def stop(self) -> float:
         """The peak since `start`, in MiB."""
-        peak = _high_water_mib()
+        peak = high_water_mib()
         self.overall = max(self.overall, peak)
         return peak
+
+    def run_peak(self) -> float:
+        """The largest peak so far, the current stretch's included, in MiB."""
+        self.stop()
+        return self.overall

@@ -473,8 +473,7 @@ class Pipeline:
                         if settings.export.enabled
                         else []
                     )
-                self._memory.stop()
-                summary.peak_rss_mib = round(self._memory.overall, 1)
+                summary.peak_rss_mib = round(self._memory.run_peak(), 1)
                 store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
             # Committed: only now do the return files replace the previous ones.
             for path in staged:
@@ -896,8 +895,7 @@ class Pipeline:
                 store.write_evidence_changes(conn, summary.run_id, evidence)
                 store.write_snapshot(conn, summary.run_id, snapshot_parts.result())
                 summary.record_written(written)
-                self._memory.stop()
-                summary.peak_rss_mib = round(self._memory.overall, 1)
+                summary.peak_rss_mib = round(self._memory.run_peak(), 1)
                 store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
         self._report(summary, engine, records, pairs["weight"].to_numpy(), cluster_ids, quarantined)
         return summary
