@@ -29,6 +29,9 @@ from mdm_pipeline.config.settings import (
 )
 from mdm_pipeline.sources.readers import LINE, RawExtract
 
+#: The canonical text columns' dtype (Arrow-backed strings).
+TEXT = schema.text_dtype()
+
 _EMPTY = {"": None}
 
 
@@ -76,15 +79,13 @@ def _clean(series: pd.Series) -> pd.Series:
         pc.utf8_trim(values, characters=_WHITESPACE), pattern=r"[ \t]+", replacement=" "
     )
     values = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
-    return pd.Series(
-        values.to_numpy(zero_copy_only=False), index=series.index, name=series.name, dtype=object
-    )
+    return pd.Series(pd.array(values, dtype=TEXT), index=series.index, name=series.name)
 
 
 def _clean_pandas(series: pd.Series) -> pd.Series:
     text = series.astype(object).where(series.notna(), None)
     text = text.str.strip().str.replace(r"[ \t]+", " ", regex=True)
-    return text.where(text.notna() & (text != ""), None)
+    return text.where(text.notna() & (text != ""), None).astype(TEXT)
 
 
 def _join_columns(parts: list[pd.Series], sep: str) -> pd.Series:
@@ -279,8 +280,11 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
             elif col in schema.BOOL_FIELDS:
                 out[col] = pd.Series(pd.NA, index=rows.index, dtype="boolean")
             else:
-                out[col] = pd.Series(None, index=rows.index, dtype=object)
+                out[col] = pd.Series(np.nan, index=rows.index, dtype=TEXT)
     out = out[list(schema.CANONICAL_COLUMNS)]
+    # Constants, recoded values and split names are Python objects still.
+    for col in out.select_dtypes(include="object").columns:
+        out[col] = out[col].astype(TEXT)
 
     failed = reasons.failed
     quarantined = _to_quarantine(extract, rows, out, failed, reasons.text)
