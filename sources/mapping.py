@@ -25,6 +25,7 @@ from mdm_pipeline.config.settings import (
     DateFieldSpec,
     FieldSpec,
     FullNameSpec,
+    ParquetSource,
     Source,
 )
 from mdm_pipeline.sources.readers import LINE, RawExtract
@@ -311,6 +312,10 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
         )
         good = order[~superseded].sort_index()
     raw = rows.loc[good.index].drop(columns=[LINE]).reset_index(drop=True)
+    if not isinstance(spec, ParquetSource):
+        # Written back as CSV, where the dtype leaves no trace (a Parquet file
+        # written back would record it in its schema).
+        raw = _compact(raw)
     records = good.reset_index(drop=True)
     quarantine = pd.concat([extract.quarantine, quarantined], ignore_index=True)
     return MappedSource(
@@ -323,6 +328,23 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
         n_dup,
         extract.fingerprint,
     )
+
+
+def _compact(raw: pd.DataFrame) -> pd.DataFrame:
+    """The extract's rows with their text columns as Arrow strings.
+
+    The rows are kept until the run's end to be written back to their business
+    unit with the golden ID beside them: as Python strings, a million rows of
+    a CSV extract held 0.7 GB through every stage. Only columns holding text
+    alone change; numbers, dates or mixed values (a SQL extract's)
+    stay as they were, so the file written back is the same.
+    """
+    text = [
+        c
+        for c in raw.columns
+        if raw[c].dtype == object and pd.api.types.infer_dtype(raw[c], skipna=True) == "string"
+    ]
+    return raw.astype(dict.fromkeys(text, TEXT)) if text else raw
 
 
 def _to_quarantine(

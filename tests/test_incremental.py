@@ -930,3 +930,25 @@ def test_writing_records_by_chunks_writes_what_one_chunk_writes(
     got, want = _records_and_partition(chunked), _records_and_partition(whole)
     pd.testing.assert_frame_equal(got[0], want[0])
     assert got[1:] == want[1:]
+
+
+def test_source_hashes_do_not_depend_on_the_text_dtype(samples: Path) -> None:
+    """Stores hold hashes computed when the mapped text columns were Python objects:
+    the Arrow-backed columns must hash alike, or the first night after an upgrade
+    would find every record changed."""
+    from mdm_pipeline.config.schema import text_dtype
+    from mdm_pipeline.sources import load_source
+
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    day = pd.Timestamp("2026-11-22")
+    records = pd.concat(
+        [load_source(s, settings, day).records for s in settings.sources], ignore_index=True
+    )
+    text = [c for c in records if records[c].dtype == text_dtype()]
+    assert len(text) > 20
+    as_objects = records.astype(dict.fromkeys(text, object))
+    as_objects[text] = as_objects[text].where(as_objects[text].notna(), None)
+    assert all(as_objects[c].dtype == "object" for c in text)
+    pd.testing.assert_series_equal(
+        run_module.source_hashes(records), run_module.source_hashes(as_objects)
+    )

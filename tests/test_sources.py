@@ -310,3 +310,30 @@ def test_the_blanks_arrow_trims_are_the_ones_python_strips() -> None:
 
     every = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
     assert every == mapping._WHITESPACE
+
+
+def test_rows_kept_for_the_return_file_hold_text_as_arrow_strings(tmp_path: Path) -> None:
+    """A CSV or SQL extract's text columns are held compactly until written back;
+    numbers stay numbers and a Parquet extract's columns keep their own types."""
+    text = mapping.TEXT
+    (tmp_path / "x.csv").write_text("id,nom,prenom\n1,A,B\n2,C,\n", encoding="utf-8")
+    settings = _settings(tmp_path, _csv_source())
+    raw = load_source(settings.sources[0], settings, RUN_DATE).raw
+    assert raw.dtypes.tolist() == [text, text, text]
+    assert raw["prenom"].tolist() == ["B", ""]
+
+    url = f"sqlite:///{tmp_path / 'crm.db'}"
+    _fill(url)
+    settings = _settings(tmp_path, _sql_source(url, table="clients"))
+    raw = load_source(settings.sources[0], settings, RUN_DATE).raw
+    assert (raw.dtypes == text).all() and raw["prenom"].isna().tolist() == [False, False, True]
+    mixed = pd.DataFrame({"n": [1, 2], "m": ["a", 3], "t": ["a", None], "e": [None, None]})
+    kept = mapping._compact(mixed)
+    assert kept.dtypes.tolist() == [mixed["n"].dtype, object, text, object]
+
+    pd.DataFrame({"id": ["1"], "nom": ["A"], "prenom": ["B"]}).to_parquet(tmp_path / "x.parquet")
+    src = _csv_source(format="parquet", path="x.parquet")
+    del src["encoding"], src["delimiter"]
+    settings = _settings(tmp_path, src)
+    raw = load_source(settings.sources[0], settings, RUN_DATE).raw
+    assert all(raw[c].dtype == "object" for c in raw)
