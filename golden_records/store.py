@@ -614,10 +614,6 @@ def _taken(values: np.ndarray) -> pa.Array:
     )
 
 
-#: Golden records whose lineage JSON is built at a time.
-LINEAGE_CHUNK_GOLDEN = 100_000
-
-
 def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index) -> pd.Series:
     """Lineage per golden record as JSON {attribute: "source|source_key|rule|date"}, keys
     in name order, built column-wise in Arrow: each member "attribute": "value" is one
@@ -626,22 +622,6 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
     records)."""
     if not len(index):
         return pd.Series([], index=index, dtype=object)
-    if len(index) > LINEAGE_CHUNK_GOLDEN:
-        # By chunks of golden records: a million golden records' lineage is tens of
-        # millions of members, and their arrays and texts are held a chunk at a time.
-        # Each member's golden record is found once; a chunk takes its members by
-        # position.
-        where = index.get_indexer(lineage["cluster"])
-        return pd.concat(
-            [
-                _lineage_json(
-                    records,
-                    lineage[(where >= start) & (where < start + LINEAGE_CHUNK_GOLDEN)],
-                    index[start : start + LINEAGE_CHUNK_GOLDEN],
-                )
-                for start in range(0, len(index), LINEAGE_CHUNK_GOLDEN)
-            ]
-        )
     lineage = lineage[lineage["cluster"].isin(index)]
     out = np.full(len(index), "{}", dtype=object)
     if not len(lineage):
@@ -778,55 +758,36 @@ def write_run(
         gid_of_cluster.reindex(cluster.to_numpy()).to_numpy(), index=records.index
     )
 
-    # Golden records: compare with the stored ones and write only the changes.
-    attrs = golden.drop(columns=["record_type", "members"])
-    g_hash, g_json = hash_rows(attrs)
-    new_golden = pd.DataFrame(
-        {
-            "golden_id": gid_of_cluster.reindex(golden.index).to_numpy(),
-            "record_type": golden["record_type"].to_numpy(),
-            "status": "active",
-            "members": golden["members"].astype(int).to_numpy(),
-            "record_hash": g_hash.to_numpy(),
-            "attributes": g_json.to_numpy(),
-            "cluster": golden.index.to_numpy(),
-        }
+    # Golden records: compare with the stored ones and write only the changes, by
+    # chunks: a million golden records' JSON texts, lineage and rows are gigabytes of
+    # Python strings, held a chunk at a time. Each golden record's stored row and
+    # lineage members are found once, and a chunk takes them by position.
+    golden_gid = gid_of_cluster.reindex(golden.index).to_numpy()
+    stored_at = pd.Index(stored["golden_id"]).get_indexer(golden_gid)
+    member_of = golden.index.get_indexer(lineage["cluster"])
+    by_golden = np.argsort(member_of, kind="stable")
+    bounds = np.searchsorted(
+        member_of[by_golden], np.arange(0, len(golden) + WRITE_CHUNK_ROWS, WRITE_CHUNK_ROWS)
     )
-    merged = new_golden.merge(stored, on="golden_id", how="left", suffixes=("", "_old"))
-    is_new = merged["record_hash_old"].isna()
-    changed = ~is_new & (
-        (merged["record_hash"] != merged["record_hash_old"])
-        | (merged["members"] != merged["members_old"])
-        | (merged["status_old"] != "active")
-    )
-    result.golden_created = int(is_new.sum())
-    result.golden_updated = int(changed.sum())
-    result.golden_unchanged = int((~is_new & ~changed).sum())
-    write = merged[is_new | changed].copy()
-    # Lineage is built for the golden records written only: on a quiet night, few.
-    written_clusters = pd.Index(write["cluster"])
-    write["lineage"] = _lineage_json(records, lineage, written_clusters).to_numpy()
-    write["created_run"] = write["created_run"].fillna(run_id)
-    write["updated_run"] = run_id
-    write["version"] = pd.to_numeric(write["version"]).fillna(0).astype(int) + 1
-    write["valid_from"] = at
-    write["retired_run"] = None
-    write["survivor_id"] = None
-    # The version each changed golden record is at goes to the history before its row
-    # is overwritten (`_archive_versions` skips a retired one: its last version went
-    # there when it retired).
-    _archive_versions(conn, write.loc[~is_new[write.index], ["golden_id"]], at, run_id)
-    _replace(
-        conn,
-        golden_records,
-        write[[c.name for c in golden_records.columns]],
-        write.loc[~is_new[write.index], ["golden_id"]],
-    )
+    for i, first in enumerate(range(0, len(golden), WRITE_CHUNK_ROWS)):
+        part = slice(first, first + WRITE_CHUNK_ROWS)
+        held = stored_at[part]
+        _write_golden(
+            conn,
+            run_id,
+            at,
+            records,
+            golden.iloc[part],
+            golden_gid[part],
+            stored.iloc[held[held >= 0]],
+            lineage.iloc[by_golden[bounds[i] : bounds[i + 1]]],
+            result,
+        )
 
     # Golden records no cluster kept are retired; a merged one resolves to its survivor.
     gone = stored[
         (stored["status"] == "active")
-        & ~stored["golden_id"].isin(new_golden["golden_id"])
+        & ~stored["golden_id"].isin(golden_gid)
         & (stored["golden_id"].isin(prev["golden_id"]) if scope is not None else True)
     ]
     survivor = assignment.retired.set_index("golden_id")["survivor_id"]
@@ -916,6 +877,67 @@ def write_run(
 
     result.quarantine_rows = _write_quarantine(conn, run_id, quarantined, loaded_sources)
     return result, record_gid
+
+
+def _write_golden(
+    conn: Connection,
+    run_id: str,
+    at: datetime,
+    records: pd.DataFrame,
+    golden: pd.DataFrame,
+    golden_gid: np.ndarray,
+    stored: pd.DataFrame,
+    lineage: pd.DataFrame,
+    result: WriteResult,
+) -> None:
+    """Write the golden records of one chunk that are new or changed, and count them.
+
+    `stored` holds the stored rows of the chunk's golden IDs (those that have one),
+    `lineage` the chunk's lineage members.
+    """
+    attrs = golden.drop(columns=["record_type", "members"])
+    g_hash, g_json = hash_rows(attrs)
+    new_golden = pd.DataFrame(
+        {
+            "golden_id": golden_gid,
+            "record_type": golden["record_type"].to_numpy(),
+            "status": "active",
+            "members": golden["members"].astype(int).to_numpy(),
+            "record_hash": g_hash.to_numpy(),
+            "attributes": g_json.to_numpy(),
+            "cluster": golden.index.to_numpy(),
+        }
+    )
+    merged = new_golden.merge(stored, on="golden_id", how="left", suffixes=("", "_old"))
+    is_new = merged["record_hash_old"].isna()
+    changed = ~is_new & (
+        (merged["record_hash"] != merged["record_hash_old"])
+        | (merged["members"] != merged["members_old"])
+        | (merged["status_old"] != "active")
+    )
+    result.golden_created += int(is_new.sum())
+    result.golden_updated += int(changed.sum())
+    result.golden_unchanged += int((~is_new & ~changed).sum())
+    write = merged[is_new | changed].copy()
+    # Lineage is built for the golden records written only: on a quiet night, few.
+    written_clusters = pd.Index(write["cluster"])
+    write["lineage"] = _lineage_json(records, lineage, written_clusters).to_numpy()
+    write["created_run"] = write["created_run"].fillna(run_id)
+    write["updated_run"] = run_id
+    write["version"] = pd.to_numeric(write["version"]).fillna(0).astype(int) + 1
+    write["valid_from"] = at
+    write["retired_run"] = None
+    write["survivor_id"] = None
+    # The version each changed golden record is at goes to the history before its row
+    # is overwritten (`_archive_versions` skips a retired one: its last version went
+    # there when it retired).
+    _archive_versions(conn, write.loc[~is_new[write.index], ["golden_id"]], at, run_id)
+    _replace(
+        conn,
+        golden_records,
+        write[[c.name for c in golden_records.columns]],
+        write.loc[~is_new[write.index], ["golden_id"]],
+    )
 
 
 #: Records whose payloads are built and written at a time by `write_run`.

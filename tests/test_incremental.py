@@ -875,7 +875,8 @@ def test_stored_payloads_read_as_bytes_are_written_as_the_same_text() -> None:
 
 def _records_and_partition(url: str) -> tuple[pd.DataFrame, list, list, int]:
     """What a run wrote, whatever its golden IDs: the source records, the records of
-    each golden record, the golden attributes, and the open cross-references."""
+    each golden record, the golden records' attributes, lineage, members, version and
+    status, and the open cross-references."""
     engine = sa.create_engine(url)
     with engine.connect() as conn:
         records = pd.read_sql(
@@ -883,13 +884,18 @@ def _records_and_partition(url: str) -> tuple[pd.DataFrame, list, list, int]:
             "address_hash, payload, source_hash from mdm_source_records",
             conn,
         )
-        golden = pd.read_sql("select golden_id, attributes from mdm_golden_records", conn)
+        golden = pd.read_sql(
+            "select golden_id, attributes, lineage, members, version, status "
+            "from mdm_golden_records",
+            conn,
+        )
         xref = pd.read_sql("select source, source_key, golden_id from mdm_xref", conn)
     engine.dispose()
     named = records.assign(m=records["source"] + ":" + records["source_key"])
     groups = named.groupby("golden_id")["m"].apply(lambda m: ",".join(sorted(m)))
     partition = sorted(groups)
-    attributes = sorted(golden.set_index("golden_id")["attributes"].reindex(groups.index))
+    described = golden.set_index("golden_id").reindex(groups.index)
+    attributes = sorted(described.itertuples(index=False, name=None))
     linked = xref.merge(records[["source", "source_key", "golden_id"]])
     table = records.drop(columns="golden_id").sort_values(["source", "source_key"])
     return table.reset_index(drop=True), partition, attributes, len(linked)
@@ -898,12 +904,13 @@ def _records_and_partition(url: str) -> tuple[pd.DataFrame, list, list, int]:
 def test_writing_records_by_chunks_writes_what_one_chunk_writes(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A full run written seven records at a time (the indexes rebuilt around all the
-    chunks) stores what one chunk stores, and so do a night and a later full run."""
+    """A full run written 31 records and 31 golden records at a time (the indexes
+    rebuilt around all the chunks) stores what one chunk stores, and so do a night
+    and a later full run."""
     cfg = samples / "config.yaml"
     whole = f"sqlite:///{tmp_path / 'whole.sqlite'}"
     _run(cfg, whole)
-    monkeypatch.setattr(store, "WRITE_CHUNK_ROWS", 7)
+    monkeypatch.setattr(store, "WRITE_CHUNK_ROWS", 31)
     monkeypatch.setattr(store, "BULK_INDEX_ROWS", 5)
     chunked = f"sqlite:///{tmp_path / 'chunked.sqlite'}"
     _run(cfg, chunked)
@@ -925,7 +932,7 @@ def test_writing_records_by_chunks_writes_what_one_chunk_writes(
     # And a full run over a store that holds every record already.
     day2(samples, seed=4)
     assert _run(cfg, whole)["mode"] == "full"
-    monkeypatch.setattr(store, "WRITE_CHUNK_ROWS", 7)
+    monkeypatch.setattr(store, "WRITE_CHUNK_ROWS", 31)
     assert _run(cfg, chunked)["mode"] == "full"
     got, want = _records_and_partition(chunked), _records_and_partition(whole)
     pd.testing.assert_frame_equal(got[0], want[0])

@@ -670,30 +670,6 @@ def test_lineage_json_escapes_keys_and_leaves_missing_dates_empty() -> None:
     assert store._lineage_json(records, lineage.iloc[:0], pd.Index([5])).tolist() == ["{}"]
 
 
-def test_lineage_json_by_chunks_of_golden_records_is_the_same(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    records = pd.DataFrame(
-        {
-            "source": ["shop", "b2b", "shop", "crm"],
-            "source_key": ["1", "2", "3", "4"],
-            "source_updated_at": pd.to_datetime(["2026-01-02", None, "2025-12-31", "2024-05-06"]),
-        }
-    )
-    lineage = pd.DataFrame(
-        {
-            "cluster": [9, 5, 5, 7, 9, 3],
-            "attribute": ["email", "address", "name", "name", "name", "email"],
-            "record": [3, 1, 2, 2, 0, 1],
-            "rule": ["most_recent", "trust", "longest", "trust", "trust", "trust"],
-        }
-    )
-    index = pd.Index([9, 5, 6, 7, 3])
-    whole = store._lineage_json(records, lineage, index)
-    monkeypatch.setattr(store, "LINEAGE_CHUNK_GOLDEN", 2)
-    pd.testing.assert_series_equal(store._lineage_json(records, lineage, index), whole)
-
-
 # --- the SQLite journal -----------------------------------------------------------------
 
 _KILLED_WRITER = """
