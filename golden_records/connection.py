@@ -80,7 +80,11 @@ SQLITE_JOURNAL_LIMIT_BYTES = 2 * 2**30
 def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-    cursor.execute("PRAGMA mmap_size = 2147418112")
+    # No memory map (mmap_size 0, SQLite's default): reads through the map were no
+    # faster (docs/benchmarks.md), and every page of the store it touched counted in
+    # the process's resident memory: a million records' index builds mapped a
+    # gigabyte of the file.
+    cursor.execute("PRAGMA mmap_size = 0")
     cursor.execute("PRAGMA temp_store = MEMORY")
     cursor.execute("PRAGMA journal_mode = PERSIST")
     cursor.execute(f"PRAGMA journal_size_limit = {SQLITE_JOURNAL_LIMIT_BYTES}")

@@ -400,24 +400,32 @@ def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame, upsert: bool
     if key and len(frame) > 1:
         # Only the key columns are sorted; each column is then taken in that order.
         order = sort_order(frame, key)
+    if order is None:
+        order = np.arange(len(frame))
     sqlite = conn.dialect.name == "sqlite"
-    columns = []
-    # Column by column, missing values (NaN, NaT, pd.NA) to None: a frame-wide
-    # `where` and `itertuples` cost seconds on a million rows.
-    for c in cols:
-        if sqlite and isinstance(table.c[c].type, sa.DateTime):
-            values = _datetime_texts(frame[c])
-        else:
-            values = frame[c].to_numpy(dtype=object)
-        # A new array either way: the caller's frame is never written to.
-        values = values[order] if order is not None else values.copy()
-        missing = pd.isna(values)
-        if missing.any():
-            values[missing] = None
-        columns.append(values)
-    rows = list(zip(*columns, strict=True))
-    with _indexes_built_after(conn, [table], len(rows)):
-        _insert_rows(conn, table, cols, key, rows, upsert)
+    with _indexes_built_after(conn, [table], len(frame)):
+        # By slices of rows: a row is a tuple of Python objects, and a million of
+        # them (with their texts taken out of Arrow arrays) are gigabytes.
+        for start in range(0, len(order), INSERT_SLICE_ROWS):
+            taken = order[start : start + INSERT_SLICE_ROWS]
+            columns = []
+            # Column by column, missing values (NaN, NaT, pd.NA) to None: a frame-wide
+            # `where` and `itertuples` cost seconds on a million rows.
+            for c in cols:
+                if sqlite and isinstance(table.c[c].type, sa.DateTime):
+                    values = _datetime_texts(frame[c].iloc[taken])
+                else:
+                    # A new array: the caller's frame is never written to.
+                    values = frame[c].iloc[taken].to_numpy(dtype=object, copy=True)
+                missing = pd.isna(values)
+                if missing.any():
+                    values[missing] = None
+                columns.append(values)
+            _insert_rows(conn, table, cols, key, list(zip(*columns, strict=True)), upsert)
+
+
+#: Rows `_insert` hands the driver at a time.
+INSERT_SLICE_ROWS = 100_000
 
 
 #: Rows from which an insert into an empty table builds its secondary indexes after the

@@ -158,7 +158,10 @@ def survive(
     that decided.
     """
     settings = settings or SurvivorshipSettings()
-    records = records.reset_index(drop=True)
+    if not records.index.equals(pd.RangeIndex(len(records))):
+        # Positions are what the ranks work with; a copy only when needed (a million
+        # records' columns are half a gigabyte of arrays).
+        records = records.reset_index(drop=True)
     labels = np.asarray(cluster.to_numpy())
     record_keys = _record_keys(records)
     # Last tie-break: source then key, ascending (so its negated rank sorts first).
@@ -218,9 +221,15 @@ def survive(
     clusters, winners, decided = _rank(rows, labels, keys, tiebreak, whole)
     for attr in ADDRESS_BLOCK:
         col = block.get(attr)
-        values = records[col].to_numpy()[winners] if col else np.full(len(winners), None)
-        golden[attr] = pd.Series(values, index=clusters, dtype=object)
-        present = pd.notna(values)
+        # Taken in the records' own dtype: Arrow-backed text stays one buffer, not a
+        # Python string per golden record.
+        values = (
+            records[col].iloc[winners].set_axis(clusters)
+            if col
+            else pd.Series(None, index=clusters, dtype=object)
+        )
+        golden[attr] = values
+        present = values.notna().to_numpy()
         lineage.append(_lineage(clusters[present], attr, winners[present], decided[present]))
 
     golden["record_type"] = records.groupby(labels)["record_type"].first()

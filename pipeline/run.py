@@ -35,6 +35,7 @@ from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash
 from mdm_pipeline.config.settings import BlockingRule, Settings
 from mdm_pipeline.golden_records import review, store
 from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
+from mdm_pipeline.golden_records.jsonrows import json_rows
 from mdm_pipeline.golden_records.survivorship import survive
 from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
 from mdm_pipeline.matching.clustering import guarded_clusters
@@ -294,6 +295,10 @@ class Pipeline:
         self, name: str, summary: RunSummary, on_event: EventCallback, total: int | None = None
     ) -> Iterator[None]:
         on_event(name, "start", {"total": total})
+        # What the last stage left in reference cycles (frames hold some) is freed
+        # before this stage's peak is measured, not whenever the collector, run less
+        # often during a run (`_batch_collection`), next gets to it.
+        gc.collect()
         self._memory.start()
         t0 = time.perf_counter()
         yield
@@ -986,10 +991,16 @@ class Pipeline:
         summary: RunSummary,
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Apply La Poste returns, and clear flags whose address changed since."""
-        records = records.assign(address_hash=npai.address_hash(records))
-        current = records[["source", "source_key", "address_hash"]]
+        hashes = npai.address_hash(records)
+        current = pd.DataFrame(
+            {
+                "source": records["source"],
+                "source_key": records["source_key"],
+                "address_hash": hashes,
+            }
+        )
         flags, after = self._npai_flags(current, returns, before, sent, summary)
-        return with_flags(records, flags), after
+        return with_flags(records, flags, address_hash=hashes), after
 
     def _export(
         self, mapped: list[MappedSource], records: pd.DataFrame, out_dir: Path, emit: EventCallback
@@ -1015,9 +1026,9 @@ class Pipeline:
         }
 
 
-def with_flags(records: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
+def with_flags(records: pd.DataFrame, flags: pd.DataFrame, **more: pd.Series) -> pd.DataFrame:
     """Records with their current NPAI flag, date and reason (replacing any they had),
-    in their order, positionally indexed.
+    and the columns `more` (aligned with them), in their order, positionally indexed.
 
     Each record's flag is found by key and the three columns are added to the
     records' own: a merge would copy every column of every record (the ~80 of a
@@ -1027,8 +1038,8 @@ def with_flags(records: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
     at = inc.record_keys(flags).get_indexer(inc.record_keys(records))
     found = at >= 0
     data: dict[str, Any] = {
-        c: records[c].to_numpy() if isinstance(records[c].dtype, np.dtype) else records[c].array
-        for c in records.columns
+        c: column.to_numpy() if isinstance(column.dtype, np.dtype) else column.array
+        for c, column in {**dict(records.items()), **more}.items()
         if c not in store.NPAI_STATE_COLUMNS
     }
     flag = np.zeros(len(records), dtype=bool)
@@ -1066,28 +1077,37 @@ def _evidence(records: pd.DataFrame, result: MatchResult) -> pd.DataFrame:
     # Rounded as doubles: a float32 rounded to 6.513 is written 6.5130000114, digits
     # the model never had (205 bytes of contributions a pair instead of 171 at 1M).
     contrib = pairs[contrib_cols].astype(np.float64).round(3).rename(columns=lambda c: c[2:])
-    text = contrib.to_json(orient="records", lines=True) if len(pairs) else ""
+    # One JSON line a pair, pandas' own text (`jsonrows`) built in Arrow and kept there
+    # (as are the keys below): a million pairs' texts as Python strings, and the
+    # whole text pandas writes before it is split, are a few hundred megabytes.
+    contributions = json_rows(contrib)
+
     # Keys as text at the pairs' records only (an incremental run holds a million).
-    ends = np.r_[pairs["left"].to_numpy(), pairs["right"].to_numpy()]
-    source, key = (records[c].take(ends).astype(str).to_numpy() for c in ("source", "source_key"))
-    left, right = np.arange(len(pairs)), len(pairs) + np.arange(len(pairs))
+    def ends(column: str, side: str) -> pa.Array:
+        taken = records[column].take(pairs[side].to_numpy())
+        return pa.array(taken.astype(schema.text_dtype()).array).cast(pa.large_string())
+
+    source_l, source_r = ends("source", "left"), ends("source", "right")
+    key_l, key_r = ends("source_key", "left"), ends("source_key", "right")
     # A pair is stored one way round whatever the load order: the smaller (source, key)
-    # on the left, so that an incremental run finds the row a full run wrote.
-    swap = (source[left] > source[right]) | (
-        (source[left] == source[right]) & (key[left] > key[right])
+    # on the left, so that an incremental run finds the row a full run wrote. UTF-8
+    # bytes sort as the code points Python compares.
+    swap = pc.or_(
+        pc.greater(source_l, source_r),
+        pc.and_(pc.equal(source_l, source_r), pc.greater(key_l, key_r)),
     )
-    left, right = np.where(swap, right, left), np.where(swap, left, right)
+    text_of = schema.text_dtype()
     return pd.DataFrame(
         {
-            "left_source": source[left],
-            "left_key": key[left],
-            "right_source": source[right],
-            "right_key": key[right],
+            "left_source": pd.array(pc.if_else(swap, source_r, source_l), dtype=text_of),
+            "left_key": pd.array(pc.if_else(swap, key_r, key_l), dtype=text_of),
+            "right_source": pd.array(pc.if_else(swap, source_l, source_r), dtype=text_of),
+            "right_key": pd.array(pc.if_else(swap, key_l, key_r), dtype=text_of),
             "rule": pairs["rule"].astype(str).to_numpy(),
             "weight": pairs["weight"].to_numpy(dtype=float),
             "probability": pairs["probability"].to_numpy(dtype=float),
             "band": pairs["band"].astype(str).to_numpy(),
-            "contributions": text.splitlines() if len(pairs) else [],
+            "contributions": pd.array(contributions, dtype=text_of),
         }
     )
 
@@ -1100,9 +1120,14 @@ def _snapshot(
 ) -> dict[str, pd.DataFrame | pa.Table]:
     """What an incremental run reads of this run: every record's matching view, hashes
     and block keys, and the auto-match links between them (positions in `records`)."""
-    frame = records.assign(
-        source_key=records["source_key"].astype(str),
-        npai_state=store.npai_state_text(records).to_numpy(),
+    # The columns it needs, side by side without a copy of the records (a million
+    # records' columns are half a gigabyte of arrays).
+    made = {
+        "source_key": records["source_key"].astype(str),
+        "npai_state": store.npai_state_text(records),
+    }
+    frame = pd.DataFrame(
+        {c: made[c] if c in made else records[c] for c in inc.SNAPSHOT_COLUMNS}, copy=False
     )
     edges = inc.snapshot_edges(
         auto["left"].to_numpy(),
@@ -1110,7 +1135,7 @@ def _snapshot(
         auto["weight"].to_numpy(dtype=np.float64),
         auto["probability"].to_numpy(),
     )
-    table = pa.Table.from_pandas(frame[inc.SNAPSHOT_COLUMNS], preserve_index=False)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
     return {"records": inc.with_block_keys(table, rules, block_keys), "edges": edges}
 
 

@@ -904,13 +904,14 @@ def _records_and_partition(url: str) -> tuple[pd.DataFrame, list, list, int]:
 def test_writing_records_by_chunks_writes_what_one_chunk_writes(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A full run written 31 records and 31 golden records at a time (the indexes
-    rebuilt around all the chunks) stores what one chunk stores, and so do a night
-    and a later full run."""
+    """A full run written 31 records and 31 golden records at a time, handed to the
+    driver 13 rows at a time (the indexes rebuilt around all the chunks), stores
+    what one chunk stores, and so do a night and a later full run."""
     cfg = samples / "config.yaml"
     whole = f"sqlite:///{tmp_path / 'whole.sqlite'}"
     _run(cfg, whole)
     monkeypatch.setattr(store, "WRITE_CHUNK_ROWS", 31)
+    monkeypatch.setattr(store, "INSERT_SLICE_ROWS", 13)
     monkeypatch.setattr(store, "BULK_INDEX_ROWS", 5)
     chunked = f"sqlite:///{tmp_path / 'chunked.sqlite'}"
     _run(cfg, chunked)
@@ -959,3 +960,43 @@ def test_source_hashes_do_not_depend_on_the_text_dtype(samples: Path) -> None:
     pd.testing.assert_series_equal(
         run_module.source_hashes(records), run_module.source_hashes(as_objects)
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["shop", "web", "b2b", "é-store"]),
+            st.text(alphabet="aZé09-ü€", min_size=1, max_size=4),
+        ),
+        min_size=2,
+        max_size=12,
+        unique=True,
+    ),
+    st.data(),
+)
+def test_evidence_puts_the_smaller_source_and_key_on_the_left(
+    keyed: list[tuple[str, str]], data: st.DataObject
+) -> None:
+    """Each pair is stored one way round whatever the load order, as Python orders
+    (source, key); its contributions stay with it."""
+    records = pd.DataFrame(keyed, columns=["source", "source_key"]).astype(
+        run_module.schema.text_dtype()
+    )
+    ends = st.integers(0, len(keyed) - 1)
+    pairs = data.draw(st.lists(st.tuples(ends, ends).filter(lambda p: p[0] != p[1]), min_size=1))
+    frame = pd.DataFrame(pairs, columns=["left", "right"]).assign(
+        band=run_module.AUTO,
+        rule="r1",
+        weight=1.5,
+        probability=0.9,
+        w_name=np.arange(len(pairs)) / 8,
+    )
+    got = run_module._evidence(records, SimpleNamespace(pairs=frame))
+    for i, (left, right) in enumerate(pairs):
+        low, high = sorted([keyed[left], keyed[right]])
+        row = got.iloc[i]
+        assert (row["left_source"], row["left_key"]) == low
+        assert (row["right_source"], row["right_key"]) == high
+        written = pd.DataFrame({"name": [round(i / 8, 3)]}).to_json(orient="records", lines=True)
+        assert row["contributions"] == written.strip()
