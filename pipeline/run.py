@@ -237,6 +237,10 @@ def _entities(records: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
 BATCH_GC_THRESHOLDS = (100_000, 50, 100)
 
 
+#: Records from which a full run collects cyclic garbage at each stage start.
+COLLECT_FROM_RECORDS = 100_000
+
+
 @contextmanager
 def _batch_collection() -> Iterator[None]:
     """The cyclic garbage collector, run a hundred times less often while a run lasts.
@@ -275,6 +279,7 @@ class Pipeline:
         self._model: dict[str, Any] = {}
         self._retrain = False
         self._memory = PeakMemory()
+        self._collect_garbage = False
 
     @classmethod
     def from_config(cls, path: str | Path) -> Pipeline:
@@ -295,10 +300,11 @@ class Pipeline:
         self, name: str, summary: RunSummary, on_event: EventCallback, total: int | None = None
     ) -> Iterator[None]:
         on_event(name, "start", {"total": total})
-        # What the last stage left in reference cycles (frames hold some) is freed
-        # before this stage's peak is measured, not whenever the collector, run less
-        # often during a run (`_batch_collection`), next gets to it.
-        gc.collect()
+        if self._collect_garbage:
+            # What the last stage left in reference cycles (frames hold some) is freed
+            # before this stage's peak is measured, not whenever the collector, run
+            # less often during a run (`_batch_collection`), next gets to it.
+            gc.collect()
         self._memory.start()
         t0 = time.perf_counter()
         yield
@@ -322,6 +328,7 @@ class Pipeline:
         """
         self._retrain = retrain
         self._memory = PeakMemory()
+        self._collect_garbage = False
         if retrain and incremental:
             raise ConfigError(
                 "--retrain and --incremental cannot be combined: a retrained "
@@ -374,6 +381,9 @@ class Pipeline:
         mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         records = pd.concat([m.records for m in mapped], ignore_index=True)
         records["source_hash"] = source_hashes(records)
+        # A collection costs tens of milliseconds whatever the run's size (the
+        # interpreter's own objects); it frees gigabytes in a large full run only.
+        self._collect_garbage = len(records) >= COLLECT_FROM_RECORDS
 
         with self._stage("normalize", summary, emit):
             records = normalize_records(records, settings.normalize)
