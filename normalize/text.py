@@ -16,9 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from unidecode import unidecode
 
-#: pandas' pyarrow-backed string dtype with NaN for missing values (pandas 3's default):
-#: its `.str` methods run in Arrow's compute kernels instead of a Python loop.
-STR = pd.StringDtype("pyarrow", na_value=np.nan)
+from mdm_pipeline.config import schema
+
+#: The stages' text dtype (`schema.text_dtype`): pyarrow-backed strings, NaN for missing,
+#: whose `.str` methods run in Arrow's compute kernels instead of a Python loop.
+STR = schema.text_dtype()
 
 
 def as_str(series: pd.Series) -> pd.Series:
