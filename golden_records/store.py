@@ -21,11 +21,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -67,6 +68,9 @@ from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tab
 log = logging.getLogger(__name__)
 
 EVIDENCE_KEYS = ("left_source", "left_key", "right_source", "right_key")
+
+_P = TypeVar("_P")
+_C = TypeVar("_C")
 
 
 #: Rows serialised at a time by `hash_rows`: the JSON text of a million payloads is
@@ -777,11 +781,11 @@ def write_run(
     bounds = np.searchsorted(
         member_of[by_golden], np.arange(0, len(golden) + WRITE_CHUNK_ROWS, WRITE_CHUNK_ROWS)
     )
-    for i, first in enumerate(range(0, len(golden), WRITE_CHUNK_ROWS)):
-        part = slice(first, first + WRITE_CHUNK_ROWS)
+
+    def golden_chunk(i: int) -> _GoldenChunk:
+        part = slice(i * WRITE_CHUNK_ROWS, (i + 1) * WRITE_CHUNK_ROWS)
         held = stored_at[part]
-        _write_golden(
-            conn,
+        return _golden_chunk(
             run_id,
             at,
             records,
@@ -789,8 +793,15 @@ def write_run(
             golden_gid[part],
             stored.iloc[held[held >= 0]],
             lineage.iloc[by_golden[bounds[i] : bounds[i + 1]]],
-            result,
         )
+
+    def write_golden(chunk: _GoldenChunk) -> None:
+        result.golden_created += chunk.created
+        result.golden_updated += chunk.updated
+        result.golden_unchanged += chunk.unchanged
+        _write_golden(conn, run_id, at, chunk)
+
+    _overlapped(range(-(-len(golden) // WRITE_CHUNK_ROWS)), golden_chunk, write_golden)
 
     # Golden records no cluster kept are retired; a merged one resolves to its survivor.
     gone = stored[
@@ -831,22 +842,26 @@ def write_run(
         )["row"]
         .to_numpy()
     )
+
+    def records_chunk(start: int) -> _RecordsChunk:
+        rows = order[start : start + WRITE_CHUNK_ROWS]
+        held = stored_row[rows]
+        return _records_chunk(
+            run_id,
+            at,
+            records.iloc[rows],
+            keys.iloc[rows],
+            record_gid.iloc[rows],
+            payload_columns,
+            prev.iloc[held[~np.isnan(held)].astype(np.int64)],
+            as_stored,
+        )
+
+    def write_records(chunk: _RecordsChunk) -> None:
+        result.records_written += _write_records(conn, run_id, at, chunk, scope is not None)
+
     with _indexes_built_after(conn, [source_records, xref], len(records)):
-        for start in range(0, len(order), WRITE_CHUNK_ROWS):
-            rows = order[start : start + WRITE_CHUNK_ROWS]
-            held = stored_row[rows]
-            result.records_written += _write_records(
-                conn,
-                run_id,
-                at,
-                records.iloc[rows],
-                keys.iloc[rows],
-                record_gid.iloc[rows],
-                payload_columns,
-                prev.iloc[held[~np.isnan(held)].astype(np.int64)],
-                scope is not None,
-                as_stored,
-            )
+        _overlapped(range(0, len(order), WRITE_CHUNK_ROWS), records_chunk, write_records)
     new_xref = keys[["source", "source_key"]].assign(golden_id=record_gid.to_numpy())
 
     # Records no longer delivered by a loaded source end their cross-reference.
@@ -887,8 +902,46 @@ def write_run(
     return result, record_gid
 
 
-def _write_golden(
-    conn: Connection,
+def _overlapped(
+    parts: Iterable[_P], prepare: Callable[[_P], _C], write: Callable[[_C], None]
+) -> None:
+    """`write(prepare(part))` for each part in order, the next part prepared in a
+    worker thread while this one is written.
+
+    Preparing a chunk (its JSON texts and hashes, in Arrow, and its comparison with
+    the stored rows, in pandas) needs no connection; writing it is mostly the
+    database's own work (SQLite steps and PostgreSQL's COPY run without the GIL).
+    Overlapped, the two take the store stage's two cores where one sat idle. At
+    most two chunks are held at a time: the one written and the one prepared.
+    Only this thread touches the connection; an error in either half ends the
+    loop with it (the worker's is raised here when its chunk is taken).
+    """
+    pending = iter(parts)
+    first = next(pending, None)
+    if first is None:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdm-store-prepare") as pool:
+        ahead = pool.submit(prepare, first)
+        for part in pending:
+            ready = ahead.result()
+            ahead = pool.submit(prepare, part)
+            write(ready)
+        write(ahead.result())
+
+
+@dataclass
+class _GoldenChunk:
+    """One chunk of golden records, compared with their stored rows: the rows to write
+    (`write`, in the table's columns) and which of them are new."""
+
+    write: pd.DataFrame
+    is_new: np.ndarray
+    created: int
+    updated: int
+    unchanged: int
+
+
+def _golden_chunk(
     run_id: str,
     at: datetime,
     records: pd.DataFrame,
@@ -896,9 +949,8 @@ def _write_golden(
     golden_gid: np.ndarray,
     stored: pd.DataFrame,
     lineage: pd.DataFrame,
-    result: WriteResult,
-) -> None:
-    """Write the golden records of one chunk that are new or changed, and count them.
+) -> _GoldenChunk:
+    """The golden records of one chunk that are new or changed, ready to write.
 
     `stored` holds the stored rows of the chunk's golden IDs (those that have one),
     `lineage` the chunk's lineage members.
@@ -923,9 +975,6 @@ def _write_golden(
         | (merged["members"] != merged["members_old"])
         | (merged["status_old"] != "active")
     )
-    result.golden_created += int(is_new.sum())
-    result.golden_updated += int(changed.sum())
-    result.golden_unchanged += int((~is_new & ~changed).sum())
     write = merged[is_new | changed].copy()
     # Lineage is built for the golden records written only: on a quiet night, few.
     written_clusters = pd.Index(write["cluster"])
@@ -936,24 +985,43 @@ def _write_golden(
     write["valid_from"] = at
     write["retired_run"] = None
     write["survivor_id"] = None
-    # The version each changed golden record is at goes to the history before its row
-    # is overwritten (`_archive_versions` skips a retired one: its last version went
-    # there when it retired).
-    _archive_versions(conn, write.loc[~is_new[write.index], ["golden_id"]], at, run_id)
-    _replace(
-        conn,
-        golden_records,
-        write[[c.name for c in golden_records.columns]],
-        write.loc[~is_new[write.index], ["golden_id"]],
+    return _GoldenChunk(
+        write=write[[c.name for c in golden_records.columns]],
+        is_new=is_new[write.index].to_numpy(),
+        created=int(is_new.sum()),
+        updated=int(changed.sum()),
+        unchanged=int((~is_new & ~changed).sum()),
     )
 
 
-#: Records whose payloads are built and written at a time by `write_run`.
-WRITE_CHUNK_ROWS = 100_000
+def _write_golden(conn: Connection, run_id: str, at: datetime, chunk: _GoldenChunk) -> None:
+    """Write one chunk's new and changed golden records."""
+    replaced = chunk.write.loc[~chunk.is_new, ["golden_id"]]
+    # The version each changed golden record is at goes to the history before its row
+    # is overwritten (`_archive_versions` skips a retired one: its last version went
+    # there when it retired).
+    _archive_versions(conn, replaced, at, run_id)
+    _replace(conn, golden_records, chunk.write, replaced)
 
 
-def _write_records(
-    conn: Connection,
+#: Records whose payloads are built and written at a time by `write_run` (two chunks
+#: are held at a time: see `_overlapped`).
+WRITE_CHUNK_ROWS = 50_000
+
+
+@dataclass
+class _RecordsChunk:
+    """One chunk of source records, compared with their stored rows (`both`: the new
+    row beside the stored one) and what must be written of them."""
+
+    both: pd.DataFrame
+    existed: pd.Series
+    payload_changed: pd.Series
+    moved: pd.Series
+    to_write: pd.DataFrame
+
+
+def _records_chunk(
     run_id: str,
     at: datetime,
     records: pd.DataFrame,
@@ -961,13 +1029,10 @@ def _write_records(
     record_gid: pd.Series,
     payload_columns: list[str],
     prev: pd.DataFrame,
-    scoped: bool,
     as_stored: pd.DataFrame | None,
-) -> int:
-    """One chunk of `write_run`'s source records: their payloads, the changed ones
-    written (the superseded payloads archived first) and their cross-references
-    opened or moved; returns how many records were written. `prev` holds the
-    stored rows of these records (those the store has)."""
+) -> _RecordsChunk:
+    """One chunk of `write_run`'s source records with their payloads, compared with
+    `prev` (the stored rows of these records, those the store has)."""
     r_hash, r_json = _payload_hashes(records, payload_columns, as_stored)
     new_xref = pd.DataFrame(
         {
@@ -991,10 +1056,22 @@ def _write_records(
     payload_changed = existed & (both["record_hash"] != both["record_hash_old"])
     moved = existed & (both["golden_id"] != both["golden_id_old"])
     dirty = ~existed | payload_changed | moved
-    # Superseded payloads go to the record history before they are overwritten.
-    _archive_payloads(conn, both.loc[payload_changed, ["source", "source_key"]], at, run_id)
     to_write = both[dirty][[c.name for c in source_records.columns]].copy()
     to_write["payload"] = _texts(to_write["payload"].to_numpy())
+    return _RecordsChunk(both, existed, payload_changed, moved, to_write)
+
+
+def _write_records(
+    conn: Connection, run_id: str, at: datetime, chunk: _RecordsChunk, scoped: bool
+) -> int:
+    """One chunk of `write_run`'s source records: the changed ones written (the
+    superseded payloads archived first) and their cross-references opened or
+    moved; returns how many records were written."""
+    both, existed, moved = chunk.both, chunk.existed, chunk.moved
+    payload_changed, to_write = chunk.payload_changed, chunk.to_write
+    dirty = ~existed | payload_changed | moved
+    # Superseded payloads go to the record history before they are overwritten.
+    _archive_payloads(conn, both.loc[payload_changed, ["source", "source_key"]], at, run_id)
     # A record that only moved keeps the date of its payload.
     keep_date = (moved & ~payload_changed)[dirty].to_numpy()
     if keep_date.any():

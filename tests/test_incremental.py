@@ -1000,3 +1000,32 @@ def test_evidence_puts_the_smaller_source_and_key_on_the_left(
         assert (row["right_source"], row["right_key"]) == high
         written = pd.DataFrame({"name": [round(i / 8, 3)]}).to_json(orient="records", lines=True)
         assert row["contributions"] == written.strip()
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+def test_a_failure_preparing_a_later_chunk_leaves_the_store_unchanged(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dump_store, mode: str
+) -> None:
+    """Chunks of records are serialised on a worker thread while the previous chunk is
+    written: one failing there, after other chunks went in, fails the run with its
+    error and rolls every table back."""
+    cfg, url, before = _stored_with_a_day_2(samples, tmp_path, dump_store, seed=6)
+    monkeypatch.setattr(store, "WRITE_CHUNK_ROWS", 31)
+    calls = {"n": 0}
+    real = store._payload_hashes
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("no more memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_payload_hashes", failing)
+    extra = ["--incremental"] if mode == "incremental" else []
+    result = runner.invoke(app, ["run", "--config", str(cfg), *extra], env={"MDM_STORE_URL": url})
+    assert result.exit_code == 1
+    assert "internal error (RuntimeError" in result.stderr
+    assert calls["n"] == 3
+    after = dump_store(url)
+    for name, frame in before.items():
+        pd.testing.assert_frame_equal(after[name], frame, obj=name)

@@ -887,3 +887,55 @@ def test_a_first_runs_evidence_is_all_fresh_as_the_general_comparison_finds_it()
         first.fresh[columns].sort_values("left_key").reset_index(drop=True),
         general.fresh[columns].sort_values("left_key").reset_index(drop=True),
     )
+
+
+def test_the_next_chunk_is_prepared_while_this_one_is_written_and_in_order() -> None:
+    """Writes come in the parts' order, each after its own preparation; the next
+    part's preparation runs while a part is written (the write below waits for it,
+    and would time out if the two ran one after the other); never more than two
+    parts are prepared and not yet written (what bounds the store stage's memory)."""
+    import threading
+
+    log: list[tuple[str, int]] = []
+    started = {i: threading.Event() for i in range(6)}
+    held = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def prepare(i: int) -> int:
+        started[i].set()
+        with lock:
+            held["now"] += 1
+            held["most"] = max(held["most"], held["now"])
+            log.append(("prepare", i))
+        return i * 10
+
+    def write(chunk: int) -> None:
+        i = chunk // 10
+        if i + 1 < 6:
+            assert started[i + 1].wait(timeout=10), f"part {i + 1} not prepared during a write"
+        with lock:
+            held["now"] -= 1
+            log.append(("write", i))
+
+    store._overlapped(range(6), prepare, write)
+    assert [i for kind, i in log if kind == "write"] == list(range(6))
+    for i in range(6):
+        assert log.index(("prepare", i)) < log.index(("write", i))
+    assert held["most"] <= 2
+
+
+def test_an_error_preparing_a_later_part_is_raised_after_the_earlier_writes() -> None:
+    """A preparation failing on the worker thread fails the loop with its own error,
+    once the parts before it are written and with none after it written."""
+    written: list[int] = []
+
+    def prepare(i: int) -> int:
+        if i == 3:
+            raise RuntimeError("bad chunk")
+        return i
+
+    with pytest.raises(RuntimeError, match="bad chunk"):
+        store._overlapped(range(6), prepare, written.append)
+    assert written == [0, 1, 2]
+    store._overlapped(range(0), prepare, written.append)
+    assert written == [0, 1, 2]
