@@ -68,6 +68,17 @@ KEYS = [SOURCE, SOURCE_KEY]
 BACKGROUND_MIN_BYTES = 256 * 2**20
 
 
+def shared_folder(prefix: str) -> str:
+    """A new private folder for a child's files, in memory (`SHARED_MEMORY`) where the
+    system has it and this process may write there, else in the temporary folder."""
+    if SHARED_MEMORY.is_dir():
+        try:
+            return tempfile.mkdtemp(prefix=prefix, dir=SHARED_MEMORY)
+        except OSError:  # /dev/shm there but not writable here
+            pass
+    return tempfile.mkdtemp(prefix=prefix)
+
+
 def _store_file(engine: Engine) -> str | None:
     """The file of a SQLite store large enough to be read in the background, else None."""
     if engine.dialect.name != "sqlite":
@@ -120,12 +131,8 @@ class _Child:
     def _start(
         self, store_file: str, module: str, inputs: dict[str, pa.Table], args: tuple[str, ...]
     ) -> None:
-        shared = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
         try:
-            try:
-                self.folder = tempfile.mkdtemp(prefix="mdm-background-", dir=shared)
-            except OSError:  # /dev/shm there but not writable here
-                self.folder = tempfile.mkdtemp(prefix="mdm-background-")
+            self.folder = shared_folder("mdm-background-")
             for name, table in inputs.items():
                 write_table(table, str(Path(self.folder) / f"{name}.arrow"))
             self._process = subprocess.Popen(

@@ -47,6 +47,7 @@ from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
 from mdm_pipeline.pipeline import incremental as inc
 from mdm_pipeline.pipeline import report
+from mdm_pipeline.pipeline.loading import load_sources
 from mdm_pipeline.pipeline.memory import PeakMemory
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
 from mdm_pipeline.sources.npai import read_returns
@@ -941,25 +942,24 @@ class Pipeline:
     ) -> tuple[list[MappedSource], list[pd.DataFrame], list[pd.DataFrame]]:
         """Every source and NPAI return file, read and mapped; rows read are accounted for."""
         settings = self.settings
-        mapped: list[MappedSource] = []
         returns: list[pd.DataFrame] = []
         npai_quarantine: list[pd.DataFrame] = []
         with self._stage("load", summary, emit, total=len(settings.sources)):
-            for spec in settings.sources:
-                m = load_source(spec, settings, run_date)
+
+            def loaded(m: MappedSource) -> None:
                 if m.rows_read != len(m.records) + len(m.quarantine) + len(m.deleted):
                     raise DataContractError(
-                        f"source '{spec.name}': {m.rows_read} rows read but "
+                        f"source '{m.source}': {m.rows_read} rows read but "
                         f"{len(m.records)} records + {len(m.quarantine)} quarantined "
                         f"+ {len(m.deleted)} deletions"
                     )
-                mapped.append(m)
-                summary.sources.append(
-                    SourceCounts(
-                        spec.name, m.rows_read, len(m.records), len(m.quarantine), m.duplicates
-                    )
-                )
-                emit("load", "advance", {"source": spec.name})
+                emit("load", "advance", {"source": m.source})
+
+            mapped = load_sources(settings, run_date, loaded)
+            summary.sources.extend(
+                SourceCounts(m.source, m.rows_read, len(m.records), len(m.quarantine), m.duplicates)
+                for m in mapped
+            )
             for return_file in settings.npai_returns:
                 got, bad = read_returns(return_file, settings)
                 returns.append(got)

@@ -1,0 +1,226 @@
+"""The load stage on both cores: large extracts shared between this process and a child.
+
+Reading and mapping an extract is mostly Python-level work (the csv module's
+rows, pandas' object columns), which holds the GIL: a thread would not run
+beside it. A full run over a million records spends about twenty seconds
+there with the machine's second core idle. So, when the extract files are
+large (`PARALLEL_LOAD_MIN_BYTES`), the sources are shared out by file size
+between this process and one child process (`python -m` this module), which
+maps its share with the very same `load_source` and hands the mapped sources
+back pickled, exactly as they were built (dtypes included), through a file
+in memory (`/dev/shm` where the system has it).
+
+The result is the sequential load's: the sources in the config's order, and,
+when several fail, the error of the first of them in that order. A child
+that cannot start or dies, for any reason, leaves its share to this process:
+a parallel load is a speed-up, never a different answer. Anything the child
+logs is logged again here.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from mdm_pipeline.config.errors import MdmError
+from mdm_pipeline.config.settings import CsvSource, ParquetSource, Settings
+from mdm_pipeline.golden_records.background import shared_folder
+from mdm_pipeline.sources import MappedSource, load_source
+
+log = logging.getLogger(__name__)
+
+#: Extract files' total size from which the load is shared with a child process: the
+#: child costs about a second (starting Python, importing pandas), which the extracts
+#: of a few hundred thousand records repay.
+PARALLEL_LOAD_MIN_BYTES = 48 * 2**20
+#: What a child's start-up is worth in bytes of extract when the sources are shared out
+#: (about a second, at the 8-10 MB a second a CSV extract is read and mapped).
+CHILD_START_BYTES = 8 * 2**20
+MODULE = "mdm_pipeline.pipeline.loading"
+
+
+def _file_bytes(spec: object, settings: Settings) -> int | None:
+    """An extract file's size; None for a SQL source (read here: its size is unknown
+    and its connection is this process's) or a file that is not there (this process
+    reports it)."""
+    if not isinstance(spec, CsvSource | ParquetSource):
+        return None
+    path = settings.resolve(spec.path)
+    return path.stat().st_size if path.is_file() else None
+
+
+def shared_out(sizes: list[int | None], start_bytes: int = CHILD_START_BYTES) -> list[int]:
+    """The positions of the sources the child loads: the largest first, each to the
+    side with less to do so far, the child's side starting at its start-up cost
+    (`start_bytes`); a source of unknown size stays here, and so does one source at
+    least."""
+    here, there = 0, start_bytes
+    away: list[int] = []
+    known = sorted(
+        ((size, i) for i, size in enumerate(sizes) if size is not None), key=lambda t: -t[0]
+    )
+    for size, i in known:
+        if there < here:
+            away.append(i)
+            there += size
+        else:
+            here += size
+    if len(away) == len(sizes):  # every source to the child: nothing to overlap
+        return []
+    return sorted(away)
+
+
+@dataclass
+class _Answer:
+    """What the child hands back: each source's mapped extract, or that it failed (this
+    process loads it again and so raises the very error), and what it logged."""
+
+    mapped: dict[int, MappedSource] = field(default_factory=dict)
+    failed: list[int] = field(default_factory=list)
+    logged: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+class _Child:
+    """`python -m` this module on a folder holding the job; `answer` waits for it."""
+
+    def __init__(self, settings: Settings, run_date: pd.Timestamp, positions: list[int]) -> None:
+        self.positions = positions
+        self.folder: str | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        try:
+            self.folder = shared_folder("mdm-load-")
+            with open(Path(self.folder) / "job.pickle", "wb") as handle:
+                pickle.dump((settings, run_date, positions), handle, protocol=5)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", MODULE, self.folder],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except (OSError, pickle.PicklingError) as exc:
+            log.warning("the load could not start a child process (%s)", exc.__class__.__name__)
+            self.close()
+
+    def answer(self) -> _Answer | None:
+        """The child's answer, or None if it has none (it is then loaded here)."""
+        if self.process is None or self.folder is None:
+            return None
+        _, err = self.process.communicate()
+        result = Path(self.folder) / "answer.pickle"
+        if self.process.returncode != 0 or not result.is_file():
+            last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
+            log.warning(
+                "the load's child process failed (exit %s: %s): its sources are loaded here",
+                self.process.returncode,
+                last[0][:200],
+            )
+            return None
+        try:
+            with open(result, "rb") as handle:
+                answer: _Answer = pickle.load(handle)
+        except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            log.warning("the load's child process answered unreadably (%s)", type(exc).__name__)
+            return None
+        return answer
+
+    def close(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            self.process.communicate()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def load_sources(
+    settings: Settings,
+    run_date: pd.Timestamp,
+    loaded: Callable[[MappedSource], None],
+    min_bytes: int = PARALLEL_LOAD_MIN_BYTES,
+    start_bytes: int = CHILD_START_BYTES,
+) -> list[MappedSource]:
+    """Every source read and mapped, in the config's order; `loaded` is called for each
+    as it is ready. Shared with a child process when the extract files hold
+    `min_bytes` or more (see `shared_out` for `start_bytes`)."""
+    specs = settings.sources
+    sizes = [_file_bytes(spec, settings) for spec in specs]
+    large = sum(s or 0 for s in sizes) >= min_bytes
+    away = shared_out(sizes, start_bytes) if large else []
+    child = _Child(settings, run_date, away) if away else None
+    done: dict[int, MappedSource] = {}
+    try:
+        first_error: tuple[int, MdmError] | None = None
+        for i, spec in enumerate(specs):
+            if i in away:
+                continue
+            try:
+                done[i] = load_source(spec, settings, run_date)
+            except MdmError as exc:
+                # An earlier source the child loads may fail too: its error comes first.
+                first_error = (i, exc)
+                break
+            loaded(done[i])
+        answer = child.answer() if child is not None else None
+    finally:
+        if child is not None:
+            child.close()
+    if answer is not None:
+        for name, level, message in answer.logged:
+            logging.getLogger(name).log(level, "%s", message)
+        for i, mapped in answer.mapped.items():
+            if first_error is None or i < first_error[0]:
+                done[i] = mapped
+                loaded(mapped)
+    # What the child failed on (or all of its share, without an answer), loaded here in
+    # order: an error is then raised here, as the sequential load raises it.
+    for i in away:
+        if i in done or (first_error is not None and i > first_error[0]):
+            continue
+        done[i] = load_source(specs[i], settings, run_date)
+        loaded(done[i])
+    if first_error is not None:
+        raise first_error[1]
+    return [done[i] for i in range(len(specs))]
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[tuple[str, int, str]]) -> None:
+        super().__init__(logging.INFO)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append((record.name, record.levelno, record.getMessage()))
+
+
+def _main(folder: Path) -> None:
+    """The child: load the job's sources, answer with each mapped (or its failure)."""
+    with open(folder / "job.pickle", "rb") as handle:
+        settings, run_date, positions = pickle.load(handle)
+    answer = _Answer()
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(_Collect(answer.logged))
+    for i in positions:
+        try:
+            answer.mapped[i] = load_source(settings.sources[i], settings, run_date)
+        except MdmError:
+            answer.failed.append(i)
+    partial = folder / "answer.partial"
+    with open(partial, "wb") as handle:
+        pickle.dump(answer, handle, protocol=5)
+    partial.replace(folder / "answer.pickle")
+
+
+if __name__ == "__main__":
+    # Through the module's own name, not `__main__`: the answer's class must be found
+    # under that name when this process unpickles it.
+    from mdm_pipeline.pipeline.loading import _main as main
+
+    main(Path(sys.argv[1]))

@@ -1,0 +1,162 @@
+"""The load stage shared with a child process: the same mapped sources as a load in one
+process, the first error in the config's order, and a child that fails leaves its
+share to this process."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mdm_pipeline.config.errors import SourceError
+from mdm_pipeline.pipeline import loading
+from mdm_pipeline.pipeline.run import Pipeline
+from mdm_pipeline.sources import MappedSource, load_source
+
+DAY = pd.Timestamp("2026-11-22")
+
+
+def _assert_same(got: list[MappedSource], want: list[MappedSource]) -> None:
+    assert [m.source for m in got] == [m.source for m in want]
+    for g, w in zip(got, want, strict=True):
+        for part in ("records", "raw", "quarantine", "deleted"):
+            left, right = getattr(g, part), getattr(w, part)
+            if isinstance(left, pd.DataFrame):
+                pd.testing.assert_frame_equal(left, right, check_exact=True, obj=part)
+            else:
+                pd.testing.assert_series_equal(left, right, check_exact=True, obj=part)
+        assert (g.location, g.rows_read, g.duplicates, g.fingerprint) == (
+            w.location,
+            w.rows_read,
+            w.duplicates,
+            w.fingerprint,
+        )
+
+
+def test_a_load_shared_with_a_child_maps_what_one_process_maps(samples: Path) -> None:
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    sizes = [loading._file_bytes(s, settings) for s in settings.sources]
+    assert loading.shared_out(sizes, 0), "the samples must send a source to the child"
+    seen: list[str] = []
+    got = loading.load_sources(
+        settings, DAY, lambda m: seen.append(m.source), min_bytes=0, start_bytes=0
+    )
+    want = [load_source(spec, settings, DAY) for spec in settings.sources]
+    _assert_same(got, want)
+    assert sorted(seen) == sorted(s.name for s in settings.sources)
+
+
+def test_small_extracts_are_loaded_here(samples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+
+    def no_child(*args: object) -> None:
+        raise AssertionError("a child started for small extracts")
+
+    monkeypatch.setattr(loading, "_Child", no_child)
+    got = loading.load_sources(settings, DAY, lambda m: None)
+    assert [m.source for m in got] == [s.name for s in settings.sources]
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(0, 10**9)), max_size=8), st.integers(0, 10**8))
+def test_sources_are_shared_out_evenly_with_one_at_least_loaded_here(
+    sizes: list[int | None], start: int
+) -> None:
+    away = loading.shared_out(sizes, start)
+    assert away == sorted(set(away))
+    assert all(sizes[i] is not None for i in away)  # SQL sources and missing files stay
+    assert len(away) < max(len(sizes), 1)
+    if away:  # each side within one source (or the start-up) of the other
+        there = start + sum(sizes[i] or 0 for i in away)
+        here = sum(s or 0 for i, s in enumerate(sizes) if i not in away)
+        assert abs(here - there) <= max([start, *(s or 0 for s in sizes)])
+
+
+def test_four_extracts_are_shared_by_size() -> None:
+    """The scale benchmark's extracts: e-commerce's here, the stores' and the call
+    centre's in the child (the B2B Parquet file, small, here)."""
+    mib = 2**20
+    sizes = [52_738_112, 43_794_844, 28_839_562, 3_074_562]
+    assert loading.shared_out(sizes, 8 * mib) == [1, 2]
+    assert loading.shared_out([None, 40 * mib, 30 * mib], 8 * mib) == [2]
+
+
+@pytest.mark.parametrize("in_child", [1, 2])
+def test_the_first_failing_source_in_order_is_reported_wherever_it_was_loaded(
+    samples: Path, monkeypatch: pytest.MonkeyPatch, in_child: int
+) -> None:
+    """Two extracts without a header line: the error names the first of them in the
+    config, whether the child or this process loaded it."""
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    for spec in settings.sources[1:3]:
+        settings.resolve(spec.path).write_bytes(b"")
+    monkeypatch.setattr(loading, "shared_out", lambda sizes, start: [in_child])
+    with pytest.raises(SourceError) as failed:
+        loading.load_sources(settings, DAY, lambda m: None, min_bytes=0, start_bytes=0)
+    assert "source 'stores'" in str(failed.value)
+    assert "no header line" in str(failed.value)
+
+
+def test_a_child_that_fails_leaves_its_sources_to_this_process(
+    samples: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    monkeypatch.setattr(loading, "MODULE", "mdm_pipeline.no_such_module")
+    with caplog.at_level(logging.WARNING, logger=loading.__name__):
+        got = loading.load_sources(settings, DAY, lambda m: None, min_bytes=0, start_bytes=0)
+    assert "its sources are loaded here" in caplog.text
+    _assert_same(got, [load_source(spec, settings, DAY) for spec in settings.sources])
+
+
+def test_the_childs_log_lines_are_logged_here(
+    samples: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the child logs (here: its answer, read back) is logged again in this process,
+    under the logger it was logged to."""
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    real = loading._Child.answer
+
+    def answer(self: loading._Child) -> loading._Answer | None:
+        got = real(self)
+        assert got is not None
+        got.logged.append(("mdm_pipeline.sources.mapping", logging.WARNING, "source 'x': note"))
+        return got
+
+    monkeypatch.setattr(loading._Child, "answer", answer)
+    with caplog.at_level(logging.WARNING):
+        loading.load_sources(settings, DAY, lambda m: None, min_bytes=0, start_bytes=0)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("mdm_pipeline.sources.mapping", "source 'x': note")
+    ]
+
+
+def test_the_child_collects_what_it_logs_and_each_failure(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child's own loop, run here: a source that logs has its line in the answer,
+    a source that fails is named as failed (this process then loads it again)."""
+    import pickle
+
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    settings.resolve(settings.sources[2].path).write_bytes(b"")
+    real = loading.load_source
+
+    def logging_load(spec: object, settings: object, run_date: object) -> object:
+        logging.getLogger("mdm_pipeline.sources").warning("source '%s': read", spec.name)
+        return real(spec, settings, run_date)
+
+    monkeypatch.setattr(loading, "load_source", logging_load)
+    with open(tmp_path / "job.pickle", "wb") as handle:
+        pickle.dump((settings, DAY, [1, 2]), handle)
+    loading._main(tmp_path)
+    with open(tmp_path / "answer.pickle", "rb") as handle:
+        answer = pickle.load(handle)
+    assert list(answer.mapped) == [1]
+    assert answer.failed == [2]
+    assert answer.logged == [
+        ("mdm_pipeline.sources", logging.WARNING, "source 'stores': read"),
+        ("mdm_pipeline.sources", logging.WARNING, "source 'callcentre': read"),
+    ]
