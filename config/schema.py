@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pandas is imported where frames are made: `mdm why` never needs it
     import pandas as pd
+    import pyarrow as pa
 
 from mdm_pipeline.config.errors import DataContractError
 
@@ -117,6 +118,19 @@ def empty_quarantine() -> pd.DataFrame:
     import pandas as pd
 
     return pd.DataFrame({c: pd.Series(dtype="object") for c in QUARANTINE_COLUMNS})
+
+
+def contiguous(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """An Arrow column in one piece. A text column of records concatenated from
+    several sources, or normalised by halves, is a chunked array (`pa.array` of a
+    pandas column gives one when the column has several chunks), whose bytes cannot
+    be read in place: its chunks are copied together; a plain array is taken as it
+    is."""
+    import pyarrow as pa
+
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    return values
 
 
 def text_dtype() -> pd.StringDtype:

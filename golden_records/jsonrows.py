@@ -24,6 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mdm_pipeline.config.schema import contiguous
+
 
 def _pandas_values(values: pd.Series) -> pa.Array:
     """Values as pandas' JSON encoder writes them: a one-column frame encoded as
@@ -99,8 +101,8 @@ def json_texts(values: pa.Array) -> pa.Array:
 def _as_texts(series: pd.Series) -> pa.Array | None:
     """A column as Arrow strings if it holds only texts and missing values, else None."""
     if isinstance(series.dtype, pd.StringDtype):
-        # Already Arrow strings (the normalised columns): taken as they are.
-        return pa.array(series).cast(pa.string())
+        # Already Arrow strings (the normalised columns): taken as they are, in one piece.
+        return contiguous(pa.array(series)).cast(pa.string())
     if series.dtype != object:
         return None
     try:

@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mdm_pipeline.config.schema import contiguous
 from mdm_pipeline.config.settings import CsvSource, ParquetSource, Source
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -52,7 +53,7 @@ def _as_arrow_text(series: pd.Series) -> pa.Array:
     """A text column as Arrow strings (null where missing); a value that is not a
     text (a number in an object column) becomes its `str`, as `to_csv` writes it."""
     if isinstance(series.dtype, pd.StringDtype):
-        return pa.array(series).cast(pa.string())
+        return contiguous(pa.array(series)).cast(pa.string())
     values = series.to_numpy(dtype=object)
     try:
         return pa.array(values, type=pa.string(), from_pandas=True)

@@ -71,3 +71,15 @@ def test_integers_of_every_width_sign_and_nullability_are_pandas_json() -> None:
         }
     )
     assert json_rows(frame).to_pylist() == store._json_rows(frame)
+
+
+def test_a_text_column_in_several_chunks_is_written_as_one_in_one_chunk() -> None:
+    """Records concatenated from several sources hold text columns of several Arrow
+    chunks: a slice of them (as `hash_rows` takes) gives pandas' text all the same."""
+    from mdm_pipeline.config.schema import text_dtype
+
+    first = pd.DataFrame({"name": ["Jean", "Zoé/Ana"]}, dtype=text_dtype())
+    second = pd.DataFrame({"name": ['"Élise"', None, "Luc"]}, dtype=text_dtype())
+    chunked = pd.concat([first, second], ignore_index=True).iloc[1:4]
+    assert chunked["name"].array._pa_array.num_chunks == 2
+    assert json_rows(chunked).to_pylist() == store._json_rows(chunked)

@@ -118,3 +118,22 @@ def test_integers_of_every_width_sign_and_nullability_are_pandas_csv(tmp_path: P
     assert (tmp_path / "ours.csv").read_bytes() == _pandas(
         frame, tmp_path / "theirs.csv", ",", '"', "utf-8"
     )
+
+
+def test_a_text_column_in_several_chunks_is_written_as_one_in_one_chunk(tmp_path: Path) -> None:
+    """A column concatenated from several sources is an Arrow array of several chunks;
+    a slice of it is read in place by the writer only once in one piece."""
+    from mdm_pipeline.config.schema import text_dtype
+
+    first = pd.Series(["=SUM(A1)", "Dupont; Jean"], dtype=text_dtype())
+    second = pd.Series(['Le "Central"', None, "Élise"], dtype=text_dtype())
+    chunked = pd.concat([first, second], ignore_index=True).iloc[1:]
+    whole = pd.Series(chunked.tolist(), index=chunked.index, dtype=text_dtype())
+    assert chunked.array._pa_array.num_chunks == 2
+    assert whole.array._pa_array.num_chunks == 1
+    for name, column in (("chunked", chunked), ("whole", whole)):
+        frame = pd.DataFrame({"id": ["1", "2", "3", "4"]})
+        frame["v"] = column.reset_index(drop=True)
+        assert frame["v"].array._pa_array.num_chunks == (2 if name == "chunked" else 1)
+        write_csv(frame, tmp_path / f"{name}.csv", sep=";")
+    assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
