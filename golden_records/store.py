@@ -38,6 +38,7 @@ from alembic import command as alembic_command  # noqa: F401  (tests drive migra
 from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.errors import StoreLockedError
+from mdm_pipeline.config.schema import contiguous
 from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the store's API)
     MIGRATIONS,
     _alembic_config,
@@ -645,13 +646,17 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
     order = np.lexsort((name_codes, where))
     where, name_codes = where[order], name_codes[order]
     rec = lineage["record"].to_numpy()[order]
-    updated = pd.to_datetime(records["source_updated_at"].to_numpy()[rec], errors="coerce")
+    # The members' rows taken before any conversion: `records` holds every record of
+    # the run, and a chunk's lineage names a few of them (converting a million keys to
+    # Python texts for each chunk cost seconds).
+    updated = pd.to_datetime(records["source_updated_at"].iloc[rec].to_numpy(), errors="coerce")
     # Few distinct sources, rules and dates: each formatted once and taken per row.
     day_codes, days = pd.factorize(updated)
     day_text = np.append(pd.DatetimeIndex(days).strftime("%Y-%m-%d").to_numpy(dtype=object), "")
+    keys = contiguous(pa.array(records["source_key"].iloc[rec], from_pandas=True))
     value = pc.binary_join_element_wise(
-        _taken(records["source"].to_numpy()[rec]),
-        pc.cast(pa.array(records["source_key"].to_numpy()[rec], from_pandas=True), pa.string()),
+        _taken(records["source"].iloc[rec].to_numpy()),
+        pc.cast(keys, pa.string()),
         _taken(lineage["rule"].to_numpy()[order]),
         # A missing date (code -1) takes the empty text at the end.
         pa.array(day_text, type=pa.string()).take(
