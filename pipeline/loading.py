@@ -6,7 +6,7 @@ beside it. A full run over a million records spends about twenty seconds
 there with the machine's second core idle. So, when the extract files are
 large (`PARALLEL_LOAD_MIN_BYTES`), the sources are shared out by file size
 between this process and one child process (`python -m` this module), which
-maps its share with the very same `load_source` and hands the mapped sources
+maps (and hashes) its share with the very same code and hands the mapped sources
 back pickled, exactly as they were built (dtypes included), through a file
 in memory (`/dev/shm` where the system has it).
 
@@ -28,10 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from mdm_pipeline.config import schema
 from mdm_pipeline.config.errors import MdmError
-from mdm_pipeline.config.settings import CsvSource, ParquetSource, Settings
+from mdm_pipeline.config.settings import CsvSource, ParquetSource, Settings, Source
+from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.background import shared_folder
 from mdm_pipeline.sources import MappedSource, load_source
 
@@ -139,6 +142,29 @@ class _Child:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def source_hashes(records: pd.DataFrame) -> pd.Series:
+    """A hash of each record as its source sent it (mapped, before normalisation): an
+    incremental run compares it with the stored one to find what a full extract changed.
+    The line number is left out: a record that only moved in the file is unchanged.
+
+    A 64-bit hash of the typed values, computed column by column in C (pandas'
+    `hash_pandas_object`): it only has to tell a record from its own previous version,
+    and serialising a million records to JSON to hash them cost more than loading them.
+    """
+    columns = [c for c in schema.CANONICAL_COLUMNS if c != schema.SOURCE_LINE]
+    hashed = pd.util.hash_pandas_object(records[columns], index=False).to_numpy(np.uint64)
+    return pd.Series(store.hex_digests(hashed), index=records.index, dtype=object)
+
+
+def _load_hashed(spec: Source, settings: Settings, run_date: pd.Timestamp) -> MappedSource:
+    """A source read and mapped, its records with their `source_hash`: a row's hash is
+    its own values' alone, so each source's are those of the records all together,
+    and they are computed where the source is loaded (on either core)."""
+    mapped = load_source(spec, settings, run_date)
+    mapped.records["source_hash"] = source_hashes(mapped.records)
+    return mapped
+
+
 def load_sources(
     settings: Settings,
     run_date: pd.Timestamp,
@@ -146,9 +172,10 @@ def load_sources(
     min_bytes: int = PARALLEL_LOAD_MIN_BYTES,
     start_bytes: int = CHILD_START_BYTES,
 ) -> list[MappedSource]:
-    """Every source read and mapped, in the config's order; `loaded` is called for each
-    as it is ready. Shared with a child process when the extract files hold
-    `min_bytes` or more (see `shared_out` for `start_bytes`)."""
+    """Every source read and mapped, its records with their `source_hash`, in the
+    config's order; `loaded` is called for each as it is ready. Shared with a child
+    process when the extract files hold `min_bytes` or more (see `shared_out` for
+    `start_bytes`)."""
     specs = settings.sources
     sizes = [_file_bytes(spec, settings) for spec in specs]
     large = sum(s or 0 for s in sizes) >= min_bytes
@@ -161,7 +188,7 @@ def load_sources(
             if i in away:
                 continue
             try:
-                done[i] = load_source(spec, settings, run_date)
+                done[i] = _load_hashed(spec, settings, run_date)
             except MdmError as exc:
                 # An earlier source the child loads may fail too: its error comes first.
                 first_error = (i, exc)
@@ -183,7 +210,7 @@ def load_sources(
     for i in away:
         if i in done or (first_error is not None and i > first_error[0]):
             continue
-        done[i] = load_source(specs[i], settings, run_date)
+        done[i] = _load_hashed(specs[i], settings, run_date)
         loaded(done[i])
     if first_error is not None:
         raise first_error[1]
@@ -209,7 +236,7 @@ def _main(folder: Path) -> None:
     root.addHandler(_Collect(answer.logged))
     for i in positions:
         try:
-            answer.mapped[i] = load_source(settings.sources[i], settings, run_date)
+            answer.mapped[i] = _load_hashed(settings.sources[i], settings, run_date)
         except MdmError:
             answer.failed.append(i)
     partial = folder / "answer.partial"

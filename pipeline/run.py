@@ -380,8 +380,8 @@ class Pipeline:
                 )
         npai_before, npai_sent = store.read_npai(engine)
         mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
+        # Each with its `source_hash`, computed where the source was loaded.
         records = pd.concat([m.records for m in mapped], ignore_index=True)
-        records["source_hash"] = source_hashes(records)
         # A collection costs tens of milliseconds whatever the run's size (the
         # interpreter's own objects); it frees gigabytes in a large full run only.
         self._collect_garbage = len(records) >= COLLECT_FROM_RECORDS
@@ -595,7 +595,6 @@ class Pipeline:
             npai_before, _ = store.read_npai(engine, sent=False)
             mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
             loaded = pd.concat([m.records for m in mapped], ignore_index=True)
-            loaded["source_hash"] = source_hashes(loaded)
             snap = pending.result(convert={"records": inc.RECORD_COLUMNS})
         finally:
             pending.close()
@@ -1060,20 +1059,6 @@ def with_flags(records: pd.DataFrame, flags: pd.DataFrame, **more: pd.Series) ->
         values[found] = flags[c].to_numpy(dtype=object)[at[found]]
         data[c] = values
     return pd.DataFrame(data, copy=False)
-
-
-def source_hashes(records: pd.DataFrame) -> pd.Series:
-    """A hash of each record as its source sent it (mapped, before normalisation): an
-    incremental run compares it with the stored one to find what a full extract changed.
-    The line number is left out: a record that only moved in the file is unchanged.
-
-    A 64-bit hash of the typed values, computed column by column in C (pandas'
-    `hash_pandas_object`): it only has to tell a record from its own previous version,
-    and serialising a million records to JSON to hash them cost more than loading them.
-    """
-    columns = [c for c in schema.CANONICAL_COLUMNS if c != schema.SOURCE_LINE]
-    hashed = pd.util.hash_pandas_object(records[columns], index=False).to_numpy(np.uint64)
-    return pd.Series(store.hex_digests(hashed), index=records.index, dtype=object)
 
 
 def _evidence(records: pd.DataFrame, result: MatchResult) -> pd.DataFrame:

@@ -26,6 +26,7 @@ from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.matching.engine import match, train
 from mdm_pipeline.matching.keys import prepare
 from mdm_pipeline.pipeline import incremental as inc
+from mdm_pipeline.pipeline import loading
 from mdm_pipeline.pipeline import run as run_module
 from mdm_pipeline.pipeline.run import Pipeline
 from mdm_pipeline.sources.synthetic import generate
@@ -958,7 +959,7 @@ def test_source_hashes_do_not_depend_on_the_text_dtype(samples: Path) -> None:
     as_objects[text] = as_objects[text].where(as_objects[text].notna(), None)
     assert all(as_objects[c].dtype == "object" for c in text)
     pd.testing.assert_series_equal(
-        run_module.source_hashes(records), run_module.source_hashes(as_objects)
+        loading.source_hashes(records), loading.source_hashes(as_objects)
     )
 
 
