@@ -122,10 +122,9 @@ def empty_quarantine() -> pd.DataFrame:
 
 def contiguous(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """An Arrow column in one piece. A text column of records concatenated from
-    several sources, or normalised by halves, is a chunked array (`pa.array` of a
-    pandas column gives one when the column has several chunks), whose bytes cannot
-    be read in place: its chunks are copied together; a plain array is taken as it
-    is."""
+    several sources, sliced, is a chunked array (`pa.array` of a pandas column gives
+    one when the column has several chunks), whose bytes cannot be read in place:
+    its chunks are copied together; a plain array is taken as it is."""
     import pyarrow as pa
 
     if isinstance(values, pa.ChunkedArray):

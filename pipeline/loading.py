@@ -50,7 +50,7 @@ CHILD_START_BYTES = 8 * 2**20
 MODULE = "mdm_pipeline.pipeline.loading"
 
 
-def _file_bytes(spec: object, settings: Settings) -> int | None:
+def _file_bytes(spec: Source, settings: Settings) -> int | None:
     """An extract file's size; None for a SQL source (read here: its size is unknown
     and its connection is this process's) or a file that is not there (this process
     reports it)."""
@@ -95,7 +95,6 @@ class _Child:
     """`python -m` this module on a folder holding the job; `answer` waits for it."""
 
     def __init__(self, settings: Settings, run_date: pd.Timestamp, positions: list[int]) -> None:
-        self.positions = positions
         self.folder: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
         try:

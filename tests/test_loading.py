@@ -37,11 +37,6 @@ def _assert_same(got: list[MappedSource], want: list[MappedSource]) -> None:
         )
 
 
-def _hashed(mapped: MappedSource) -> MappedSource:
-    mapped.records["source_hash"] = loading.source_hashes(mapped.records)
-    return mapped
-
-
 def test_each_sources_hashes_are_those_of_all_the_records_together(samples: Path) -> None:
     """A record's `source_hash` is computed with its own source's records, where the
     source is loaded: it must be the hash the records all together give (what the
@@ -64,7 +59,7 @@ def test_a_load_shared_with_a_child_maps_what_one_process_maps(samples: Path) ->
     got = loading.load_sources(
         settings, DAY, lambda m: seen.append(m.source), min_bytes=0, start_bytes=0
     )
-    want = [_hashed(load_source(spec, settings, DAY)) for spec in settings.sources]
+    want = [loading._load_hashed(spec, settings, DAY) for spec in settings.sources]
     _assert_same(got, want)
     assert sorted(seen) == sorted(s.name for s in settings.sources)
 
@@ -127,7 +122,7 @@ def test_a_child_that_fails_leaves_its_sources_to_this_process(
     with caplog.at_level(logging.WARNING, logger=loading.__name__):
         got = loading.load_sources(settings, DAY, lambda m: None, min_bytes=0, start_bytes=0)
     assert "its sources are loaded here" in caplog.text
-    _assert_same(got, [_hashed(load_source(spec, settings, DAY)) for spec in settings.sources])
+    _assert_same(got, [loading._load_hashed(spec, settings, DAY) for spec in settings.sources])
 
 
 def test_the_childs_log_lines_are_logged_here(
