@@ -506,12 +506,14 @@ def review_show(
     """The two records side by side, raw and normalised, with each comparison's weight."""
     from mdm_pipeline.config.loader import load_settings
     from mdm_pipeline.golden_records import review
-    from mdm_pipeline.pipeline.review import pair_levels
+    from mdm_pipeline.pipeline.review import every_field, pair_levels
 
     try:
         engine = _engine(config)
         shown = review.show_pair(engine, item)
         engine.dispose()
+        for side in (shown["left"], shown["right"]):
+            side["values"] = every_field(side["values"])
         shown["levels"] = pair_levels(load_settings(config).matching, shown["left"], shown["right"])
     except Exception as exc:
         raise _fail(exc, debug) from None

@@ -82,7 +82,8 @@ HASH_CHUNK_ROWS = 50_000
 def hash_rows(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """A stable hash per row of JSON-able values, to find what changed, and the JSON.
 
-    Each row's text is the JSON object pandas writes for it (`jsonrows`), so that
+    Each row's text is the JSON object pandas writes for it (`jsonrows`), its null
+    members left out (`sparse`: a missing field costs the store nothing), so that
     stored hashes stay valid; its hash is BLAKE2b of its UTF-8 bytes, read in
     place from the Arrow array. Done by chunks of rows, so that only one chunk's
     text is held twice at a time.
@@ -90,7 +91,7 @@ def hash_rows(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     digests: list[str] = []
     lines: list[np.ndarray] = []
     for start in range(0, len(frame), HASH_CHUNK_ROWS):
-        rows = json_rows(frame.iloc[start : start + HASH_CHUNK_ROWS])
+        rows = json_rows(frame.iloc[start : start + HASH_CHUNK_ROWS], sparse=True)
         offsets = np.frombuffer(rows.buffers()[1], dtype=np.int32)[
             rows.offset : rows.offset + len(rows) + 1
         ].tolist()

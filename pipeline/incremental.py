@@ -41,8 +41,18 @@ from mdm_pipeline.golden_records.store import StoredRecords, sort_order
 from mdm_pipeline.matching.blocking import block_hashes
 from mdm_pipeline.matching.clustering import components
 from mdm_pipeline.matching.keys import Fields, prepare
+from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS
 
 KEYS = ["source", "source_key"]
+
+NPAI_COLUMNS = ("address_hash", "npai_flag", "npai_date", "npai_reason")
+#: What a source record's stored payload holds: its canonical values as mapped, its
+#: normalised ones and its NPAI state (its keys and line are columns of their own).
+PAYLOAD_COLUMNS: tuple[str, ...] = tuple(
+    c
+    for c in (*schema.CANONICAL_COLUMNS, *NORMALISED_COLUMNS, *NPAI_COLUMNS)
+    if c not in ("source", "source_key", "source_line")
+)
 
 
 @dataclass(frozen=True)
@@ -457,6 +467,17 @@ def records_from_payload(payloads: pd.DataFrame, like: pd.Series | None = None) 
     lines = payloads["payload"].tolist()
     # UTF-8 bytes as the store's scope read gives them, or text.
     frame = parse_json_lines((b"\n" if isinstance(lines[0], bytes) else "\n").join(lines), strings)
+    # A payload leaves out its missing fields: one that none of these lines holds is
+    # put back empty, as a line holding it as null parsed it (Arrow text, or None):
+    # tonight's columns, or without `like` all of a payload's.
+    wanted = [c for c in PAYLOAD_COLUMNS if c in like] if len(like) else list(PAYLOAD_COLUMNS)
+    for name in wanted:
+        if name not in frame:
+            frame[name] = (
+                pd.Series(np.nan, index=frame.index, dtype=like[name])
+                if name in strings
+                else pd.Series(None, index=frame.index, dtype=object)
+            )
     frame.insert(0, "source", payloads["source"].to_numpy())
     frame.insert(1, "source_key", payloads["source_key"].astype(str).to_numpy())
     frame.insert(2, "source_line", payloads["source_line"].astype(int).to_numpy())
@@ -467,7 +488,7 @@ def records_from_payload(payloads: pd.DataFrame, like: pd.Series | None = None) 
         if col in frame:
             frame[col] = frame[col].astype("boolean")
     if "npai_flag" in frame:
-        frame["npai_flag"] = frame["npai_flag"].fillna(False).astype(bool)
+        frame["npai_flag"] = frame["npai_flag"].astype("boolean").fillna(False).astype(bool)
     if schema.TRUST in frame:
         frame[schema.TRUST] = frame[schema.TRUST].astype(int)
     for col, dtype in like.items():

@@ -9,7 +9,7 @@ import pandas as pd
 
 from mdm_pipeline.config.settings import ComparisonLevel, MatchingSettings
 from mdm_pipeline.matching.comparisons import NULL, compare
-from mdm_pipeline.pipeline.incremental import records_from_payload
+from mdm_pipeline.pipeline.incremental import PAYLOAD_COLUMNS, records_from_payload
 
 
 def _label(level: ComparisonLevel) -> str:
@@ -27,6 +27,12 @@ def _label(level: ComparisonLevel) -> str:
     if level.other:
         return f"{level.kind} ({level.other})"
     return level.kind
+
+
+def every_field(values: dict) -> dict:
+    """A stored payload's values with the fields it leaves out (its missing ones) back
+    as None: a steward's view lists the same fields for every record."""
+    return {**{name: values.get(name) for name in PAYLOAD_COLUMNS}, **values}
 
 
 def pair_levels(settings: MatchingSettings, left: dict, right: dict) -> dict[str, str]:

@@ -44,7 +44,7 @@ from mdm_pipeline.matching.evaluation import bcubed, pair_scores, read_truth
 from mdm_pipeline.matching.keys import prepare
 from mdm_pipeline.matching.scoring import Model
 from mdm_pipeline.normalize import npai
-from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS, normalize_records
+from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.pipeline import incremental as inc
 from mdm_pipeline.pipeline import report
 from mdm_pipeline.pipeline.loading import load_sources
@@ -125,9 +125,6 @@ def bu_duplicates(keys: np.ndarray, golden_ids: np.ndarray) -> np.ndarray:
     joined = pc.binary_join(pa.ListArray.from_arrays(offsets, texts), " ")
     out[order] = joined.to_numpy(zero_copy_only=False)
     return out
-
-
-NPAI_COLUMNS = ("address_hash", "npai_flag", "npai_date", "npai_reason")
 
 
 @dataclass
@@ -443,7 +440,7 @@ class Pipeline:
         with self._stage("survive", summary, emit):
             golden, lineage = survive(records, labels, settings.survivorship)
 
-        payload_columns = self._payload_columns()
+        payload_columns = list(inc.PAYLOAD_COLUMNS)
         quarantined = pd.concat([m.quarantine for m in mapped] + npai_quarantine, ignore_index=True)
         quarantine_scope = [s.name for s in settings.sources] + (
             ["npai"] if settings.npai_returns else []
@@ -553,13 +550,6 @@ class Pipeline:
             largest_cluster=int(both["golden_id"].value_counts().max()) if len(both) else 0,
             largest_true_cluster=int(both["entity_id"].value_counts().max()) if len(both) else 0,
         )
-
-    def _payload_columns(self) -> list[str]:
-        return [
-            c
-            for c in (*schema.CANONICAL_COLUMNS, *NORMALISED_COLUMNS, *NPAI_COLUMNS)
-            if c not in ("source", "source_key", "source_line")
-        ]
 
     def _run_incremental(
         self,
@@ -892,7 +882,7 @@ class Pipeline:
                     summary.run_id,
                     at,
                     records,
-                    self._payload_columns(),
+                    list(inc.PAYLOAD_COLUMNS),
                     labels,
                     golden,
                     lineage,

@@ -774,6 +774,49 @@ def test_restored_records_take_tonights_types_and_stack_without_conversion() -> 
     assert stacked["email_valid"].tolist() == [True, pd.NA, False]
 
 
+def test_restored_records_get_back_the_fields_their_payloads_leave_out() -> None:
+    """A stored payload leaves out its null members: a field no payload read holds
+    comes back empty with tonight's type, as if every payload had held it as null;
+    without tonight's types (a steward's pair), every payload field comes back."""
+    text = pd.StringDtype("pyarrow", na_value=np.nan)
+    tonight = pd.DataFrame(
+        {
+            "source": ["s"],
+            "source_key": ["1"],
+            "source_line": [1],
+            "first_name_norm": pd.array(["JEAN"], dtype=text),
+            "siren_norm": pd.array(["123456789"], dtype=text),
+            "email_valid": pd.array([True], dtype="boolean"),
+            "npai_flag": [True],
+            "trust": [2],
+        }
+    )
+    full = pd.DataFrame(
+        {
+            "source": ["s", "s"],
+            "source_key": ["2", "3"],
+            "source_line": [2, 3],
+            "payload": [
+                '{"trust":1,"first_name_norm":"ÉLISE","siren_norm":null,"email_valid":null,'
+                '"npai_flag":null}',
+                '{"trust":3,"first_name_norm":null,"siren_norm":null,"email_valid":false,'
+                '"npai_flag":null}',
+            ],
+        }
+    )
+    sparse = full.assign(
+        payload=['{"trust":1,"first_name_norm":"ÉLISE"}', '{"trust":3,"email_valid":false}']
+    )
+    restored = inc.records_from_payload(sparse, tonight.dtypes)
+    expected = inc.records_from_payload(full, tonight.dtypes)
+    pd.testing.assert_frame_equal(restored[expected.columns], expected)
+    assert restored.dtypes.to_dict() == tonight.dtypes.to_dict()
+    assert restored["npai_flag"].tolist() == [False, False]
+    every = inc.records_from_payload(sparse)
+    assert set(every.columns) == {*inc.KEYS, "source_line", *inc.PAYLOAD_COLUMNS}
+    assert every["siren_norm"].isna().all()
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(

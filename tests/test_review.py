@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
 from mdm_pipeline.golden_records.review import review_backlog
+from mdm_pipeline.pipeline.incremental import PAYLOAD_COLUMNS
 
 runner = CliRunner()
 
@@ -137,6 +138,9 @@ def test_show_gives_both_records_and_the_weights(samples: Path, tmp_path: Path) 
     item = json.loads(_cli(cfg, url, "review", "list", "--json"))[0]["item"]
     shown = json.loads(_cli(cfg, url, "review", "show", item, "--json"))
     assert set(shown["left"]["values"]) >= {"last_name", "last_name_norm", "email_norm"}
+    # Every field of the payload, those the stored one leaves out (missing) as null.
+    for side in ("left", "right"):
+        assert list(shown[side]["values"]) == list(PAYLOAD_COLUMNS)
     assert shown["left"]["ref"] != shown["right"]["ref"]
     assert 0 < shown["probability"] < 1 and shown["contributions"]
     # Every comparison's level, computed again from the two stored records.

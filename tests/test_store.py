@@ -6,6 +6,7 @@ missing server fails the test rather than skipping it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -45,7 +46,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def test_migrations_build_exactly_the_declared_schema(url: str) -> None:
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0010"
+    assert store.schema_revision(engine) == "0011"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
@@ -88,7 +89,7 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
         )
     engine.dispose()
     engine = store.connect(url)
-    assert store.schema_revision(engine) == "0010"
+    assert store.schema_revision(engine) == "0011"
     with engine.connect() as conn:
         version = conn.execute(sa.select(store.golden_versions)).mappings().one()
         link = conn.execute(sa.select(store.xref)).mappings().one()
@@ -281,7 +282,12 @@ PAYLOAD = ["first_name_norm", "last_name_norm", "email_norm", "postcode_norm"]
 
 
 def _night(
-    engine: sa.Engine, run_id: str, at: datetime, people: pd.DataFrame, groups: list[list[str]]
+    engine: sa.Engine,
+    run_id: str,
+    at: datetime,
+    people: pd.DataFrame,
+    groups: list[list[str]],
+    payload: list[str] = PAYLOAD,
 ) -> tuple[store.WriteResult, dict[str, str]]:
     label = {key: i for i, keys in enumerate(groups) for key in keys}
     records = people[people["source_key"].isin(label)].reset_index(drop=True)
@@ -293,7 +299,7 @@ def _night(
     with store.transaction(engine) as conn:
         store.start_run(conn, run_id, "hash", at)
         result, gid = store.write_run(
-            conn, run_id, at, records, PAYLOAD, cluster, golden, lineage, quarantined, ["s"]
+            conn, run_id, at, records, payload, cluster, golden, lineage, quarantined, ["s"]
         )
     return result, dict(zip(records["source_key"], gid, strict=True))
 
@@ -492,6 +498,56 @@ def test_golden_history_migrates_both_ways_with_every_version(
     engine.dispose()
 
 
+def test_a_store_of_full_payloads_migrates_to_sparse_ones_and_the_next_run_changes_nothing(
+    url: str, six_people: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until 0011 payloads and golden attributes held their null members, and their
+    hashes were those of that text. The migration cuts them and hashes again, so
+    that a run on the same records finds nothing changed: no payload archived, no
+    golden version closed."""
+    from mdm_pipeline.golden_records import jsonrows
+
+    payload = [*PAYLOAD, "siren_norm", "company_name_norm"]  # empty for people
+    groups = [["a", "b"], ["c"], ["d", "e", "f"]]
+    engine = store.connect(url)
+    with monkeypatch.context() as m:  # written as before 0011: every member
+        m.setattr(store, "json_rows", lambda frame, sparse=False: jsonrows.json_rows(frame))
+        _night(engine, "R1", T1, six_people, [["c"], ["d", "e", "f"]], payload)
+        _night(engine, "R2", T2, six_people, groups, payload)
+    with engine.begin() as conn:
+        store.alembic_command.downgrade(store._alembic_config(conn), "0010")
+    engine.dispose()
+    before = _table(sa.create_engine(url), store.source_records).sort_values("source_key")
+    assert before["payload"].str.contains('"siren_norm":null').all()
+
+    engine = store.connect(url)  # upgrades
+    records = _table(engine, store.source_records).sort_values("source_key")
+    golden = _table(engine, store.golden_records)
+    for texts, hashes in (
+        (records["payload"], records["record_hash"]),
+        (golden["attributes"], golden["record_hash"]),
+    ):
+        assert not texts.str.contains(":null").any()
+        assert hashes.tolist() == [
+            hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts
+        ]
+    assert [json.loads(t) for t in records["payload"]] == [
+        {k: v for k, v in json.loads(t).items() if v is not None} for t in before["payload"]
+    ]
+    archived = len(_table(engine, store.record_history)), len(_table(engine, store.golden_history))
+    result, _ = _night(engine, "R3", T3, six_people, groups, payload)
+    assert (result.golden_created, result.golden_updated, result.records_written) == (0, 0, 0)
+    assert result.golden_unchanged == 3
+    assert (
+        len(_table(engine, store.record_history)),
+        len(_table(engine, store.golden_history)),
+    ) == archived
+    pd.testing.assert_frame_equal(
+        _table(engine, store.source_records).sort_values("source_key"), records
+    )
+    engine.dispose()
+
+
 # --- the run lock ------------------------------------------------------------------------
 
 
@@ -619,7 +675,7 @@ def test_row_hashes_are_one_json_object_per_row_whatever_the_values() -> None:
         }
     )
     digests, lines = store.hash_rows(frame)
-    assert [json.loads(line)["name"] for line in lines] == frame["name"].tolist()
+    assert [json.loads(line).get("name") for line in lines] == frame["name"].tolist()
     # A row hashes the same alone as among others, and differs from its neighbours.
     for i in range(len(frame)):
         assert store.hash_rows(frame.iloc[[i]])[0].iloc[0] == digests.iloc[i]
