@@ -72,9 +72,25 @@ def _members(conn: Connection, golden_id: str) -> list[str]:
 
 
 def _lineage(text: str) -> dict[str, dict[str, str]]:
-    """{attribute: {source, source_key, rule, date}} from the stored "s|k|rule|date"."""
+    """{attribute: {source, source_key, rule, date}} from the stored lineage: grouped
+    by record, {"source|key|date": {rule: [attribute, ...]}}, or per attribute,
+    {attribute: "source|key|rule|date"}, as stores wrote it before (closed versions
+    keep it)."""
     out: dict[str, dict[str, str]] = {}
-    for attribute, value in json.loads(text or "{}").items():
+    for name, value in json.loads(text or "{}").items():
+        if isinstance(value, dict):
+            # From the right: a source key may hold a "|", a date cannot.
+            head, _, date = name.rpartition("|")
+            source, _, key = head.partition("|")
+            for rule, attributes in value.items():
+                for attribute in attributes:
+                    out[attribute] = {
+                        "source": source,
+                        "source_key": key,
+                        "rule": rule,
+                        "date": date,
+                    }
+            continue
         if value is None:
             continue
         # From the right: a source key may hold a "|", a rule or a date cannot.
@@ -82,8 +98,8 @@ def _lineage(text: str) -> dict[str, dict[str, str]]:
             [*str(value).rsplit("|", 2), "", ""][:3] if "|" in str(value) else (str(value), "", "")
         )
         source, _, key = head.partition("|")
-        out[attribute] = {"source": source, "source_key": key, "rule": rule, "date": date}
-    return out
+        out[name] = {"source": source, "source_key": key, "rule": rule, "date": date}
+    return dict(sorted(out.items()))
 
 
 def golden_show(engine: Engine, golden_id: str) -> dict[str, Any]:

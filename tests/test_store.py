@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
-from mdm_pipeline.golden_records import connection, store
+from mdm_pipeline.golden_records import audit, connection, store
 from mdm_pipeline.golden_records.audit import golden_show
 from mdm_pipeline.golden_records.schema import metadata
 from mdm_pipeline.golden_records.survivorship import survive
@@ -413,7 +413,8 @@ def test_a_changed_value_makes_a_version_and_keeps_the_old_payload(
     assert (history["valid_from"].iloc[0], history["valid_to"].iloc[0]) == (T1, T2)
     assert len(_table(engine, store.xref)) == 1  # still the same golden record
     # Lineage: source, key, deciding rule and the winning record's update date.
-    source, key, rule, day = json.loads(versions["lineage"].iloc[1])["postcode"].split("|")
+    origin = audit._lineage(versions["lineage"].iloc[1])["postcode"]
+    source, key, rule, day = (origin[k] for k in ("source", "source_key", "rule", "date"))
     assert (source, key, rule) == ("s", "a", "only_candidate")
     updated = moved.loc[0, "source_updated_at"]
     assert day == ("" if pd.isna(updated) else pd.Timestamp(updated).strftime("%Y-%m-%d"))
@@ -696,7 +697,7 @@ def test_row_hashes_do_not_depend_on_the_chunks_rows_are_serialised_in(
 def test_lineage_json_escapes_keys_and_leaves_missing_dates_empty() -> None:
     """Source keys are free text from the units: a quote, a backslash or a newline
     must give valid JSON, a missing date an empty date, and a golden record without
-    lineage an empty object."""
+    lineage an empty object. Attributes are grouped by record, then rule."""
     records = pd.DataFrame(
         {
             "source": ["shop", "b2b", "shop"],
@@ -708,22 +709,43 @@ def test_lineage_json_escapes_keys_and_leaves_missing_dates_empty() -> None:
     )
     lineage = pd.DataFrame(
         {
-            "cluster": [5, 5, 5, 7, 9],
-            "attribute": ["email", "address", "name", "name", "name"],
-            "record": [0, 1, 2, 2, 0],
-            "rule": ["most_recent", "trust", "longest", "trust", "trust"],
+            "cluster": [5, 5, 5, 7, 9, 5, 5],
+            "attribute": ["email", "address", "name", "name", "name", "phone", "city"],
+            "record": [0, 1, 2, 2, 0, 0, 0],
+            "rule": ["most_recent", "trust", "longest", "trust", "trust", "most_recent", "all"],
         }
     )
     out = store._lineage_json(records, lineage, pd.Index([5, 6, 7]))
     assert json.loads(out[5]) == {
+        "b2b|a\\b\nc|": {"trust": ["address"]},
+        'shop|k"1|2026-01-02': {"all": ["city"], "most_recent": ["email", "phone"]},
+        "shop|x/y é|2025-12-31": {"longest": ["name"]},
+    }
+    # Records in text order, rules and attributes in name order.
+    assert list(json.loads(out[5])) == [
+        "b2b|a\\b\nc|",
+        'shop|k"1|2026-01-02',
+        "shop|x/y é|2025-12-31",
+    ]
+    assert list(json.loads(out[5])['shop|k"1|2026-01-02']) == ["all", "most_recent"]
+    assert out[6] == "{}"
+    assert json.loads(out[7]) == {"shop|x/y é|2025-12-31": {"trust": ["name"]}}
+    assert store._lineage_json(records, lineage.iloc[:0], pd.Index([5])).tolist() == ["{}"]
+    # Read back per attribute, as the per-attribute form stores wrote before is.
+    per_attribute = {
         "address": "b2b|a\\b\nc|trust|",
+        "city": 'shop|k"1|all|2026-01-02',
         "email": 'shop|k"1|most_recent|2026-01-02',
         "name": "shop|x/y é|longest|2025-12-31",
+        "phone": 'shop|k"1|most_recent|2026-01-02',
     }
-    assert list(json.loads(out[5])) == ["address", "email", "name"]
-    assert out[6] == "{}"
-    assert json.loads(out[7]) == {"name": "shop|x/y é|trust|2025-12-31"}
-    assert store._lineage_json(records, lineage.iloc[:0], pd.Index([5])).tolist() == ["{}"]
+    assert audit._lineage(out[5]) == audit._lineage(json.dumps(per_attribute))
+    assert audit._lineage(out[5])["address"] == {
+        "source": "b2b",
+        "source_key": "a\\b\nc",
+        "rule": "trust",
+        "date": "",
+    }
 
 
 # --- the SQLite journal -----------------------------------------------------------------
