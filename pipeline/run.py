@@ -375,7 +375,7 @@ class Pipeline:
                     f"source '{loaded_before[0]}' delivers changes only (delta) and the store "
                     "already holds its records: run `mdm run --incremental`"
                 )
-        npai_before, npai_sent = store.read_npai(engine)
+        npai_before = store.read_npai(engine)
         mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
         # Each with its `source_hash`, computed where the source was loaded.
         records = pd.concat([m.records for m in mapped], ignore_index=True)
@@ -385,7 +385,7 @@ class Pipeline:
 
         with self._stage("normalize", summary, emit):
             records = normalize_records(records, settings.normalize)
-            records, npai_after = self._npai(records, returns, npai_before, npai_sent, summary)
+            records, npai_after = self._npai(engine, records, returns, npai_before, summary)
 
         with self._stage("match", summary, emit):
             # Row i is record i; a copy of a million records only when it is not so already.
@@ -582,7 +582,7 @@ class Pipeline:
             summary.model_run, summary.model_status = stored_model[0], "reused"
             model = Model.from_json(stored_model[1])
             sources = [s.name for s in settings.sources]
-            npai_before, _ = store.read_npai(engine, sent=False)
+            npai_before = store.read_npai(engine)
             mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
             loaded = pd.concat([m.records for m in mapped], ignore_index=True)
             snap = pending.result(convert={"records": inc.RECORD_COLUMNS})
@@ -983,13 +983,17 @@ class Pipeline:
 
     def _npai(
         self,
+        engine: Any,
         records: pd.DataFrame,
         returns: list[pd.DataFrame],
         before: pd.DataFrame,
-        sent: pd.DataFrame,
         summary: RunSummary,
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Apply La Poste returns, and clear flags whose address changed since."""
+        # The address as sent matters only to the records with a flag or a return.
+        sent = store.read_sent(
+            engine, pd.concat([before[inc.KEYS], *(r[inc.KEYS] for r in returns)])
+        )
         hashes = npai.address_hash(records)
         current = pd.DataFrame(
             {

@@ -121,3 +121,37 @@ def test_two_nights_on_the_samples(samples: Path) -> None:
     cleared = history[history["cleared_run"].notna()]
     assert cleared["source_key"].tolist() == [key]
     assert cleared["cleared_reason"].tolist() == ["address changed"]
+
+    # Night 3: a store customer never returned moves, and tonight's return file names
+    # them: the letter went to the address the store held (as sent), which they have
+    # already left, so the flag is recorded on it and cleared at once.
+    other = next(
+        k
+        for k in (line.split(";")[0] for line in lines[1:] if line)
+        if k not in set(history["source_key"]) and k != key
+    )
+    engine = sa.create_engine(url)
+    sent_hash = pd.read_sql(
+        sa.text(
+            "select address_hash from mdm_source_records"
+            " where source = 'stores' and source_key = :k"
+        ),
+        engine,
+        params={"k": other},
+    )["address_hash"].item()
+    engine.dispose()
+    i = next(n for n, line in enumerate(lines) if line.startswith(other + ";"))
+    fields = lines[i].split(";")
+    for col, value in moved.items():
+        fields[header.index(col)] = value
+    lines[i] = ";".join(fields)
+    path.write_text("\n".join(lines), encoding="cp1252")
+    back_file = samples / "laposte_retours_npai.csv"
+    with back_file.open("a", encoding="utf-8") as f:
+        f.write(f"stores;{other};03/03/2026;Destinataire inconnu à l'adresse\n")
+    third = json.loads(runner.invoke(app, ["run", "--config", cfg, "--json"]).stdout)
+    assert third["npai_flags_new"] == 1 and third["npai_flags_cleared"] == 1
+    assert third["npai_flags_active"] == second["npai_flags_active"]
+    row = _npai_rows(url).set_index("source_key").loc[other]
+    assert row["address_hash"] == sent_hash
+    assert row["cleared_run"] == row["flagged_run"] == third["run_id"]
