@@ -38,7 +38,7 @@ from alembic import command as alembic_command  # noqa: F401  (tests drive migra
 from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.errors import StoreLockedError
-from mdm_pipeline.config.schema import contiguous
+from mdm_pipeline.config.schema import contiguous, text_dtype
 from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the store's API)
     MIGRATIONS,
     _alembic_config,
@@ -600,7 +600,32 @@ _GOLDEN_QUERY = sa.select(
 
 def previous_xref(conn: Connection) -> pd.DataFrame:
     """The stored cross-reference: (source, source_key, golden_id, record_hash)."""
-    return _read(conn, _XREF_QUERY)
+    return _read_texts(conn, _XREF_QUERY)
+
+
+#: Rows `_read_texts` takes from the driver at a time.
+READ_SLICE_ROWS = 100_000
+
+
+def _read_texts(conn: Connection, query: sa.Select) -> pd.DataFrame:
+    """The rows of `query` (plain columns, no bound parameters) as a frame whose text
+    columns are Arrow strings (`text_dtype`), read by slices of rows.
+
+    For the whole stored state a full run compares itself with (a million records'
+    keys, golden IDs and hashes): as Python texts they were 0.4 GB held through
+    the store stage, on top of its chunks; as Arrow strings a fifth of it, and
+    only one slice's Python texts exist at a time.
+    """
+    columns = list(query.selected_columns)
+    texts = [c.key for c in columns if isinstance(c.type, sa.String)]
+    result = conn.exec_driver_sql(str(query.compile(dialect=conn.dialect)))
+    parts = []
+    while rows := result.fetchmany(READ_SLICE_ROWS):
+        part = pd.DataFrame(rows, columns=[c.key for c in columns])
+        parts.append(part.astype({c: text_dtype() for c in texts}))
+    if not parts:
+        return _read(conn, query.where(sa.false())).astype({c: text_dtype() for c in texts})
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 #: Characters a JSON string literal cannot hold as they are.
@@ -805,7 +830,7 @@ def write_run(
     )
     if scope is None:
         prev = previous_xref(conn)
-        stored = _read(conn, _GOLDEN_QUERY)
+        stored = _read_texts(conn, _GOLDEN_QUERY)
     else:
         # Only the golden records of the stored records in scope can change.
         prev = scope.records[[*_XREF_QUERY.selected_columns.keys(), "valid_from"]]
@@ -1319,7 +1344,7 @@ def write_evidence(conn: Connection, run_id: str, evidence: pd.DataFrame) -> int
     `evidence` has EVIDENCE_KEYS, rule, weight, probability, band and
     contributions (JSON text). Returns the rows written or deleted.
     """
-    changes = compare_evidence(evidence, _read(conn, _EVIDENCE_QUERY))
+    changes = compare_evidence(evidence, _read_texts(conn, _EVIDENCE_QUERY))
     return write_evidence_changes(conn, run_id, changes)
 
 

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
+from mdm_pipeline.config.schema import text_dtype
 from mdm_pipeline.golden_records import audit, connection, store
 from mdm_pipeline.golden_records.audit import golden_show
 from mdm_pipeline.golden_records.schema import metadata
@@ -871,6 +872,29 @@ def test_read_gives_what_sqlalchemy_gives_with_its_datetimes_parsed_by_column(
     assert fast["valid_from"].dtype == "datetime64[ns]"
     assert (fast["valid_from"] == pd.Timestamp(T1)).all()
     pd.testing.assert_frame_equal(fast, slow, check_dtype=False)
+
+
+def test_stored_state_is_read_by_slices_with_its_texts_in_arrow(
+    url: str, six_people: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state a full run compares itself with (cross-reference, golden records,
+    evidence) is read by slices of rows, its text columns as Arrow strings: the same
+    values as `_read` gives, whatever the slices, and an empty table's columns."""
+    engine = store.connect(url)
+    _night(engine, "R1", T1, six_people, [["a", "b"], ["c"], ["d", "e", "f"]])
+    monkeypatch.setattr(store, "READ_SLICE_ROWS", 4)
+    with engine.connect() as conn:
+        for query in (store._XREF_QUERY, store._GOLDEN_QUERY, store._EVIDENCE_QUERY):
+            sliced = store._read_texts(conn, query.order_by(*query.selected_columns))
+            whole = store._read(conn, query.order_by(*query.selected_columns))
+            texts = [c.key for c in query.selected_columns if isinstance(c.type, sa.String)]
+            assert all(sliced[c].dtype == text_dtype() for c in texts)
+            pd.testing.assert_frame_equal(sliced, whole, check_dtype=False)
+        assert len(store._read_texts(conn, store._XREF_QUERY)) == 6
+        empty = store._read_texts(conn, store._XREF_QUERY.where(sa.false()))
+    engine.dispose()
+    assert list(empty.columns) == ["source", "source_key", "golden_id", "record_hash"]
+    assert empty.empty and empty["golden_id"].dtype == text_dtype()
 
 
 def test_read_scope_gives_each_stored_record_its_golden_record_and_payload_bytes(
