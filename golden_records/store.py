@@ -826,7 +826,8 @@ def write_run(
     """
     result = WriteResult()
     keys = records[["source", "source_key"]].assign(
-        source_key=records["source_key"].astype(str), cluster=cluster.to_numpy()
+        source_key=records["source_key"].astype(str).astype(text_dtype()),
+        cluster=cluster.to_numpy(),
     )
     if scope is None:
         prev = previous_xref(conn)
