@@ -217,7 +217,8 @@ def assign_golden_ids(
         )
         keep = keep.drop_duplicates("cluster")
         assigned = dict(zip(keep["cluster"].astype(int), keep["golden_id"], strict=True))
-        merged_away = home[~home["golden_id"].isin(keep["golden_id"])]
+        # As Python texts: pandas' Arrow strings look values up one by one.
+        merged_away = home[~home["golden_id"].astype(object).isin(keep["golden_id"].astype(object))]
         retired = pd.DataFrame(
             {
                 "golden_id": merged_away["golden_id"].to_numpy(),
@@ -877,10 +878,13 @@ def write_run(
     _overlapped(range(-(-len(golden) // WRITE_CHUNK_ROWS)), golden_chunk, write_golden)
 
     # Golden records no cluster kept are retired; a merged one resolves to its survivor.
+    # As Python texts: pandas' Arrow strings look values up one by one (2 s for a
+    # million golden IDs, even against an empty store).
+    stored_ids = stored["golden_id"].astype(object)
     gone = stored[
         (stored["status"] == "active")
-        & ~stored["golden_id"].isin(golden_gid)
-        & (stored["golden_id"].isin(prev["golden_id"]) if scope is not None else True)
+        & ~stored_ids.isin(golden_gid)
+        & (stored_ids.isin(prev["golden_id"]) if scope is not None else True)
     ]
     survivor = assignment.retired.set_index("golden_id")["survivor_id"]
     if len(gone):
