@@ -1082,8 +1082,10 @@ def _write_golden(conn: Connection, run_id: str, at: datetime, chunk: _GoldenChu
 
 
 #: Records whose payloads are built and written at a time by `write_run` (two chunks
-#: are held at a time: see `_overlapped`).
-WRITE_CHUNK_ROWS = 50_000
+#: are held at a time: see `_overlapped`). A full run on a store of a million records
+#: peaked at 3,991-4,165 MiB with 50,000 and 3,850-3,884 MiB with 25,000, in the same
+#: time (docs/benchmarks.md).
+WRITE_CHUNK_ROWS = 25_000
 
 
 @dataclass
