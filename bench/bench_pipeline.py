@@ -2,6 +2,7 @@
 
 Usage:
     python bench/bench_pipeline.py --records 100000 [--records 1000000] [--keep DIR] [--splink]
+                                   [--rerun]
 
 For each size: generate the four extracts with the seeded generator, run the
 whole pipeline (load, normalise, match, cluster, survive, store, export) into
@@ -10,8 +11,12 @@ against the generator's truth as one JSON line. With --splink, Splink 5 then
 runs on the same records (`bench_matching.py --tool splink`: our normalised
 records, its usual settings and the same blocking rules; training +
 prediction + clustering timed). Each run is a child process so that its peak
-RSS is its own. Last, the ratio of each stage's time between consecutive
-sizes, beside the ratio of candidate pairs: no stage should grow faster.
+RSS is its own. With --rerun, a second run on the same records follows, into
+the store the first one wrote: a night on which nothing changed, the steady
+state of a nightly full run (it reads and compares the whole store, and writes
+nothing but its run log). Last, the ratio of each stage's time between
+consecutive sizes, beside the ratio of candidate pairs: no stage should grow
+faster.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from common import TreePeak, peak_rss_mib  # bench/ is on sys.path when a script
 HERE = Path(__file__).resolve().parent
 
 
-def _one(records: int, workdir: Path, kind: str) -> dict:
+def _one(records: int, workdir: Path, kind: str, again: bool = False) -> dict:
     import pandas as pd
     import sqlalchemy as sa
 
@@ -53,8 +58,9 @@ def _one(records: int, workdir: Path, kind: str) -> dict:
 
         spark = SparkSettings(master="local[2]", driver_memory="4g")
         pipeline.settings = pipeline.settings.model_copy(update={"engine": "spark", "spark": spark})
-    # A fresh store each time: the run writes every golden record.
-    (workdir / "mdm.sqlite").unlink(missing_ok=True)
+    if not again:
+        # A fresh store each time: the run writes every golden record.
+        (workdir / "mdm.sqlite").unlink(missing_ok=True)
     t0 = time.perf_counter()
     with TreePeak() as tree:
         summary = pipeline.run()
@@ -80,6 +86,8 @@ def _one(records: int, workdir: Path, kind: str) -> dict:
         "peak_rss_tree_mib": round(tree.peak_mib),
         "candidate_pairs": summary.candidate_pairs,
         "clusters": summary.clusters,
+        "golden_created": summary.golden_created,
+        "golden_updated": summary.golden_updated,
         "precision": round(scores.precision, 4),
         "recall": round(scores.recall, 4),
         "f1": round(scores.f1, 4),
@@ -90,6 +98,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, action="append", required=True)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--again", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rerun", action="store_true", help="run again on the same records and store"
+    )
     parser.add_argument("--keep", type=Path, help="keep generated data under this folder")
     parser.add_argument("--splink", action="store_true", help="run Splink 5 on the same records")
     parser.add_argument(
@@ -101,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         workdir = args.keep or Path(tempfile.mkdtemp(prefix="mdm-bench-"))
-        print(json.dumps(_one(args.records[0], workdir, args.engine)))
+        print(json.dumps(_one(args.records[0], workdir, args.engine, args.again)))
         return
     print(
         json.dumps(
@@ -125,6 +137,9 @@ def main() -> None:
             row.setdefault("records", ours["records"])
             row.setdefault("ours", ours)
             row[engine] = ours
+            if args.rerun:
+                again = json.loads(_last_line([*cmd, "--again"]))
+                print(json.dumps({"tool": f"mdm-pipeline ({engine}), rerun", **again}), flush=True)
         if args.splink:
             cmd = [sys.executable, str(HERE / "bench_matching.py"), "--data", str(workdir)]
             splink = json.loads(_last_line([*cmd, "--tool", "splink"]))
