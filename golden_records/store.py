@@ -619,10 +619,16 @@ def _read_texts(conn: Connection, query: sa.Select) -> pd.DataFrame:
     """
     columns = list(query.selected_columns)
     texts = [c.key for c in columns if isinstance(c.type, sa.String)]
-    result = conn.exec_driver_sql(str(query.compile(dialect=conn.dialect)))
+    compiled = query.compile(dialect=conn.dialect)
+    if compiled.params or not all(isinstance(c.type, _PLAIN_TYPES) for c in columns):
+        raise ValueError("_read_texts takes plain columns and no bound parameters")
+    result = conn.exec_driver_sql(str(compiled))
     parts = []
     while rows := result.fetchmany(READ_SLICE_ROWS):
         part = pd.DataFrame(rows, columns=[c.key for c in columns])
+        for c in columns:
+            if isinstance(c.type, sa.DateTime):  # as `_read` gives them
+                part[c.key] = pd.to_datetime(part[c.key], format="ISO8601")
         parts.append(part.astype({c: text_dtype() for c in texts}))
     if not parts:
         return _read(conn, query.where(sa.false())).astype({c: text_dtype() for c in texts})

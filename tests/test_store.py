@@ -884,7 +884,8 @@ def test_stored_state_is_read_by_slices_with_its_texts_in_arrow(
     _night(engine, "R1", T1, six_people, [["a", "b"], ["c"], ["d", "e", "f"]])
     monkeypatch.setattr(store, "READ_SLICE_ROWS", 4)
     with engine.connect() as conn:
-        for query in (store._XREF_QUERY, store._GOLDEN_QUERY, store._EVIDENCE_QUERY):
+        dated = sa.select(store.source_records.c.source_key, store.source_records.c.valid_from)
+        for query in (store._XREF_QUERY, store._GOLDEN_QUERY, store._EVIDENCE_QUERY, dated):
             sliced = store._read_texts(conn, query.order_by(*query.selected_columns))
             whole = store._read(conn, query.order_by(*query.selected_columns))
             texts = [c.key for c in query.selected_columns if isinstance(c.type, sa.String)]
