@@ -333,12 +333,25 @@ def _read(conn: Connection, query: sa.Select) -> pd.DataFrame:
     a night's 95k stored records back); DateTime columns are converted here, a
     column at a time, to the same datetime64 values.
     """
-    columns = list(query.selected_columns)
-    compiled = query.compile(dialect=conn.dialect)
-    if compiled.params or not all(isinstance(c.type, _PLAIN_TYPES) for c in columns):
+    sql = _driver_sql(conn, query)
+    if sql is None:
         result = conn.execute(query)
         return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
-    rows = conn.exec_driver_sql(str(compiled)).fetchall()
+    return _frame(conn.exec_driver_sql(sql).fetchall(), query)
+
+
+def _driver_sql(conn: Connection, query: sa.Select) -> str | None:
+    """`query`'s SQL text for the driver, when it has no bound parameters and only
+    plain columns (whose values the driver returns as `_frame` reads them)."""
+    compiled = query.compile(dialect=conn.dialect)
+    if compiled.params or not all(isinstance(c.type, _PLAIN_TYPES) for c in query.selected_columns):
+        return None
+    return str(compiled)
+
+
+def _frame(rows: list, query: sa.Select) -> pd.DataFrame:
+    """The driver's rows of `query` as a frame, DateTime columns parsed a column at a time."""
+    columns = list(query.selected_columns)
     frame = pd.DataFrame(rows, columns=[c.key for c in columns])
     for c in columns:
         if isinstance(c.type, sa.DateTime) and len(frame):
@@ -617,19 +630,14 @@ def _read_texts(conn: Connection, query: sa.Select) -> pd.DataFrame:
     the store stage, on top of its chunks; as Arrow strings a fifth of it, and
     only one slice's Python texts exist at a time.
     """
-    columns = list(query.selected_columns)
-    texts = [c.key for c in columns if isinstance(c.type, sa.String)]
-    compiled = query.compile(dialect=conn.dialect)
-    if compiled.params or not all(isinstance(c.type, _PLAIN_TYPES) for c in columns):
+    texts = [c.key for c in query.selected_columns if isinstance(c.type, sa.String)]
+    sql = _driver_sql(conn, query)
+    if sql is None:
         raise ValueError("_read_texts takes plain columns and no bound parameters")
-    result = conn.exec_driver_sql(str(compiled))
+    result = conn.exec_driver_sql(sql)
     parts = []
     while rows := result.fetchmany(READ_SLICE_ROWS):
-        part = pd.DataFrame(rows, columns=[c.key for c in columns])
-        for c in columns:
-            if isinstance(c.type, sa.DateTime):  # as `_read` gives them
-                part[c.key] = pd.to_datetime(part[c.key], format="ISO8601")
-        parts.append(part.astype({c: text_dtype() for c in texts}))
+        parts.append(_frame(rows, query).astype({c: text_dtype() for c in texts}))
     if not parts:
         return _read(conn, query.where(sa.false())).astype({c: text_dtype() for c in texts})
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]

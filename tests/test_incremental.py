@@ -738,6 +738,19 @@ def test_a_run_collects_garbage_less_often_and_restores_the_collector_after(
     assert gc.get_threshold() == before
 
 
+def _stored_payloads(*payloads: str) -> pd.DataFrame:
+    """Stored records of source "s", keys "2", "3"... (lines 2, 3...), with these payloads."""
+    n = range(2, 2 + len(payloads))
+    return pd.DataFrame(
+        {
+            "source": "s",
+            "source_key": [str(i) for i in n],
+            "source_line": list(n),
+            "payload": payloads,
+        }
+    )
+
+
 def test_restored_records_take_tonights_types_and_stack_without_conversion() -> None:
     """Payloads read back get the dtypes of tonight's normalised records (Arrow texts,
     nullable booleans, a column no payload has a value in), so that the two stack
@@ -754,16 +767,9 @@ def test_restored_records_take_tonights_types_and_stack_without_conversion() -> 
             "trust": [2],
         }
     )
-    payloads = pd.DataFrame(
-        {
-            "source": ["s", "s"],
-            "source_key": ["2", "3"],
-            "source_line": [2, 3],
-            "payload": [
-                '{"first_name_norm": "ÉLISE", "siren_norm": null, "email_valid": null, "trust": 1}',
-                '{"first_name_norm": null, "siren_norm": null, "email_valid": false, "trust": 3}',
-            ],
-        }
+    payloads = _stored_payloads(
+        '{"first_name_norm": "ÉLISE", "siren_norm": null, "email_valid": null, "trust": 1}',
+        '{"first_name_norm": null, "siren_norm": null, "email_valid": false, "trust": 3}',
     )
     restored = inc.records_from_payload(payloads, tonight.dtypes)
     assert restored.dtypes.to_dict() == tonight.dtypes.to_dict()
@@ -791,18 +797,10 @@ def test_restored_records_get_back_the_fields_their_payloads_leave_out() -> None
             "trust": [2],
         }
     )
-    full = pd.DataFrame(
-        {
-            "source": ["s", "s"],
-            "source_key": ["2", "3"],
-            "source_line": [2, 3],
-            "payload": [
-                '{"trust":1,"first_name_norm":"ÉLISE","siren_norm":null,"email_valid":null,'
-                '"npai_flag":null}',
-                '{"trust":3,"first_name_norm":null,"siren_norm":null,"email_valid":false,'
-                '"npai_flag":null}',
-            ],
-        }
+    full = _stored_payloads(
+        '{"trust":1,"first_name_norm":"ÉLISE","siren_norm":null,"email_valid":null,'
+        '"npai_flag":null}',
+        '{"trust":3,"first_name_norm":null,"siren_norm":null,"email_valid":false,"npai_flag":null}',
     )
     sparse = full.assign(
         payload=['{"trust":1,"first_name_norm":"ÉLISE"}', '{"trust":3,"email_valid":false}']
