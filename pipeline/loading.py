@@ -10,6 +10,11 @@ maps (and hashes) its share with the very same code and hands the mapped sources
 back pickled, exactly as they were built (dtypes included), through a file
 in memory (`/dev/shm` where the system has it).
 
+A full run also normalises each source where it was loaded (`normalised`):
+normalisation is a record's own business (the same values whichever records
+it is done with), and it is as long as the load itself, so it takes the
+second core too instead of following the load on one.
+
 The result is the sequential load's: the sources in the config's order, and,
 when several fail, the error of the first of them in that order. A child
 that cannot start or dies, for any reason, leaves its share to this process:
@@ -25,7 +30,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,7 @@ from mdm_pipeline.config.errors import MdmError
 from mdm_pipeline.config.settings import CsvSource, ParquetSource, Settings, Source
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.background import shared_folder
+from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.sources import MappedSource, load_source
 
 log = logging.getLogger(__name__)
@@ -94,13 +100,15 @@ class _Answer:
 class _Child:
     """`python -m` this module on a folder holding the job; `answer` waits for it."""
 
-    def __init__(self, settings: Settings, run_date: pd.Timestamp, positions: list[int]) -> None:
+    def __init__(
+        self, settings: Settings, run_date: pd.Timestamp, positions: list[int], normalised: bool
+    ) -> None:
         self.folder: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
         try:
             self.folder = shared_folder("mdm-load-")
             with open(Path(self.folder) / "job.pickle", "wb") as handle:
-                pickle.dump((settings, run_date, positions), handle, protocol=5)
+                pickle.dump((settings, run_date, positions, normalised), handle, protocol=5)
             self.process = subprocess.Popen(
                 [sys.executable, "-m", MODULE, self.folder],
                 stdin=subprocess.DEVNULL,
@@ -155,12 +163,17 @@ def source_hashes(records: pd.DataFrame) -> pd.Series:
     return pd.Series(store.hex_digests(hashed), index=records.index, dtype=object)
 
 
-def _load_hashed(spec: Source, settings: Settings, run_date: pd.Timestamp) -> MappedSource:
-    """A source read and mapped, its records with their `source_hash`: a row's hash is
-    its own values' alone, so each source's are those of the records all together,
-    and they are computed where the source is loaded (on either core)."""
+def _load_hashed(
+    spec: Source, settings: Settings, run_date: pd.Timestamp, normalised: bool = False
+) -> MappedSource:
+    """A source read and mapped, its records with their `source_hash` (and normalised if
+    asked): a row's hash and normalised values are its own values' alone, so each
+    source's are those of the records all together, and they are computed where the
+    source is loaded (on either core)."""
     mapped = load_source(spec, settings, run_date)
     mapped.records["source_hash"] = source_hashes(mapped.records)
+    if normalised:
+        return replace(mapped, records=normalize_records(mapped.records, settings.normalize))
     return mapped
 
 
@@ -170,16 +183,17 @@ def load_sources(
     loaded: Callable[[MappedSource], None],
     min_bytes: int = PARALLEL_LOAD_MIN_BYTES,
     start_bytes: int = CHILD_START_BYTES,
+    normalised: bool = False,
 ) -> list[MappedSource]:
-    """Every source read and mapped, its records with their `source_hash`, in the
-    config's order; `loaded` is called for each as it is ready. Shared with a child
-    process when the extract files hold `min_bytes` or more (see `shared_out` for
-    `start_bytes`)."""
+    """Every source read and mapped, its records with their `source_hash` (and their
+    normalised columns with `normalised`), in the config's order; `loaded` is called
+    for each as it is ready. Shared with a child process when the extract files hold
+    `min_bytes` or more (see `shared_out` for `start_bytes`)."""
     specs = settings.sources
     sizes = [_file_bytes(spec, settings) for spec in specs]
     large = sum(s or 0 for s in sizes) >= min_bytes
     away = shared_out(sizes, start_bytes) if large else []
-    child = _Child(settings, run_date, away) if away else None
+    child = _Child(settings, run_date, away, normalised) if away else None
     done: dict[int, MappedSource] = {}
     try:
         first_error: tuple[int, MdmError] | None = None
@@ -187,7 +201,7 @@ def load_sources(
             if i in away:
                 continue
             try:
-                done[i] = _load_hashed(spec, settings, run_date)
+                done[i] = _load_hashed(spec, settings, run_date, normalised)
             except MdmError as exc:
                 # An earlier source the child loads may fail too: its error comes first.
                 first_error = (i, exc)
@@ -209,7 +223,7 @@ def load_sources(
     for i in away:
         if i in done or (first_error is not None and i > first_error[0]):
             continue
-        done[i] = _load_hashed(specs[i], settings, run_date)
+        done[i] = _load_hashed(specs[i], settings, run_date, normalised)
         loaded(done[i])
     if first_error is not None:
         raise first_error[1]
@@ -228,14 +242,14 @@ class _Collect(logging.Handler):
 def _main(folder: Path) -> None:
     """The child: load the job's sources, answer with each mapped (or its failure)."""
     with open(folder / "job.pickle", "rb") as handle:
-        settings, run_date, positions = pickle.load(handle)
+        settings, run_date, positions, normalised = pickle.load(handle)
     answer = _Answer()
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     root.addHandler(_Collect(answer.logged))
     for i in positions:
         try:
-            answer.mapped[i] = _load_hashed(settings.sources[i], settings, run_date)
+            answer.mapped[i] = _load_hashed(settings.sources[i], settings, run_date, normalised)
         except MdmError:
             answer.failed.append(i)
     partial = folder / "answer.partial"

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -376,15 +376,20 @@ class Pipeline:
                     "already holds its records: run `mdm run --incremental`"
                 )
         npai_before = store.read_npai(engine)
-        mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
+        # Each source normalised where it was loaded, on either core (see `loading`): the
+        # load stage's time holds the normalisation, and the normalise stage the NPAI.
+        mapped, returns, npai_quarantine = self._load(summary, emit, run_date, normalised=True)
         # Each with its `source_hash`, computed where the source was loaded.
         records = pd.concat([m.records for m in mapped], ignore_index=True)
+        # `records` is a copy of the sources' frames: held beside it until the export,
+        # they were a second million normalised records at the run's peak.
+        sizes = [len(m.records) for m in mapped]
+        mapped = [replace(m, records=m.records.iloc[:0]) for m in mapped]
         # A collection costs tens of milliseconds whatever the run's size (the
         # interpreter's own objects); it frees gigabytes in a large full run only.
         self._collect_garbage = len(records) >= COLLECT_FROM_RECORDS
 
         with self._stage("normalize", summary, emit):
-            records = normalize_records(records, settings.normalize)
             records, npai_after = self._npai(engine, records, returns, npai_before, summary)
 
         with self._stage("match", summary, emit):
@@ -482,7 +487,7 @@ class Pipeline:
                 summary.record_written(written)
                 with self._stage("export", summary, emit, total=len(mapped)):
                     staged = (
-                        self._export(mapped, records.assign(golden_id=record_gid), staging, emit)
+                        self._export(mapped, sizes, records, record_gid, staging, emit)
                         if settings.export.enabled
                         else []
                     )
@@ -927,9 +932,14 @@ class Pipeline:
             log.warning("run report not written to %s (%s)", folder, exc.__class__.__name__)
 
     def _load(
-        self, summary: RunSummary, emit: EventCallback, run_date: pd.Timestamp
+        self,
+        summary: RunSummary,
+        emit: EventCallback,
+        run_date: pd.Timestamp,
+        normalised: bool = False,
     ) -> tuple[list[MappedSource], list[pd.DataFrame], list[pd.DataFrame]]:
-        """Every source and NPAI return file, read and mapped; rows read are accounted for."""
+        """Every source and NPAI return file, read and mapped (and its records normalised
+        with `normalised`); rows read are accounted for."""
         settings = self.settings
         returns: list[pd.DataFrame] = []
         npai_quarantine: list[pd.DataFrame] = []
@@ -944,7 +954,7 @@ class Pipeline:
                     )
                 emit("load", "advance", {"source": m.source})
 
-            mapped = load_sources(settings, run_date, loaded)
+            mapped = load_sources(settings, run_date, loaded, normalised=normalised)
             summary.sources.extend(
                 SourceCounts(m.source, m.rows_read, len(m.records), len(m.quarantine), m.duplicates)
                 for m in mapped
@@ -1006,13 +1016,25 @@ class Pipeline:
         return with_flags(records, flags, address_hash=hashes), after
 
     def _export(
-        self, mapped: list[MappedSource], records: pd.DataFrame, out_dir: Path, emit: EventCallback
+        self,
+        mapped: list[MappedSource],
+        sizes: list[int],
+        records: pd.DataFrame,
+        golden_ids: pd.Series,
+        out_dir: Path,
+        emit: EventCallback,
     ) -> list[Path]:
+        """Each source's file written back: its records are `sizes[i]` rows of `records`,
+        in the sources' order. Only the columns written back are taken, source by
+        source: the whole frame with its golden IDs beside it was a copy of every
+        column's values, the run's peak at a million records."""
+        wanted = [c for c in ("source_key", *RETURN_COLUMNS) if c in records.columns]
         paths = []
         offset = 0
-        for m in mapped:
-            part = records.iloc[offset : offset + len(m.records)]
-            offset += len(m.records)
+        for m, size in zip(mapped, sizes, strict=True):
+            rows = slice(offset, offset + size)
+            part = records.iloc[rows][wanted].assign(golden_id=golden_ids.iloc[rows].to_numpy())
+            offset += size
             added = return_columns(part)
             paths.append(write_back(self.settings.source(m.source), m.raw, added, out_dir))
             emit("export", "advance", {"source": m.source})

@@ -5,14 +5,17 @@ share to this process."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mdm_pipeline.config.errors import SourceError
+from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.pipeline import loading
 from mdm_pipeline.pipeline.run import Pipeline
 from mdm_pipeline.sources import MappedSource, load_source
@@ -51,15 +54,34 @@ def test_each_sources_hashes_are_those_of_all_the_records_together(samples: Path
     assert got.nunique() == len(got)
 
 
-def test_a_load_shared_with_a_child_maps_what_one_process_maps(samples: Path) -> None:
+@pytest.mark.parametrize("normalised", [False, True])
+def test_a_load_shared_with_a_child_maps_what_one_process_maps(
+    samples: Path, normalised: bool
+) -> None:
     settings = Pipeline.from_config(samples / "config.yaml").settings
     sizes = [loading._file_bytes(s, settings) for s in settings.sources]
     assert loading.shared_out(sizes, 0), "the samples must send a source to the child"
     seen: list[str] = []
     got = loading.load_sources(
-        settings, DAY, lambda m: seen.append(m.source), min_bytes=0, start_bytes=0
+        settings,
+        DAY,
+        lambda m: seen.append(m.source),
+        min_bytes=0,
+        start_bytes=0,
+        normalised=normalised,
     )
     want = [loading._load_hashed(spec, settings, DAY) for spec in settings.sources]
+    if normalised:
+        # What the normalise stage makes of all the records together, source by source.
+        together = normalize_records(
+            pd.concat([m.records for m in want], ignore_index=True), settings.normalize
+        )
+        bounds = np.cumsum([0, *(len(m.records) for m in want)])
+        want = [
+            replace(m, records=together.iloc[a:b].set_axis(m.records.index))
+            for m, a, b in zip(want, bounds[:-1], bounds[1:], strict=True)
+        ]
+        assert "email_norm" in got[0].records.columns
     _assert_same(got, want)
     assert sorted(seen) == sorted(s.name for s in settings.sources)
 
@@ -164,11 +186,12 @@ def test_the_child_collects_what_it_logs_and_each_failure(
 
     monkeypatch.setattr(loading, "load_source", logging_load)
     with open(tmp_path / "job.pickle", "wb") as handle:
-        pickle.dump((settings, DAY, [1, 2]), handle)
+        pickle.dump((settings, DAY, [1, 2], True), handle)
     loading._main(tmp_path)
     with open(tmp_path / "answer.pickle", "rb") as handle:
         answer = pickle.load(handle)
     assert list(answer.mapped) == [1]
+    assert "street_norm" in answer.mapped[1].records.columns  # normalised, as asked
     assert answer.failed == [2]
     assert answer.logged == [
         ("mdm_pipeline.sources", logging.WARNING, "source 'stores': read"),
