@@ -702,17 +702,17 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
     if not len(lineage):
         return pd.Series(out, index=index, dtype=object)
     where = index.get_indexer(lineage["cluster"])
-    rec = lineage["record"].to_numpy()
-    # The members' rows taken before any conversion: `records` holds every record of
-    # the run, and a chunk's lineage names a few of them (converting a million keys to
-    # Python texts for each chunk cost seconds).
-    updated = pd.to_datetime(records["source_updated_at"].iloc[rec].to_numpy(), errors="coerce")
+    # Each winning record's label is made once, from its own row: a golden record's
+    # attributes come from a few records, and labels per lineage row (a dozen times
+    # as many) were texts made, then sorted, again and again.
+    members, member_of = np.unique(lineage["record"].to_numpy(), return_inverse=True)
+    updated = pd.to_datetime(records["source_updated_at"].iloc[members].to_numpy(), errors="coerce")
     # Few distinct sources, rules and dates: each formatted once and taken per row.
     day_codes, days = pd.factorize(updated)
     day_text = np.append(pd.DatetimeIndex(days).strftime("%Y-%m-%d").to_numpy(dtype=object), "")
-    keys = contiguous(pa.array(records["source_key"].iloc[rec], from_pandas=True))
+    keys = contiguous(pa.array(records["source_key"].iloc[members], from_pandas=True))
     label = pc.binary_join_element_wise(
-        _taken(records["source"].iloc[rec].to_numpy()),
+        _taken(records["source"].iloc[members].to_numpy()),
         pc.cast(keys, pa.string()),
         # A missing date (code -1) takes the empty text at the end.
         pa.array(day_text, type=pa.string()).take(
@@ -720,17 +720,18 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
         ),
         "|",
     )
+    # A label's rank in text order: the source and key make each record's label its own.
+    label_rank = np.empty(len(members), dtype=np.int64)
+    label_rank[pc.sort_indices(label).to_numpy()] = np.arange(len(members))
+    label_codes = label_rank[member_of]
     # Rules and attribute names are the model's own identifiers: ranked by name and
-    # quoted as they are; the labels are ranked by their text.
+    # quoted as they are.
     rule_codes, rules = pd.factorize(lineage["rule"], sort=True)
     name_codes, names = pd.factorize(lineage["attribute"], sort=True)
-    order = pc.sort_indices(
-        pa.table({"w": where, "l": label, "r": rule_codes, "n": name_codes}),
-        sort_keys=[("w", "ascending"), ("l", "ascending"), ("r", "ascending"), ("n", "ascending")],
+    order = np.lexsort((name_codes, rule_codes, label_codes, where))
+    where, rule_codes, name_codes, label_codes, member_of = (
+        a[order] for a in (where, rule_codes, name_codes, label_codes, member_of)
     )
-    where, rule_codes, name_codes = (a[order.to_numpy()] for a in (where, rule_codes, name_codes))
-    label = label.take(order)
-    label_codes = pc.dictionary_encode(label).indices.to_numpy()
     by_golden = _groups(where)
     by_record = _groups(where, label_codes)
     by_rule = _groups(where, label_codes, rule_codes)
@@ -742,7 +743,7 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
         "",
     )
     per_record = pc.binary_join_element_wise(
-        _json_strings(label.take(pa.array(by_record[:-1]))),
+        _json_strings(label.take(pa.array(member_of[by_record[:-1]]))),
         _joined(_within(by_record, by_rule), per_rule, ":{", "}"),
         "",
     )
