@@ -384,7 +384,9 @@ class Pipeline:
         # `records` is a copy of the sources' frames: held beside it until the export,
         # they were a second million normalised records at the run's peak.
         sizes = [len(m.records) for m in mapped]
-        mapped = [replace(m, records=m.records.iloc[:0]) for m in mapped]
+        # Nothing left of them: even an empty slice would hold its columns' memory.
+        mapped = [replace(m, records=pd.DataFrame()) for m in mapped]
+        schema.in_one_piece(records)
         # A collection costs tens of milliseconds whatever the run's size (the
         # interpreter's own objects); it frees gigabytes in a large full run only.
         self._collect_garbage = len(records) >= COLLECT_FROM_RECORDS

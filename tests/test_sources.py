@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
@@ -337,3 +338,29 @@ def test_rows_kept_for_the_return_file_hold_text_as_arrow_strings(tmp_path: Path
     settings = _settings(tmp_path, src)
     raw = load_source(settings.sources[0], settings, RUN_DATE).raw
     assert all(raw[c].dtype == "object" for c in raw)
+
+
+def test_a_frame_concatenated_from_sources_is_put_in_one_piece_in_place() -> None:
+    """Records concatenated from several sources hold each Arrow column in chunks, which
+    Arrow copies together at every take: after `in_one_piece` each is one array, with the
+    same values and dtypes, and the other columns are left as they were."""
+    import pyarrow as pa
+
+    from mdm_pipeline.config.schema import in_one_piece, text_dtype
+
+    part = pd.DataFrame(
+        {
+            "name": pd.Series(["Zoé", None, "Luc"], dtype=text_dtype()),
+            "n": [1, 2, 3],
+            "flag": pd.array([True, None, False], dtype="boolean"),
+            "when": pd.to_datetime(["2024-01-02", None, "2025-03-04"]),
+        }
+    )
+    frame = pd.concat([part, part.iloc[1:], part], ignore_index=True)
+    before = frame.copy()
+    assert pa.array(frame["name"].array).num_chunks == 3
+    numbers = frame["n"].to_numpy()
+    in_one_piece(frame)
+    assert isinstance(pa.array(frame["name"].array), pa.Array)
+    pd.testing.assert_frame_equal(frame, before)
+    assert frame["n"].to_numpy() is numbers or np.shares_memory(frame["n"].to_numpy(), numbers)
