@@ -504,13 +504,49 @@ def _insert_rows(
             for row in rows:
                 copy.write_row(row)
         return
-    marks = ", ".join("?" if conn.dialect.paramstyle == "qmark" else "%s" for _ in cols)
+    marks = "(" + ", ".join("?" if conn.dialect.paramstyle == "qmark" else "%s" for _ in cols) + ")"
     conflict = ""
     if upsert:
         updated = ", ".join(f'"{c}" = excluded."{c}"' for c in cols if c not in key)
         target = ", ".join(f'"{k}"' for k in key)
         conflict = f" ON CONFLICT ({target}) DO UPDATE SET {updated}"
-    conn.exec_driver_sql(f'INSERT INTO "{table.name}" ({names}) VALUES ({marks}){conflict}', rows)
+    per = _rows_per_statement(conn, len(cols))
+    whole = len(rows) // per * per if per > 1 else 0
+    if whole:
+        # Rows in order, so a key twice in one statement ends as it would one by one.
+        flat = list(itertools.chain.from_iterable(rows[:whole]))
+        width = per * len(cols)
+        conn.exec_driver_sql(
+            f'INSERT INTO "{table.name}" ({names}) VALUES {", ".join([marks] * per)}{conflict}',
+            [tuple(flat[i : i + width]) for i in range(0, len(flat), width)],
+        )
+    if whole < len(rows):
+        conn.exec_driver_sql(
+            f'INSERT INTO "{table.name}" ({names}) VALUES {marks}{conflict}', rows[whole:]
+        )
+
+
+#: Rows one SQLite INSERT takes at most (`_rows_per_statement`).
+ROWS_PER_STATEMENT = 100
+
+
+def _rows_per_statement(conn: Connection, columns: int) -> int:
+    """How many rows one INSERT of `columns` values each takes on SQLite.
+
+    Python's driver binds a row's values holding the GIL and lets it go around
+    each step of the statement, then waits to get it back: beside the thread
+    that prepares the next chunk (building and hashing JSON texts), a million
+    source records took 25 s to insert one row per statement, 15 s a hundred
+    rows per statement, and 6 s alone (docs/benchmarks.md, session 19). Within
+    the build's limit on bound values (999 before SQLite 3.32)."""
+    limit = 999
+    driver = conn.connection.dbapi_connection
+    getlimit = getattr(driver, "getlimit", None)
+    if getlimit is not None:
+        import sqlite3
+
+        limit = getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return max(1, min(ROWS_PER_STATEMENT, limit // max(columns, 1)))
 
 
 def _datetime_texts(column: pd.Series) -> np.ndarray:

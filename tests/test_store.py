@@ -965,6 +965,50 @@ def test_a_bulk_insert_into_an_empty_table_leaves_its_indexes_as_declared(
     engine.dispose()
 
 
+def test_rows_inserted_several_to_a_statement_land_as_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite takes rows a few per INSERT (`_rows_per_statement`), the rest one by one:
+    every row lands, and an upsert of a key written twice in one statement, or already
+    stored, keeps the later row, as rows one by one would."""
+    monkeypatch.setattr(store, "ROWS_PER_STATEMENT", 4)
+    engine = store.connect(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    table = store.xref
+
+    def rows(keys: list[str], golden: str) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "source": "crm",
+                "source_key": keys,
+                "valid_from": T1,
+                "valid_to": None,
+                "golden_id": [f"{golden}{i}" for i in range(len(keys))],
+                "run_id": "R1",
+                "closed_run": None,
+            }
+        )
+
+    first = rows([f"K{i:02d}" for i in range(11)], "A")  # two statements of 4, 3 alone
+    with store.transaction(engine) as conn:
+        assert store._rows_per_statement(conn, len(table.columns)) == 4
+        store._insert(conn, table, first)
+    # K03 twice among the rows (the later wins), K00-K02 stored already.
+    again = rows(["K00", "K03", "K01", "K03", "K02", "K20"], "B")
+    with store.transaction(engine) as conn:
+        store._insert(conn, table, again, upsert=True)
+    with engine.connect() as conn:
+        got = dict(conn.execute(sa.select(table.c.source_key, table.c.golden_id)).all())
+    assert got == {
+        **{f"K{i:02d}": f"A{i}" for i in range(11)},
+        "K00": "B0",
+        "K01": "B2",
+        "K02": "B4",
+        "K03": "B3",
+        "K20": "B5",
+    }
+    engine.dispose()
+
+
 def test_a_first_runs_evidence_is_all_fresh_as_the_general_comparison_finds_it() -> None:
     evidence = pd.DataFrame(
         {
