@@ -666,16 +666,17 @@ def _read_texts(conn: Connection, query: sa.Select) -> pd.DataFrame:
     the store stage, on top of its chunks; as Arrow strings a fifth of it, and
     only one slice's Python texts exist at a time.
     """
-    texts = [c.key for c in query.selected_columns if isinstance(c.type, sa.String)]
+    texts = {c.key: text_dtype() for c in query.selected_columns if isinstance(c.type, sa.String)}
     sql = _driver_sql(conn, query)
     if sql is None:
         raise ValueError("_read_texts takes plain columns and no bound parameters")
     result = conn.exec_driver_sql(sql)
     parts = []
     while rows := result.fetchmany(READ_SLICE_ROWS):
-        parts.append(_frame(rows, query).astype({c: text_dtype() for c in texts}))
+        parts.append(_frame(rows, query).astype(texts))
     if not parts:
-        return _read(conn, query.where(sa.false())).astype({c: text_dtype() for c in texts})
+        # No rows: the frame the driver's empty answer gives, without asking again.
+        return _frame([], query).astype(texts)
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
