@@ -289,10 +289,12 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
 
     failed = reasons.failed
     quarantined = _to_quarantine(extract, rows, out, failed, reasons.text)
-    good = out[~failed]
+    # Rows of every column are taken once, at the end: each take of the whole frame
+    # copies every column (a second for a few hundred thousand rows).
+    good = out if not failed.any() else out.take(np.flatnonzero(~failed.to_numpy()))
 
     # Duplicate source keys: the latest source_updated_at wins, then the later line.
-    order = good.sort_values(
+    order = good[["source_updated_at", schema.SOURCE_LINE, SOURCE_KEY]].sort_values(
         ["source_updated_at", schema.SOURCE_LINE], na_position="first", kind="stable"
     )
     superseded = order.duplicated(SOURCE_KEY, keep="last")
@@ -310,13 +312,16 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
             ],
             ignore_index=True,
         )
-        good = order[~superseded].sort_index()
+        good = good.take(good.index.get_indexer(order.index[~superseded].sort_values()))
     raw = rows.loc[good.index].drop(columns=[LINE]).reset_index(drop=True)
     if not isinstance(spec, ParquetSource):
         # Written back as CSV, where the dtype leaves no trace (a Parquet file
         # written back would record it in its schema).
         raw = _compact(raw)
-    records = good.reset_index(drop=True)
+    # `good` is this function's own frame (`out` or a take of it): numbered in place,
+    # where `reset_index` would copy its columns again.
+    records = good
+    records.index = pd.RangeIndex(len(records))
     quarantine = pd.concat([extract.quarantine, quarantined], ignore_index=True)
     return MappedSource(
         spec.name,

@@ -184,6 +184,38 @@ def test_duplicate_keys_latest_update_wins_others_quarantined(tmp_path: Path) ->
     assert mapped.rows_read == len(mapped.records) + len(mapped.quarantine)
 
 
+def test_records_kept_in_file_order_aligned_with_their_raw_rows(tmp_path: Path) -> None:
+    """Quarantined rows (an empty key) and superseded duplicates taken out, the records
+    stay in the file's order, numbered from 0, each beside its own raw row."""
+    text = (
+        "id,nom,prenom,maj\n"
+        "9,A,A,2025-01-01T00:00:00\n"
+        "7,OLD,B,2025-01-01T00:00:00\n"
+        ",NOKEY,C,2025-01-01T00:00:00\n"
+        "3,D,D,2024-01-01T00:00:00\n"
+        "7,NEW,E,2026-01-01T00:00:00\n"
+        "5,F,F,2023-01-01T00:00:00\n"
+    )
+    (tmp_path / "x.csv").write_text(text, encoding="utf-8")
+    src = _csv_source()
+    src["mapping"]["source_updated_at"] = {"column": "maj"}
+    settings = _settings(tmp_path, src)
+    mapped = load_source(settings.sources[0], settings, RUN_DATE)
+    records = mapped.records
+    assert records["source_key"].tolist() == ["9", "3", "7", "5"]
+    assert records["source_line"].tolist() == [2, 5, 6, 7]
+    assert records.index.equals(pd.RangeIndex(4))
+    assert mapped.raw["nom"].tolist() == ["A", "D", "NEW", "F"]
+    assert sorted(mapped.quarantine["line"]) == [3, 4]
+    # Nothing to take out: the same columns and dtypes, every row.
+    (tmp_path / "x.csv").write_text("id,nom,prenom,maj\n2,A,A,\n1,B,B,\n", encoding="utf-8")
+    clean = load_source(settings.sources[0], settings, RUN_DATE)
+    assert clean.records["source_key"].tolist() == ["2", "1"]
+    assert clean.records.index.equals(pd.RangeIndex(2))
+    assert clean.records.dtypes.equals(records.dtypes)
+    assert clean.raw["nom"].tolist() == ["A", "B"]
+
+
 def test_address_spread_over_columns_in_any_order(tmp_path: Path) -> None:
     text = "id,nom,prenom,A1,A2,A3\n1,A,B,,12 RUE X,BAT C\n2,C,D,APT 4,,3 AV Y\n"
     (tmp_path / "x.csv").write_text(text, encoding="utf-8")
