@@ -120,18 +120,72 @@ def test_four_extracts_are_shared_by_size() -> None:
     assert loading.shared_out([None, 40 * mib, 30 * mib], 8 * mib) == [2]
 
 
-@pytest.mark.parametrize("in_child", [1, 2])
+def test_the_childs_normalisation_is_handed_back_when_it_evens_the_sides() -> None:
+    """The scale benchmark's extracts: the child's two sides outweigh e-commerce's, and
+    the call centre's normalisation (the smaller of the two) evens them out best."""
+    mib = 2**20
+    sizes = [52_738_112, 43_794_844, 28_839_562, 3_074_562]
+    assert loading.handed_back(sizes, [1, 2], 8 * mib) == [2]
+    # Sides already even, or the child's the lighter: nothing is handed back.
+    assert loading.handed_back([50 * mib, 42 * mib], [1], 8 * mib) == []
+    assert loading.handed_back([80 * mib, 20 * mib], [1], 8 * mib) == []
+    assert loading.handed_back(sizes, [], 8 * mib) == []
+
+
+@given(st.lists(st.integers(0, 10**9), min_size=2, max_size=8), st.integers(0, 10**8))
+def test_a_source_handed_back_shortens_the_longer_side(sizes: list[int], start: int) -> None:
+    away = loading.shared_out(list(sizes), start)
+    handed = loading.handed_back(list(sizes), away, start)
+    assert len(handed) <= 1 and set(handed) <= set(away)
+    there = start + sum(sizes[i] for i in away)
+    here = sum(s for i, s in enumerate(sizes) if i not in away)
+    if handed:
+        moved = loading.NORMALISE_SHARE * sizes[handed[0]]
+        assert max(here + moved, there - moved) < max(here, there)
+
+
+def test_a_source_handed_back_is_normalised_here_as_the_child_would(
+    samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that hands a source back: every source comes out as the load in one
+    process gives it, normalised, the handed one included."""
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    monkeypatch.setattr(loading, "shared_out", lambda sizes, start: [1, 2])
+    monkeypatch.setattr(loading, "handed_back", lambda sizes, away, start: [2])
+    normalised: list[int] = []
+    real = loading.normalize_records
+
+    def counted(records: pd.DataFrame, settings: object) -> pd.DataFrame:
+        normalised.append(len(records))
+        return real(records, settings)
+
+    monkeypatch.setattr(loading, "normalize_records", counted)
+    got = loading.load_sources(
+        settings, DAY, lambda m: None, min_bytes=0, start_bytes=0, normalised=True
+    )
+    monkeypatch.setattr(loading, "normalize_records", real)
+    want = [loading._load_hashed(spec, settings, DAY, True) for spec in settings.sources]
+    _assert_same(got, want)
+    # Here: sources 0 and 3, and the call centre's handed back by the child.
+    assert sorted(normalised) == sorted(len(want[i].records) for i in (0, 2, 3))
+
+
+@pytest.mark.parametrize(("in_child", "handed"), [(1, []), (2, []), (1, [1]), (2, [2])])
 def test_the_first_failing_source_in_order_is_reported_wherever_it_was_loaded(
-    samples: Path, monkeypatch: pytest.MonkeyPatch, in_child: int
+    samples: Path, monkeypatch: pytest.MonkeyPatch, in_child: int, handed: list[int]
 ) -> None:
     """Two extracts without a header line: the error names the first of them in the
-    config, whether the child or this process loaded it."""
+    config, whether the child or this process loaded it, or the child was to hand it
+    back."""
     settings = Pipeline.from_config(samples / "config.yaml").settings
     for spec in settings.sources[1:3]:
         settings.resolve(spec.path).write_bytes(b"")
     monkeypatch.setattr(loading, "shared_out", lambda sizes, start: [in_child])
+    monkeypatch.setattr(loading, "handed_back", lambda sizes, away, start: handed)
     with pytest.raises(SourceError) as failed:
-        loading.load_sources(settings, DAY, lambda m: None, min_bytes=0, start_bytes=0)
+        loading.load_sources(
+            settings, DAY, lambda m: None, min_bytes=0, start_bytes=0, normalised=True
+        )
     assert "source 'stores'" in str(failed.value)
     assert "no header line" in str(failed.value)
 
@@ -186,9 +240,9 @@ def test_the_child_collects_what_it_logs_and_each_failure(
 
     monkeypatch.setattr(loading, "load_source", logging_load)
     with open(tmp_path / "job.pickle", "wb") as handle:
-        pickle.dump((settings, DAY, [1, 2], True), handle)
+        pickle.dump((settings, DAY, [1, 2, 3], True, [3]), handle)
     loading._main(tmp_path)
-    with open(tmp_path / "answer.pickle", "rb") as handle:
+    with open(tmp_path / loading.ANSWER, "rb") as handle:
         answer = pickle.load(handle)
     assert list(answer.mapped) == [1]
     assert "street_norm" in answer.mapped[1].records.columns  # normalised, as asked
@@ -197,3 +251,10 @@ def test_the_child_collects_what_it_logs_and_each_failure(
         ("mdm_pipeline.sources", logging.WARNING, "source 'stores': read"),
         ("mdm_pipeline.sources", logging.WARNING, "source 'callcentre': read"),
     ]
+    # The source handed back, in its own answer: mapped and hashed, not normalised.
+    with open(tmp_path / loading.EARLY, "rb") as handle:
+        early = pickle.load(handle)
+    assert list(early.mapped) == [3] and not early.failed
+    assert "source_hash" in early.mapped[3].records.columns
+    assert "street_norm" not in early.mapped[3].records.columns
+    assert early.logged == [("mdm_pipeline.sources", logging.WARNING, "source 'b2b': read")]
