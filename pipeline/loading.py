@@ -323,7 +323,8 @@ class _Collect(logging.Handler):
 
 
 def _main(folder: Path) -> None:
-    """The child: load the job's sources, answer with each mapped (or its failure)."""
+    """The child: load the job's sources, answer with each mapped (or its failure); the
+    sources it hands back first, mapped only, in an answer of their own (`EARLY`)."""
     with open(folder / "job.pickle", "rb") as handle:
         settings, run_date, positions, normalised, handed = pickle.load(handle)
     early, answer = _Answer(), _Answer()
@@ -332,20 +333,21 @@ def _main(folder: Path) -> None:
     root.setLevel(logging.INFO)
     root.addHandler(collect)
     # Those handed back first, mapped only: the parent normalises them.
-    for part, names, norm in ((early, handed, False), (answer, positions, normalised)):
+    rest = [i for i in positions if i not in handed]
+    for part, share, norm in ((early, handed, False), (answer, rest, normalised)):
         collect.into = part.logged
-        for i in names:
-            if part is answer and i in handed:
-                continue
+        for i in share:
             try:
                 part.mapped[i] = _load_hashed(settings.sources[i], settings, run_date, norm)
             except MdmError:
                 part.failed.append(i)
-        if names or part is answer:
-            partial = folder / f"{part is answer}.partial"
+        if share or part is answer:
+            # Whole or not at all: the parent reads a file as soon as it is there.
+            name = ANSWER if part is answer else EARLY
+            partial = folder / f"{name}.partial"
             with open(partial, "wb") as handle:
                 pickle.dump(part, handle, protocol=5)
-            partial.replace(folder / (ANSWER if part is answer else EARLY))
+            partial.replace(folder / name)
 
 
 if __name__ == "__main__":
