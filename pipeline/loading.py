@@ -114,7 +114,8 @@ def handed_back(
         return []
     there = start_bytes + sum(sizes[i] or 0 for i in away)
     here = sum(s or 0 for i, s in enumerate(sizes) if i not in away)
-    best, longest = None, max(here, there)
+    best: int | None = None
+    longest = float(max(here, there))
     for i in away:
         moved = NORMALISE_SHARE * (sizes[i] or 0)
         side = max(here + moved, there - moved)
