@@ -98,7 +98,7 @@ def map_table(path: Path | str) -> pa.Table:
     return ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
-def _stop(child: subprocess.Popen[str] | None, folder: str | None) -> None:
+def stop_child(child: subprocess.Popen[str] | None, folder: str | None) -> None:
     if child is not None and child.returncode is None:
         child.kill()
         child.communicate()
@@ -126,7 +126,7 @@ class _Child:
             self._start(store_file, module, inputs, args)
         # A run that fails before it collects the answer still stops the child and
         # removes its files (at the latest when the interpreter exits).
-        self._finalizer = weakref.finalize(self, _stop, self._process, self.folder)
+        self._finalizer = weakref.finalize(self, stop_child, self._process, self.folder)
 
     def _start(
         self, store_file: str, module: str, inputs: dict[str, pa.Table], args: tuple[str, ...]
@@ -147,7 +147,7 @@ class _Child:
                 "a read of the store could not start in a child process (%s): done in this one",
                 exc.__class__.__name__,
             )
-            _stop(None, self.folder)
+            stop_child(None, self.folder)
             self.folder = None
 
     @property

@@ -110,7 +110,7 @@ def _quoted(values: pa.Array, prefix: str = "") -> pa.Array:
     return quoted
 
 
-def _as_texts(series: pd.Series) -> pa.Array | None:
+def as_texts(series: pd.Series) -> pa.Array | None:
     """A column as Arrow strings if it holds only texts and missing values, else None."""
     if isinstance(series.dtype, pd.StringDtype):
         # Already Arrow strings (the normalised columns): taken as they are, in one piece.
@@ -126,7 +126,7 @@ def _as_texts(series: pd.Series) -> pa.Array | None:
 def _members(series: pd.Series, prefix: str = "") -> pa.Array:
     """One column's values as JSON texts after `prefix`, missing ones null: a sparse
     row leaves them out without looking at its texts again."""
-    texts = _as_texts(series)
+    texts = as_texts(series)
     if texts is not None:
         return _quoted(texts, prefix)
     values = _values(series)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -65,6 +65,9 @@ from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tab
     source_records,
     xref,
 )
+
+if TYPE_CHECKING:  # the child's module imports this one
+    from mdm_pipeline.golden_records.payloads import Chunks, PayloadJob
 
 log = logging.getLogger(__name__)
 
@@ -858,6 +861,7 @@ def write_run(
     removed: pd.DataFrame | None = None,
     as_stored: pd.DataFrame | None = None,
     steward: pd.DataFrame | None = None,
+    payloads: PayloadJob | None = None,
 ) -> tuple[WriteResult, pd.Series]:
     """Write records, golden records, their history and quarantine; return what changed
     and the golden ID of each record (aligned with `records`).
@@ -876,12 +880,12 @@ def write_run(
     `steward` holds the pairs (left_source, left_key, right_source, right_key) of
     decisions taken or revoked since the last run: a merge or split that puts
     both records of one in its members is logged with reason "steward".
+    `payloads`, a child process making the records' payloads in `write_order`
+    (`payloads.PayloadJob`), is waited for when the records are written, and its
+    chunks taken instead of making them here; without `as_stored` only.
     """
     result = WriteResult()
-    keys = records[["source", "source_key"]].assign(
-        source_key=records["source_key"].astype(str).astype(text_dtype()),
-        cluster=cluster.to_numpy(),
-    )
+    keys = _write_keys(records).assign(cluster=cluster.to_numpy())
     if scope is None:
         prev = previous_xref(conn)
         stored = _read_texts(conn, _GOLDEN_QUERY)
@@ -960,6 +964,7 @@ def write_run(
     # million payloads are gigabytes of Python strings), and each chunk's rows land
     # after the previous chunk's in the tables' B-trees.
     order = sort_order(keys, ["source", "source_key"])
+    made = _made_payloads(payloads, order) if as_stored is None else None
     # Each record's stored row, found once: merged chunk by chunk with all the stored
     # rows, a repeated full run would match a million rows again for every chunk.
     stored_row = (
@@ -984,6 +989,7 @@ def write_run(
             payload_columns,
             prev.iloc[held[~np.isnan(held)].astype(np.int64)],
             as_stored,
+            made.get(start) if made is not None else None,
         )
 
     def write_records(chunk: _RecordsChunk) -> None:
@@ -1029,6 +1035,33 @@ def write_run(
 
     result.quarantine_rows = _write_quarantine(conn, run_id, quarantined, loaded_sources)
     return result, record_gid
+
+
+def _write_keys(records: pd.DataFrame) -> pd.DataFrame:
+    """(source, source_key) of each record, its key as text, as the store sorts them."""
+    return records[["source", "source_key"]].assign(
+        source_key=records["source_key"].astype(str).astype(text_dtype())
+    )
+
+
+def write_order(records: pd.DataFrame) -> np.ndarray:
+    """The order `write_run` writes a full run's source records in, by chunks of
+    `WRITE_CHUNK_ROWS`: by source and key (what `payloads.PayloadJob` is given)."""
+    return sort_order(_write_keys(records), ["source", "source_key"])
+
+
+def _made_payloads(job: PayloadJob | None, order: np.ndarray) -> Chunks | None:
+    """The child's payloads, if there is a child, it succeeded, and its order and
+    chunks are the ones written here."""
+    if job is None:
+        return None
+    made = job.chunks()
+    if made is None:
+        return None
+    if made.chunk_rows != WRITE_CHUNK_ROWS or not np.array_equal(made.order, order):
+        log.warning("payloads made in a child process are not in the write order: made here")
+        return None
+    return made
 
 
 def _overlapped(
@@ -1161,10 +1194,12 @@ def _records_chunk(
     payload_columns: list[str],
     prev: pd.DataFrame,
     as_stored: pd.DataFrame | None,
+    made: tuple[pd.Series, pd.Series] | None = None,
 ) -> _RecordsChunk:
     """One chunk of `write_run`'s source records with their payloads, compared with
-    `prev` (the stored rows of these records, those the store has)."""
-    r_hash, r_json = _payload_hashes(records, payload_columns, as_stored)
+    `prev` (the stored rows of these records, those the store has); `made`, their
+    (hash, payload) if a child process made them."""
+    r_hash, r_json = made or _payload_hashes(records, payload_columns, as_stored)
     new_xref = pd.DataFrame(
         {
             "source": keys["source"].to_numpy(),

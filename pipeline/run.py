@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ from mdm_pipeline.config import schema
 from mdm_pipeline.config.errors import ConfigError, DataContractError, StoreError
 from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
 from mdm_pipeline.config.settings import BlockingRule, Settings
-from mdm_pipeline.golden_records import review, store
+from mdm_pipeline.golden_records import payloads, review, store
 from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
 from mdm_pipeline.golden_records.jsonrows import json_rows
 from mdm_pipeline.golden_records.survivorship import survive
@@ -350,10 +350,10 @@ class Pipeline:
 
         engine = store.connect(url)
         try:
-            with store.run_lock(engine, summary.run_id), _batch_collection():
+            with store.run_lock(engine, summary.run_id), _batch_collection(), ExitStack() as done:
                 if incremental:
                     return self._run_incremental(summary, engine, emit, run_date, now)
-                return self._run(summary, engine, emit, run_date, now)
+                return self._run(summary, engine, emit, run_date, now, done)
         finally:
             engine.dispose()
 
@@ -364,7 +364,9 @@ class Pipeline:
         emit: EventCallback,
         run_date: pd.Timestamp,
         now: datetime,
+        done: ExitStack,
     ) -> RunSummary:
+        """A full run; `done` closes what it starts in the background when it ends."""
         settings = self.settings
         delta_sources = [s.name for s in settings.sources if s.delta is not None]
         if delta_sources:
@@ -394,7 +396,11 @@ class Pipeline:
         with self._stage("normalize", summary, emit):
             records, npai_after = self._npai(engine, records, returns, npai_before, summary)
 
+        payload_columns = list(inc.PAYLOAD_COLUMNS)
         with self._stage("match", summary, emit):
+            # The records are final: their payloads are made on the other core while
+            # this one matches, clusters and chooses golden records.
+            made = self._payload_job(records, payload_columns, done)
             # Row i is record i; a copy of a million records only when it is not so already.
             positional = (
                 records
@@ -447,7 +453,6 @@ class Pipeline:
         with self._stage("survive", summary, emit):
             golden, lineage = survive(records, labels, settings.survivorship)
 
-        payload_columns = list(inc.PAYLOAD_COLUMNS)
         quarantined = pd.concat([m.quarantine for m in mapped] + npai_quarantine, ignore_index=True)
         quarantine_scope = [s.name for s in settings.sources] + (
             ["npai"] if settings.npai_returns else []
@@ -471,7 +476,10 @@ class Pipeline:
                         quarantined,
                         quarantine_scope,
                         steward=since,
+                        payloads=made,
                     )
+                    if made is not None:
+                        made.close()  # its files, a gigabyte at a million records
                     if summary.model_status == "trained":
                         store.write_model(conn, summary.run_id, model_hash, at, model.to_json())
                     store.write_npai(conn, npai_before, npai_after)
@@ -1016,6 +1024,20 @@ class Pipeline:
         )
         flags, after = self._npai_flags(current, returns, before, sent, summary)
         return with_flags(records, flags, address_hash=hashes), after
+
+    @staticmethod
+    def _payload_job(
+        records: pd.DataFrame, columns: list[str], done: ExitStack
+    ) -> payloads.PayloadJob | None:
+        """The records' payloads started in a child process (`payloads`), for a run
+        large enough that the child's start-up is worth it; closed by `done`."""
+        if len(records) < payloads.MIN_RECORDS:
+            return None
+        job = payloads.PayloadJob(
+            records, columns, store.write_order(records), store.WRITE_CHUNK_ROWS
+        )
+        done.callback(job.close)
+        return job
 
     def _export(
         self,
