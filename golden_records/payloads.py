@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import pickle
 import subprocess
 import sys
 import tempfile
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,21 +62,17 @@ CHILD_MODULE = "mdm_pipeline.golden_records.payload_child"
 MIN_RECORDS = 100_000
 
 #: The files between the two processes, in the job's folder.
-TEXTS, OTHERS, ORDER, META, ANSWER = (
-    "texts.arrow",
-    "others.pickle",
-    "order.npy",
-    "meta.json",
-    "payloads.arrow",
-)
+TEXTS, OTHERS, ORDER, META = "texts.arrow", "others.pickle", "order.npy", "meta.json"
+ANSWER = "payloads.arrow"
 
 
 def write_inputs(
     folder: Path, records: pd.DataFrame, columns: list[str], order: np.ndarray, chunk_rows: int
 ) -> None:
     """The payload `columns` of `records` (in payload order), the order the store writes
-    the records in, and the chunks' size, as the child reads them. Column by column:
-    the records' frame is not copied."""
+    the records in, and the chunks' size, as the child reads them: texts as Arrow
+    strings, the other columns pickled. Column by column, in the records' own order:
+    neither the frame nor its columns are copied here."""
     texts: dict[str, pa.Array] = {}
     others: list[str] = []
     for name in columns:
@@ -90,40 +88,55 @@ def write_inputs(
         w.write_table(table)
     del table, texts
     with open(folder / OTHERS, "wb") as out:
-        pickle.dump(records[others], out, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(records[others].reset_index(drop=True), out, protocol=5)
     np.save(folder / ORDER, np.asarray(order, dtype=np.int64))
     meta = {"columns": list(columns), "chunk_rows": chunk_rows, "rows": len(records)}
     (folder / META).write_text(json.dumps(meta))
 
 
-def read_inputs(folder: Path) -> tuple[pd.DataFrame, np.ndarray, int]:
-    """What `write_inputs` wrote: the payload columns as one frame (texts as Arrow
-    strings, mapped from the file), the write order and the chunks' size."""
+def read_inputs(folder: Path) -> Iterator[pd.DataFrame]:
+    """What `write_inputs` wrote, a chunk at a time: the payload columns of each chunk
+    of records in write order (texts as Arrow strings), indexed 0….
+
+    The texts are mapped, and a chunk's rows are taken from anywhere in them. Each
+    chunk's pages are let go once it is taken (they stay in the page cache): mapped
+    pages count in the process's resident size, and the whole file's would be
+    hundreds of megabytes beside the run's own at a million records."""
     meta = json.loads((folder / META).read_text())
-    texts = ipc.open_file(pa.memory_map(str(folder / TEXTS))).read_all()
+    columns, chunk_rows = meta["columns"], meta["chunk_rows"]
+    order = np.load(folder / ORDER)
     with open(folder / OTHERS, "rb") as source:
         # This run's own file, in the private folder it made for the child.
         others = pickle.load(source)
     as_str = {pa.string(): text_dtype()}.get
-    data: dict[str, Any] = {}
-    for name in meta["columns"]:
-        if name in others.columns:
-            data[name] = others[name].array
-        else:
-            data[name] = texts.column(name).to_pandas(types_mapper=as_str).array
-    frame = pd.DataFrame(data, index=pd.RangeIndex(meta["rows"]), copy=False)
-    return frame, np.load(folder / ORDER), int(meta["chunk_rows"])
+    with (
+        open(folder / TEXTS, "rb") as file,
+        mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as mapped,
+    ):
+        texts = ipc.open_file(pa.py_buffer(mapped)).read_all()
+        for start in range(0, len(order), chunk_rows):
+            rows = order[start : start + chunk_rows]
+            taken = texts.take(pa.array(rows))
+            mapped.madvise(mmap.MADV_DONTNEED)
+            part = others.take(rows)
+            data: dict[str, Any] = {}
+            for name in columns:
+                if name in part.columns:
+                    data[name] = part[name].array
+                else:
+                    data[name] = taken.column(name).to_pandas(types_mapper=as_str).array
+            yield pd.DataFrame(data, index=pd.RangeIndex(len(rows)), copy=False)
+        del texts
 
 
 def make_payloads(folder: Path) -> dict[str, Any]:
     """The child's work: each chunk's hashes and payloads, in the write order, as one
     record batch of FOLDER/payloads.arrow; what to answer."""
-    frame, order, chunk_rows = read_inputs(folder)
     schema = pa.schema([("record_hash", pa.string()), ("payload", pa.string())])
     chunks = 0
     with pa.OSFile(str(folder / ANSWER), "wb") as sink, ipc.new_file(sink, schema) as writer:
-        for start in range(0, len(order), chunk_rows):
-            digests, texts = hash_rows(frame.take(order[start : start + chunk_rows]))
+        for frame in read_inputs(folder):
+            digests, texts = hash_rows(frame)
             writer.write_batch(
                 pa.record_batch(
                     [
