@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.schema import SOURCE, SOURCE_KEY, record_keys
 from mdm_pipeline.golden_records import store
-from mdm_pipeline.golden_records.snapshot_child import write_table
+from mdm_pipeline.golden_records.snapshot_child import stop_child, write_table
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +95,6 @@ def map_table(path: Path | str) -> pa.Table:
     """An Arrow IPC file's table, its buffers mapped rather than read: the file can go
     at once, its pages stay until the table is let go."""
     return ipc.open_file(pa.memory_map(str(path))).read_all()
-
-
-def stop_child(child: subprocess.Popen[str] | None, folder: str | None) -> None:
-    if child is not None and child.returncode is None:
-        child.kill()
-        child.communicate()
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _table(frame: pd.DataFrame) -> pa.Table:

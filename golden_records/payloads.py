@@ -48,8 +48,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from mdm_pipeline.config.schema import text_dtype
-from mdm_pipeline.golden_records.background import stop_child
 from mdm_pipeline.golden_records.jsonrows import as_texts
+from mdm_pipeline.golden_records.snapshot_child import stop_child
 from mdm_pipeline.golden_records.store import hash_rows
 
 log = logging.getLogger(__name__)

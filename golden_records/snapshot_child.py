@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +56,16 @@ def read(store_file: str, folder: str) -> dict[str, Any]:
         write_table(table, path)
         files[name] = path
     return {"parts": [[name, run] for name, run, _ in rows], "files": files}
+
+
+def stop_child(child: subprocess.Popen[str] | None, folder: str | None) -> None:
+    """Stop a child process if it still runs, and remove its folder (for the parents
+    of this module's kind of child: a finalizer's work, so it must never raise)."""
+    if child is not None and child.returncode is None:
+        child.kill()
+        child.communicate()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def serve(read_into: Callable[[str, str], dict[str, Any]], argv: list[str]) -> int:

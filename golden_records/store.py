@@ -862,6 +862,7 @@ def write_run(
     as_stored: pd.DataFrame | None = None,
     steward: pd.DataFrame | None = None,
     payloads: PayloadJob | None = None,
+    assigned: Callable[[pd.Series], None] | None = None,
 ) -> tuple[WriteResult, pd.Series]:
     """Write records, golden records, their history and quarantine; return what changed
     and the golden ID of each record (aligned with `records`).
@@ -883,6 +884,8 @@ def write_run(
     `payloads`, a child process making the records' payloads in `write_order`
     (`payloads.PayloadJob`), is waited for when the records are written, and its
     chunks taken instead of making them here; without `as_stored` only.
+    `assigned` is told each record's golden ID as soon as it is known, before
+    anything is written (the return files need nothing else).
     """
     result = WriteResult()
     keys = _write_keys(records).assign(cluster=cluster.to_numpy())
@@ -899,6 +902,8 @@ def write_run(
     record_gid = pd.Series(
         gid_of_cluster.reindex(cluster.to_numpy()).to_numpy(), index=records.index
     )
+    if assigned is not None:
+        assigned(record_gid)
 
     # Golden records: compare with the stored ones and write only the changes, by
     # chunks: a million golden records' JSON texts, lineage and rows are gigabytes of

@@ -17,8 +17,8 @@ from mdm_pipeline.config.loader import store_url
 from mdm_pipeline.config.settings import Settings
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.schema import golden_records, source_records
+from mdm_pipeline.pipeline.exporting import RETURN_COLUMNS, return_columns
 from mdm_pipeline.pipeline.incremental import parse_json_lines
-from mdm_pipeline.pipeline.run import RETURN_COLUMNS, return_columns
 from mdm_pipeline.sources import load_source, write_back
 from mdm_pipeline.sources.writers import write_csv
 

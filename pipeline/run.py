@@ -45,8 +45,9 @@ from mdm_pipeline.matching.keys import prepare
 from mdm_pipeline.matching.scoring import Model
 from mdm_pipeline.normalize import npai
 from mdm_pipeline.normalize.stage import normalize_records
+from mdm_pipeline.pipeline import exporting, report
 from mdm_pipeline.pipeline import incremental as inc
-from mdm_pipeline.pipeline import report
+from mdm_pipeline.pipeline.exporting import RETURN_COLUMNS, return_columns
 from mdm_pipeline.pipeline.loading import load_sources
 from mdm_pipeline.pipeline.memory import PeakMemory
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
@@ -59,72 +60,17 @@ EventCallback = Callable[[str, str, dict[str, Any]], None]
 
 STAGES = ("load", "normalize", "match", "cluster", "survive", "store", "export")
 
-#: Columns added to each business unit's return file.
-RETURN_COLUMNS = {
-    "golden_id": "mdm_golden_id",
-    **{f"rnvp_line{i}": f"mdm_rnvp_line{i}" for i in range(1, 7)},
-    "street_norm": "mdm_street",
-    "postcode_norm": "mdm_postcode",
-    "city_norm": "mdm_city",
-    "address_status": "mdm_address_status",
-    "address_codes": "mdm_address_codes",
-    "email_norm": "mdm_email",
-    "email_valid": "mdm_email_valid",
-    "phone_norm": "mdm_phone",
-    "phone_valid": "mdm_phone_valid",
-    "npai_flag": "mdm_npai",
-    "npai_date": "mdm_npai_date",
-    "npai_reason": "mdm_npai_reason",
-}
 
-
-def return_columns(records: pd.DataFrame) -> pd.DataFrame:
-    """What a business unit gets back beside each of its rows (`records`: its records
-    with their golden ID): cleaned values and flags, and its own duplicates, i.e. its
-    other records in the same golden record, by key, so that it can merge them."""
-    added = records.reindex(columns=list(RETURN_COLUMNS)).rename(columns=RETURN_COLUMNS)
-    added["mdm_bu_duplicates"] = bu_duplicates(
-        records["source_key"].astype(str).to_numpy(dtype=object), records["golden_id"].to_numpy()
-    )
-    return added.reset_index(drop=True)
-
-
-def bu_duplicates(keys: np.ndarray, golden_ids: np.ndarray) -> np.ndarray:
-    """Per record, the keys of the other records in its golden record, in key order and
-    joined by spaces ("" for none or no golden ID).
-
-    Golden records are small (a few records each): every record's others are
-    enumerated as positions in one sorted array and joined in Arrow, with no
-    Python call per record (a group-by joining texts took six seconds of a full
-    run's export at a million records)."""
-    out = np.full(len(keys), "", dtype=object)
-    gid_codes, _ = pd.factorize(golden_ids)
-    key_ranks, uniques = pd.factorize(keys, sort=True)
-    # Records grouped by golden record, each group in key order.
-    order = np.lexsort((key_ranks, gid_codes))
-    order = order[gid_codes[order] >= 0]
-    group = gid_codes[order]
-    if not len(group):
-        return out
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-    sizes = np.diff(np.r_[starts, len(group)])
-    member_start = np.repeat(starts, sizes)
-    member_size = np.repeat(sizes, sizes)
-    # Each member against every member of its group, itself (and its own key) left out.
-    member = np.repeat(np.arange(len(group)), member_size)
-    within = np.arange(len(member)) - np.repeat(np.cumsum(member_size) - member_size, member_size)
-    other = member_start[member] + within
-    rank = key_ranks[order]
-    keep = rank[other] != rank[member]
-    member, other = member[keep], other[keep]
-    counts = np.bincount(member, minlength=len(group))
-    offsets = pa.array(np.r_[0, np.cumsum(counts)].astype(np.int32))
-    texts = pa.array(np.asarray(uniques, dtype=object), type=pa.string()).take(
-        pa.array(rank[other])
-    )
-    joined = pc.binary_join(pa.ListArray.from_arrays(offsets, texts), " ")
-    out[order] = joined.to_numpy(zero_copy_only=False)
-    return out
+def _return_parts(records: pd.DataFrame, sizes: list[int]) -> Iterator[pd.DataFrame]:
+    """Each source's records (`sizes[i]` rows of `records`, in the sources' order) with
+    the columns `return_columns` reads but the golden ID. Only those columns are
+    taken, source by source: the whole frame with its golden IDs beside it was a
+    copy of every column's values, the run's peak at a million records."""
+    wanted = [c for c in ("source_key", *RETURN_COLUMNS) if c in records.columns]
+    offset = 0
+    for size in sizes:
+        yield records.iloc[offset : offset + size][wanted]
+        offset += size
 
 
 @dataclass
@@ -460,6 +406,9 @@ class Pipeline:
         export_dir = settings.resolve(settings.export.dir)
         staging = Path(tempfile.mkdtemp(prefix=".mdm-export-", dir=_existing_parent(export_dir)))
         try:
+            exports = self._export_job(mapped, sizes, records, staging, done)
+            if exports is not None:  # the extracts' rows are the job's now
+                mapped = [replace(m, raw=pd.DataFrame()) for m in mapped]
             with store.transaction(engine) as conn:
                 with self._stage("store", summary, emit):
                     at = now.replace(tzinfo=None)
@@ -477,6 +426,7 @@ class Pipeline:
                         quarantine_scope,
                         steward=since,
                         payloads=made,
+                        assigned=exports.golden_ids if exports is not None else None,
                     )
                     if made is not None:
                         made.close()  # its files, a gigabyte at a million records
@@ -496,11 +446,15 @@ class Pipeline:
                     )
                 summary.record_written(written)
                 with self._stage("export", summary, emit, total=len(mapped)):
-                    staged = (
-                        self._export(mapped, sizes, records, record_gid, staging, emit)
-                        if settings.export.enabled
-                        else []
-                    )
+                    if exports is not None:
+                        staged = exports.files()
+                        exports.close()
+                        for m in mapped:
+                            emit("export", "advance", {"source": m.source})
+                    elif settings.export.enabled:
+                        staged = self._export(mapped, sizes, records, record_gid, staging, emit)
+                    else:
+                        staged = []
                 summary.peak_rss_mib = round(self._memory.run_peak(), 1)
                 store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
             # Committed: only now do the return files replace the previous ones.
@@ -1039,6 +993,27 @@ class Pipeline:
         done.callback(job.close)
         return job
 
+    def _export_job(
+        self,
+        mapped: list[MappedSource],
+        sizes: list[int],
+        records: pd.DataFrame,
+        out_dir: Path,
+        done: ExitStack,
+    ) -> exporting.ExportJob | None:
+        """The return files handed to a child process (`exporting`), for a run large
+        enough that the child's start-up is worth it; closed by `done`."""
+        if not self.settings.export.enabled or len(records) < exporting.MIN_RECORDS:
+            return None
+        job = exporting.ExportJob(
+            [self.settings.source(m.source) for m in mapped],
+            [m.raw for m in mapped],
+            list(_return_parts(records, sizes)),
+            out_dir,
+        )
+        done.callback(job.close)
+        return job
+
     def _export(
         self,
         mapped: list[MappedSource],
@@ -1049,17 +1024,13 @@ class Pipeline:
         emit: EventCallback,
     ) -> list[Path]:
         """Each source's file written back: its records are `sizes[i]` rows of `records`,
-        in the sources' order. Only the columns written back are taken, source by
-        source: the whole frame with its golden IDs beside it was a copy of every
-        column's values, the run's peak at a million records."""
-        wanted = [c for c in ("source_key", *RETURN_COLUMNS) if c in records.columns]
+        in the sources' order."""
         paths = []
         offset = 0
-        for m, size in zip(mapped, sizes, strict=True):
-            rows = slice(offset, offset + size)
-            part = records.iloc[rows][wanted].assign(golden_id=golden_ids.iloc[rows].to_numpy())
-            offset += size
-            added = return_columns(part)
+        for m, part in zip(mapped, _return_parts(records, sizes), strict=True):
+            ids = golden_ids.iloc[offset : offset + len(part)].to_numpy()
+            offset += len(part)
+            added = return_columns(part.assign(golden_id=ids))
             paths.append(write_back(self.settings.source(m.source), m.raw, added, out_dir))
             emit("export", "advance", {"source": m.source})
         return paths

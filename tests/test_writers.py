@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mdm_pipeline.pipeline.run import bu_duplicates
+from mdm_pipeline.pipeline.exporting import bu_duplicates
 from mdm_pipeline.sources import writers
 from mdm_pipeline.sources.writers import neutralise_formulas, write_csv
 

@@ -1,0 +1,123 @@
+"""Return files written by a child process while the store is written
+(pipeline/exporting.py) are the files the run writes itself, and a failed child
+leaves them to the run."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mdm_pipeline.config.settings import CsvSource
+from mdm_pipeline.golden_records import store
+from mdm_pipeline.pipeline import exporting
+from mdm_pipeline.pipeline.run import Pipeline
+
+
+def _run(samples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MDM_STORE_URL", f"sqlite:///{samples / 'store.sqlite'}")
+    Pipeline.from_config(samples / "config.yaml").run()
+
+
+def _files(samples: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((samples / "out").glob("*_return.*"))}
+
+
+@pytest.fixture
+def written_here(samples: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
+    """The samples' return files as the run writes them itself (its store kept: a
+    second run gives every record the same golden ID)."""
+    with monkeypatch.context() as here:
+        here.setattr(exporting, "MIN_RECORDS", 10**12)
+        _run(samples, here)
+    return _files(samples)
+
+
+@pytest.fixture
+def any_run_exports_in_a_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exporting, "MIN_RECORDS", 0)
+
+
+def _leftovers() -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob("mdm-export-*"))
+
+
+@pytest.mark.usefixtures("any_run_exports_in_a_child")
+def test_the_childs_return_files_are_the_runs_own(
+    samples: Path, written_here: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forbidden(*args: object) -> list[Path]:
+        raise AssertionError("the run wrote the files the child was to write")
+
+    # The child is another process: only a write in this one is forbidden.
+    monkeypatch.setattr(exporting, "export_from", forbidden)
+    before = _leftovers()
+    _run(samples, monkeypatch)
+    assert _files(samples) == written_here
+    assert len(written_here) == 4 and all(written_here.values())
+    assert _leftovers() == before  # the job's inputs are gone
+
+
+@pytest.mark.usefixtures("any_run_exports_in_a_child")
+# A child that exits with an error, and one that exits cleanly with no JSON answer.
+@pytest.mark.parametrize("module", ["mdm_pipeline.no_such_module", "this"])
+def test_a_failed_child_leaves_the_files_to_the_run(
+    samples: Path,
+    written_here: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    module: str,
+) -> None:
+    monkeypatch.setattr(exporting, "CHILD_MODULE", module)
+    for path in (samples / "out").glob("*_return.*"):
+        path.unlink()
+    with caplog.at_level(logging.WARNING, logger=exporting.__name__):
+        _run(samples, monkeypatch)
+    assert "written here" in caplog.text
+    assert _files(samples) == written_here
+
+
+@pytest.mark.usefixtures("any_run_exports_in_a_child")
+def test_a_child_that_cannot_start_leaves_the_files_to_the_run(
+    samples: Path,
+    written_here: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise OSError("no process to be had")
+
+    monkeypatch.setattr(exporting.subprocess, "Popen", no_process)
+    with caplog.at_level(logging.WARNING, logger=exporting.__name__):
+        _run(samples, monkeypatch)
+    assert "could not be written by a child" in caplog.text
+    assert _files(samples) == written_here
+
+
+@pytest.mark.usefixtures("any_run_exports_in_a_child")
+def test_a_run_that_fails_while_the_child_writes_leaves_the_files_as_they_were(
+    samples: Path, written_here: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("the store failed")
+
+    monkeypatch.setattr(store, "write_evidence", broken)
+    before = _leftovers()
+    with pytest.raises(RuntimeError, match="the store failed"):
+        _run(samples, monkeypatch)
+    assert _files(samples) == written_here
+    assert _leftovers() == before
+
+
+def test_golden_ids_that_are_not_the_records_are_refused(tmp_path: Path) -> None:
+    raw = pd.DataFrame({"id": ["a", "b"]})
+    part = pd.DataFrame({"source_key": ["a", "b"]})
+    spec = CsvSource(format="csv", name="one", path=Path("one.csv"), mapping={"source_key": "id"})
+    exporting.write_inputs(tmp_path, [spec], [raw], [part])
+    exporting.write_golden_ids(tmp_path, np.array(["G1", "G2", "G3"], dtype=object))
+    with pytest.raises(ValueError, match="not the records'"):
+        exporting.export_from(tmp_path, tmp_path / "out", 1)
