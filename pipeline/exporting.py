@@ -22,21 +22,28 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
 import tempfile
 import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mdm_pipeline.config.settings import Source
+from mdm_pipeline.config.settings import ParquetSource, Source
 from mdm_pipeline.golden_records.snapshot_child import stop_child
-from mdm_pipeline.sources import write_back
+from mdm_pipeline.sources.writers import (
+    CSV_CHUNK_ROWS,
+    rendered_row_by_row,
+    write_back_pieces,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +72,19 @@ RETURN_COLUMNS = {
 }
 
 
-def return_columns(records: pd.DataFrame) -> pd.DataFrame:
+def return_columns(records: pd.DataFrame, duplicates: np.ndarray | None = None) -> pd.DataFrame:
     """What a business unit gets back beside each of its rows (`records`: its records
     with their golden ID): cleaned values and flags, and its own duplicates, i.e. its
-    other records in the same golden record, by key, so that it can merge them."""
+    other records in the same golden record, by key, so that it can merge them
+    (`duplicates`, if already found among more records than these: `bu_duplicates`)."""
     added = records.reindex(columns=list(RETURN_COLUMNS)).rename(columns=RETURN_COLUMNS)
-    added["mdm_bu_duplicates"] = bu_duplicates(
-        records["source_key"].astype(str).to_numpy(dtype=object), records["golden_id"].to_numpy()
+    added["mdm_bu_duplicates"] = (
+        bu_duplicates(
+            records["source_key"].astype(str).to_numpy(dtype=object),
+            records["golden_id"].to_numpy(),
+        )
+        if duplicates is None
+        else duplicates
     )
     return added.reset_index(drop=True)
 
@@ -114,23 +127,51 @@ def bu_duplicates(keys: np.ndarray, golden_ids: np.ndarray) -> np.ndarray:
     return out
 
 
-#: The golden IDs' file in the job's folder; each source's inputs are `<i>.pickle`.
+#: The golden IDs' file in the job's folder (for each source's, see `write_inputs`).
 GOLDEN_IDS = "golden_ids.pickle"
 #: What this process writes on the child's standard input once the golden IDs are there.
 GO = "go\n"
+
+
+#: Rows of a piece of a source whose columns all render row by row
+#: (`writers.rendered_row_by_row`): the child's memory is a piece's.
+PIECE_ROWS = 25_000
+
+
+def piece_rows(spec: Source, raw: pd.DataFrame, part: pd.DataFrame) -> int:
+    """How many rows of a source the child takes at a time: a Parquet file is written
+    whole; a CSV file by pieces that give the whole file's text, `PIECE_ROWS` when
+    every column renders row by row, else the writer's own chunks."""
+    if isinstance(spec, ParquetSource):
+        return max(len(part), 1)
+    empty = np.array([], dtype=object)
+    added = return_columns(part.iloc[:0].assign(golden_id=empty), empty)
+    if rendered_row_by_row([*raw.dtypes, *added.dtypes]):
+        return PIECE_ROWS
+    return CSV_CHUNK_ROWS
 
 
 def write_inputs(
     folder: Path,
     specs: list[Source],
     raws: list[pd.DataFrame],
-    parts: list[pd.DataFrame],
+    parts: Iterable[pd.DataFrame],
 ) -> None:
-    """Each source's spec, extract rows and records' return columns, one file each: the
-    child reads one source at a time, so that it holds one source's rows at most."""
+    """Each source's inputs, in files the child reads one at a time: its spec and its
+    records' keys (`<i>.pickle`), then its extract rows and return columns by
+    pieces (`<i>.<k>.pickle`, `piece_rows`). The child holds one piece at a time,
+    and the store stage is the run's peak: a whole source held beside it was
+    0.5-0.8 GB at a million records."""
     for i, (spec, raw, part) in enumerate(zip(specs, raws, parts, strict=True)):
+        keys = pa.array(part["source_key"].astype(str).to_numpy(dtype=object), type=pa.string())
+        size = piece_rows(spec, raw, part)
+        starts = range(0, len(part), size) if len(part) else range(1)
         with open(folder / f"{i}.pickle", "wb") as out:
-            pickle.dump((spec, raw, part), out, protocol=5)
+            pickle.dump((spec, keys, len(starts)), out, protocol=5)
+        for k, start in enumerate(starts):
+            piece = (raw.iloc[start : start + size], part.iloc[start : start + size])
+            with open(folder / f"{i}.{k}.pickle", "wb") as out:
+                pickle.dump(piece, out, protocol=5)
 
 
 def write_golden_ids(folder: Path, golden_ids: np.ndarray) -> None:
@@ -140,22 +181,47 @@ def write_golden_ids(folder: Path, golden_ids: np.ndarray) -> None:
         pickle.dump(pa.array(golden_ids, type=pa.string(), from_pandas=True), out, protocol=5)
 
 
+def _load(path: Path) -> Any:
+    # This run's own files, in the private folder it made for the job.
+    with open(path, "rb") as source:
+        return pickle.load(source)
+
+
+def _pieces(
+    folder: Path, source: int, pieces: int, golden_ids: pa.Array, duplicates: pa.Array
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
+    """Source `source`'s (extract rows, added columns), a piece at a time. The golden
+    IDs and duplicates stay Arrow strings but for the piece's own: as Python texts,
+    a source's were a hundred megabytes of the child's memory."""
+    at = 0
+    for k in range(pieces):
+        raw, part = _load(folder / f"{source}.{k}.pickle")
+        ids, others = (
+            a.slice(at, len(part)).to_numpy(zero_copy_only=False) for a in (golden_ids, duplicates)
+        )
+        at += len(part)
+        yield raw, return_columns(part.assign(golden_id=ids), others)
+
+
 def export_from(folder: Path, out_dir: Path, sources: int) -> list[Path]:
     """The return files of the job in `folder`, written into `out_dir` (what the child
     does, and what this process does if the child fails)."""
-    # This run's own files, in the private folder it made for the job.
-    with open(folder / GOLDEN_IDS, "rb") as source:
-        golden_ids = pickle.load(source)
+    golden_ids = _load(folder / GOLDEN_IDS)
     paths, offset = [], 0
     for i in range(sources):
-        with open(folder / f"{i}.pickle", "rb") as source:
-            spec, raw, part = pickle.load(source)
-        ids = golden_ids.slice(offset, len(part)).to_numpy(zero_copy_only=False)
-        offset += len(part)
-        added = return_columns(part.assign(golden_id=ids))
-        del part, ids  # the child's memory is one source's, as little of it as can be
-        paths.append(write_back(spec, raw, added, out_dir))
-        del spec, raw, added
+        spec, keys, pieces = _load(folder / f"{i}.pickle")
+        ids = golden_ids.slice(offset, len(keys))
+        if len(ids) != len(keys):
+            raise ValueError("the golden IDs are not the records'")
+        offset += len(keys)
+        # A record's others in its golden record are found among the whole source's.
+        duplicates = pa.array(
+            bu_duplicates(keys.to_numpy(zero_copy_only=False), ids.to_numpy(zero_copy_only=False)),
+            type=pa.string(),
+        )
+        del keys
+
+        paths.append(write_back_pieces(spec, _pieces(folder, i, pieces, ids, duplicates), out_dir))
     if offset != len(golden_ids):
         raise ValueError("the golden IDs are not the records'")
     return paths
@@ -173,7 +239,7 @@ class ExportJob:
         self,
         specs: list[Source],
         raws: list[pd.DataFrame],
-        parts: list[pd.DataFrame],
+        parts: Iterable[pd.DataFrame],
         out_dir: Path,
     ) -> None:
         self.sources, self.out_dir = len(specs), out_dir
@@ -181,11 +247,18 @@ class ExportJob:
         self._process: subprocess.Popen[str] | None = None
         # The inputs are written whatever happens next: this process writes the files
         # from them if the child cannot.
-        write_inputs(self.folder, specs, raws, parts)
+        try:
+            write_inputs(self.folder, specs, raws, parts)
+        except BaseException:
+            stop_child(None, str(self.folder))
+            raise
         try:
             arguments = [str(self.folder), str(out_dir), str(self.sources)]
             self._process = subprocess.Popen(
                 [sys.executable, "-m", CHILD_MODULE, *arguments],
+                # Arrow's buffers from the C library's heap, which gives them back when
+                # freed: its own pool keeps them (60 MB more at the child's peak).
+                env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -1005,12 +1005,16 @@ class Pipeline:
         enough that the child's start-up is worth it; closed by `done`."""
         if not self.settings.export.enabled or len(records) < exporting.MIN_RECORDS:
             return None
-        job = exporting.ExportJob(
-            [self.settings.source(m.source) for m in mapped],
-            [m.raw for m in mapped],
-            list(_return_parts(records, sizes)),
-            out_dir,
-        )
+        try:
+            job = exporting.ExportJob(
+                [self.settings.source(m.source) for m in mapped],
+                [m.raw for m in mapped],
+                _return_parts(records, sizes),
+                out_dir,
+            )
+        except OSError as exc:  # no room for its inputs: the files are written here
+            log.warning("return files could not be handed to a child (%s)", type(exc).__name__)
+            return None
         done.callback(job.close)
         return job
 

@@ -8,6 +8,7 @@ then the golden ID and the normalised values the pipeline added.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,20 @@ def _as_arrow_text(series: pd.Series) -> pa.Array:
         texts = np.array([v if isinstance(v, str) else str(v) for v in values], dtype=object)
         texts[missing] = None
         return pa.array(texts, type=pa.string())
+
+
+def rendered_row_by_row(dtypes: Iterable[object]) -> bool:
+    """Whether columns of these dtypes give each row the same text whatever rows are
+    rendered beside it (texts, flags, whole numbers). Another dtype is rendered by
+    pandas a chunk of rows at a time (dates, say, written without their time when
+    no row of the chunk has one): its file must be cut into the same chunks."""
+    return all(
+        pd.api.types.is_bool_dtype(d)
+        or pd.api.types.is_integer_dtype(d)
+        or pd.api.types.is_object_dtype(d)
+        or isinstance(d, pd.StringDtype)
+        for d in dtypes
+    )
 
 
 def _rendered(series: pd.Series, sep: str, quotechar: str) -> pa.Array:
@@ -149,14 +164,9 @@ def write_csv(
 ) -> None:
     """`frame` as CSV, formulas neutralised: the text `neutralise_formulas` then
     `to_csv(index=False, lineterminator="\\n", errors="replace")` write, built column by
-    column in Arrow by chunks of rows.
-
-    pandas' writer turns each row into Python objects for the csv module: ten
-    seconds of a full run's export at a million records. Characters the encoding
-    cannot hold are replaced, as `to_csv(errors="replace")` does.
+    column in Arrow by chunks of rows (`CsvWriter`).
     """
-    columns = [str(c) for c in frame.columns]
-    if len(columns) < 2:
+    if len(frame.columns) < 2:
         # A lone empty field is written as two quotes: pandas knows that case.
         neutralise_formulas(frame).to_csv(
             path,
@@ -168,38 +178,115 @@ def write_csv(
             lineterminator="\n",
         )
         return
-    utf8 = codecs.lookup(encoding).name == "utf-8"
-    encoder = codecs.getincrementalencoder(encoding)(errors="replace")
-    header = _quoted(pa.array(columns, type=pa.string()), sep, quotechar).to_pylist()
-    with path.open("wb") as out:
-        out.write(encoder.encode(sep.join(header) + "\n"))
+    with CsvWriter(path, [str(c) for c in frame.columns], sep, quotechar, encoding) as out:
+        out.write(frame)
+
+
+class CsvWriter:
+    """A CSV file written a frame of rows at a time, as `write_csv` writes the frames'
+    concatenation (at least two columns): each chunk of `CSV_CHUNK_ROWS` rows is
+    rendered on its own, so frames of a multiple of that many rows (all but the
+    last) give the whole frame's file byte for byte.
+
+    pandas' writer turns each row into Python objects for the csv module: ten
+    seconds of a full run's export at a million records. Characters the encoding
+    cannot hold are replaced, as `to_csv(errors="replace")` does.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        columns: list[str],
+        sep: str = ",",
+        quotechar: str = '"',
+        encoding: str = "utf-8",
+    ) -> None:
+        if len(columns) < 2:
+            raise ValueError("CsvWriter writes two columns or more (see write_csv)")
+        self.sep, self.quotechar, self.columns = sep, quotechar, columns
+        self._utf8 = codecs.lookup(encoding).name == "utf-8"
+        self._encoder = codecs.getincrementalencoder(encoding)(errors="replace")
+        self._out = path.open("wb")
+        header = _quoted(pa.array(columns, type=pa.string()), sep, quotechar).to_pylist()
+        self._out.write(self._encoder.encode(sep.join(header) + "\n"))
+
+    def write(self, frame: pd.DataFrame) -> None:
+        """The rows of `frame` (the writer's columns, in order)."""
+        if [str(c) for c in frame.columns] != self.columns:
+            raise ValueError("a frame with other columns than the file's")
         for start in range(0, len(frame), CSV_CHUNK_ROWS):
             part = frame.iloc[start : start + CSV_CHUNK_ROWS]
-            fields = [_csv_fields(part.iloc[:, i], sep, quotechar) for i in range(len(columns))]
+            fields = [
+                _csv_fields(part.iloc[:, i], self.sep, self.quotechar)
+                for i in range(len(self.columns))
+            ]
             # Each row with its line end: the array's character data is then the
             # chunk's text, written as it lies in memory.
-            rows = pc.binary_join_element_wise(*fields, sep)
+            rows = pc.binary_join_element_wise(*fields, self.sep)
             lines = pc.binary_join_element_wise(rows, "", "\n")
             offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)
             data = lines.buffers()[2][offsets[lines.offset] : offsets[lines.offset + len(lines)]]
-            if utf8:
-                out.write(data)
+            if self._utf8:
+                self._out.write(data)
             else:
-                out.write(encoder.encode(data.to_pybytes().decode("utf-8")))
-        out.write(encoder.encode("", final=True))
+                self._out.write(self._encoder.encode(data.to_pybytes().decode("utf-8")))
+
+    def close(self) -> None:
+        if not self._out.closed:
+            self._out.write(self._encoder.encode("", final=True))
+            self._out.close()
+
+    def __enter__(self) -> CsvWriter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def return_path(spec: Source, out_dir: Path) -> Path:
+    """Where a BU's return file goes."""
+    suffix = "parquet" if isinstance(spec, ParquetSource) else "csv"
+    return out_dir / f"{spec.name}_return.{suffix}"
 
 
 def write_back(spec: Source, raw: pd.DataFrame, added: pd.DataFrame, out_dir: Path) -> Path:
     """Write one BU's return file and return its path."""
+    return write_back_pieces(spec, [(raw, added)], out_dir)
+
+
+def write_back_pieces(
+    spec: Source, pieces: Iterable[tuple[pd.DataFrame, pd.DataFrame]], out_dir: Path
+) -> Path:
+    """One BU's return file from its rows a piece at a time, (extract rows, added
+    columns) each, in order: the file `write_back` writes for their concatenation.
+    Only one piece is held at a time (a Parquet file takes them all together), so
+    pieces of a multiple of `CSV_CHUNK_ROWS` rows give the same CSV file."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame = pd.concat([raw.reset_index(drop=True), added.reset_index(drop=True)], axis=1)
+    path = return_path(spec, out_dir)
+    frames = (
+        pd.concat([raw.reset_index(drop=True), added.reset_index(drop=True)], axis=1)
+        for raw, added in pieces
+    )
     if isinstance(spec, ParquetSource):
-        path = out_dir / f"{spec.name}_return.parquet"
-        frame.to_parquet(path, index=False)
+        pd.concat(list(frames), ignore_index=True).to_parquet(path, index=False)
         return path
-    path = out_dir / f"{spec.name}_return.csv"
-    if isinstance(spec, CsvSource):
-        write_csv(frame, path, sep=spec.delimiter, quotechar=spec.quotechar, encoding=spec.encoding)
-    else:
-        write_csv(frame, path)
+    options = (
+        {"sep": spec.delimiter, "quotechar": spec.quotechar, "encoding": spec.encoding}
+        if isinstance(spec, CsvSource)
+        else {}
+    )
+    writer: CsvWriter | None = None
+    try:
+        for frame in frames:
+            if writer is None:
+                if len(frame.columns) < 2:
+                    write_csv(frame, path, **options)
+                    return path
+                writer = CsvWriter(path, [str(c) for c in frame.columns], **options)
+            writer.write(frame)
+        if writer is None:
+            raise ValueError("no rows to write back")
+    finally:
+        if writer is not None:
+            writer.close()
     return path

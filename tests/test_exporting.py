@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mdm_pipeline.config.settings import CsvSource
+from mdm_pipeline.config.settings import CsvSource, ParquetSource
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.pipeline import exporting
 from mdm_pipeline.pipeline.run import Pipeline
+from mdm_pipeline.sources import writers
 
 
 def _run(samples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,3 +122,47 @@ def test_golden_ids_that_are_not_the_records_are_refused(tmp_path: Path) -> None
     exporting.write_golden_ids(tmp_path, np.array(["G1", "G2", "G3"], dtype=object))
     with pytest.raises(ValueError, match="not the records'"):
         exporting.export_from(tmp_path, tmp_path / "out", 1)
+
+
+def test_return_files_written_by_pieces_are_the_files_written_whole(
+    samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child writes each source a piece at a time; here in this process (a child
+    that fails), with pieces of 11 rows, which the writer renders in chunks of 37."""
+    monkeypatch.setattr(writers, "CSV_CHUNK_ROWS", 37)
+    monkeypatch.setattr(exporting, "CSV_CHUNK_ROWS", 37)
+    monkeypatch.setattr(exporting, "PIECE_ROWS", 11)
+    with monkeypatch.context() as here:
+        here.setattr(exporting, "MIN_RECORDS", 10**12)
+        _run(samples, here)
+    whole = _files(samples)
+    monkeypatch.setattr(exporting, "MIN_RECORDS", 0)
+    monkeypatch.setattr(exporting, "CHILD_MODULE", "mdm_pipeline.no_such_module")
+    loaded: list[str] = []
+    load = exporting._load
+
+    def counted(path: Path) -> object:
+        loaded.append(path.name)
+        return load(path)
+
+    monkeypatch.setattr(exporting, "_load", counted)
+    _run(samples, monkeypatch)
+    assert "0.5.pickle" in loaded  # the first source came in six pieces at least
+    assert _files(samples) == whole
+
+
+def test_a_source_with_columns_rendered_by_chunks_is_cut_in_the_writers_chunks() -> None:
+    spec = CsvSource(format="csv", name="one", path=Path("one.csv"), mapping={"source_key": "id"})
+    part = pd.DataFrame(
+        {"source_key": ["a", "b"]} | {c: ["x", None] for c in exporting.RETURN_COLUMNS}
+    ).drop(columns="golden_id")
+    texts = pd.DataFrame({"id": ["a", "b"], "n": [1, 2]})
+    assert exporting.piece_rows(spec, texts, part) == exporting.PIECE_ROWS
+    dated = texts.assign(born=pd.to_datetime(["2001-02-03 00:00", "2001-02-04 10:00"]))
+    assert exporting.piece_rows(spec, dated, part) == writers.CSV_CHUNK_ROWS == 100_000
+    parquet = ParquetSource(
+        format="parquet", name="two", path=Path("two.parquet"), mapping={"source_key": "id"}
+    )
+    assert exporting.piece_rows(parquet, texts, part) == 2
+    # A return column the records lack is a column of missing numbers: by chunks too.
+    assert exporting.piece_rows(spec, texts, part.drop(columns="city_norm")) == 100_000
