@@ -160,3 +160,28 @@ def test_chunks_in_another_order_are_not_taken(caplog: pytest.LogCaptureFixture)
     job = payloads.PayloadJob(frame, list(frame.columns), order, store.WRITE_CHUNK_ROWS)
     assert store._made_payloads(job, order) is not None
     job.close()
+
+
+def test_a_postgresql_store_takes_what_both_children_make(
+    samples: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither child touches the store: a PostgreSQL store's run with both gives what
+    its run without them gave (a second run over it changes nothing, return files
+    included)."""
+    from mdm_pipeline.pipeline import exporting
+
+    with monkeypatch.context() as here:
+        here.setattr(payloads, "MIN_RECORDS", 10**12)
+        here.setattr(exporting, "MIN_RECORDS", 10**12)
+        _run(samples, pg_url, here)
+    before = _payloads(pg_url)
+    files = {p.name: p.read_bytes() for p in (samples / "out").glob("*_return.*")}
+    monkeypatch.setattr(payloads, "MIN_RECORDS", 0)
+    monkeypatch.setattr(exporting, "MIN_RECORDS", 0)
+    monkeypatch.setattr(store, "WRITE_CHUNK_ROWS", 37)
+    monkeypatch.setenv("MDM_STORE_URL", pg_url)
+    summary = Pipeline.from_config(samples / "config.yaml").run()
+    assert (summary.golden_created, summary.golden_updated, summary.golden_retired) == (0, 0, 0)
+    pd.testing.assert_frame_equal(_payloads(pg_url), before)
+    assert {p.name: p.read_bytes() for p in (samples / "out").glob("*_return.*")} == files
+    assert len(files) == 4
