@@ -31,7 +31,6 @@ before. A background read is a speed-up, never a different answer.
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.schema import SOURCE, SOURCE_KEY, record_keys
 from mdm_pipeline.golden_records import store
-from mdm_pipeline.golden_records.snapshot_child import stop_child, write_table
+from mdm_pipeline.golden_records.snapshot_child import child_answer, stop_child, write_table
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +148,9 @@ class _Child:
         """The child's answer; None if there is no child or it failed (logged)."""
         if self._process is None:
             return None
-        out, err = self._process.communicate()
-        if self._process.returncode != 0:
-            reason = (err.strip().splitlines() or ["no message"])[-1]
-        else:
-            try:
-                return dict(json.loads(out))
-            except ValueError:
-                reason = "an answer that is not JSON"
+        answer, reason = child_answer(self._process)
+        if answer is not None:
+            return answer
         log.warning("a read of the store in a child process failed (%s): done in this one", reason)
         return None
 

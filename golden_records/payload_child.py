@@ -26,4 +26,4 @@ NICENESS = 10
 
 if __name__ == "__main__":
     os.nice(NICENESS)
-    sys.exit(serve(lambda folder, _: make_payloads(Path(folder)), [*sys.argv[1:2], ""]))
+    sys.exit(serve(lambda folder: make_payloads(Path(folder)), sys.argv[1:]))

@@ -49,7 +49,7 @@ import pyarrow.ipc as ipc
 
 from mdm_pipeline.config.schema import text_dtype
 from mdm_pipeline.golden_records.jsonrows import as_texts
-from mdm_pipeline.golden_records.snapshot_child import stop_child
+from mdm_pipeline.golden_records.snapshot_child import child_answer, stop_child
 from mdm_pipeline.golden_records.store import hash_rows
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,9 @@ class PayloadJob:
         makes them itself."""
         if self._process is None:
             return None
-        out, err = self._process.communicate()
-        reason = (err.strip().splitlines() or ["no message"])[-1]
-        if self._process.returncode == 0:
+        answer, reason = child_answer(self._process)
+        if answer is not None:
             try:
-                answer = json.loads(out)
                 return Chunks(answer["payloads"], self.order, self.chunk_rows, answer["chunks"])
             except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:
                 reason = type(exc).__name__

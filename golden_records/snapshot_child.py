@@ -68,12 +68,26 @@ def stop_child(child: subprocess.Popen[str] | None, folder: str | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def serve(read_into: Callable[[str, str], dict[str, Any]], argv: list[str]) -> int:
-    """Run a child's read (STORE_FILE, FOLDER) and answer the parent: one JSON line on
-    the standard output, or the error's class alone on the standard error (a message
-    could quote stored data) and exit status 1."""
+def child_answer(child: subprocess.Popen[str]) -> tuple[dict[str, Any] | None, str]:
+    """What a child that `serve`s answered, once it has ended; else None, and why: the
+    last line of its standard error (the error's class), or that it printed no JSON
+    object."""
+    out, err = child.communicate()
+    if child.returncode != 0:
+        return None, (err.strip().splitlines() or ["no message"])[-1]
     try:
-        answer = read_into(argv[0], argv[1])
+        return dict(json.loads(out)), ""
+    except (ValueError, TypeError):
+        return None, "an answer that is not JSON"
+
+
+def serve(work: Callable[..., dict[str, Any]], argv: list[str]) -> int:
+    """Do a child's work on its command-line arguments (`argv`, here STORE_FILE and
+    FOLDER) and answer the parent: one JSON line on the standard output, or the
+    error's class alone on the standard error (a message could quote stored data)
+    and exit status 1."""
+    try:
+        answer = work(*argv)
     except Exception as exc:
         sys.stderr.write(exc.__class__.__name__ + "\n")
         return 1

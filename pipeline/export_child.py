@@ -14,31 +14,25 @@ waits for, comes first.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+from mdm_pipeline.golden_records.snapshot_child import serve
+from mdm_pipeline.pipeline.exporting import GO, export_from
 
 #: Added to the child's niceness (see the module).
 NICENESS = 10
 
 
-def main(argv: list[str]) -> int:
-    from mdm_pipeline.pipeline.exporting import GO, export_from
-
-    try:
-        folder, out_dir, sources = Path(argv[0]), Path(argv[1]), int(argv[2])
-        if sys.stdin.readline() != GO:
-            raise EOFError("no golden IDs")
-        paths = export_from(folder, out_dir, sources)
-    except Exception as exc:
-        sys.stderr.write(type(exc).__name__ + "\n")
-        return 1
-    # The answer to the parent process (a protocol, not a message to a person).
-    sys.stdout.write(json.dumps({"paths": [str(p) for p in paths]}) + "\n")
-    return 0
+def export(folder: str, out_dir: str, sources: str) -> dict[str, Any]:
+    """The child's work, once told that the golden IDs are there; what to answer."""
+    if sys.stdin.readline() != GO:
+        raise EOFError("no golden IDs")
+    return {"paths": [str(p) for p in export_from(Path(folder), Path(out_dir), int(sources))]}
 
 
 if __name__ == "__main__":
     os.nice(NICENESS)
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(serve(export, sys.argv[1:]))

@@ -20,7 +20,6 @@ the same inputs, with the same code: a speed-up, never a different file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -38,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mdm_pipeline.config.settings import ParquetSource, Source
-from mdm_pipeline.golden_records.snapshot_child import stop_child
+from mdm_pipeline.golden_records.snapshot_child import child_answer, stop_child
 from mdm_pipeline.sources.writers import (
     CSV_CHUNK_ROWS,
     rendered_row_by_row,
@@ -287,15 +286,14 @@ class ExportJob:
         if not self._told:
             raise RuntimeError("the return files need the golden IDs first")
         if self._process is not None:
-            out, err = self._process.communicate()
-            reason = (err.strip().splitlines() or ["no message"])[-1]
-            if self._process.returncode == 0:
+            answer, reason = child_answer(self._process)
+            if answer is not None:
                 try:
-                    paths = [Path(p) for p in json.loads(out)["paths"]]
+                    paths = [Path(p) for p in answer["paths"]]
                     if len(paths) == self.sources and all(p.is_file() for p in paths):
                         return paths
                     reason = "not every file written"
-                except (ValueError, KeyError, TypeError) as exc:
+                except (KeyError, TypeError) as exc:
                     reason = type(exc).__name__
             log.warning("return files written by a child failed (%s): written here", reason)
         return export_from(self.folder, self.out_dir, self.sources)
