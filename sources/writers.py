@@ -259,34 +259,33 @@ def write_back_pieces(
 ) -> Path:
     """One BU's return file from its rows a piece at a time, (extract rows, added
     columns) each, in order: the file `write_back` writes for their concatenation.
-    Only one piece is held at a time (a Parquet file takes them all together), so
-    pieces of a multiple of `CSV_CHUNK_ROWS` rows give the same CSV file."""
+    A CSV file of two columns or more holds one piece at a time (`CsvWriter`), so
+    pieces of a multiple of `CSV_CHUNK_ROWS` rows give the same file; a Parquet
+    file, or a CSV of one column, is written from the pieces together."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = return_path(spec, out_dir)
     frames = (
         pd.concat([raw.reset_index(drop=True), added.reset_index(drop=True)], axis=1)
         for raw, added in pieces
     )
-    if isinstance(spec, ParquetSource):
-        pd.concat(list(frames), ignore_index=True).to_parquet(path, index=False)
-        return path
+    first = next(frames, None)
+    if first is None:
+        raise ValueError("no rows to write back")
     options = (
         {"sep": spec.delimiter, "quotechar": spec.quotechar, "encoding": spec.encoding}
         if isinstance(spec, CsvSource)
         else {}
     )
-    writer: CsvWriter | None = None
-    try:
+    if isinstance(spec, ParquetSource) or len(first.columns) < 2:
+        rest = list(frames)
+        whole = pd.concat([first, *rest], ignore_index=True) if rest else first
+        if isinstance(spec, ParquetSource):
+            whole.to_parquet(path, index=False)
+        else:
+            write_csv(whole, path, **options)
+        return path
+    with CsvWriter(path, [str(c) for c in first.columns], **options) as writer:
+        writer.write(first)
         for frame in frames:
-            if writer is None:
-                if len(frame.columns) < 2:
-                    write_csv(frame, path, **options)
-                    return path
-                writer = CsvWriter(path, [str(c) for c in frame.columns], **options)
             writer.write(frame)
-        if writer is None:
-            raise ValueError("no rows to write back")
-    finally:
-        if writer is not None:
-            writer.close()
     return path

@@ -137,3 +137,24 @@ def test_a_text_column_in_several_chunks_is_written_as_one_in_one_chunk(tmp_path
         assert frame["v"].array._pa_array.num_chunks == (2 if name == "chunked" else 1)
         write_csv(frame, tmp_path / f"{name}.csv", sep=";")
     assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+
+
+@pytest.mark.parametrize("columns", [["id"], ["id", "name"]])
+def test_a_return_file_written_by_pieces_is_the_file_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, columns: list[str]
+) -> None:
+    """One column (pandas' writer, from the pieces together) or more (`CsvWriter`, a
+    piece at a time): every piece's rows are in the file."""
+    from mdm_pipeline.config.settings import CsvSource
+
+    monkeypatch.setattr(writers, "CSV_CHUNK_ROWS", 2)
+    spec = CsvSource(
+        format="csv", name="bu", path=Path("bu.csv"), mapping={"source_key": "id"}, delimiter=";"
+    )
+    raw = pd.DataFrame({"id": ["=1", "2", "", "4", "5"], "name": ["a", "b;c", None, "d", "e"]})
+    added = pd.DataFrame(index=range(5))
+    whole = writers.write_back(spec, raw[columns], added, tmp_path / "whole")
+    pieces = [(raw[columns].iloc[a : a + 2], added.iloc[a : a + 2]) for a in (0, 2, 4)]
+    by_pieces = writers.write_back_pieces(spec, pieces, tmp_path / "pieces")
+    assert by_pieces.read_bytes() == whole.read_bytes()
+    assert whole.read_bytes().count(b"\n") == 6
