@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -398,11 +398,24 @@ def _replace(conn: Connection, table: sa.Table, frame: pd.DataFrame, stored: pd.
     of every index and put it back. PostgreSQL's COPY cannot upsert, and its
     delete and COPY are the faster pair there.
     """
+    for _ in _replacing(conn, table, frame, stored):
+        pass
+
+
+def _replacing(
+    conn: Connection,
+    table: sa.Table,
+    frame: pd.DataFrame,
+    stored: pd.DataFrame,
+    slice_rows: int = 0,
+) -> Iterator[None]:
+    """`_replace`, a step at a time (see `_inserting`)."""
     if conn.dialect.name == "sqlite":
-        _insert(conn, table, frame, upsert=True)
+        yield from _inserting(conn, table, frame, upsert=True, slice_rows=slice_rows)
         return
     _delete_keys(conn, table, stored)
-    _insert(conn, table, frame)
+    yield
+    yield from _inserting(conn, table, frame, slice_rows=slice_rows)
 
 
 def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame, upsert: bool = False) -> None:
@@ -413,8 +426,24 @@ def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame, upsert: bool
     the Core reads of the same column agree; `upsert` (SQLite only) overwrites
     a row whose primary key is stored.
     """
+    for _ in _inserting(conn, table, frame, upsert):
+        pass
+
+
+def _inserting(
+    conn: Connection,
+    table: sa.Table,
+    frame: pd.DataFrame,
+    upsert: bool = False,
+    slice_rows: int = 0,
+) -> Iterator[None]:
+    """`_insert`, yielding after each slice of `slice_rows` rows (`INSERT_SLICE_ROWS`
+    if 0): a caller can run it a step at a time, between other work on the same
+    connection (`_overlapped`'s `idle`). The secondary indexes of an empty table
+    are built once, after its last slice, however the steps are spread."""
     if not len(frame):
         return
+    slice_rows = slice_rows or INSERT_SLICE_ROWS
     cols = [c.name for c in table.columns if c.name in frame.columns]
     # In key order, each insert lands next to the previous one in the table's B-tree:
     # pages are read and written once, not once per row spread over gigabytes.
@@ -429,8 +458,8 @@ def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame, upsert: bool
     with _indexes_built_after(conn, [table], len(frame)):
         # By slices of rows: a row is a tuple of Python objects, and a million of
         # them (with their texts taken out of Arrow arrays) are gigabytes.
-        for start in range(0, len(order), INSERT_SLICE_ROWS):
-            taken = order[start : start + INSERT_SLICE_ROWS]
+        for start in range(0, len(order), slice_rows):
+            taken = order[start : start + slice_rows]
             columns = []
             # Column by column, missing values (NaN, NaT, pd.NA) to None: a frame-wide
             # `where` and `itertuples` cost seconds on a million rows.
@@ -445,6 +474,7 @@ def _insert(conn: Connection, table: sa.Table, frame: pd.DataFrame, upsert: bool
                     values[missing] = None
                 columns.append(values)
             _insert_rows(conn, table, cols, key, list(zip(*columns, strict=True)), upsert)
+            yield
 
 
 #: Rows `_insert` hands the driver at a time.
@@ -863,6 +893,7 @@ def write_run(
     steward: pd.DataFrame | None = None,
     payloads: PayloadJob | None = None,
     assigned: Callable[[pd.Series], None] | None = None,
+    idle: Iterator[object] | None = None,
 ) -> tuple[WriteResult, pd.Series]:
     """Write records, golden records, their history and quarantine; return what changed
     and the golden ID of each record (aligned with `records`).
@@ -886,6 +917,9 @@ def write_run(
     chunks taken instead of making them here; without `as_stored` only.
     `assigned` is told each record's golden ID as soon as it is known, before
     anything is written (the return files need nothing else).
+    `idle`, the run's other writes a step at a time (`EvidenceWrite.steps`), is
+    advanced whenever the connection would wait for a chunk to be prepared; the
+    caller finishes what is left of it.
     """
     result = WriteResult()
     keys = _write_keys(records).assign(cluster=cluster.to_numpy())
@@ -936,7 +970,7 @@ def write_run(
         result.golden_unchanged += chunk.unchanged
         _write_golden(conn, run_id, at, chunk)
 
-    _overlapped(range(-(-len(golden) // WRITE_CHUNK_ROWS)), golden_chunk, write_golden)
+    _overlapped(range(-(-len(golden) // WRITE_CHUNK_ROWS)), golden_chunk, write_golden, idle)
 
     # Golden records no cluster kept are retired; a merged one resolves to its survivor.
     # As Python texts: pandas' Arrow strings look values up one by one (2 s for a
@@ -1001,7 +1035,7 @@ def write_run(
         result.records_written += _write_records(conn, run_id, at, chunk, scope is not None)
 
     with _indexes_built_after(conn, [source_records, xref], len(records)):
-        _overlapped(range(0, len(order), WRITE_CHUNK_ROWS), records_chunk, write_records)
+        _overlapped(range(0, len(order), WRITE_CHUNK_ROWS), records_chunk, write_records, idle)
     new_xref = keys[["source", "source_key"]].assign(golden_id=record_gid.to_numpy())
 
     # Records no longer delivered by a loaded source end their cross-reference.
@@ -1070,7 +1104,10 @@ def _made_payloads(job: PayloadJob | None, order: np.ndarray) -> Chunks | None:
 
 
 def _overlapped(
-    parts: Iterable[_P], prepare: Callable[[_P], _C], write: Callable[[_C], None]
+    parts: Iterable[_P],
+    prepare: Callable[[_P], _C],
+    write: Callable[[_C], None],
+    idle: Iterator[object] | None = None,
 ) -> None:
     """`write(prepare(part))` for each part in order, the next part prepared in a
     worker thread while this one is written.
@@ -1082,18 +1119,35 @@ def _overlapped(
     most two chunks are held at a time: the one written and the one prepared.
     Only this thread touches the connection; an error in either half ends the
     loop with it (the worker's is raised here when its chunk is taken).
+
+    `idle`, other writes on the connection a step at a time (`EvidenceWrite`), takes
+    the time this thread would wait for a chunk: a full run's golden records are
+    slower to prepare than to write, and the waits were 2.3 s of a million
+    records' store stage. Each step is advanced only while the chunk is not
+    ready, so a step overruns it by at most its own length.
     """
     pending = iter(parts)
     first = next(pending, None)
     if first is None:
         return
+
+    def ready(ahead: Future[_C]) -> _C:
+        while idle is not None and not ahead.done():
+            if next(idle, _DONE) is _DONE:
+                break
+        return ahead.result()
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdm-store-prepare") as pool:
         ahead = pool.submit(prepare, first)
         for part in pending:
-            ready = ahead.result()
+            chunk = ready(ahead)
             ahead = pool.submit(prepare, part)
-            write(ready)
-        write(ahead.result())
+            write(chunk)
+        write(ready(ahead))
+
+
+#: What an exhausted `idle` iterator gives.
+_DONE = object()
 
 
 @dataclass
@@ -1443,8 +1497,55 @@ def write_evidence(conn: Connection, run_id: str, evidence: pd.DataFrame) -> int
     `evidence` has EVIDENCE_KEYS, rule, weight, probability, band and
     contributions (JSON text). Returns the rows written or deleted.
     """
-    changes = compare_evidence(evidence, _read_texts(conn, _EVIDENCE_QUERY))
-    return write_evidence_changes(conn, run_id, changes)
+    return EvidenceWrite(conn, run_id, lambda: evidence).finish()
+
+
+#: Pairs of evidence `EvidenceWrite` writes a step: about 20 ms on SQLite, the most a
+#: step can hold up the next chunk of golden records.
+EVIDENCE_STEP_ROWS = 5_000
+
+
+class EvidenceWrite:
+    """`write_evidence` a step at a time, for `write_run`'s `idle`: made (`evidence`
+    is only called at the first step), compared with the stored pairs, then written
+    by slices of `EVIDENCE_STEP_ROWS`.
+
+    A full run's evidence is the largest write after the records' own (600k pairs
+    at a million records, 2.5 s on SQLite) and needs nothing `write_run` decides,
+    so it can fill the time the connection would otherwise wait for the next
+    chunk of golden records to be prepared. The steps run on the connection's own
+    thread, in the run's transaction, like the rest of the write.
+    """
+
+    def __init__(self, conn: Connection, run_id: str, evidence: Callable[[], pd.DataFrame]) -> None:
+        self.written = 0
+        self._steps = self._run(conn, run_id, evidence)
+
+    def steps(self) -> Iterator[None]:
+        """The steps not taken yet (one iterator, however often asked)."""
+        return self._steps
+
+    def finish(self) -> int:
+        """Take the steps left; return the pairs written or deleted."""
+        for _ in self._steps:
+            pass
+        return self.written
+
+    def _run(
+        self, conn: Connection, run_id: str, evidence: Callable[[], pd.DataFrame]
+    ) -> Iterator[None]:
+        changes = compare_evidence(evidence(), _read_texts(conn, _EVIDENCE_QUERY))
+        self.written = len(changes.fresh) + len(changes.gone)
+        yield
+        _delete_keys(conn, match_evidence, changes.gone)
+        yield
+        yield from _replacing(
+            conn,
+            match_evidence,
+            changes.fresh.assign(run_id=run_id),
+            changes.changed,
+            EVIDENCE_STEP_ROWS,
+        )
 
 
 #: The stored columns a pair's evidence is compared on (everything but its run).

@@ -103,6 +103,36 @@ def test_rerun_on_same_input_changes_nothing(samples: Path) -> None:
     )
 
 
+def test_a_first_run_failing_in_its_evidence_leaves_an_empty_store(
+    samples: Path, monkeypatch, dump_store
+) -> None:
+    """A first run writes its evidence in steps, between the golden records' writes
+    when it can (`EvidenceWrite`): a step that fails, after one slice of pairs is
+    in, fails the run and rolls back everything written before it."""
+    url = f"sqlite:///{samples / 'mdm.sqlite'}"
+    real = store._inserting
+    steps = {"evidence": 0}
+
+    def failing_inserting(conn, target, frame, *args, **options):
+        for step in real(conn, target, frame, *args, **options):
+            if target.name == "mdm_match_evidence":
+                steps["evidence"] += 1
+                if steps["evidence"] == 2:
+                    raise RuntimeError("disk full")
+            yield step
+
+    monkeypatch.setattr(store, "EVIDENCE_STEP_ROWS", 2)
+    monkeypatch.setattr(store, "_inserting", failing_inserting)
+    result = _run(samples / "config.yaml")
+    assert result.exit_code == 1
+    assert "internal error (RuntimeError" in result.stderr
+    assert steps["evidence"] == 2
+    after = dump_store(url)
+    assert {name: len(frame) for name, frame in after.items() if len(frame)} == {}
+    monkeypatch.undo()
+    assert _run(samples / "config.yaml").exit_code == 0
+
+
 @pytest.mark.parametrize(
     "table",
     [
@@ -123,16 +153,17 @@ def test_failure_mid_write_leaves_store_unchanged(
     stores = samples / "magasins_fidelite.csv"
     stores.write_bytes(stores.read_bytes().replace(b";75", b";76", 80))
 
-    real = store._insert
+    # Every insert, whole or a step at a time, goes through `_inserting`.
+    real = store._inserting
     calls = {"n": 0}
 
-    def failing_insert(conn, target, frame, **options):
+    def failing_inserting(conn, target, frame, *args, **options):
         calls["n"] += 1
-        real(conn, target, frame, **options)
+        yield from real(conn, target, frame, *args, **options)
         if target.name == table and len(frame):
             raise RuntimeError("disk full")
 
-    monkeypatch.setattr(store, "_insert", failing_insert)
+    monkeypatch.setattr(store, "_inserting", failing_inserting)
     if table in ("mdm_record_history", "mdm_golden_history"):
         # Superseded payloads and versions are copied by the database (INSERT ... SELECT).
         name = "_archive_payloads" if table == "mdm_record_history" else "_archive_versions"

@@ -106,7 +106,7 @@ def test_a_run_that_fails_while_the_child_writes_leaves_the_files_as_they_were(
     def broken(*args: object) -> None:
         raise RuntimeError("the store failed")
 
-    monkeypatch.setattr(store, "write_evidence", broken)
+    monkeypatch.setattr(store, "write_snapshot", broken)
     before = _leftovers()
     with pytest.raises(RuntimeError, match="the store failed"):
         _run(samples, monkeypatch)

@@ -668,12 +668,13 @@ def test_an_incremental_run_failing_mid_write_or_in_survivorship_leaves_the_stor
     any table, or in survivorship, fails the run with its error and rolls back all."""
     cfg, url, before = _stored_with_a_day_2(samples, tmp_path, dump_store, seed=5)
     calls = {"writes": 0}
-    real_insert, real_survive = store._insert, run_module.survive
+    # Every insert, whole or a step at a time, goes through `_inserting`.
+    real_inserting, real_survive = store._inserting, run_module.survive
     real_archive = store._archive_versions
 
-    def failing_insert(conn, target, frame, **options):
+    def failing_inserting(conn, target, frame, *args, **options):
         calls["writes"] += 1
-        real_insert(conn, target, frame, **options)
+        yield from real_inserting(conn, target, frame, *args, **options)
         if target.name == table and len(frame):
             raise RuntimeError("disk full")
 
@@ -686,7 +687,7 @@ def test_an_incremental_run_failing_mid_write_or_in_survivorship_leaves_the_stor
         if len(keys):
             raise RuntimeError("disk full")
 
-    monkeypatch.setattr(store, "_insert", failing_insert)
+    monkeypatch.setattr(store, "_inserting", failing_inserting)
     if table == "mdm_golden_history":  # closed versions are copied by INSERT ... SELECT
         monkeypatch.setattr(store, "_archive_versions", failing_archive)
     if table == "survive":

@@ -1071,6 +1071,125 @@ def test_the_next_chunk_is_prepared_while_this_one_is_written_and_in_order() -> 
     assert held["most"] <= 2
 
 
+def test_idle_steps_fill_the_wait_for_a_chunk_and_the_rest_is_left() -> None:
+    """While the next part is prepared, `idle` is advanced on the writing thread: the
+    preparation below waits for the third step, and would time out if no step were
+    taken. Steps stop once the part is ready (each later one takes 5 ms, the part is
+    ready in microseconds), the writes keep their order, and the steps left over
+    stay with the caller."""
+    import threading
+
+    gate = threading.Event()
+    taken: list[int] = []
+
+    def steps() -> Iterator[None]:
+        for i in range(200):
+            taken.append(i)
+            if i == 2:
+                gate.set()
+            elif i > 2:
+                time.sleep(0.005)
+            yield
+
+    def prepare(i: int) -> int:
+        if i == 1:
+            assert gate.wait(timeout=10), "no idle step taken while the part was prepared"
+        return i
+
+    written: list[int] = []
+    idle = steps()
+    store._overlapped(range(3), prepare, written.append, idle)
+    assert written == [0, 1, 2]
+    before = len(taken)
+    assert 3 <= before < 50
+    assert len(list(idle)) == 200 - before
+
+
+def test_a_run_of_idle_steps_that_ends_leaves_the_writes_to_wait() -> None:
+    written: list[int] = []
+
+    def prepare(i: int) -> int:
+        time.sleep(0.02)
+        return i
+
+    store._overlapped(range(4), prepare, written.append, iter([None, None]))
+    assert written == [0, 1, 2, 3]
+
+
+def _pairs(n: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "left_source": "a",
+            "left_key": [f"L{i:03d}" for i in range(n)],
+            "right_source": "b",
+            "right_key": [f"R{(i * 7) % n:03d}" for i in range(n)],
+            "rule": "email",
+            "weight": np.linspace(-3.5, 20.25, n),
+            "probability": np.linspace(0.01, 0.999, n),
+            "band": ["review" if i % 3 else "auto_match" for i in range(n)],
+            "contributions": [f'{{"email":{i}.5}}' for i in range(n)],
+        }
+    )
+
+
+def _stored_evidence(conn: sa.Connection) -> pd.DataFrame:
+    table = store.match_evidence
+    query = sa.select(table).order_by(*[table.c[k] for k in store.EVIDENCE_KEYS])
+    return pd.DataFrame(conn.execute(query).all(), columns=[c.name for c in table.columns])
+
+
+def test_evidence_written_in_steps_between_other_writes_is_the_evidence_written_at_once(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`EvidenceWrite`'s steps, taken between another table's inserts in the same
+    transaction, store what `write_evidence` stores in one go: every pair, and the
+    secondary indexes of a first write built once, after its last slice. The
+    evidence is only made at the first step (the run lets the candidate pairs go
+    then)."""
+    monkeypatch.setattr(store, "EVIDENCE_STEP_ROWS", 3)
+    monkeypatch.setattr(store, "BULK_INDEX_ROWS", 5)
+    engine = store.connect(url)
+    declared = _indexes(engine, store.match_evidence.name)
+    first, second = _pairs(11), _pairs(11).iloc[2:9].assign(weight=1.0)
+    expected = []
+    with pytest.raises(RuntimeError), store.transaction(engine) as conn:
+        for night, pairs in enumerate([first, second]):
+            # The second night: 7 pairs changed, 4 gone.
+            assert store.write_evidence(conn, f"R{night}", pairs) == 11
+            expected.append(_stored_evidence(conn))
+        raise RuntimeError("roll back: the same writes are made again in steps")
+    made: list[int] = []
+
+    def evidence(pairs: pd.DataFrame) -> pd.DataFrame:
+        made.append(len(pairs))
+        return pairs
+
+    with store.transaction(engine) as conn:
+        for night, pairs in enumerate([first, second]):
+            write = store.EvidenceWrite(conn, f"R{night}", lambda p=pairs: evidence(p))
+            assert made == [11] * night
+            steps = write.steps()
+            for i, _ in enumerate(steps):
+                # Another table's rows between the steps, as the golden records are.
+                rows = pd.DataFrame(
+                    {
+                        "source": "crm",
+                        "source_key": f"N{night}-{i}",
+                        "valid_from": T1,
+                        "valid_to": None,
+                        "golden_id": "G1",
+                        "run_id": "R1",
+                        "closed_run": None,
+                    },
+                    index=[0],
+                )
+                store._insert(conn, store.xref, rows)
+            assert write.finish() == 11
+            pd.testing.assert_frame_equal(_stored_evidence(conn), expected[night])
+    assert _indexes(engine, store.match_evidence.name) == declared
+    engine.dispose()
+
+
 def test_an_error_preparing_a_later_part_is_raised_after_the_earlier_writes() -> None:
     """A preparation failing on the worker thread fails the loop with its own error,
     once the parts before it are written and with none after it written."""
