@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mdm_pipeline.config.errors import SourceError
@@ -332,6 +332,8 @@ def test_reader_line_column_never_collides_with_extract_columns(tmp_path: Path) 
         max_size=40,
     )
 )
+# Runs of blanks to fold, with and without a tab (Arrow searches for both first).
+@example(["a  b", "x\ty", " p \t q ", "one", None])
 def test_cleaning_in_arrow_is_cleaning_in_python(values: list) -> None:
     """`_clean` (Arrow) strips, folds and empties exactly as Python's string methods do."""
     series = pd.Series(values, dtype=object, name="field")
