@@ -97,24 +97,42 @@ def _row_codes(frame: pd.DataFrame) -> np.ndarray:
     return codes
 
 
+def _ranking(
+    cluster: np.ndarray, keys: list[tuple[str, np.ndarray]], tiebreak: np.ndarray
+) -> np.ndarray:
+    """Every record, by cluster then best first by `keys` (higher wins), then
+    `tiebreak`: the order `_rank` sorts its candidates in."""
+    return np.lexsort([tiebreak, *reversed([-k for _, k in keys]), cluster])
+
+
 def _rank(
     rows: np.ndarray,
     cluster: np.ndarray,
     keys: list[tuple[str, np.ndarray]],
     tiebreak: np.ndarray,
     value_codes: np.ndarray,
+    ranking: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Among candidate `rows`, the winner per cluster and the rule that decided.
 
     The deciding rule is the first key on which the winner beats the best
     candidate holding another value (`value_codes`): records that agree with
     the winner do not make a decision. Returns (clusters, winning rows, rules).
+    `ranking`, `_ranking` of the same keys over every record, is taken instead of
+    sorting the candidates again: the candidates in that order are sorted.
     """
     if not len(rows):
         return cluster[:0], rows, np.array([], dtype=object)
     c = cluster[rows]
     columns = [-k[rows] for _, k in keys]
-    order = np.lexsort([tiebreak[rows], *reversed(columns), c])
+    if ranking is None:
+        order = np.lexsort([tiebreak[rows], *reversed(columns), c])
+    else:
+        # Each candidate's position among `rows`, read in the ranking's order.
+        position = np.full(len(cluster), -1, dtype=np.int64)
+        position[rows] = np.arange(len(rows))
+        ranked = position[ranking]
+        order = ranked[ranked >= 0]
     c_sorted = c[order]
     starts = np.r_[True, c_sorted[1:] != c_sorted[:-1]]
     first = np.flatnonzero(starts)
@@ -175,6 +193,18 @@ def survive(
     index = np.unique(labels)
     golden = pd.DataFrame(index=index)
     lineage: list[pd.DataFrame] = []
+    # Chains of rules on whole records rank every record the same way whatever the
+    # attribute: sorted once each (the default chain is every value attribute's),
+    # not once per attribute (a million records, ten times: 1.5 s).
+    rankings: dict[tuple[str, ...], np.ndarray] = {}
+
+    def ranking(keys: list[tuple[str, np.ndarray]]) -> np.ndarray | None:
+        names = tuple(name for name, _ in keys)
+        if not set(names) <= set(record_keys):
+            return None  # a rule on the attribute's own values
+        if names not in rankings:
+            rankings[names] = _ranking(labels, keys, tiebreak)
+        return rankings[names]
 
     for attr, col in VALUE_ATTRIBUTES.items():
         values = records[col] if col in records else pd.Series(None, index=records.index)
@@ -184,7 +214,7 @@ def survive(
             for rule in settings.chain(attr)
         ]
         codes = pd.factorize(values)[0]
-        clusters, winners, decided = _rank(rows, labels, keys, tiebreak, codes)
+        clusters, winners, decided = _rank(rows, labels, keys, tiebreak, codes, ranking(keys))
         golden[attr] = values.iloc[winners].set_axis(clusters)
         lineage.append(_lineage(clusters, attr, winners, decided))
 
@@ -197,7 +227,9 @@ def survive(
         values = records[col] if col in records else pd.Series(pd.NA, index=records.index)
         rows = np.flatnonzero(values.notna().to_numpy())
         codes = pd.factorize(values)[0]
-        clusters, winners, decided = _rank(rows, labels, consent_keys, tiebreak, codes)
+        clusters, winners, decided = _rank(
+            rows, labels, consent_keys, tiebreak, codes, ranking(consent_keys)
+        )
         golden[attr] = pd.Series(values.to_numpy()[winners], index=clusters).astype("boolean")
         decided = np.where(
             np.isin(decided, ["most_recent", "source_priority", "source_key"]),

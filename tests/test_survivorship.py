@@ -240,3 +240,37 @@ def test_row_codes_number_distinct_rows_in_order_of_first_appearance(rows: list)
     frame = pd.DataFrame(rows, columns=["street", "city"], dtype=object)
     expected = pd.factorize(pd.Series([str(r) for r in rows], dtype=object))[0]
     assert _row_codes(frame).tolist() == expected.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),  # cluster
+            st.sampled_from([0.0, 1.0, 2.0]),  # a rule's key
+            st.sampled_from([0.0, 5.0]),  # the next rule's key
+            st.sampled_from(["v", "w", None]),  # the attribute's value
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_ranking_once_for_every_attribute_ranks_as_sorting_the_candidates(rows: list) -> None:
+    """`_rank` with a chain's ranking of every record (shared by the attributes with
+    that chain) finds the winners and deciding rules it finds sorting only the
+    candidates (the records holding a value)."""
+    from mdm_pipeline.golden_records.survivorship import _rank, _ranking
+
+    cluster = np.array([r[0] for r in rows])
+    keys = [
+        ("first", np.array([r[1] for r in rows])),
+        ("second", np.array([r[2] for r in rows])),
+    ]
+    values = pd.Series([r[3] for r in rows], dtype=object)
+    tiebreak = np.random.default_rng(len(rows)).permutation(len(rows)).astype(np.float64)
+    candidates = np.flatnonzero(values.notna().to_numpy())
+    codes = pd.factorize(values)[0]
+    alone = _rank(candidates, cluster, keys, tiebreak, codes)
+    shared = _rank(candidates, cluster, keys, tiebreak, codes, _ranking(cluster, keys, tiebreak))
+    for one, other in zip(alone, shared, strict=True):
+        assert one.tolist() == other.tolist()
