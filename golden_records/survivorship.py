@@ -91,10 +91,18 @@ def _row_codes(frame: pd.DataFrame) -> np.ndarray:
     factorised codes: no value is turned into text and hashed (5 s of a full run's
     survivorship at 1M records)."""
     codes = np.zeros(len(frame), dtype=np.int64)
+    # Codes below `bound`: the columns' codes as digits of one number, numbered again
+    # only when the next digit would overflow it (not after every column).
+    bound = 1
     for col in frame.columns:
         column, uniques = pd.factorize(frame[col])
-        codes = pd.factorize(codes * (len(uniques) + 1) + (column + 1))[0]
-    return codes
+        width = len(uniques) + 1
+        if bound * width >= 2**63:
+            codes, kept = pd.factorize(codes)
+            bound = len(kept)
+        codes = codes * width + (column + 1)
+        bound *= width
+    return pd.factorize(codes)[0]
 
 
 def _ranking(

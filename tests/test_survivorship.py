@@ -242,6 +242,22 @@ def test_row_codes_number_distinct_rows_in_order_of_first_appearance(rows: list)
     assert _row_codes(frame).tolist() == expected.tolist()
 
 
+def test_row_codes_of_wide_columns_are_numbered_again_before_they_overflow() -> None:
+    """Columns of 65,535 distinct values each are digits of 2^16: five of them as one
+    64-bit number would drop the first one, and the last row below, which differs
+    from the first in that column only, would share its code. They are numbered
+    again on the way instead."""
+    from mdm_pipeline.golden_records.survivorship import _row_codes
+
+    n = 2**16 - 1
+    values = [f"v{i}" for i in range(n)]
+    frame = pd.DataFrame({f"c{i}": values for i in range(5)})
+    frame.loc[n] = ["v1", "v0", "v0", "v0", "v0"]
+    codes = _row_codes(frame)
+    assert codes[n] != codes[0]
+    assert codes.tolist() == list(range(n + 1))
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
