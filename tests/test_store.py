@@ -217,6 +217,65 @@ def test_assignment_does_not_depend_on_row_order() -> None:
     pd.testing.assert_series_equal(first.gid_of_cluster, shuffled.gid_of_cluster)
 
 
+def _assigned_by_sorting_texts(
+    clusters: pd.DataFrame, previous: pd.DataFrame, created: pd.Series | None
+) -> tuple[dict[int, str], list[dict[str, str]]]:
+    """The rules of `assign_golden_ids` as it first applied them: pandas sorts of the
+    (ID, cluster, count) rows. Returns the kept IDs per cluster and the retired ones."""
+    shared = clusters.merge(previous, on=["source", "source_key"], how="inner")
+    counts = shared.groupby(["golden_id", "cluster"]).size().rename("n").reset_index()
+    home = counts.sort_values(["golden_id", "n", "cluster"], ascending=[True, False, True])
+    home = home.drop_duplicates("golden_id")
+    age = (created if created is not None else pd.Series(dtype=object)).reindex(home["golden_id"])
+    home = home.assign(created=age.fillna("").to_numpy())
+    keep = home.sort_values(
+        ["cluster", "created", "n", "golden_id"], ascending=[True, True, False, True]
+    ).drop_duplicates("cluster")
+    assigned = dict(zip(keep["cluster"].astype(int), keep["golden_id"], strict=True))
+    away = home[~home["golden_id"].isin(keep["golden_id"])]
+    retired = [
+        {"golden_id": g, "survivor_id": assigned[int(c)]}
+        for g, c in zip(away["golden_id"], away["cluster"], strict=True)
+    ]
+    return assigned, retired
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from(["G1", "G2", "G10", "Gb", None])),
+        max_size=30,
+    ),
+    st.dictionaries(
+        st.sampled_from(["G1", "G2", "G10", "Gb"]), st.sampled_from(["R1", "R2"]), max_size=4
+    ),
+)
+def test_assignment_on_integer_codes_follows_the_rules_as_sorting_texts_did(
+    records: list, ages: dict
+) -> None:
+    """Clusters (0-5) of records, each stored under an ID or new; ties everywhere
+    (counts, creating runs, IDs whose text order is not their number's). The IDs
+    kept and retired are those the rules give sorted as texts."""
+    keys = [f"k{i}" for i in range(len(records))]
+    clusters = pd.DataFrame({"source": "s", "source_key": keys, "cluster": [c for c, _ in records]})
+    previous = pd.DataFrame(
+        {
+            "source": "s",
+            "source_key": [k for k, (_, g) in zip(keys, records, strict=True) if g],
+            "golden_id": [g for _, g in records if g],
+        }
+    )
+    created = pd.Series(ages, dtype=object) if ages else None
+    got = store.assign_golden_ids(clusters, previous, created)
+    if not len(previous):
+        assert got.retired.empty
+        return
+    assigned, retired = _assigned_by_sorting_texts(clusters, previous, created)
+    kept = {int(c): g for c, g in got.gid_of_cluster.items() if g in set(previous["golden_id"])}
+    assert kept == assigned
+    assert got.retired.to_dict("records") == retired
+
+
 _KEY_TEXT = st.text(alphabet="aAbBéÉz0 -:\u00e0\u4e2d", max_size=4)
 
 
