@@ -54,7 +54,8 @@ class Fields:
         self.records = records
         self.record_type = records["record_type"].to_numpy(dtype=object)
         self._codes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._derived: dict[tuple[str, str, int | None], np.ndarray] = {}
+        self._derived: dict[tuple[str, str, int | None], tuple[np.ndarray, np.ndarray]] = {}
+        self._hashes: dict[tuple[str, str, int | None], np.ndarray] = {}
         self._joint: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._type_codes: np.ndarray | None = None
 
@@ -107,12 +108,22 @@ class Fields:
     def derived(self, field: str, transform: str, length: int | None = None) -> np.ndarray:
         """Codes of a field's values reduced by a transform (a blocking key, an e-mail's
         user part), indexed by the field's own codes: -1 (the last entry) for missing."""
+        return self._reduced(field, transform, length)[0]
+
+    def _reduced(
+        self, field: str, transform: str, length: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(`derived`'s codes, the reduced values they number): a transform runs once
+        per field, whether its values are wanted as codes or as hashes."""
         cache_key = (field, transform, length)
         if cache_key not in self._derived:
             _, vocab = self.encoded(field)
             reduced = _reduce(pd.Series(vocab, dtype=object), transform, length)
-            codes, _ = pd.factorize(reduced)
-            self._derived[cache_key] = np.append(codes, -1).astype(np.int32)
+            codes, uniques = pd.factorize(reduced)
+            self._derived[cache_key] = (
+                np.append(codes, -1).astype(np.int32),
+                np.asarray(uniques, dtype=object),
+            )
         return self._derived[cache_key]
 
     def key_codes(self, key: BlockingKey) -> np.ndarray:
@@ -127,17 +138,20 @@ class Fields:
         field is missing): unlike codes, the same value hashes the same in any set of
         records, so block keys can be kept from one night to the next."""
         codes, vocab = self.encoded(key.field)
-        if key.transform == "exact":
-            texts = pd.Series(vocab, dtype=object).astype(str)
-            table = pd.util.hash_array(texts.to_numpy(dtype=object)) | np.uint64(1)
-            return np.append(table, np.uint64(0))[codes]
-        reduced = _reduce(pd.Series(vocab, dtype=object), key.transform, key.length)
-        present = reduced.notna().to_numpy()
-        table = np.zeros(len(vocab) + 1, dtype=np.uint64)
-        table[:-1][present] = pd.util.hash_array(
-            reduced[present].astype(str).to_numpy(dtype=object)
-        ) | np.uint64(1)
-        return table[codes]
+        cache_key = (key.field, key.transform, key.length)
+        if cache_key not in self._hashes:
+            # Per distinct value of the field (the last entry, 0, for missing): a part
+            # shared by several rules (a postcode, a phonetic name) is hashed once,
+            # and its transform is the one the blocking already ran (`_reduced`).
+            if key.transform == "exact":
+                by_value, texts = np.append(np.arange(len(vocab)), -1), vocab
+            else:
+                by_value, texts = self._reduced(key.field, key.transform, key.length)
+            table = pd.util.hash_array(
+                pd.Series(texts, dtype=object).astype(str).to_numpy(dtype=object)
+            ) | np.uint64(1)
+            self._hashes[cache_key] = np.append(table, np.uint64(0))[by_value]
+        return self._hashes[cache_key][codes]
 
     def joint(self, field: str, other: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Two fields' values in one vocabulary (a last name against a first name):

@@ -633,6 +633,36 @@ def test_comparison_is_a_pure_function_of_one_partition(samples: Path) -> None:
         pd.testing.assert_frame_equal(got, whole.iloc[sel].reset_index(drop=True))
 
 
+def test_a_key_part_hashes_its_reduced_text_whether_blocking_ran_before_or_not(
+    samples: Path,
+) -> None:
+    """Each record's key part is the 64-bit hash of its reduced text (its lowest bit
+    set), 0 where it has none: what the snapshots of earlier runs hold. Asked on
+    fresh fields, after the blocking codes (the transform already run) or a second
+    time (the hashes kept), it is the same."""
+    from mdm_pipeline.matching.keys import _reduce, prepare
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    pipeline = Pipeline.from_config(samples / "config.yaml")
+    records = pipeline.normalised_records().reset_index(drop=True)
+    warm = prepare(records)
+    for rule in pipeline.settings.matching.blocking.rules:
+        for key in rule.key_parts():
+            values = prepare(records).values(key.field)
+            if key.transform != "exact":
+                values = _reduce(values, key.transform, key.length)
+            present = values.notna().to_numpy()
+            expected = np.zeros(len(values), dtype=np.uint64)
+            expected[present] = pd.util.hash_array(
+                values[present].astype(str).to_numpy(dtype=object)
+            ) | np.uint64(1)
+            assert present.any(), key
+            assert (prepare(records).key_hashes(key) == expected).all(), key
+            warm.key_codes(key)
+            assert (warm.key_hashes(key) == expected).all(), key
+            assert (warm.key_hashes(key) == expected).all(), key
+
+
 def test_block_hashes_form_the_blocks_of_block_ids_in_any_subset(samples: Path) -> None:
     """Hashed block keys (kept by incremental runs) group records exactly as the codes
     of a full run, and a record's key does not depend on the other records."""
