@@ -220,7 +220,8 @@ def _assign(
     if shared is not None and len(shared):
         # On integer codes (stored IDs numbered in their text order): sorting pairs of
         # texts and counts, a rerun at a million records took 2 s here.
-        gid_code, gid_texts = pd.factorize(shared["golden_id"].to_numpy(dtype=object), sort=True)
+        # Arrow texts stay Arrow texts: a million stored IDs as Python strings are 70 MB.
+        gid_code, gid_texts = pd.factorize(shared["golden_id"], sort=True)
         gid_text = np.asarray(gid_texts, dtype=object)
         member_of = shared["cluster"].to_numpy(dtype=np.int64)
         low = int(member_of.min())
@@ -980,7 +981,7 @@ def write_run(
         keys["cluster"],
         pd.DataFrame(
             {
-                "golden_id": prev["golden_id"].take(prev_at).to_numpy(),
+                "golden_id": prev["golden_id"].take(prev_at).reset_index(drop=True),
                 "cluster": keys["cluster"].to_numpy()[both_at],
             }
         )
@@ -1100,9 +1101,15 @@ def write_run(
     found = _events(
         pd.DataFrame(
             {
-                "source": prev["source"].take(prev_at).to_numpy(),
-                "source_key": prev["source_key"].take(prev_at).to_numpy(),
-                "golden_id_old": prev["golden_id"].take(prev_at).to_numpy(),
+                # Taken in their own dtype (Arrow texts: no Python string per record).
+                **{
+                    name: prev[column].take(prev_at).reset_index(drop=True)
+                    for name, column in [
+                        ("source", "source"),
+                        ("source_key", "source_key"),
+                        ("golden_id_old", "golden_id"),
+                    ]
+                },
                 "golden_id_new": record_gid.to_numpy()[both_at],
             }
         )

@@ -249,13 +249,15 @@ def _assigned_by_sorting_texts(
     st.dictionaries(
         st.sampled_from(["G1", "G2", "G10", "Gb"]), st.sampled_from(["R1", "R2"]), max_size=4
     ),
+    st.booleans(),
 )
 def test_assignment_on_integer_codes_follows_the_rules_as_sorting_texts_did(
-    records: list, ages: dict
+    records: list, ages: dict, arrow: bool
 ) -> None:
     """Clusters (0-5) of records, each stored under an ID or new; ties everywhere
     (counts, creating runs, IDs whose text order is not their number's). The IDs
-    kept and retired are those the rules give sorted as texts."""
+    kept and retired are those the rules give sorted as texts, with the stored IDs
+    as Python or as Arrow texts (as a full run reads them)."""
     keys = [f"k{i}" for i in range(len(records))]
     clusters = pd.DataFrame({"source": "s", "source_key": keys, "cluster": [c for c, _ in records]})
     previous = pd.DataFrame(
@@ -266,6 +268,8 @@ def test_assignment_on_integer_codes_follows_the_rules_as_sorting_texts_did(
         }
     )
     created = pd.Series(ages, dtype=object) if ages else None
+    if arrow:
+        previous = previous.astype({"golden_id": text_dtype()})
     got = store.assign_golden_ids(clusters, previous, created)
     if not len(previous):
         assert got.retired.empty
