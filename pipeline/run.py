@@ -444,6 +444,9 @@ class Pipeline:
                     )
                     if made is not None:
                         made.close()  # its files, a gigabyte at a million records
+                    # Written: their memory (half a gigabyte at a million records) is
+                    # what the evidence and the snapshot take next.
+                    del golden, lineage
                     if summary.model_status == "trained":
                         store.write_model(conn, summary.run_id, model_hash, at, model.to_json())
                     store.write_npai(conn, npai_before, npai_after)
