@@ -134,7 +134,7 @@ def _rank(
     c = cluster[rows]
     columns = [-k[rows] for _, k in keys]
     if ranking is None:
-        order = np.lexsort([tiebreak[rows], *reversed(columns), c])
+        order = _ranking(c, [(name, k[rows]) for name, k in keys], tiebreak[rows])
     else:
         # Each candidate's position among `rows`, read in the ranking's order.
         position = np.full(len(cluster), -1, dtype=np.int64)
