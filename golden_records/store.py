@@ -489,20 +489,19 @@ def _inserting(
         # them (with their texts taken out of Arrow arrays) are gigabytes.
         for start in range(0, len(order), slice_rows):
             taken = order[start : start + slice_rows]
-            columns = []
-            # Column by column, missing values (NaN, NaT, pd.NA) to None: a frame-wide
-            # `where` and `itertuples` cost seconds on a million rows.
-            for c in cols:
+            # Column by column into one block of rows, missing values (NaN, NaT, pd.NA)
+            # to None: a frame-wide `where` and `itertuples` cost seconds on a million
+            # rows. The block is new: the caller's frame is never written to.
+            rows = np.empty((len(taken), len(cols)), dtype=object)
+            for j, c in enumerate(cols):
                 if sqlite and isinstance(table.c[c].type, sa.DateTime):
-                    values = _datetime_texts(frame[c].iloc[taken])
+                    rows[:, j] = _datetime_texts(frame[c].iloc[taken])
                 else:
-                    # A new array: the caller's frame is never written to.
-                    values = frame[c].iloc[taken].to_numpy(dtype=object, copy=True)
-                missing = pd.isna(values)
+                    rows[:, j] = frame[c].iloc[taken].to_numpy(dtype=object)
+                missing = pd.isna(rows[:, j])
                 if missing.any():
-                    values[missing] = None
-                columns.append(values)
-            _insert_rows(conn, table, cols, key, list(zip(*columns, strict=True)), upsert)
+                    rows[missing, j] = None
+            _insert_rows(conn, table, cols, key, rows, upsert)
             yield
 
 
@@ -554,17 +553,19 @@ def _insert_rows(
     table: sa.Table,
     cols: list[str],
     key: list[str],
-    rows: list[tuple],
+    rows: np.ndarray,
     upsert: bool,
 ) -> None:
-    """Rows (tuples of `cols`' values) to the driver: COPY on PostgreSQL, one
-    `executemany` elsewhere (an upsert on `key` where asked)."""
+    """Rows (a block of Python objects, a row of `cols`' values each) to the driver:
+    COPY on PostgreSQL, one `executemany` elsewhere (an upsert on `key` where
+    asked). A statement's values are a row of the block reshaped: taken in one
+    pass, where tuples per row, then flattened and cut again, took three."""
     names = ", ".join(f'"{c}"' for c in cols)
     if conn.dialect.name == "postgresql":
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
             for row in rows:
-                copy.write_row(row)
+                copy.write_row(tuple(row))
         return
     marks = "(" + ", ".join("?" if conn.dialect.paramstyle == "qmark" else "%s" for _ in cols) + ")"
     conflict = ""
@@ -576,15 +577,14 @@ def _insert_rows(
     whole = len(rows) // per * per if per > 1 else 0
     if whole:
         # Rows in order, so a key twice in one statement ends as it would one by one.
-        flat = list(itertools.chain.from_iterable(rows[:whole]))
-        width = per * len(cols)
         conn.exec_driver_sql(
             f'INSERT INTO "{table.name}" ({names}) VALUES {", ".join([marks] * per)}{conflict}',
-            [tuple(flat[i : i + width]) for i in range(0, len(flat), width)],
+            list(map(tuple, rows[:whole].reshape(-1, per * len(cols)))),
         )
     if whole < len(rows):
         conn.exec_driver_sql(
-            f'INSERT INTO "{table.name}" ({names}) VALUES {marks}{conflict}', rows[whole:]
+            f'INSERT INTO "{table.name}" ({names}) VALUES {marks}{conflict}',
+            list(map(tuple, rows[whole:])),
         )
 
 
