@@ -614,8 +614,12 @@ def _rows_per_statement(conn: Connection, columns: int) -> int:
 def _datetime_texts(column: pd.Series) -> np.ndarray:
     """Datetimes as SQLAlchemy writes them to SQLite (None where missing), each distinct
     value formatted once: a column holds few (a run's time, payload dates), and
-    `strftime` over a million rows is a Python call per row (8 s of a full run)."""
-    codes, uniques = pd.factorize(pd.to_datetime(column))
+    `strftime` over a million rows is a Python call per row (8 s of a full run).
+    A column already of datetimes is taken as it is: `to_datetime` would look at
+    hundreds of its values one by one to decide on a cache it does not need (1.4 s
+    of a first night's store stage at 1M records)."""
+    dates = column if pd.api.types.is_datetime64_any_dtype(column) else pd.to_datetime(column)
+    codes, uniques = pd.factorize(dates)
     texts = pd.DatetimeIndex(uniques).strftime("%Y-%m-%d %H:%M:%S.%f").to_numpy(dtype=object)
     return np.append(texts, None)[np.where(codes < 0, len(texts), codes)]
 
