@@ -38,7 +38,7 @@ from alembic import command as alembic_command  # noqa: F401  (tests drive migra
 from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.errors import StoreLockedError
-from mdm_pipeline.config.schema import contiguous, text_dtype
+from mdm_pipeline.config.schema import contiguous, distinct, text_dtype
 from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the store's API)
     MIGRATIONS,
     _alembic_config,
@@ -166,8 +166,8 @@ def new_golden_ids(n: int) -> np.ndarray:
     tails = np.empty(0, dtype=np.uint64)
     while len(tails) < n:
         drawn = np.frombuffer(os.urandom(8 * (n - len(tails))), dtype=np.uint64)
-        tails = np.unique(np.r_[tails, drawn >> np.uint64(64 - _GID_RANDOM_BITS)])
-    # In random order (np.unique sorted them), 9 upper-case hex digits each.
+        tails = distinct(np.r_[tails, drawn >> np.uint64(64 - _GID_RANDOM_BITS)])
+    # In random order (`distinct` sorted them), 9 upper-case hex digits each.
     tails = tails[np.random.default_rng().permutation(len(tails))]
     digits = np.frombuffer(binascii.hexlify(tails.astype(">u8").tobytes()).upper(), dtype="S1")
     hexed = np.ascontiguousarray(digits.reshape(-1, 16)[:, 16 - 9 :]).view("S9").ravel()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from mdm_pipeline.config.schema import distinct
 from mdm_pipeline.config.settings import VALUE_ATTRIBUTE_NAMES, SurvivorshipSettings
 
 #: Golden attribute -> the record column it is taken from.
@@ -198,7 +199,7 @@ def survive(
         .argsort()
         .astype(np.float64)
     )
-    index = np.unique(labels)
+    index = distinct(labels)
     golden = pd.DataFrame(index=index)
     lineage: list[pd.DataFrame] = []
     # Chains of rules on whole records rank every record the same way whatever the

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from mdm_pipeline.config import schema
-from mdm_pipeline.config.schema import record_keys
+from mdm_pipeline.config.schema import distinct, record_keys
 from mdm_pipeline.config.settings import BlockingRule, MatchingSettings
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.golden_records.store import StoredRecords, sort_order
@@ -259,7 +259,7 @@ def blocks_to_rematch(
         # Only a block a changed or deleted record joined or left can have crossed the
         # cap: sizes are counted for those few thousand keys, not for every block of a
         # million records (`pd.factorize` of every key, rule by rule, took twice as long).
-        moved = np.unique(np.r_[keys_now[changed], keys_old])
+        moved = distinct(np.r_[keys_now[changed], keys_old])
         moved = moved[moved != 0]  # 0: the record has no key under this rule
         if not len(moved):
             continue
@@ -277,7 +277,7 @@ def blocks_to_rematch(
     # key no changed record shares (it may be matched again for another rule's block).
     reach = rematch.copy()
     for keys_now in now:
-        hit = np.unique(keys_now[rematch])
+        hit = distinct(keys_now[rematch])
         hit = hit[hit != 0]
         if len(hit):
             reach |= pd.Index(hit).get_indexer(keys_now) >= 0
@@ -305,12 +305,12 @@ def affected_records(
     total = n_current + n_deleted
     old = components(total, *stored_edges)
     seeds = np.r_[rematched, np.ones(n_deleted, dtype=bool)]
-    touched_old = np.isin(old, np.unique(old[seeds]))[:n_current]
+    touched_old = np.isin(old, distinct(old[seeds]))[:n_current]
     new = components(
         n_current, np.r_[kept_edges[0], new_edges[0]], np.r_[kept_edges[1], new_edges[1]]
     )
     start = touched_old | rematched | resurvive
-    return np.isin(new, np.unique(new[start]))
+    return np.isin(new, distinct(new[start]))
 
 
 #: What the store's snapshot keeps of every record besides its matching view: the

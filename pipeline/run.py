@@ -611,7 +611,7 @@ class Pipeline:
                 ).astype(str)
             )
             at = delta.index.get_indexer(wanted)
-            at = np.unique(at[at >= 0])
+            at = schema.distinct(at[at >= 0])
             address = [*inc.KEYS, "address_hash"]
             current_addr = inc.stack(
                 [
