@@ -133,7 +133,6 @@ def _rank(
     if not len(rows):
         return cluster[:0], rows, np.array([], dtype=object)
     c = cluster[rows]
-    columns = [-k[rows] for _, k in keys]
     if ranking is None:
         order = _ranking(c, [(name, k[rows]) for name, k in keys], tiebreak[rows])
     else:
@@ -155,10 +154,11 @@ def _rank(
         g = group[other]
         keep = np.r_[True, g[1:] != g[:-1]]
         challenged, runner = g[keep], order[other[keep]]
-        win = winners[challenged]
+        # Keys are read at the winners and runners-up only, not over every candidate.
+        win, runner = rows[winners[challenged]], rows[runner]
         verdict = np.full(len(challenged), "source_key", dtype=object)
         open_ = np.ones(len(challenged), dtype=bool)
-        for name, column in zip([n for n, _ in keys], columns, strict=True):
+        for name, column in keys:
             differs = open_ & (column[win] != column[runner])
             verdict[differs] = name
             open_ &= ~differs

@@ -53,6 +53,21 @@ def test_source_priority_then_most_recent() -> None:
     assert lin.loc["email", "rule"] == "most_recent"
 
 
+def test_the_deciding_rule_compares_the_records_that_hold_a_value() -> None:
+    """A record without the value (more trusted, more recent) stands before the two
+    that hold one: the rule that decided between them is read at their own rows."""
+    frame = records(
+        [
+            {"email_norm": None, "trust": 9, "source_updated_at": "2026-01-01"},
+            {"email_norm": "a@x.fr", "trust": 5, "source_updated_at": "2024-01-01"},
+            {"email_norm": "b@x.fr", "trust": 5, "source_updated_at": "2025-01-01"},
+        ]
+    )
+    row, lin = one_cluster(frame)
+    assert row["email"] == "b@x.fr"
+    assert (lin.loc["email", "record"], lin.loc["email", "rule"]) == (2, "most_recent")
+
+
 def test_most_frequent_and_longest() -> None:
     frame = records(
         [
