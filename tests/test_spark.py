@@ -34,7 +34,9 @@ if importlib.util.find_spec("pyspark") is None:
         raise RuntimeError('CI runs the Spark tests: pip install -e ".[test]" installs PySpark')
     pytest.skip("PySpark is not installed (the spark extra)", allow_module_level=True)
 
-pytestmark = pytest.mark.timeout(600)
+#: One worker runs them all (the suite runs on every core, `--dist loadgroup`): two
+#: JVMs at once on CI's two cores would each take twice as long and twice the memory.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("spark")]
 
 
 def _java() -> bool:
