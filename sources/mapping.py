@@ -72,10 +72,13 @@ def _clean(series: pd.Series) -> pd.Series:
     on object columns call Python once per value, a tenth of a full run's load at
     a million records. Any other value (a number in a column read as such) takes
     the pandas path, which gives it no text at all, as it always did."""
-    try:
-        values = pa.array(series.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
-    except (pa.ArrowException, TypeError, ValueError):
-        return _clean_pandas(series)
+    if series.dtype == TEXT:  # a CSV extract's columns: read into Arrow already
+        values = schema.contiguous(pa.array(series.array))
+    else:
+        try:
+            values = pa.array(series.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
+        except (pa.ArrowException, TypeError, ValueError):
+            return _clean_pandas(series)
     values = pc.utf8_trim(values, characters=_WHITESPACE)
     # Only a value holding a tab or two spaces in a row has a run to fold: those few go
     # through the regular expression, found by plain substring searches (the regular
@@ -86,7 +89,7 @@ def _clean(series: pd.Series) -> pd.Series:
             pc.filter(values, odd), pattern=r"[ \t]+", replacement=" "
         )
         values = pc.replace_with_mask(values, odd, folded)
-    values = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+    values = pc.if_else(pc.equal(values, ""), pa.scalar(None, values.type), values)
     return pd.Series(pd.array(values, dtype=TEXT), index=series.index, name=series.name)
 
 

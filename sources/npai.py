@@ -6,7 +6,7 @@ import pandas as pd
 
 from mdm_pipeline.config.errors import ConfigError
 from mdm_pipeline.config.settings import CsvSource, NpaiReturnFile, Settings
-from mdm_pipeline.sources.readers import read_csv
+from mdm_pipeline.sources.readers import LINE, read_csv
 
 
 def read_returns(spec: NpaiReturnFile, settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -26,7 +26,9 @@ def read_returns(spec: NpaiReturnFile, settings: Settings) -> tuple[pd.DataFrame
         }
     )
     raw = read_csv(csv_spec, path)
-    rows = raw.rows
+    # Python strings, as the state of the flags they join holds them (a return file is
+    # small: thousands of rows).
+    rows = raw.rows.astype(dict.fromkeys(raw.rows.columns.drop(LINE), object))
     for i, col in enumerate(
         (spec.source_column, spec.key_column, spec.date_column, spec.reason_column)
     ):
@@ -51,7 +53,7 @@ def read_returns(spec: NpaiReturnFile, settings: Settings) -> tuple[pd.DataFrame
                 {
                     "source": "npai",
                     "location": str(path),
-                    "line": rows.loc[bad, "__line__"],
+                    "line": rows.loc[bad, LINE],
                     "source_key": key[bad],
                     "reason": "return date or record key unreadable",
                     "raw": "",

@@ -8,25 +8,38 @@ unusable (missing file, no header), with a `SourceError` naming it.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import sqlalchemy as sa
 
 from mdm_pipeline.config.errors import SourceError
-from mdm_pipeline.config.schema import QUARANTINE_COLUMNS, SOURCE, SOURCE_KEY, empty_quarantine
+from mdm_pipeline.config.schema import (
+    QUARANTINE_COLUMNS,
+    SOURCE,
+    SOURCE_KEY,
+    empty_quarantine,
+    text_dtype,
+)
 from mdm_pipeline.config.settings import CsvSource, ParquetSource, Settings, Source, SqlSource
 
 LINE = "__line__"  # physical line (CSV) or 1-based row number of each row read
 
-# Python's csv module refuses fields above 128 KiB by default; an address is never that long,
-# but a broken quote can swallow a file: raise the cap and report the row instead.
-csv.field_size_limit(16 * 1024 * 1024)
+#: The text dtype of the stages (Arrow-backed strings).
+TEXT = text_dtype()
+#: Arrow's CSV block: a row must fit in one. An address is never that long, but a
+#: broken quote can swallow a file: the source is then reported unreadable.
+BLOCK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -64,81 +77,201 @@ def _quarantine(
     )
 
 
-def _has_undecodable(series: pd.Series) -> pd.Series:
-    """Rows whose text held bytes invalid in the declared encoding (kept as surrogates)."""
-    return series.str.contains("[\udc80-\udcff]", regex=True)
+#: Undecodable bytes (Python's surrogate escapes, U+DC80 + byte) become characters of
+#: a block of Unicode's private use plane, U+F0000 + byte, the block moved on while
+#: the file holds such characters itself: unlike surrogates they are valid UTF-8,
+#: which Arrow parses, and the rows that hold them are found by a search afterwards.
+_ESCAPES = "[\udc80-\udcff]"
+_MARK_BASE, _MARK_STEP = 0xF0000, 0x80
+
+
+def _decoded(data: bytes, encoding: str) -> tuple[bytes, str | None]:
+    """The file as UTF-8, and the pattern of the characters standing for undecodable
+    bytes (None when every byte decoded).
+
+    A UTF-8 file that decodes is taken as it is; any other is transcoded in one call
+    (a second or so per 100 MB)."""
+    if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            return data.removeprefix(codecs.BOM_UTF8), None
+    text = data.decode(encoding, "surrogateescape").removeprefix("\ufeff")
+    if re.search(_ESCAPES, text) is None:
+        return text.encode("utf-8"), None
+    base = _MARK_BASE
+    while re.search(f"[{chr(base)}-{chr(base + _MARK_STEP - 1)}]", text) is not None:
+        base += _MARK_STEP
+    marked = text.translate({0xDC80 + i: base + i for i in range(_MARK_STEP)})
+    return marked.encode("utf-8"), f"[{chr(base)}-{chr(base + _MARK_STEP - 1)}]"
+
+
+def _read_table(
+    data: bytes, spec: CsvSource, location: str, width: int | None = None
+) -> tuple[pa.Table, list[tuple[int, int, str]]]:
+    """Arrow's CSV parser over the whole file, every value as text, header included
+    (its first row): the C++ tokenizer takes quoted values with embedded newlines, any
+    delimiter, and rows of the wrong width, which it hands to `invalid` with their
+    row number (counted serially, blank lines included) instead of stopping.
+
+    Every column must be read as text (a column left to Arrow's type inference
+    would read "007" as 7): the header's width is guessed from the file's first
+    64 KiB, and the file read again with the width Arrow found if that fell short."""
+    invalid: list[tuple[int, int, str]] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        invalid.append((row.number, row.actual_columns, row.text))
+        return "skip"
+
+    if width is None:
+        first = data[: 1 << 16].decode("utf-8", "replace")
+        width = len(next(csv.reader(io.StringIO(first), delimiter=spec.delimiter), []))
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pacsv.ReadOptions(
+                autogenerate_column_names=True,
+                use_threads=False,  # the serial reader numbers the rows it hands back
+                block_size=BLOCK_BYTES,
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=spec.delimiter,
+                quote_char=spec.quotechar,
+                double_quote=True,
+                newlines_in_values=True,
+                ignore_empty_lines=False,
+                invalid_row_handler=on_invalid,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={f"f{i}": pa.string() for i in range(max(width, 1))},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            raise SourceError(f"{location}: source '{spec.name}': no header line") from None
+        # Arrow's message can quote the row: only its kind is told.
+        reason = "a row longer than 16 MiB" if "straddl" in str(exc) else "unparseable"
+        raise SourceError(f"{location}: source '{spec.name}': unreadable CSV ({reason})") from None
+    if any(column.type != pa.string() for column in table.columns):
+        return _read_table(data, spec, location, table.num_columns)
+    return table, invalid
+
+
+def _newlines(table: pa.Table) -> np.ndarray:
+    """Newlines inside each row's values: a row spans that many lines more than one."""
+    total = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        total += pc.count_substring(column, "\n").to_numpy(zero_copy_only=False)
+    return total
+
+
+def _blank_rows(data: bytes, lines: np.ndarray, spec: CsvSource) -> np.ndarray:
+    """Whether each of these rows of empty values, at these lines, is an empty line of
+    the file: Arrow reads an empty line as a row of empty values, which is also what
+    a line of bare delimiters gives, and only the latter is a row read.
+
+    Where every line ends with a line feed, a row's line is the file's line of that
+    number. A carriage return alone also ends a row (an old Mac file), and then the
+    lines cannot be counted without parsing: the csv module's reading of the file,
+    which gives an empty line no field at all, tells them apart (a rare file, read
+    twice)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    after_return = np.append(buf, 0)[np.flatnonzero(buf == 13) + 1]
+    if np.all(after_return == 10):
+        ends = np.flatnonzero(buf == 10)
+        starts = np.concatenate(([0], ends + 1))
+        bounds = np.append(ends, len(buf))
+        return np.array([data[starts[i - 1] : bounds[i - 1]] in (b"", b"\r") for i in lines])
+    text = io.StringIO(data.decode("utf-8"), newline="")
+    rows = csv.reader(text, delimiter=spec.delimiter, quotechar=spec.quotechar)
+    line, empty_at = 1, {}
+    for row in rows:
+        empty_at[line] = not row
+        line += 1 + sum(value.count("\n") for value in row)
+    return np.array([empty_at.get(int(i), False) for i in lines])
 
 
 def read_csv(spec: CsvSource, path: Path) -> RawExtract:
     """Read a delimited file with exact physical line numbers.
 
-    The C tokenizer of the csv module handles quoted fields with embedded
-    newlines and any delimiter; `list(reader)` keeps the row loop in C. Line
-    numbers are then derived from the newlines inside each row, vectorised.
+    Arrow's C++ tokenizer parses the file (the csv module built a Python list
+    per row, a tenth of a million records' load); a row's line is the line after
+    the previous row's end, from the newlines inside each row's values. Text
+    columns come out as Arrow strings, the dtype the stages work in.
     """
     if not path.is_file():
         raise SourceError(f"{path}: source '{spec.name}': file not found")
     location = str(path)
-    with path.open("r", encoding=spec.encoding, errors="surrogateescape", newline="") as handle:
-        try:
-            rows = list(csv.reader(handle, delimiter=spec.delimiter, quotechar=spec.quotechar))
-        except csv.Error as exc:
-            raise SourceError(f"{path}: source '{spec.name}': unreadable CSV ({exc})") from None
-    if not rows or not rows[0]:
+    data, marks = _decoded(path.read_bytes(), spec.encoding)
+    table, invalid = _read_table(data, spec, location)
+    if table.num_rows == 0:
         raise SourceError(f"{path}: source '{spec.name}': no header line")
-    header = [h.strip() for h in rows[0]]
-    if spec.encoding == "utf-8" and header and header[0].startswith("\ufeff"):
-        header[0] = header[0].lstrip("\ufeff")  # UTF-8 with BOM declared as plain UTF-8
+    header_row = table.slice(0, 1).to_pylist()[0]
+    header = [str(header_row[f"f{i}"]).strip() for i in range(table.num_columns)]
+    if header == [""]:
+        raise SourceError(f"{path}: source '{spec.name}': no header line")
     if len(set(header)) != len(header):
         raise SourceError(f"{path}: line 1: duplicate column names in header")
-    body = rows[1:]
     width = len(header)
-    lengths = np.fromiter(map(len, body), dtype=np.int64, count=len(body))
-    good = lengths == width
-    blank = lengths == 0
+    header_lines = 1 + int(_newlines(table.slice(0, 1))[0])
+    body = table.slice(1).rename_columns(header)
 
-    # Newlines inside each row: '\n'.join(row) has len(row)-1 separators plus embedded ones.
-    joined = pd.Series(list(map("\x1f".join, body)), dtype=object)
-    embedded = joined.str.count("\n").to_numpy(dtype=np.int64)
-    header_lines = "\x1f".join(rows[0]).count("\n") + 1
-    # A row starts on the line after the previous row ended.
-    span = embedded + 1
+    # Every row after the header, in file order: the parsed ones and, at the places
+    # their serial numbers give, the ones of the wrong width.
+    n_rows = body.num_rows + len(invalid)
+    wrong = np.zeros(n_rows, dtype=bool)
+    at = np.array([number - 2 for number, _, _ in invalid], dtype=np.int64)
+    wrong[at] = True
+    span = np.ones(n_rows, dtype=np.int64)
+    span[~wrong] += _newlines(body)
+    span[at] += np.array([text.count("\n") for _, _, text in invalid], dtype=np.int64)
     start = header_lines + 1 + np.concatenate(([0], np.cumsum(span)[:-1]))
+    parsed_start = start[~wrong]
 
-    undecodable = np.zeros(len(body), dtype=bool)
-    if len(body):
-        undecodable = _has_undecodable(joined).to_numpy(dtype=bool)
+    empty = np.ones(body.num_rows, dtype=bool)
+    for column in body.columns:
+        empty &= pc.equal(column, "").to_numpy(zero_copy_only=False)
+    blank = np.zeros(body.num_rows, dtype=bool)
+    if empty.any():
+        blank[empty] = _blank_rows(data, parsed_start[empty], spec)
+    undecodable = np.zeros(body.num_rows, dtype=bool)
+    if marks is not None:
+        for column in body.columns:
+            undecodable |= pc.match_substring_regex(column, marks).to_numpy(zero_copy_only=False)
 
-    bad = ~good & ~blank
-    reasons: list[str] = []
-    q_lines: list[int] = []
-    raws: list[str] = []
-    bad_idx = np.flatnonzero(bad | (good & undecodable))
-    for i in bad_idx:  # only the (few) broken rows are looked at one by one
-        if not good[i]:
-            reasons.append(f"expected {width} fields, found {lengths[i]}")
-        else:
-            reasons.append(f"bytes not valid in declared encoding {spec.encoding}")
-        q_lines.append(int(start[i]))
-        raws.append(joined.iat[i].encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    q_lines = [int(start[i]) for i in at] + [int(x) for x in parsed_start[undecodable]]
+    reasons = [f"expected {width} fields, found {n}" for _, n, _ in invalid]
+    reasons += [f"bytes not valid in declared encoding {spec.encoding}"] * int(undecodable.sum())
+    raws = [text for _, _, text in invalid]
+    if undecodable.any():
+        rows = body.filter(pa.array(undecodable)).to_pylist()
+        raws += [spec.delimiter.join(row.values()) for row in rows]
+    if marks is not None:
+        raws = [re.sub(marks, "\ufffd", raw) for raw in raws]
+    order = np.argsort(q_lines, kind="stable")
 
-    keep = good & ~undecodable
-    frame = (
-        pd.DataFrame(
-            [r for r, k in zip(body, keep, strict=True) if k] if not keep.all() else body,
-            columns=header,
-            dtype=object,
-        )
-        if keep.any()
-        else pd.DataFrame({h: pd.Series(dtype=object) for h in header})
+    keep = ~blank & ~undecodable
+    kept = body if keep.all() else body.filter(pa.array(keep))
+    frame = pd.DataFrame(
+        {name: pd.array(kept.column(name), dtype=TEXT) for name in header}, index=None
     )
-    frame[LINE] = start[keep]
+    frame[LINE] = parsed_start[keep]
     return RawExtract(
         source=spec.name,
         location=location,
-        rows=frame.reset_index(drop=True),
-        quarantine=_quarantine(spec.name, location, q_lines, reasons, raws),
-        rows_read=int((~blank).sum()),
+        rows=frame,
+        quarantine=_quarantine(
+            spec.name,
+            location,
+            [q_lines[i] for i in order],
+            [reasons[i] for i in order],
+            [raws[i] for i in order],
+        ),
+        rows_read=n_rows - int(blank.sum()),
         fingerprint=_fingerprint(path),
     )
 

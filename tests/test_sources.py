@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -317,6 +318,128 @@ def test_reader_line_column_never_collides_with_extract_columns(tmp_path: Path) 
     assert LINE in raw.rows.columns and LINE.startswith("__")
 
 
+def test_columns_beyond_the_guessed_header_width_are_still_text(tmp_path: Path) -> None:
+    """The header's width is guessed from the file's first 64 KiB; a longer header
+    must not leave its last columns to Arrow's type inference ("007" read as 7)."""
+    names = [str(10**6 + i) for i in range(15_000)]  # numbers, as a pivot's header has
+    (tmp_path / "x.csv").write_text(",".join(names) + "\n" + ",".join(["007"] * 15_000) + "\n")
+    src = _csv_source(mapping={"source_key": names[-1]})
+    extract = read_source(_settings(tmp_path, src).sources[0], _settings(tmp_path, src))
+    assert extract.rows.drop(columns=[LINE]).iloc[0].tolist() == ["007"] * 15_000
+
+
+def _csv_module_reading(data: bytes, encoding: str, delimiter: str) -> dict:
+    """What Python's csv module reads of a file, as the reader reports it: the rows
+    kept with their physical lines, the quarantined lines and reasons, the rows read.
+    The reader used this module until Arrow's parser replaced it; it is the oracle."""
+    import csv
+    import io
+
+    text = data.decode(encoding, "surrogateescape").removeprefix("\ufeff")
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    width = len(rows[0])
+    line = rows[0] and "\x1f".join(rows[0]).count("\n") + 2
+    kept, quarantined, read = [], [], 0
+    for row in rows[1:]:
+        joined = "\x1f".join(row)
+        if row:
+            read += 1
+            if len(row) != width:
+                quarantined.append((line, f"expected {width} fields, found {len(row)}"))
+            elif re.search("[\udc80-\udcff]", joined):
+                reason = f"bytes not valid in declared encoding {encoding}"
+                quarantined.append((line, reason))
+            else:
+                kept.append((line, row))
+        line += joined.count("\n") + 1
+    return {"kept": kept, "quarantined": quarantined, "rows_read": read}
+
+
+#: Values of every kind a CSV parser can trip on: the delimiters, quotes, both kinds of
+#: line end, blanks, accents, and `¤`, which the test turns into an undecodable byte.
+_CSV_CHARS = list("ab ;,|\"\n\r\t'é¤")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    header=st.lists(
+        st.sampled_from(["id", "nom", "prenom", "adr", "x"]), min_size=1, max_size=4, unique=True
+    ),
+    rows=st.lists(
+        st.one_of(
+            st.just(None),  # a blank line
+            st.lists(st.text(alphabet=st.sampled_from(_CSV_CHARS), max_size=6), max_size=6),
+            st.text(alphabet=st.sampled_from(_CSV_CHARS), max_size=12),  # a line as it is
+        ),
+        max_size=12,
+    ),
+    delimiter=st.sampled_from([",", ";", "|", "\t"]),
+    encoding=st.sampled_from(["utf-8", "cp1252"]),
+    ending=st.sampled_from(["\n", "\r\n"]),
+    bom=st.booleans(),
+)
+@example(
+    header=["id", "nom"],
+    rows=[None, ["1", 'a"b'], '2,"c\n\nd"', ",", "3,¤", None],
+    delimiter=",",
+    encoding="utf-8",
+    ending="\n",
+    bom=False,
+)
+def test_arrow_reads_a_csv_file_as_the_csv_module_does(
+    tmp_path_factory: pytest.TempPathFactory,
+    header: list[str],
+    rows: list,
+    delimiter: str,
+    encoding: str,
+    ending: str,
+    bom: bool,
+) -> None:
+    """Rows kept, their physical lines, the rows quarantined (wrong width, bytes the
+    encoding cannot decode) and the rows read are the csv module's, for quoted values
+    with line ends, stray quotes, blank lines and lines of bare delimiters."""
+    import csv
+    import io
+
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, delimiter=delimiter, lineterminator=ending)
+    writer.writerow(header)
+    for row in rows:
+        if row is None:
+            out.write(ending)
+        elif isinstance(row, list):
+            writer.writerow(row)
+        else:
+            out.write(row + ending)
+    text = out.getvalue()
+    undecodable = b"\xff" if encoding == "utf-8" else b"\x81"  # no character in either
+    data = text.encode("utf-8" if encoding == "utf-8" else encoding).replace(
+        "¤".encode("utf-8" if encoding == "utf-8" else encoding), undecodable
+    )
+    if bom and encoding == "utf-8":
+        data = b"\xef\xbb\xbf" + data
+    expected = _csv_module_reading(data, encoding, delimiter)
+
+    folder = tmp_path_factory.mktemp("csv")
+    (folder / "x.csv").write_bytes(data)
+    src = _csv_source(encoding=encoding, delimiter=delimiter)
+    extract = read_source(_settings(folder, src).sources[0], _settings(folder, src))
+    values = extract.rows.drop(columns=[LINE])
+    assert list(values.columns) == [h.strip() for h in header]
+    kept = [
+        (int(line), list(row))
+        for line, row in zip(extract.rows[LINE], values.itertuples(index=False), strict=True)
+    ]
+    assert kept == expected["kept"]
+    assert (
+        list(zip(extract.quarantine["line"], extract.quarantine["reason"], strict=True))
+        == (expected["quarantined"])
+    )
+    assert extract.rows_read == expected["rows_read"]
+    # What is quarantined never keeps a byte that stands for an undecodable one.
+    assert not any(re.search("[\U000f0000-\U000fffff]", r) for r in extract.quarantine["raw"])
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(
@@ -337,7 +460,11 @@ def test_reader_line_column_never_collides_with_extract_columns(tmp_path: Path) 
 def test_cleaning_in_arrow_is_cleaning_in_python(values: list) -> None:
     """`_clean` (Arrow) strips, folds and empties exactly as Python's string methods do."""
     series = pd.Series(values, dtype=object, name="field")
-    pd.testing.assert_series_equal(mapping._clean(series), mapping._clean_pandas(series))
+    expected = mapping._clean_pandas(series)
+    pd.testing.assert_series_equal(mapping._clean(series), expected)
+    # A CSV extract's columns arrive as Arrow strings, and are cleaned the same way.
+    text = series.astype(mapping.TEXT)
+    pd.testing.assert_series_equal(mapping._clean(text), expected)
 
 
 def test_the_blanks_arrow_trims_are_the_ones_python_strips() -> None:
