@@ -1,9 +1,9 @@
 """The load stage on both cores: large extracts shared between this process and a child.
 
-Reading and mapping an extract is mostly Python-level work (the csv module's
-rows, pandas' object columns), which holds the GIL: a thread would not run
-beside it. A full run over a million records spends about twenty seconds
-there with the machine's second core idle. So, when the extract files are
+Mapping, hashing and normalising an extract is largely Python-level work around
+pandas and Arrow calls, which holds the GIL: a thread would not run beside it.
+A full run over a million records spends about thirty seconds of one core
+there (the CSV parsing itself, in Arrow, about two). So, when the extract files are
 large (`PARALLEL_LOAD_MIN_BYTES`), the sources are shared out by file size
 between this process and one child process (`python -m` this module), which
 maps (and hashes) its share with the very same code and hands the mapped sources
@@ -93,9 +93,10 @@ def shared_out(sizes: list[int | None], start_bytes: int = CHILD_START_BYTES) ->
     return sorted(away)
 
 
-#: Normalisation's share of a source's time when it is loaded and normalised (3.3 to
-#: 4.4 s of 7.2 to 11.8 s for the scale benchmark's three CSV extracts).
-NORMALISE_SHARE = 0.4
+#: Normalisation's share of a source's time when it is loaded and normalised: 3.9 to
+#: 5.5 s of 7.2 to 10.2 s for the scale benchmark's three CSV extracts since Arrow
+#: parses them (it was 0.4 when the csv module did).
+NORMALISE_SHARE = 0.55
 
 
 def handed_back(
