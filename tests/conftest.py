@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,18 @@ def samples(tmp_path: Path) -> Path:
     dest = tmp_path / "samples"
     shutil.copytree(SAMPLES, dest, ignore=shutil.ignore_patterns("out", "*.sqlite"))
     return dest
+
+
+@pytest.fixture
+def private_tempdir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """This process's temporary folder, for the test, in a folder of its own: a test that
+    looks there for what a run left behind must not see the files of another test,
+    running beside it on another core (the suite runs on every core)."""
+    folder = tmp_path_factory.mktemp("tempdir")
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
 def _pg_available() -> bool:

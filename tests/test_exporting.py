@@ -43,6 +43,10 @@ def any_run_exports_in_a_child(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(exporting, "MIN_RECORDS", 0)
 
 
+#: Each test looks for the job folders a run leaves in its own temporary folder.
+pytestmark = pytest.mark.usefixtures("private_tempdir")
+
+
 def _leftovers() -> list[Path]:
     return list(Path(tempfile.gettempdir()).glob("mdm-export-*"))
 

@@ -91,7 +91,7 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store, "WRITE_CHUNK_ROWS", 37)
 
 
-@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.usefixtures("small_chunks", "private_tempdir")
 def test_a_run_takes_the_childs_payloads_and_writes_what_it_would_make(
     samples: Path, tmp_path: Path, baseline: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
