@@ -126,4 +126,14 @@ def normalize_records(records: pd.DataFrame, settings: NormalizeSettings) -> pd.
     ref = fold(records["customer_ref"]).str.replace(" ", "", regex=False)
     out["customer_ref_norm"] = ref.where(ref.notna() & (ref != ""), None)
     out["quality_codes"] = merge_codes(records["quality_codes"], codes_column(flags, out.index))
+    # Columns some helper left as Python strings go on as Arrow strings, like the rest:
+    # made here, on whichever core normalised the source, they are a buffer per column
+    # to hand back and hold, not a Python object per value (a million records held
+    # some 18 such columns).
+    for col in [*NORMALISED_COLUMNS, "quality_codes"]:
+        if out[col].dtype == object and pd.api.types.infer_dtype(out[col], skipna=True) in (
+            "string",
+            "empty",
+        ):
+            out[col] = as_str(out[col])
     return out

@@ -54,6 +54,21 @@ def test_each_sources_hashes_are_those_of_all_the_records_together(samples: Path
     assert got.nunique() == len(got)
 
 
+def test_normalised_text_leaves_normalisation_as_arrow_strings(samples: Path) -> None:
+    """Every normalised column that holds text leaves normalisation in the stages' text
+    dtype, not as a Python object per value: the sources are handed back from the load's
+    child and held through the run as Arrow buffers."""
+    from mdm_pipeline.normalize.stage import NORMALISED_COLUMNS
+    from mdm_pipeline.sources.mapping import TEXT
+
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    for mapped in loading.load_sources(settings, DAY, lambda m: None, normalised=True):
+        records = mapped.records
+        objects = [c for c in [*NORMALISED_COLUMNS, "quality_codes"] if records[c].dtype == object]
+        assert objects == [], mapped.source
+        assert records["phone_norm"].dtype == TEXT and records["city_norm"].dtype == TEXT
+
+
 @pytest.mark.parametrize("normalised", [False, True])
 def test_a_load_shared_with_a_child_maps_what_one_process_maps(
     samples: Path, normalised: bool
