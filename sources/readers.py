@@ -285,7 +285,10 @@ def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
             text = series.dt.strftime("%Y-%m-%dT%H:%M:%S")
         else:
             text = series.astype(object).where(series.notna(), None)
-            text = text.map(lambda v: v if v is None or isinstance(v, str) else str(v))
+            # A text column (most of them) is left as it is: only numbers, decimals,
+            # dates or mixed values are written out, one by one.
+            if pd.api.types.infer_dtype(text, skipna=True) not in ("string", "empty"):
+                text = text.map(lambda v: v if v is None or isinstance(v, str) else str(v))
         out[str(col)] = text.where(series.notna(), None)
     return out
 
