@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from mdm_pipeline.config import schema
 from mdm_pipeline.config.schema import record_keys
-from mdm_pipeline.normalize.text import fold
+from mdm_pipeline.normalize.text import as_str, fold
 
 #: La Poste's categories: code -> label.
 REASONS = {
@@ -58,10 +61,20 @@ def reason_code(text: pd.Series) -> pd.Series:
 
 
 def address_hash(block: pd.DataFrame) -> pd.Series:
-    """A fingerprint of the normalised delivery address (NF lines 2 to 6)."""
-    text = block["rnvp_line2"].fillna("").astype(object)
-    for i in range(3, 7):
-        text = text + "|" + block[f"rnvp_line{i}"].fillna("").astype(object)
+    """A fingerprint of the normalised delivery address (NF lines 2 to 6), joined by "|",
+    an empty line as empty text.
+
+    The store keeps it, and a later run compares it with its own to tell whether a
+    flagged address changed: it must stay the same function from one version to
+    the next. The lines are joined in Arrow (Python's `+` over a million objects,
+    four times, took 0.4 s of the run's own thread); the hash is pandas' of the
+    same text."""
+    lines = [
+        pc.fill_null(schema.contiguous(pa.array(as_str(block[f"rnvp_line{i}"]).array)), "")
+        for i in range(2, 7)
+    ]
+    joined = pc.binary_join_element_wise(*lines, pa.scalar("|", lines[0].type))
+    text = pd.Series(pd.array(joined, dtype=schema.text_dtype()))
     hashed = pd.util.hash_pandas_object(text, index=False).to_numpy(dtype=np.uint64)
     return pd.Series(hashed.astype(str), index=block.index, dtype=object)
 

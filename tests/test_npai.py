@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
+from mdm_pipeline.config.schema import text_dtype
 from mdm_pipeline.normalize import npai
 
 runner = CliRunner()
@@ -80,6 +84,50 @@ def _npai_rows(url: str) -> pd.DataFrame:
     frame = pd.read_sql("select * from mdm_npai", engine)
     engine.dispose()
     return frame
+
+
+def _stored_address_hash(frame: pd.DataFrame) -> list[str]:
+    """The address hash as stores hold it: lines 2 to 6 joined by "|" in Python
+    objects, pandas' hash of that text, written in decimal."""
+    text = frame["rnvp_line2"].fillna("").astype(object)
+    for i in range(3, 7):
+        text = text + "|" + frame[f"rnvp_line{i}"].fillna("").astype(object)
+    return (
+        pd.util.hash_pandas_object(text, index=False).to_numpy(dtype=np.uint64).astype(str).tolist()
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.none() | st.text(alphabet=st.sampled_from(list("A1 |é-")), max_size=6),
+            min_size=5,
+            max_size=5,
+        ),
+        max_size=20,
+    )
+)
+def test_the_address_hash_is_the_one_earlier_runs_stored(rows: list[list[str | None]]) -> None:
+    """A flag clears when the stored hash differs from the run's: the hash must be the
+    one stores already hold, whatever the lines' dtype (Python objects or Arrow)."""
+    frame = pd.DataFrame(rows, columns=[f"rnvp_line{i}" for i in range(2, 7)], dtype=object)
+    expected = _stored_address_hash(frame)
+    assert npai.address_hash(frame).tolist() == expected
+    assert npai.address_hash(frame.astype(text_dtype())).tolist() == expected
+
+
+def test_the_address_hash_of_a_known_address_never_changes() -> None:
+    frame = pd.DataFrame(
+        {
+            "rnvp_line2": [None],
+            "rnvp_line3": ["BAT B"],
+            "rnvp_line4": ["12 RUE DE LA PAIX"],
+            "rnvp_line5": [None],
+            "rnvp_line6": ["75002 PARIS"],
+        }
+    )
+    assert npai.address_hash(frame).tolist() == ["1650946786918257553"]
 
 
 def test_two_nights_on_the_samples(samples: Path) -> None:
