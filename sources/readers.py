@@ -40,6 +40,8 @@ TEXT = text_dtype()
 #: Arrow's CSV block: a row must fit in one. An address is never that long, but a
 #: broken quote can swallow a file: the source is then reported unreadable.
 BLOCK_BYTES = 16 * 2**20
+#: How a Parquet or SQL extract's datetimes are written as text.
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%S"
 
 
 @dataclass(frozen=True)
@@ -276,13 +278,26 @@ def read_csv(spec: CsvSource, path: Path) -> RawExtract:
     )
 
 
+def _datetime_text(series: pd.Series) -> pd.Series:
+    """A datetime column written as ISO text to the second (missing stays missing).
+
+    Naive datetimes are written by Arrow's `strftime`, in C++ (pandas' took 0.15 s
+    of a 50,000-row extract), after flooring to the second, as pandas truncates;
+    a zoned column keeps pandas', which writes a historic local mean time offset
+    (Paris before 1911: +00:09:21) to the minute, where Arrow keeps its seconds."""
+    if series.dt.tz is not None:
+        return series.dt.strftime(ISO_SECONDS)
+    values = pc.floor_temporal(pa.array(series), unit="second").cast(pa.timestamp("s"))
+    return pd.Series(pc.strftime(values, format=ISO_SECONDS).to_pandas(), index=series.index)
+
+
 def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
     """Every column as text (None for missing), the way CSV rows arrive."""
     out = pd.DataFrame(index=frame.index)
     for col in frame.columns:
         series = frame[col]
         if pd.api.types.is_datetime64_any_dtype(series):
-            text = series.dt.strftime("%Y-%m-%dT%H:%M:%S")
+            text = _datetime_text(series)
         else:
             text = series.astype(object).where(series.notna(), None)
             # A text column (most of them) is left as it is: only numbers, decimals,

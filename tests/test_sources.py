@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from mdm_pipeline.config.errors import SourceError
 from mdm_pipeline.config.settings import Settings
-from mdm_pipeline.sources import load_source, mapping
+from mdm_pipeline.sources import load_source, mapping, readers
 from mdm_pipeline.sources.mapping import split_full_name
 from mdm_pipeline.sources.readers import LINE, read_source
 
@@ -261,6 +262,29 @@ def test_parquet_source(tmp_path: Path) -> None:
     assert mapped.records["source_key"].tolist() == ["1", "2"]
     assert mapped.records["source_line"].tolist() == [1, 2]
     assert pd.isna(mapped.records["last_name"].iloc[1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.none() | st.datetimes(min_value=datetime(1800, 1, 1), max_value=datetime(2200, 1, 1)),
+        max_size=30,
+    ),
+    st.sampled_from(["ns", "us", "ms"]),
+)
+@example([datetime(1969, 12, 31, 23, 59, 59, 500000), datetime(1900, 1, 1, 0, 0, 0, 999000)], "ns")
+def test_a_parquet_datetime_is_written_as_pandas_writes_it(values: list, unit: str) -> None:
+    """Datetimes of a Parquet or SQL extract become the text pandas' strftime gives:
+    truncated to the second (before 1970 too), missing kept missing, any unit."""
+    series = pd.Series(pd.to_datetime(values), dtype="datetime64[ns]").astype(f"datetime64[{unit}]")
+    expected = series.dt.strftime(readers.ISO_SECONDS)
+    got = readers._datetime_text(series)
+    assert got.isna().tolist() == expected.isna().tolist()
+    assert got.dropna().tolist() == expected.dropna().tolist()
+    zoned = series.dt.tz_localize("Europe/Paris", ambiguous="NaT", nonexistent="NaT")
+    pd.testing.assert_series_equal(
+        readers._datetime_text(zoned), zoned.dt.strftime(readers.ISO_SECONDS)
+    )
 
 
 def _sql_source(url: str, **what) -> dict:
