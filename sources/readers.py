@@ -104,10 +104,10 @@ def _decoded(data: bytes, encoding: str) -> tuple[bytes, str | None]:
     if re.search(_ESCAPES, text) is None:
         return text.encode("utf-8"), None
     base = _MARK_BASE
-    while re.search(f"[{chr(base)}-{chr(base + _MARK_STEP - 1)}]", text) is not None:
+    while re.search(marks := f"[{chr(base)}-{chr(base + _MARK_STEP - 1)}]", text) is not None:
         base += _MARK_STEP
     marked = text.translate({0xDC80 + i: base + i for i in range(_MARK_STEP)})
-    return marked.encode("utf-8"), f"[{chr(base)}-{chr(base + _MARK_STEP - 1)}]"
+    return marked.encode("utf-8"), marks
 
 
 def _read_table(
@@ -129,7 +129,8 @@ def _read_table(
 
     if width is None:
         first = data[: 1 << 16].decode("utf-8", "replace")
-        width = len(next(csv.reader(io.StringIO(first), delimiter=spec.delimiter), []))
+        header = csv.reader(io.StringIO(first), delimiter=spec.delimiter, quotechar=spec.quotechar)
+        width = len(next(header, []))
     try:
         table = pacsv.read_csv(
             pa.py_buffer(data),
