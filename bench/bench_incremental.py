@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from common import peak_rss_mib  # bench/ is on sys.path when a script runs
+from common import changes, peak_rss_mib  # bench/ is on sys.path when a script runs
 
 
 def child(config: Path, incremental: bool) -> None:
@@ -50,12 +50,7 @@ def child(config: Path, incremental: bool) -> None:
                 "mode": summary.mode,
                 "wall_s": round(wall, 1),
                 "stages_s": summary.seconds,
-                "records_changed": summary.records_changed,
-                "records_deleted": summary.records_deleted,
-                "records_reclustered": summary.records_reclustered,
-                "golden_created": summary.golden_created,
-                "golden_updated": summary.golden_updated,
-                "golden_retired": summary.golden_retired,
+                **changes(summary),
                 # The run resets the kernel's high-water mark at each stage.
                 "peak_rss_mib": round(max(summary.peak_rss_mib, peak_rss_mib())),
                 "stage_peak_rss_mib": summary.peak_rss_by_stage,

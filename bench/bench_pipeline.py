@@ -2,7 +2,7 @@
 
 Usage:
     python bench/bench_pipeline.py --records 100000 [--records 1000000] [--keep DIR] [--splink]
-                                   [--rerun]
+                                   [--rerun] [--night SHARE]
 
 For each size: generate the four extracts with the seeded generator, run the
 whole pipeline (load, normalise, match, cluster, survive, store, export) into
@@ -14,7 +14,12 @@ prediction + clustering timed). Each run is a child process so that its peak
 RSS is its own. With --rerun, a second run on the same records follows, into
 the store the first one wrote: a night on which nothing changed, the steady
 state of a nightly full run (it reads and compares the whole store, and writes
-nothing but its run log). Last, the ratio of each stage's time between
+nothing but its run log). With --night, an incremental night follows on a copy
+of that store (`mdm run --incremental`): a delta file of SHARE of each CSV
+extract's rows, made as `bench_incremental.py` makes it (new e-mails, new
+postcodes, deletions, new keys): the steady state of a nightly incremental
+job. Then each run's wall time over Splink's in this same benchmark run, and
+the ratio of each stage's time between
 consecutive sizes, beside the ratio of candidate pairs: no stage should grow
 faster.
 """
@@ -26,13 +31,14 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import TreePeak, peak_rss_mib  # bench/ is on sys.path when a script runs
+from common import TreePeak, changes, peak_rss_mib  # bench/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -94,6 +100,41 @@ def _one(records: int, workdir: Path, kind: str, again: bool = False) -> dict:
     }
 
 
+def _night(workdir: Path) -> dict:
+    """An incremental run on `workdir` (a copy of a stored first run, its config
+    pointed at delta files): wall time, stages, peaks and what it changed."""
+    from mdm_pipeline.pipeline.allocator import keep_freed_memory
+    from mdm_pipeline.pipeline.run import Pipeline
+
+    keep_freed_memory()  # as `mdm run` does
+    pipeline = Pipeline.from_config(workdir / "config.yaml")
+    t0 = time.perf_counter()
+    with TreePeak() as tree:
+        summary = pipeline.run(incremental=True)
+    wall = time.perf_counter() - t0
+    return {
+        "run_wall_s": round(wall, 2),
+        "stages_s": summary.seconds,
+        "peak_rss_mib": round(max(summary.peak_rss_mib, peak_rss_mib())),
+        "peak_rss_tree_mib": round(tree.peak_mib),
+        **changes(summary),
+    }
+
+
+def _night_copy(workdir: Path, share: float) -> Path:
+    """A copy of `workdir` with its store, switched to delta extracts of `share`."""
+    from bench_incremental import make_deltas  # bench/ is on sys.path
+
+    night = workdir.with_name(workdir.name + "-night")
+    shutil.rmtree(night, ignore_errors=True)
+    shutil.copytree(workdir, night, ignore=shutil.ignore_patterns("out", "truth.csv"))
+    make_deltas(night, share)
+    # The copy's dirty pages are the benchmark's doing, flushed before the run, not
+    # by its commit (as bench_incremental.py does).
+    os.sync()
+    return night
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, action="append", required=True)
@@ -102,6 +143,13 @@ def main() -> None:
     parser.add_argument(
         "--rerun", action="store_true", help="run again on the same records and store"
     )
+    parser.add_argument(
+        "--night",
+        type=float,
+        metavar="SHARE",
+        help="then an incremental night on a delta of SHARE of each CSV extract",
+    )
+    parser.add_argument("--night-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep", type=Path, help="keep generated data under this folder")
     parser.add_argument("--splink", action="store_true", help="run Splink 5 on the same records")
     parser.add_argument(
@@ -111,6 +159,9 @@ def main() -> None:
         help="our engine(s): spark runs in local mode on this machine",
     )
     args = parser.parse_args()
+    if args.night_child:
+        print(json.dumps(_night(args.keep)))
+        return
     if args.child:
         workdir = args.keep or Path(tempfile.mkdtemp(prefix="mdm-bench-"))
         print(json.dumps(_one(args.records[0], workdir, args.engine, args.again)))
@@ -140,11 +191,28 @@ def main() -> None:
             if args.rerun:
                 again = json.loads(_last_line([*cmd, "--again"]))
                 print(json.dumps({"tool": f"mdm-pipeline ({engine}), rerun", **again}), flush=True)
+                row.setdefault("rerun", again)
+        if args.night:
+            night = _night_copy(workdir, args.night)
+            try:
+                cmd = [sys.executable, __file__, "--night-child", "--records", str(n)]
+                row["night"] = json.loads(_last_line([*cmd, "--keep", str(night)]))
+            finally:
+                # Gigabytes (the store's copy and its journal), not kept.
+                shutil.rmtree(night, ignore_errors=True)
+            night_row = {"tool": "mdm-pipeline, incremental night", **row["night"]}
+            print(json.dumps(night_row), flush=True)
         if args.splink:
             cmd = [sys.executable, str(HERE / "bench_matching.py"), "--data", str(workdir)]
             splink = json.loads(_last_line([*cmd, "--tool", "splink"]))
             print(json.dumps(splink), flush=True)
             row["splink"] = splink
+            over = {
+                f"{run}_over_splink": round(row[run]["run_wall_s"] / splink["seconds"], 2)
+                for run in ("ours", "rerun", "night")
+                if run in row
+            }
+            print(json.dumps({"records": row["records"], **over}), flush=True)
         rows.append(row)
     for small, large in itertools.pairwise(rows):
         a, b = small["ours"], large["ours"]

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 # This process's own peak RSS, as the pipeline reads it.
 from mdm_pipeline.pipeline.memory import high_water_mib as peak_rss_mib
+
+
+def changes(summary: Any) -> dict[str, int]:
+    """What an incremental run (a `RunSummary`) found changed and wrote: the size of
+    the night, beside its time."""
+    names = ("records_changed", "records_deleted", "records_reclustered")
+    names += ("golden_created", "golden_updated", "golden_retired")
+    return {name: getattr(summary, name) for name in names}
 
 
 class TreePeak:
