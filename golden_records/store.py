@@ -34,7 +34,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sqlalchemy as sa
-from alembic import command as alembic_command  # noqa: F401  (tests drive migrations)
 from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.errors import StoreLockedError

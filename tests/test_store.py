@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from hypothesis import given, settings
@@ -63,12 +64,31 @@ def test_the_declared_head_is_alembics() -> None:
     assert ScriptDirectory.from_config(config).get_current_head() == connection.HEAD
 
 
+def test_a_night_opens_an_upgraded_store_without_loading_alembic(tmp_path: Path) -> None:
+    """Alembic is for upgrades: a run and its child processes open a store already at
+    the head revision without importing it (a quarter of a second per process)."""
+    url = f"sqlite:///{tmp_path / 'mdm.sqlite'}"
+    connection.connect(url).dispose()  # created and migrated here
+    script = (
+        "import sys\n"
+        "import mdm_pipeline.golden_records.store_child\n"
+        "import mdm_pipeline.golden_records.snapshot_child\n"
+        "import mdm_pipeline.pipeline.run\n"
+        "from mdm_pipeline.golden_records.connection import connect\n"
+        f"connect({url!r}).dispose()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         config = store._alembic_config(conn)
-        store.alembic_command.upgrade(config, "0001")
+        alembic_command.upgrade(config, "0001")
         conn.execute(sa.text("DROP TABLE alembic_version"))  # as create_all left it
         conn.execute(
             sa.text(
@@ -104,7 +124,7 @@ def test_a_store_from_before_migrations_is_stamped_and_upgraded(tmp_path: Path) 
     assert shown["lineage"]["email"]["source_key"] == "k1"
     # Back to 0006, the current row has its lineage again.
     with engine.begin() as conn:
-        store.alembic_command.downgrade(store._alembic_config(conn), "0006")
+        alembic_command.downgrade(store._alembic_config(conn), "0006")
         back = conn.execute(sa.text("SELECT lineage FROM mdm_golden_records")).scalar()
     engine.dispose()
     assert "shop|k1|most_recent" in back
@@ -147,7 +167,7 @@ def test_evidence_and_xref_are_without_rowid_on_sqlite_and_migrate_both_ways(
     assert len(now["mdm_match_evidence"][2]) > 100 and len(now["mdm_xref"][2]) > 100
     assert any("ix_mdm_match_evidence_review" in i for i in now["mdm_match_evidence"][1])
     with engine.begin() as conn:
-        store.alembic_command.downgrade(store._alembic_config(conn), "0008")
+        alembic_command.downgrade(store._alembic_config(conn), "0008")
     before = _layout(engine)
     assert not any(without for without, _, _ in before.values())
     for table, (_, indexes, rows) in now.items():
@@ -540,7 +560,7 @@ def test_golden_history_migrates_both_ways_with_every_version(
     history = _by_key(_table(engine, store.golden_history))
     current = _table(engine, store.golden_records)
     with engine.begin() as conn:
-        store.alembic_command.downgrade(store._alembic_config(conn), "0009")
+        alembic_command.downgrade(store._alembic_config(conn), "0009")
     engine.dispose()
     engine = sa.create_engine(url)
     with engine.connect() as conn:
@@ -580,7 +600,7 @@ def test_a_store_of_full_payloads_migrates_to_sparse_ones_and_the_next_run_chang
         _night(engine, "R1", T1, six_people, [["c"], ["d", "e", "f"]], payload)
         _night(engine, "R2", T2, six_people, groups, payload)
     with engine.begin() as conn:
-        store.alembic_command.downgrade(store._alembic_config(conn), "0010")
+        alembic_command.downgrade(store._alembic_config(conn), "0010")
     engine.dispose()
     before = _table(sa.create_engine(url), store.source_records).sort_values("source_key")
     assert before["payload"].str.contains('"siren_norm":null').all()
