@@ -123,15 +123,21 @@ def _night(workdir: Path) -> dict:
     }
 
 
+#: The store as the night found it, kept beside the night's copy to run it again.
+BEFORE_NIGHT = "before-night.sqlite"
+
+
 def _night_copy(workdir: Path, share: float) -> Path:
-    """A copy of `workdir` with its store, switched to delta extracts of `share`."""
+    """A copy of `workdir` with its store, switched to delta extracts of `share`, and a
+    second copy of the store (`BEFORE_NIGHT`)."""
     from bench_incremental import make_deltas  # bench/ is on sys.path
 
     night = workdir.with_name(workdir.name + "-night")
     shutil.rmtree(night, ignore_errors=True)
     shutil.copytree(workdir, night, ignore=shutil.ignore_patterns("out", "truth.csv"))
+    shutil.copy(night / "mdm.sqlite", night / BEFORE_NIGHT)
     make_deltas(night, share)
-    # The copy's dirty pages are the benchmark's doing, flushed before the run, not
+    # The copies' dirty pages are the benchmark's doing, flushed before the run, not
     # by its commit (as bench_incremental.py does).
     os.sync()
     return night
@@ -196,8 +202,7 @@ def main() -> None:
                 row.setdefault("rerun", again)
         if args.night:
             night = _night_copy(workdir, args.night)
-            stored, kept = night / "mdm.sqlite", night / "before-night.sqlite"
-            shutil.copy(stored, kept)
+            stored, kept = night / "mdm.sqlite", night / BEFORE_NIGHT
             cmd = [sys.executable, __file__, "--night-child", "--records", str(n)]
             cmd += ["--keep", str(night)]
             try:
