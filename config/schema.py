@@ -171,6 +171,15 @@ def in_one_piece(frame: pd.DataFrame) -> None:
             frame[name] = pd.array(chunked.combine_chunks(), dtype=frame[name].dtype)
 
 
+def only_text(values: pd.Series) -> bool:
+    """Whether every value is a Python string or missing (an all-missing column too):
+    such a column can be handed on as the stages' text (`text_dtype`) or left as it is
+    without writing a value out; any other (numbers, dates, mixed) needs that."""
+    import pandas as pd
+
+    return pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty")
+
+
 def text_dtype() -> pd.StringDtype:
     """The dtype of every text column the stages hand each other.
 

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from mdm_pipeline.config import schema
 from mdm_pipeline.config.schema import record_keys
-from mdm_pipeline.normalize.text import as_str, fold
+from mdm_pipeline.normalize.text import fold, to_arrow
 
 #: La Poste's categories: code -> label.
 REASONS = {
@@ -70,8 +70,7 @@ def address_hash(block: pd.DataFrame) -> pd.Series:
     four times, took 0.4 s of the run's own thread); the hash is pandas' of the
     same text."""
     lines = [
-        pc.fill_null(schema.contiguous(pa.array(as_str(block[f"rnvp_line{i}"]).array)), "")
-        for i in range(2, 7)
+        pc.fill_null(schema.contiguous(to_arrow(block[f"rnvp_line{i}"])), "") for i in range(2, 7)
     ]
     joined = pc.binary_join_element_wise(*lines, pa.scalar("|", lines[0].type))
     text = pd.Series(pd.array(joined, dtype=schema.text_dtype()))

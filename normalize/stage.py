@@ -131,9 +131,6 @@ def normalize_records(records: pd.DataFrame, settings: NormalizeSettings) -> pd.
     # to hand back and hold, not a Python object per value (a million records held
     # some 18 such columns).
     for col in [*NORMALISED_COLUMNS, "quality_codes"]:
-        if out[col].dtype == object and pd.api.types.infer_dtype(out[col], skipna=True) in (
-            "string",
-            "empty",
-        ):
+        if out[col].dtype == object and schema.only_text(out[col]):
             out[col] = as_str(out[col])
     return out

@@ -28,7 +28,9 @@ def as_str(series: pd.Series) -> pd.Series:
     return series if series.dtype == STR else series.astype(STR)
 
 
-def _arrow(series: pd.Series) -> pa.Array | pa.ChunkedArray:
+def to_arrow(series: pd.Series) -> pa.Array | pa.ChunkedArray:
+    """The series' text as Arrow strings, for Arrow's kernels (no copy when it is
+    already of the stages' text dtype)."""
     return pa.array(as_str(series).array)
 
 
@@ -42,7 +44,7 @@ def sub(series: pd.Series, pattern: str, repl: str) -> pd.Series:
     pandas falls back to a Python loop when the replacement has a group
     reference; RE2 takes it natively. Patterns must be RE2 (no lookarounds).
     """
-    out = pc.replace_substring_regex(_arrow(series), pattern=pattern, replacement=repl)
+    out = pc.replace_substring_regex(to_arrow(series), pattern=pattern, replacement=repl)
     return pd.Series(_from_arrow(out), index=series.index)
 
 
@@ -56,7 +58,7 @@ def extract(series: pd.Series, pattern: str) -> pd.DataFrame:
     names = list(re.compile(pattern).groupindex)
     if not names or re.compile(pattern).groups != len(names):
         raise ValueError("extract needs a pattern whose groups are all named")
-    arr = _arrow(series)
+    arr = to_arrow(series)
     found = pc.extract_regex(arr, pattern=pattern)
     valid = pc.is_valid(found)
     cols = {}
@@ -69,7 +71,7 @@ def extract(series: pd.Series, pattern: str) -> pd.DataFrame:
 
 def split_lines(series: pd.Series, pattern: str) -> pd.Series:
     """Split on a regex and explode, in Arrow: one row per piece, labelled by its row."""
-    arr = _arrow(series)
+    arr = to_arrow(series)
     parts = pc.split_pattern_regex(arr, pattern=pattern)
     flat = pc.list_flatten(parts)
     parent = pc.list_parent_indices(parts).to_numpy()
@@ -127,7 +129,7 @@ def ascii_upper(series: pd.Series) -> pd.Series:
     # dropped (é -> e + ´ -> e). What is still not ASCII after that (Œ, ß, ’) goes
     # through unidecode, once per distinct value.
     stripped = pc.replace_substring_regex(
-        pc.utf8_normalize(_arrow(text), form="NFKD"), pattern=r"\p{Mn}+", replacement=""
+        pc.utf8_normalize(to_arrow(text), form="NFKD"), pattern=r"\p{Mn}+", replacement=""
     )
     plain = pc.fill_null(pc.string_is_ascii(stripped), True).to_numpy(zero_copy_only=False)
     out = pd.Series(_from_arrow(pc.utf8_upper(stripped)), index=series.index)

@@ -29,6 +29,7 @@ from mdm_pipeline.config.schema import (
     SOURCE,
     SOURCE_KEY,
     empty_quarantine,
+    only_text,
     text_dtype,
 )
 from mdm_pipeline.config.settings import CsvSource, ParquetSource, Settings, Source, SqlSource
@@ -303,7 +304,7 @@ def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
             text = series.astype(object).where(series.notna(), None)
             # A text column (most of them) is left as it is: only numbers, decimals,
             # dates or mixed values are written out, one by one.
-            if pd.api.types.infer_dtype(text, skipna=True) not in ("string", "empty"):
+            if not only_text(text):
                 text = text.map(lambda v: v if v is None or isinstance(v, str) else str(v))
         out[str(col)] = text.where(series.notna(), None)
     return out
