@@ -823,8 +823,37 @@ class Pipeline:
         # The transaction opens before survivorship, which reads the stored state of
         # the records in scope inside it; the next snapshot is built on the second
         # core from then on, while this one chooses golden records and writes them.
+        # Survivorship itself runs on a third thread, beside the write of the match
+        # evidence's changes (`choose`).
+        def choose(
+            changed: pd.DataFrame, stored_payloads: pd.DataFrame
+        ) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame, pd.DataFrame]:
+            """Tonight's affected records (the changed ones and the stored ones restored
+            from their payloads), their clusters and their golden records."""
+            restored = inc.records_from_payload(stored_payloads, changed.dtypes)
+            # Tonight's line and source hash, by position (no merge against all records).
+            at_row = inc.record_keys(from_store).get_indexer(inc.record_keys(restored))
+            if len(restored) != len(rows) or (at_row < 0).any():
+                raise StoreError(
+                    "the store's payloads do not match its snapshot: run `mdm run` "
+                    "without --incremental to rebuild it"
+                )
+            restored = restored.assign(
+                source_line=current["source_line"].to_numpy()[rows[at_row]],
+                source_hash=current["source_hash"].to_numpy()[rows[at_row]],
+            )
+            restored = with_flags(restored, flags)
+            # Changed records are all affected (they are matched again): with the
+            # restored ones they are exactly the affected records.
+            records = inc.run_order(inc.stack([changed, restored]), sources)
+            # Positions follow `current` restricted to the affected records.
+            labels = pd.Series(cluster_ids, index=records.index)
+            return records, labels, *survive(records, labels, settings.survivorship)
+
+        at = now.replace(tzinfo=None)
         with (
             ThreadPoolExecutor(1, thread_name_prefix="mdm-snapshot") as pool,
+            ThreadPoolExecutor(1, thread_name_prefix="mdm-survive") as survivor,
             store.transaction(engine) as conn,
         ):
             snapshot_parts = pool.submit(next_snapshot)
@@ -836,33 +865,19 @@ class Pipeline:
                     conn, pd.concat([keys, deleted[inc.KEYS]], ignore_index=True)
                 )
                 stored_payloads = scope.records.merge(from_store, on=inc.KEYS)
-                restored = inc.records_from_payload(stored_payloads, changed.dtypes)
-                # Tonight's line and source hash, by position (no merge against all records).
-                at_row = inc.record_keys(from_store).get_indexer(inc.record_keys(restored))
-                if len(restored) != len(rows) or (at_row < 0).any():
-                    raise StoreError(
-                        "the store's payloads do not match its snapshot: run `mdm run` "
-                        "without --incremental to rebuild it"
-                    )
-                restored = restored.assign(
-                    source_line=current["source_line"].to_numpy()[rows[at_row]],
-                    source_hash=current["source_hash"].to_numpy()[rows[at_row]],
-                )
-                restored = with_flags(restored, flags)
-                # Changed records are all affected (they are matched again): with the
-                # restored ones they are exactly the affected records.
-                records = inc.run_order(inc.stack([changed, restored]), sources)
-                del changed, restored  # copied into `records`
-                # Positions follow `current` restricted to the affected records.
-                labels = pd.Series(cluster_ids, index=records.index)
-                golden, lineage = survive(records, labels, settings.survivorship)
+                chosen = survivor.submit(choose, changed, stored_payloads)
+                del changed  # copied into the affected records
+                # While golden records are chosen on a second thread, this one writes
+                # the match evidence's changes: SQLite's work, done without the GIL,
+                # which otherwise waited for the survivors (a second at 1M records).
+                # Collected before the first write: the run's transaction must not
+                # wait on the child's read of the store.
+                evidence = evidence_read.result(conn)
+                store.start_run(conn, summary.run_id, config_hash(settings), at)
+                store.write_evidence_changes(conn, summary.run_id, evidence)
+                records, labels, golden, lineage = chosen.result()
 
             with self._stage("store", summary, emit):
-                # Collected before the first write: the run's transaction must not wait
-                # on the child's read of the store.
-                evidence = evidence_read.result(conn)
-                at = now.replace(tzinfo=None)
-                store.start_run(conn, summary.run_id, config_hash(settings), at)
                 written, _ = store.write_run(
                     conn,
                     summary.run_id,
@@ -883,7 +898,6 @@ class Pipeline:
                     steward=since,
                 )
                 store.write_npai(conn, npai_before, npai_after)
-                store.write_evidence_changes(conn, summary.run_id, evidence)
                 store.write_snapshot(conn, summary.run_id, snapshot_parts.result())
                 summary.record_written(written)
                 summary.peak_rss_mib = round(self._memory.run_peak(), 1)
