@@ -609,7 +609,7 @@ def _insert_rows(
 
 
 #: Rows one SQLite INSERT takes at most (`_rows_per_statement`).
-ROWS_PER_STATEMENT = 1000
+ROWS_PER_STATEMENT = 100
 
 
 def _rows_per_statement(conn: Connection, columns: int) -> int:
@@ -621,10 +621,11 @@ def _rows_per_statement(conn: Connection, columns: int) -> int:
     thread that prepares the next chunk (building and hashing JSON texts), a
     million source records took 25 s to insert one row per statement, 15 s a
     hundred rows per statement, and 6 s alone (docs/benchmarks.md, session 19).
-    A night's 41k changed source records upserted beside a thread running
-    Python took 3.3 s a hundred rows per statement and 1.3 s a thousand, against
-    0.95 s alone either way (session 26). Within the build's limit on bound
-    values (999 before SQLite 3.32)."""
+    A thousand rows per statement suffer less beside a thread running Python (a
+    night's 41k changed source records: 1.3 s against 3.3 s, 0.95 s alone either
+    way) but made a first run's store stage slower (12.2 s -> 12.9 s at 300k
+    records, three runs each, session 26): the run's own threads mostly let the
+    GIL go. Within the build's limit on bound values (999 before SQLite 3.32)."""
     limit = 999
     driver = conn.connection.dbapi_connection
     getlimit = getattr(driver, "getlimit", None)
