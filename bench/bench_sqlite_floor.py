@@ -7,8 +7,8 @@ FILE is a SQLite store a first `mdm run` wrote (for instance at 1M records,
 `bench_pipeline.py --keep`). Every table's rows are read from it into memory
 first (not timed), then written into a new file with the same schema by the
 standard library's `sqlite3` alone, timed: one transaction, each table's
-rows in its primary key's order, a hundred rows per INSERT statement as the
-store writes them (their values flattened before the clock starts), the secondary
+rows in its primary key's order, as many rows per INSERT statement as the
+store writes (their values flattened before the clock starts), the secondary
 indexes built after the rows, the store's own settings (page size, cache,
 rollback journal), then the commit and its fsync.
 
@@ -63,16 +63,14 @@ def _key_order(source: sqlite3.Connection, table: str) -> str:
     return ", ".join(f'"{name}"' for _, name in key) or "rowid"
 
 
-#: Rows per INSERT statement, as `golden_records.store.ROWS_PER_STATEMENT`.
-PER_STATEMENT = 100
-
-
 def _statements(table: str, rows: list[tuple], limit: int) -> list[tuple[str, list[tuple]]]:
     """(INSERT statement, its values) covering `rows`: as many rows per statement as
-    the store puts in one (within the driver's limit on bound values), then the rest
-    one at a time."""
+    the store puts in one (`ROWS_PER_STATEMENT`, within the driver's limit on bound
+    values), then the rest one at a time."""
+    from mdm_pipeline.golden_records.store import ROWS_PER_STATEMENT
+
     width = len(rows[0])
-    per = max(1, min(PER_STATEMENT, limit // width))
+    per = max(1, min(ROWS_PER_STATEMENT, limit // width))
     one = "(" + ", ".join("?" * width) + ")"
     whole = len(rows) // per * per
     flat = [tuple(itertools.chain.from_iterable(rows[i : i + per])) for i in range(0, whole, per)]
