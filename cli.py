@@ -170,7 +170,9 @@ def run(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Run the nightly job: load, normalise, match, cluster, store golden records, export."""
-    from mdm_pipeline.pipeline.allocator import keep_freed_memory
+    from mdm_pipeline.pipeline.allocator import keep_freed_memory, no_blas_threads
+
+    no_blas_threads()  # before numpy is imported (with the pipeline, below)
     from mdm_pipeline.pipeline.run import Pipeline
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)

@@ -35,6 +35,8 @@ import pandas as pd
 import yaml
 from common import changes, peak_rss_mib  # bench/ is on sys.path when a script runs
 
+from mdm_pipeline.pipeline.allocator import BLAS_THREADS_VARIABLE
+
 
 def child(config: Path, incremental: bool) -> None:
     from mdm_pipeline.pipeline.allocator import keep_freed_memory
@@ -144,7 +146,10 @@ def main() -> None:
             "--config",
             str(work / "config.yaml"),
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        # The child's environment as `mdm run` makes its own (`no_blas_threads`): this
+        # script imports numpy before `child` could ask.
+        env = {**os.environ, BLAS_THREADS_VARIABLE: os.environ.get(BLAS_THREADS_VARIABLE, "1")}
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{mode} run failed")

@@ -46,11 +46,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def _one(records: int, workdir: Path, kind: str, again: bool = False) -> dict:
+    from mdm_pipeline.pipeline.allocator import keep_freed_memory, no_blas_threads
+
+    no_blas_threads()  # as `mdm run` does, before numpy is imported
     import pandas as pd
     import sqlalchemy as sa
 
     from mdm_pipeline.matching.evaluation import pair_scores
-    from mdm_pipeline.pipeline.allocator import keep_freed_memory
     from mdm_pipeline.pipeline.run import Pipeline
     from mdm_pipeline.sources.synthetic import generate
 
@@ -105,7 +107,9 @@ def _one(records: int, workdir: Path, kind: str, again: bool = False) -> dict:
 def _night(workdir: Path) -> dict:
     """An incremental run on `workdir` (a copy of a stored first run, its config
     pointed at delta files): wall time, stages, peaks and what it changed."""
-    from mdm_pipeline.pipeline.allocator import keep_freed_memory
+    from mdm_pipeline.pipeline.allocator import keep_freed_memory, no_blas_threads
+
+    no_blas_threads()  # as `mdm run` does, before numpy is imported
     from mdm_pipeline.pipeline.run import Pipeline
 
     keep_freed_memory()  # as `mdm run` does

@@ -1,4 +1,5 @@
-"""The nightly job's process keeps the memory it frees, for its own next allocations.
+"""The nightly job's process settings: it keeps the memory it frees, for its own
+next allocations, and starts no BLAS threads.
 
 A run builds and drops frames, JSON texts and Arrow buffers of tens of megabytes
 all along. By default glibc's malloc serves each large block with its own
@@ -15,11 +16,20 @@ resident size then stays at that peak until it exits, which suits a batch
 process. Only the `mdm run` command (and the benchmarks, which time what it
 does) ask for this: a program that imports the pipeline keeps its own allocator
 settings.
+
+The OpenBLAS that numpy's and scipy's wheels bundle starts a pool of threads
+(one per further core) as each is imported, and each thread busy-waits for
+work for a while after it starts. The pipeline never calls BLAS, and its
+processes (the run and the children that read the store beside it) already
+keep both cores busy: on two cores those threads took 0.4 s of CPU from a 5%
+incremental night at 1M records (docs/benchmarks.md). The setting is made in
+the environment, so that the child processes inherit it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 #: glibc's `mallopt` parameters (malloc.h).
@@ -48,3 +58,18 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0) == 1) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     )
+
+
+#: The environment variable OpenBLAS reads, once, when it is loaded.
+BLAS_THREADS_VARIABLE = "OPENBLAS_NUM_THREADS"
+
+
+def no_blas_threads() -> bool:
+    """Ask OpenBLAS for no threads of its own, in this process and the ones it starts.
+
+    Only a library loaded after this call is told (OpenBLAS reads its environment
+    once), so the `mdm run` command calls it before it imports numpy. A value the
+    user set is left alone. Returns whether the setting is in the environment.
+    """
+    os.environ.setdefault(BLAS_THREADS_VARIABLE, "1")
+    return os.environ[BLAS_THREADS_VARIABLE] == "1"

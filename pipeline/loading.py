@@ -27,6 +27,7 @@ logs is logged again here.
 
 from __future__ import annotations
 
+import gc
 import logging
 import pickle
 import shutil
@@ -45,6 +46,7 @@ from mdm_pipeline.config.errors import MdmError
 from mdm_pipeline.config.settings import CsvSource, ParquetSource, Settings, Source
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.background import shared_folder
+from mdm_pipeline.golden_records.snapshot_child import BATCH_GC_THRESHOLDS
 from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.sources import MappedSource, load_source
 
@@ -326,7 +328,9 @@ class _Collect(logging.Handler):
 
 def _main(folder: Path) -> None:
     """The child: load the job's sources, answer with each mapped (or its failure); the
-    sources it hands back first, mapped only, in an answer of their own (`EARLY`)."""
+    sources it hands back first, mapped only, in an answer of their own (`EARLY`).
+    It collects cyclic garbage as rarely as the run does (`BATCH_GC_THRESHOLDS`)."""
+    gc.set_threshold(*BATCH_GC_THRESHOLDS)
     with open(folder / "job.pickle", "rb") as handle:
         settings, run_date, positions, normalised, handed = pickle.load(handle)
     early, answer = _Answer(), _Answer()

@@ -36,6 +36,7 @@ from mdm_pipeline.config.settings import BlockingRule, Settings
 from mdm_pipeline.golden_records import payloads, review, store
 from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
 from mdm_pipeline.golden_records.jsonrows import json_rows
+from mdm_pipeline.golden_records.snapshot_child import BATCH_GC_THRESHOLDS
 from mdm_pipeline.golden_records.survivorship import survive
 from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
 from mdm_pipeline.matching.clustering import guarded_clusters
@@ -177,25 +178,15 @@ def _entities(records: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
     return keyed["entity_id"].fillna(own).to_numpy(dtype=object)
 
 
-#: The cyclic collector's thresholds during a run (Python's default: 700, 10, 10).
-BATCH_GC_THRESHOLDS = (100_000, 50, 100)
-
-
 #: Records from which a full run collects cyclic garbage at each stage start.
 COLLECT_FROM_RECORDS = 100_000
 
 
 @contextmanager
 def _batch_collection() -> Iterator[None]:
-    """The cyclic garbage collector, run a hundred times less often while a run lasts.
-
-    A run holds millions of container objects for its whole length (rows of a
-    bulk write, frames, events); at the default thresholds every 700
-    allocations trigger a collection and every hundredth one scans them all
-    again: 1.8 s of a 5% incremental run at 1M records, 0.4 s with these. The
-    garbage a run makes is frames and rows that reference counting frees; what
-    cycles there are wait at most a hundred thousand allocations.
-    """
+    """The cyclic garbage collector, run a hundred times less often while a run lasts
+    (`BATCH_GC_THRESHOLDS`, which its child processes take too); the caller's own
+    thresholds come back after."""
     before = gc.get_threshold()
     gc.set_threshold(*BATCH_GC_THRESHOLDS)
     try:

@@ -4,6 +4,7 @@ share to this process."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mdm_pipeline.config.errors import SourceError
+from mdm_pipeline.golden_records.snapshot_child import BATCH_GC_THRESHOLDS
 from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.pipeline import loading
 from mdm_pipeline.pipeline.run import Pipeline
@@ -249,14 +251,24 @@ def test_the_child_collects_what_it_logs_and_each_failure(
     settings.resolve(settings.sources[2].path).write_bytes(b"")
     real = loading.load_source
 
+    thresholds: set[tuple[int, int, int]] = set()
+
     def logging_load(spec: object, settings: object, run_date: object) -> object:
+        thresholds.add(gc.get_threshold())
         logging.getLogger("mdm_pipeline.sources").warning("source '%s': read", spec.name)
         return real(spec, settings, run_date)
 
     monkeypatch.setattr(loading, "load_source", logging_load)
     with open(tmp_path / "job.pickle", "wb") as handle:
         pickle.dump((settings, DAY, [1, 2, 3], True, [3]), handle)
-    loading._main(tmp_path)
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        loading._main(tmp_path)
+    finally:
+        gc.set_threshold(*before)
+    # It collects cyclic garbage as rarely as the run does.
+    assert thresholds == {BATCH_GC_THRESHOLDS}
     with open(tmp_path / loading.ANSWER, "rb") as handle:
         answer = pickle.load(handle)
     assert list(answer.mapped) == [1]
