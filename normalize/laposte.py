@@ -12,11 +12,12 @@ from functools import cache
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from rapidfuzz import fuzz, process
 
 from mdm_pipeline.config.reference import laposte_base
 from mdm_pipeline.normalize.codes import codes_column
-from mdm_pipeline.normalize.text import fold
+from mdm_pipeline.normalize.text import fold, is_in
 
 VALID, CORRECTED, INVALID, UNVERIFIABLE = "valid", "corrected", "invalid", "unverifiable"
 FUZZY_MIN_SCORE = 80.0
@@ -46,6 +47,12 @@ def _keys() -> pd.DataFrame:
     keys = pd.concat(parts, ignore_index=True)
     keys["line5"] = keys["line5"].where(keys["via"] == "line5", "")
     return keys.drop_duplicates(["postcode", "key"]).reset_index(drop=True)
+
+
+@cache
+def _postcodes() -> pa.Array:
+    """La Poste's postcodes, each once, as the value set of `is_in` (built once)."""
+    return pa.array(sorted(set(laposte_base()["postcode"])), type=pa.string())
 
 
 @cache
@@ -121,7 +128,7 @@ def validate_locality(
     def flag(name: str, mask: pd.Series) -> None:
         codes[name] = mask.fillna(False).astype(bool).reindex(idx, fill_value=False)
 
-    base_pcs = set(laposte_base()["postcode"])
+    base_pcs = _postcodes()
     pc = postcode.str.replace(r"\D", "", regex=True)
     pc = pc.where(pc.str.len() != 4, "0" + pc)
     pc = pc.where(pc.str.len() == 5, None)
@@ -136,7 +143,7 @@ def validate_locality(
 
     # Paris, Lyon, Marseille: the arrondissement gives the postcode when none is usable.
     arr_pc = (key.map(_PLM) + arr).dropna().astype(int).map("{:05d}".format)
-    use_arr = arr_pc.index[~pc[arr_pc.index].isin(base_pcs)] if len(arr_pc) else []
+    use_arr = arr_pc.index[~is_in(pc[arr_pc.index], base_pcs)] if len(arr_pc) else []
     pc_from_arr = pd.Series(False, index=idx)
     pc_from_arr[use_arr] = True
     pc = pc.copy()
@@ -152,7 +159,7 @@ def validate_locality(
     resolved[exact.index] = True
 
     # 2. A misspelt town of a known postcode.
-    todo = ~resolved & pc.isin(base_pcs) & key.notna()
+    todo = ~resolved & is_in(pc, base_pcs) & key.notna()
     fuzzy = _best_fuzzy(key[todo], pc[todo])
     out.loc[fuzzy.index, ["postcode", "routing_label", "insee", "line5"]] = fuzzy[
         ["postcode", "routing_label", "insee", "line5"]
@@ -175,7 +182,7 @@ def validate_locality(
     flag("POSTCODE_ADDED", ~had_pc[~had_pc])
 
     # 4. No town, but the postcode has a single routing label.
-    todo = ~resolved & key.isna() & pc.isin(base_pcs)
+    todo = ~resolved & key.isna() & is_in(pc, base_pcs)
     label = pc[todo].map(_single_label()).dropna()
     out.loc[label.index, "postcode"] = pc[label.index]
     out.loc[label.index, "routing_label"] = label
@@ -183,7 +190,7 @@ def validate_locality(
     flag("COMMUNE_ADDED", pd.Series(True, index=label.index))
 
     flag("POSTCODE_FROM_ARRONDISSEMENT", pc_from_arr & resolved)
-    known_pc = pc.isin(base_pcs)
+    known_pc = is_in(pc, base_pcs)
     unresolved = ~resolved
     empty = pc.isna() & key.isna()
     flag("ADDRESS_EMPTY", unresolved & empty & ~foreign)

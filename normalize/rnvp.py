@@ -24,6 +24,7 @@ from functools import cache
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from mdm_pipeline.config.reference import address_words, first_name_keys, street_types
 from mdm_pipeline.normalize.text import (
@@ -31,6 +32,7 @@ from mdm_pipeline.normalize.text import (
     as_str,
     extract,
     fold,
+    is_in,
     on_distinct,
     per_distinct,
     split_lines,
@@ -186,6 +188,12 @@ COMPONENTS = (
 
 
 @cache
+def _type_spellings() -> pa.Array:
+    """`type_lookup`'s spellings as the value set of `is_in` (built once)."""
+    return pa.array(sorted(type_lookup()), type=pa.string())
+
+
+@cache
 def type_lookup() -> dict[str, str]:
     """Every accepted spelling of a street type -> its full canonical word(s)."""
     table = street_types()
@@ -325,7 +333,7 @@ def _parse_street_distinct(line: pd.Series) -> pd.DataFrame:
     # street type and no type follows (12 R DE LA PAIX: R is RUE).
     lone = m["rep"].str.len() == 1
     stype, name = _split_type(rest.fillna(""))
-    letter_as_type = lone.fillna(False) & stype.isna() & m["rep"].isin(type_lookup())
+    letter_as_type = lone.fillna(False) & stype.isna() & is_in(m["rep"], _type_spellings())
     if letter_as_type.any():
         t2, n2 = _split_type((m["rep"] + " " + rest)[letter_as_type])
         stype[letter_as_type] = t2

@@ -34,6 +34,17 @@ def to_arrow(series: pd.Series) -> pa.Array | pa.ChunkedArray:
     return pa.array(as_str(series).array)
 
 
+def is_in(series: pd.Series, values: pa.Array) -> pd.Series:
+    """`series.isin(values)` in Arrow's kernel (missing values are in no set), against
+    a value set the caller builds once: pandas' `isin` on Arrow strings makes an Arrow
+    scalar of each looked-up value on every call, 15 ms a call against La Poste's six
+    thousand postcodes whatever the series' length, a fixed 0.2 s of each batch of
+    records normalised (a night's)."""
+    text = to_arrow(series)
+    found = pc.is_in(text, value_set=values.cast(text.type))
+    return pd.Series(found.to_numpy(zero_copy_only=False), index=series.index, dtype=bool)
+
+
 def _from_arrow(values: pa.Array | pa.ChunkedArray) -> pd.api.extensions.ExtensionArray:
     return pd.array(values, dtype=STR)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from mdm_pipeline.normalize.codes import codes_among, codes_column, merge_codes
 from mdm_pipeline.normalize.text import (
+    STR,
     ascii_upper,
     extract,
     fold,
+    is_in,
     on_distinct,
     on_distinct_rows,
     split_lines,
@@ -91,3 +94,16 @@ def test_merge_and_pick_codes() -> None:
     merged = merge_codes(a, b)
     assert values(merged) == ["X|Y|Z", "Z", "Y", None]
     assert values(codes_among(merged, ("Z", "X"))) == ["Z|X", "Z", None, None]
+
+
+@pytest.mark.parametrize("dtype", [object, STR])
+def test_is_in_is_pandas_isin_with_missing_values_in_no_set(dtype: object) -> None:
+    s = pd.Series(["75011", None, "99999", "", "75011"], index=[5, 6, 7, 8, 9], dtype=dtype)
+    lookup = pa.array(["75011", "", "13001"], type=pa.string())
+    got = is_in(s, lookup)
+    assert got.dtype == bool and list(got.index) == [5, 6, 7, 8, 9]
+    want = [True, False, False, True, True]
+    assert got.tolist() == s.isin(["75011", "", "13001"]).tolist() == want
+    # A large_string value set, or series, is cast to the other's type.
+    assert is_in(s, lookup.cast(pa.large_string())).tolist() == got.tolist()
+    assert not is_in(s.iloc[:0], lookup).any()
