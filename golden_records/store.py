@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -72,8 +72,8 @@ log = logging.getLogger(__name__)
 
 EVIDENCE_KEYS = ("left_source", "left_key", "right_source", "right_key")
 
-_P = TypeVar("_P")
-_C = TypeVar("_C")
+#: One kind of rows `_overlapped` writes: (its parts, prepare a part, write what was prepared).
+_Phase = tuple[Iterable[Any], Callable[[Any], Any], Callable[[Any], None]]
 
 
 #: Rows serialised at a time by `hash_rows`: the JSON text of a million payloads is
@@ -1056,42 +1056,47 @@ def write_run(
         result.golden_unchanged += chunk.unchanged
         _write_golden(conn, run_id, at, chunk)
 
-    _overlapped(range(-(-len(golden) // WRITE_CHUNK_ROWS)), golden_chunk, write_golden, idle)
-
     # Golden records no cluster kept are retired; a merged one resolves to its survivor.
-    # As Python texts: pandas' Arrow strings look values up one by one (2 s for a
-    # million golden IDs, even against an empty store).
-    stored_ids = stored["golden_id"].astype(object)
-    gone = stored[
-        (stored["status"] == "active")
-        & ~stored_ids.isin(golden_gid)
-        & (stored_ids.isin(prev["golden_id"]) if scope is not None else True)
-    ]
-    survivor = assignment.retired.set_index("golden_id")["survivor_id"]
-    if len(gone):
-        _archive_versions(conn, gone[["golden_id"]], at, run_id)
-        conn.execute(
-            golden_records.update()
-            .where(golden_records.c.golden_id == sa.bindparam("gid"))
-            .values(
-                status="retired",
-                members=0,
-                updated_run=run_id,
-                retired_run=run_id,
-                survivor_id=sa.bindparam("survivor"),
-            ),
-            [{"gid": g, "survivor": survivor.get(g)} for g in gone["golden_id"]],
-        )
-    result.golden_retired = len(gone)
+    def gone_golden(_: object) -> pd.DataFrame:
+        # As Python texts: pandas' Arrow strings look values up one by one (2 s for a
+        # million golden IDs, even against an empty store).
+        stored_ids = stored["golden_id"].astype(object)
+        return stored[
+            (stored["status"] == "active")
+            & ~stored_ids.isin(golden_gid)
+            & (stored_ids.isin(prev["golden_id"]) if scope is not None else True)
+        ]
+
+    def retire(gone: pd.DataFrame) -> None:
+        survivor = assignment.retired.set_index("golden_id")["survivor_id"]
+        if len(gone):
+            _archive_versions(conn, gone[["golden_id"]], at, run_id)
+            conn.execute(
+                golden_records.update()
+                .where(golden_records.c.golden_id == sa.bindparam("gid"))
+                .values(
+                    status="retired",
+                    members=0,
+                    updated_run=run_id,
+                    retired_run=run_id,
+                    survivor_id=sa.bindparam("survivor"),
+                ),
+                [{"gid": g, "survivor": survivor.get(g)} for g in gone["golden_id"]],
+            )
+        result.golden_retired = len(gone)
 
     # Source records: current payload and golden ID, with history of both. By chunks of
     # records in key order: only one chunk's payload texts are held at a time (a
     # million payloads are gigabytes of Python strings), and each chunk's rows land
     # after the previous chunk's in the tables' B-trees.
     order = sort_order(keys, ["source", "source_key"])
-    made = _made_payloads(payloads, order) if as_stored is None else None
+    # The payloads a child made, waited for when the first records chunk is prepared
+    # (in the worker, while the golden records are written), not before.
+    made: list[Chunks | None] = []
 
     def records_chunk(start: int) -> _RecordsChunk:
+        if not made:
+            made.append(_made_payloads(payloads, order) if as_stored is None else None)
         rows = order[start : start + WRITE_CHUNK_ROWS]
         held = stored_row[rows]
         return _records_chunk(
@@ -1103,60 +1108,82 @@ def write_run(
             payload_columns,
             prev.iloc[held[held >= 0]],
             as_stored,
-            made.get(start) if made is not None else None,
+            made[0].get(start) if made[0] is not None else None,
         )
 
     def write_records(chunk: _RecordsChunk) -> None:
         result.records_written += _write_records(conn, run_id, at, chunk, scope is not None)
 
-    with _indexes_built_after(conn, [source_records, xref], len(records)):
-        _overlapped(range(0, len(order), WRITE_CHUNK_ROWS), records_chunk, write_records, idle)
-
     # Records no longer delivered by a loaded source end their cross-reference.
-    if removed is not None:
-        missing = removed[["source", "source_key"]].astype(str)
-    else:
+    def missing_records(_: object) -> pd.DataFrame:
+        if removed is not None:
+            return removed[["source", "source_key"]].astype(str)
         delivered = np.zeros(len(prev), dtype=bool)
         delivered[prev_at] = True
-        missing = prev.loc[
+        return prev.loc[
             ~delivered & prev["source"].isin(loaded_sources).to_numpy(), ["source", "source_key"]
         ]
-    _archive_payloads(conn, missing, at, run_id)
-    _delete_keys(conn, source_records, missing)
-    _close_open(conn, xref, missing, at, run_id)
-    result.records_removed = len(missing)
+
+    def remove(missing: pd.DataFrame) -> None:
+        _archive_payloads(conn, missing, at, run_id)
+        _delete_keys(conn, source_records, missing)
+        _close_open(conn, xref, missing, at, run_id)
+        result.records_removed = len(missing)
 
     # Merges and splits, with the members before and after.
-    found = _events(
-        pd.DataFrame(
-            {
-                # Taken in their own dtype (Arrow texts: no Python string per record).
-                **{
-                    name: prev[column].take(prev_at).reset_index(drop=True)
-                    for name, column in [
-                        ("source", "source"),
-                        ("source_key", "source_key"),
-                        ("golden_id_old", "golden_id"),
-                    ]
-                },
-                "golden_id_new": record_gid.to_numpy()[both_at],
-            }
-        )
-    )
-    if found:
-        _insert(
-            conn,
-            events,
+    def change_events(_: object) -> list[tuple[str, str, dict[str, dict[str, list[str]]]]]:
+        return _events(
             pd.DataFrame(
                 {
-                    "run_id": run_id,
-                    "at": at,
-                    "kind": [k for k, _, _ in found],
-                    "reason": [_reason(d, steward) for _, _, d in found],
-                    "golden_id": [g for _, g, _ in found],
-                    "detail": [json.dumps(d, sort_keys=True) for _, _, d in found],
+                    # Taken in their own dtype (Arrow texts: no Python string per record).
+                    **{
+                        name: prev[column].take(prev_at).reset_index(drop=True)
+                        for name, column in [
+                            ("source", "source"),
+                            ("source_key", "source_key"),
+                            ("golden_id_old", "golden_id"),
+                        ]
+                    },
+                    "golden_id_new": record_gid.to_numpy()[both_at],
                 }
-            ),
+            )
+        )
+
+    found: list[tuple[str, str, dict[str, dict[str, list[str]]]]] = []
+
+    def write_events(events_found: list[tuple[str, str, dict[str, dict[str, list[str]]]]]) -> None:
+        found.extend(events_found)
+        if found:
+            _insert(
+                conn,
+                events,
+                pd.DataFrame(
+                    {
+                        "run_id": run_id,
+                        "at": at,
+                        "kind": [k for k, _, _ in found],
+                        "reason": [_reason(d, steward) for _, _, d in found],
+                        "golden_id": [g for _, g, _ in found],
+                        "detail": [json.dumps(d, sort_keys=True) for _, _, d in found],
+                    }
+                ),
+            )
+
+    # One sequence of steps, each prepared in the worker while the one before it is
+    # written, across the kinds of rows: the first chunk of source records is made
+    # while the last golden records are written, the merge events (0.4 s a night at
+    # 1M records) while the last source records are, and the quick steps come last
+    # (between, each would hold the worker's one step ahead).
+    with _indexes_built_after(conn, [source_records, xref], len(records)):
+        _overlapped(
+            [
+                (range(-(-len(golden) // WRITE_CHUNK_ROWS)), golden_chunk, write_golden),
+                (range(0, len(order), WRITE_CHUNK_ROWS), records_chunk, write_records),
+                ([None], change_events, write_events),
+                ([None], gone_golden, retire),
+                ([None], missing_records, remove),
+            ],
+            idle,
         )
     result.merges = sum(k == "merge" for k, _, _ in found)
     result.splits = sum(k == "split" for k, _, _ in found)
@@ -1192,20 +1219,18 @@ def _made_payloads(job: PayloadJob | None, order: np.ndarray) -> Chunks | None:
     return made
 
 
-def _overlapped(
-    parts: Iterable[_P],
-    prepare: Callable[[_P], _C],
-    write: Callable[[_C], None],
-    idle: Iterator[object] | None = None,
-) -> None:
-    """`write(prepare(part))` for each part in order, the next part prepared in a
-    worker thread while this one is written.
+def _overlapped(phases: Iterable[_Phase], idle: Iterator[object] | None = None) -> None:
+    """`write(prepare(part))` for each part of each phase (parts, prepare, write) in
+    order, the next part, of the same phase or the next one, prepared in a worker
+    thread while this one is written.
 
     Preparing a chunk (its JSON texts and hashes, in Arrow, and its comparison with
     the stored rows, in pandas) needs no connection; writing it is mostly the
     database's own work (SQLite steps and PostgreSQL's COPY run without the GIL).
     Overlapped, the two take the store stage's two cores where one sat idle. At
     most two chunks are held at a time: the one written and the one prepared.
+    Across phases too: a night's first chunk of source records, prepared after the
+    last golden records were written, left the connection idle 0.4-0.6 s.
     Only this thread touches the connection; an error in either half ends the
     loop with it (the worker's is raised here when its chunk is taken).
 
@@ -1215,24 +1240,26 @@ def _overlapped(
     records' store stage. Each step is advanced only while the chunk is not
     ready, so a step overruns it by at most its own length.
     """
-    pending = iter(parts)
-    first = next(pending, None)
+    steps = ((part, prepare, write) for parts, prepare, write in phases for part in parts)
+    first = next(steps, None)
     if first is None:
         return
 
-    def ready(ahead: Future[_C]) -> _C:
+    def ready(ahead: Future[Any]) -> Any:
         while idle is not None and not ahead.done():
             if next(idle, _DONE) is _DONE:
                 break
         return ahead.result()
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdm-store-prepare") as pool:
-        ahead = pool.submit(prepare, first)
-        for part in pending:
+        part, prepare, write = first
+        ahead, writing = pool.submit(prepare, part), write
+        for part, prepare, write in steps:
             chunk = ready(ahead)
-            ahead = pool.submit(prepare, part)
-            write(chunk)
-        write(ready(ahead))
+            ahead, written = pool.submit(prepare, part), writing
+            writing = write
+            written(chunk)
+        writing(ready(ahead))
 
 
 #: What an exhausted `idle` iterator gives.

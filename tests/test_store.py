@@ -1120,16 +1120,21 @@ def test_a_first_runs_evidence_is_all_fresh_as_the_general_comparison_finds_it()
 
 
 def test_the_next_chunk_is_prepared_while_this_one_is_written_and_in_order() -> None:
-    """Writes come in the parts' order, each after its own preparation; the next
-    part's preparation runs while a part is written (the write below waits for it,
-    and would time out if the two ran one after the other); never more than two
-    parts are prepared and not yet written (what bounds the store stage's memory)."""
+    """Writes come in the parts' order, each after its own preparation and by its own
+    phase's write; the next part's preparation runs while a part is written, the
+    first of the next phase's while the last of a phase is (the write below waits
+    for it, and would time out if the two ran one after the other); never more than
+    two parts are prepared and not yet written (what bounds the store stage's
+    memory)."""
     import threading
 
     log: list[tuple[str, int]] = []
     started = {i: threading.Event() for i in range(6)}
     held = {"now": 0, "most": 0}
     lock = threading.Lock()
+
+    def write_b(chunk: int) -> None:
+        write(chunk, "b")
 
     def prepare(i: int) -> int:
         started[i].set()
@@ -1139,18 +1144,22 @@ def test_the_next_chunk_is_prepared_while_this_one_is_written_and_in_order() -> 
             log.append(("prepare", i))
         return i * 10
 
-    def write(chunk: int) -> None:
+    def write(chunk: int, phase: str = "a") -> None:
         i = chunk // 10
         if i + 1 < 6:
             assert started[i + 1].wait(timeout=10), f"part {i + 1} not prepared during a write"
         with lock:
             held["now"] -= 1
-            log.append(("write", i))
+            log.append((f"write {phase}", i))
 
-    store._overlapped(range(6), prepare, write)
-    assert [i for kind, i in log if kind == "write"] == list(range(6))
+    store._overlapped(
+        [(range(3), prepare, write), ([], prepare, write), (range(3, 6), prepare, write_b)]
+    )
+    assert [i for kind, i in log if kind.startswith("write")] == list(range(6))
+    assert {kind for kind, i in log if i < 3} == {"prepare", "write a"}
+    assert {kind for kind, i in log if i >= 3} == {"prepare", "write b"}
     for i in range(6):
-        assert log.index(("prepare", i)) < log.index(("write", i))
+        assert log.index(("prepare", i)) < log.index((f"write {'a' if i < 3 else 'b'}", i))
     assert held["most"] <= 2
 
 
@@ -1181,7 +1190,7 @@ def test_idle_steps_fill_the_wait_for_a_chunk_and_the_rest_is_left() -> None:
 
     written: list[int] = []
     idle = steps()
-    store._overlapped(range(3), prepare, written.append, idle)
+    store._overlapped([(range(3), prepare, written.append)], idle)
     assert written == [0, 1, 2]
     before = len(taken)
     assert 3 <= before < 50
@@ -1195,7 +1204,7 @@ def test_a_run_of_idle_steps_that_ends_leaves_the_writes_to_wait() -> None:
         time.sleep(0.02)
         return i
 
-    store._overlapped(range(4), prepare, written.append, iter([None, None]))
+    store._overlapped([(range(4), prepare, written.append)], iter([None, None]))
     assert written == [0, 1, 2, 3]
 
 
@@ -1284,7 +1293,7 @@ def test_an_error_preparing_a_later_part_is_raised_after_the_earlier_writes() ->
         return i
 
     with pytest.raises(RuntimeError, match="bad chunk"):
-        store._overlapped(range(6), prepare, written.append)
+        store._overlapped([(range(6), prepare, written.append)])
     assert written == [0, 1, 2]
-    store._overlapped(range(0), prepare, written.append)
+    store._overlapped([(range(0), prepare, written.append)])
     assert written == [0, 1, 2]
