@@ -24,6 +24,11 @@ fork. The store does not change in between: the run holds the store's run
 lock, and collects every answer before it writes anything (a child reading
 the store would otherwise hold up the transaction's commit).
 
+The scope's and the evidence's children import pandas and SQLAlchemy (most of a
+second of CPU each), so a night starts them ahead of their inputs: each imports
+while the run loads and matches, then waits, holding nothing of the store,
+until its inputs are handed over (`_Child.go`).
+
 A PostgreSQL store, a store in memory, a small store (`BACKGROUND_MIN_BYTES`),
 or a child that fails for any reason: the read is done in this process, as
 before. A background read is a speed-up, never a different answer.
@@ -31,6 +36,7 @@ before. A background read is a speed-up, never a different answer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
@@ -57,6 +63,10 @@ SHARED_MEMORY = Path("/dev/shm")
 CHILD_MODULE = "mdm_pipeline.golden_records.snapshot_child"
 STORE_CHILD_MODULE = "mdm_pipeline.golden_records.store_child"
 KEYS = [SOURCE, SOURCE_KEY]
+#: The last argument of a child started ahead of its inputs, and the line that hands
+#: them over on its standard input (`_Child.go`).
+DEFERRED = "--deferred"
+GO = "go\n"
 
 
 #: The smallest store file read in the background. A child costs about a second of
@@ -103,10 +113,15 @@ def _table(frame: pd.DataFrame) -> pa.Table:
 class _Child:
     """A child process `python -m MODULE [ARGS] STORE_FILE FOLDER` answering one JSON line on
     its standard output (see `snapshot_child`): started at once, waited for by
-    `answer`, stopped and its folder removed by `close` (or when this object goes)."""
+    `answer`, stopped and its folder removed by `close` (or when this object goes).
+
+    Without `inputs` the child is started ahead of them (`deferred`): it imports its
+    modules (pandas and SQLAlchemy, most of a second of CPU) while the run works,
+    then waits, without touching the store, until `go` hands it its inputs; its
+    answer then comes that much sooner after them."""
 
     def __init__(
-        self, engine: Engine, module: str, inputs: dict[str, pa.Table], *args: str
+        self, engine: Engine, module: str, inputs: dict[str, pa.Table] | None, *args: str
     ) -> None:
         self.engine = engine
         self._process: subprocess.Popen[str] | None = None
@@ -119,15 +134,19 @@ class _Child:
         self._finalizer = weakref.finalize(self, stop_child, self._process, self.folder)
 
     def _start(
-        self, store_file: str, module: str, inputs: dict[str, pa.Table], args: tuple[str, ...]
+        self,
+        store_file: str,
+        module: str,
+        inputs: dict[str, pa.Table] | None,
+        args: tuple[str, ...],
     ) -> None:
         try:
             self.folder = shared_folder("mdm-background-")
-            for name, table in inputs.items():
-                write_table(table, str(Path(self.folder) / f"{name}.arrow"))
+            self._write_inputs(inputs or {})
+            deferred = [DEFERRED] if inputs is None else []
             self._process = subprocess.Popen(
-                [sys.executable, "-m", module, *args, store_file, self.folder],
-                stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", module, *args, store_file, self.folder, *deferred],
+                stdin=subprocess.DEVNULL if inputs is not None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -139,6 +158,32 @@ class _Child:
             )
             stop_child(None, self.folder)
             self.folder = None
+
+    def _write_inputs(self, inputs: dict[str, pa.Table]) -> None:
+        assert self.folder is not None
+        for name, table in inputs.items():
+            write_table(table, str(Path(self.folder) / f"{name}.arrow"))
+
+    def go(self, inputs: dict[str, pa.Table]) -> None:
+        """Hand a deferred child its inputs: it reads the store from now on. A child
+        that cannot take them (no room for the files, a child already gone) is
+        stopped: `answer` then gives None, and the read is done in this process."""
+        process = self._process
+        if process is None or process.stdin is None:
+            return
+        try:
+            self._write_inputs(inputs)
+            process.stdin.write(GO)
+            process.stdin.close()
+        except OSError as exc:
+            log.warning(
+                "a read of the store in a child process got no inputs (%s)", type(exc).__name__
+            )
+            process.kill()
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        # Closed: `communicate` (the answer) must not write to it again.
+        process.stdin = None
 
     @property
     def started(self) -> bool:
@@ -192,10 +237,19 @@ class ScopeRead:
     """`store.read_cluster_scope` of some records, started now; `result` completes it
     into `store.read_scope` of the records a night needs (see the module)."""
 
-    def __init__(self, engine: Engine, keys: pd.DataFrame) -> None:
-        self._child = _Child(
-            engine, STORE_CHILD_MODULE, {"keys": _table(keys[KEYS].astype(str))}, "scope"
-        )
+    def __init__(self, engine: Engine, keys: pd.DataFrame | None = None) -> None:
+        """Started with the `keys` of tonight's changed and deleted records, or without
+        them, ahead of them (`start`)."""
+        inputs = None if keys is None else self._inputs(keys)
+        self._child = _Child(engine, STORE_CHILD_MODULE, inputs, "scope")
+
+    @staticmethod
+    def _inputs(keys: pd.DataFrame) -> dict[str, pa.Table]:
+        return {"keys": _table(keys[KEYS].astype(str))}
+
+    def start(self, keys: pd.DataFrame) -> None:
+        """The keys of a read started without them: the child reads from now on."""
+        self._child.go(self._inputs(keys))
 
     @property
     def started(self) -> bool:
@@ -228,14 +282,26 @@ class EvidenceRead:
     compared with tonight's evidence while the run clusters and chooses golden
     records."""
 
-    def __init__(self, engine: Engine, touched: pd.DataFrame, evidence: pd.DataFrame) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        touched: pd.DataFrame | None = None,
+        evidence: pd.DataFrame | None = None,
+    ) -> None:
+        """Started with the records matched again or deleted (`touched`) and tonight's
+        `evidence`, or without them, ahead of them (`start`)."""
+        inputs = None
+        if touched is not None and evidence is not None:
+            inputs = self._inputs(touched, evidence)
+        self._child = _Child(engine, STORE_CHILD_MODULE, inputs, "evidence")
+
+    def _inputs(self, touched: pd.DataFrame, evidence: pd.DataFrame) -> dict[str, pa.Table]:
         self._touched, self._evidence = touched[KEYS].astype(str), evidence
-        self._child = _Child(
-            engine,
-            STORE_CHILD_MODULE,
-            {"touched": _table(self._touched), "evidence": _table(evidence)},
-            "evidence",
-        )
+        return {"touched": _table(self._touched), "evidence": _table(evidence)}
+
+    def start(self, touched: pd.DataFrame, evidence: pd.DataFrame) -> None:
+        """The inputs of a read started without them: the child reads from now on."""
+        self._child.go(self._inputs(touched, evidence))
 
     def result(self, conn: Connection) -> store.EvidenceChanges:
         """What `store.evidence_changes(conn, touched, evidence)` answers. Collected

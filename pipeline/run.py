@@ -555,6 +555,11 @@ class Pipeline:
         # record become Python objects; the matching view stays in Arrow until a few
         # blocks need it (`inc.match_view`).
         pending = SnapshotRead(engine)
+        # The stored records of the golden records that changed and deleted records
+        # belong to, read by a second process while this one normalises, matches and
+        # clusters (`background`): most of the scope survivorship reads. Its process is
+        # started now, ahead of the keys it reads, to import its modules meanwhile.
+        scope_read = ScopeRead(engine)
         try:
             summary.model_run, summary.model_status = stored_model[0], "reused"
             model = Model.from_json(stored_model[1])
@@ -580,12 +585,14 @@ class Pipeline:
             loaded, state, [s for s in sources if s not in delta_sources], deletions
         )
         summary.records_changed, summary.records_deleted = len(delta.changed), len(delta.deleted)
-        # The stored records of the golden records that changed and deleted records
-        # belong to, read by a second process while this one normalises, matches and
-        # clusters (`background`): most of the scope survivorship reads.
-        scope_read = ScopeRead(
-            engine, pd.concat([delta.changed[inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True)
+        scope_read.start(
+            pd.concat([delta.changed[inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True)
         )
+        # Tonight's evidence against the stored pairs of the records matched again or
+        # deleted: read and compared by a second process while this one clusters and
+        # chooses golden records (`background`), started now, ahead of its inputs (the
+        # match's), to import its modules while this one normalises and matches.
+        evidence_read = EvidenceRead(engine)
         kept_pos = delta.unchanged["snap_pos"].to_numpy()
 
         with self._stage("normalize", summary, emit):
@@ -694,11 +701,7 @@ class Pipeline:
             result.pairs["left"] = part[result.pairs["left"].to_numpy()]
             result.pairs["right"] = part[result.pairs["right"].to_numpy()]
             self._model = model.as_dict()
-        # Tonight's evidence against the stored pairs of the records matched again or
-        # deleted: read and compared by a second process while this one clusters and
-        # chooses golden records (`background`).
-        evidence_read = EvidenceRead(
-            engine,
+        evidence_read.start(
             pd.concat([current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True),
             _evidence(current, result),
         )

@@ -4,7 +4,9 @@ the store's own reads give, and fall back to them."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
-from mdm_pipeline.golden_records import background, store
+from mdm_pipeline.golden_records import background, store, store_child
 from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
 from mdm_pipeline.pipeline import incremental as inc
 
@@ -146,10 +148,15 @@ def _assert_same_scope(got: store.Scope, want: store.Scope) -> None:
     pd.testing.assert_frame_equal(got.golden, want.golden, obj="golden")
 
 
-def test_the_scope_read_early_and_completed_here_is_the_scope_read_here(night_two: str) -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["with-keys", "ahead-of-keys"])
+def test_the_scope_read_early_and_completed_here_is_the_scope_read_here(
+    night_two: str, ahead: bool
+) -> None:
     engine = store.connect(night_two)
     changed, wanted = _scope_keys(engine)
-    pending = ScopeRead(engine, changed)
+    pending = ScopeRead(engine) if ahead else ScopeRead(engine, changed)
+    if ahead:
+        pending.start(changed)
     assert pending.started
     with engine.connect() as conn:
         got = pending.result(conn, wanted)
@@ -255,10 +262,15 @@ def _assert_same_changes(got: store.EvidenceChanges, want: store.EvidenceChanges
         pd.testing.assert_frame_equal(getattr(got, name), getattr(want, name), obj=name)
 
 
-def test_the_evidence_compared_in_a_child_is_the_evidence_compared_here(night_two: str) -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["with-inputs", "ahead-of-inputs"])
+def test_the_evidence_compared_in_a_child_is_the_evidence_compared_here(
+    night_two: str, ahead: bool
+) -> None:
     engine = store.connect(night_two)
     touched, evidence = _evidence_inputs(engine)
-    pending = EvidenceRead(engine, touched, evidence)
+    pending = EvidenceRead(engine) if ahead else EvidenceRead(engine, touched, evidence)
+    if ahead:
+        pending.start(touched, evidence)
     assert pending._child.started
     with engine.connect() as conn:
         got = pending.result(conn)
@@ -285,8 +297,25 @@ def _evidence_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
     return got, store.evidence_changes(conn, touched, evidence), _assert_same_changes
 
 
+def _scope_ahead_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
+    changed, wanted = _scope_keys(engine)
+    pending = ScopeRead(engine)
+    pending.start(changed)
+    return pending.result(conn, wanted), store.read_scope(conn, wanted), _assert_same_scope
+
+
+def _evidence_ahead_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
+    touched, evidence = _evidence_inputs(engine)
+    pending = EvidenceRead(engine)
+    pending.start(touched, evidence)
+    got = pending.result(conn)
+    return got, store.evidence_changes(conn, touched, evidence), _assert_same_changes
+
+
 @pytest.mark.parametrize(
-    "both", [_snapshot_both, _scope_both, _evidence_both], ids=["snapshot", "scope", "evidence"]
+    "both",
+    [_snapshot_both, _scope_both, _evidence_both, _scope_ahead_both, _evidence_ahead_both],
+    ids=["snapshot", "scope", "evidence", "scope-ahead", "evidence-ahead"],
 )
 # A child that exits with an error, and one that exits cleanly with no JSON answer.
 @pytest.mark.parametrize("module", ["mdm_pipeline.no_such_module", "this"])
@@ -343,3 +372,91 @@ def test_a_child_collects_cyclic_garbage_as_rarely_as_the_run(
     assert status == 0
     answer = json.loads(capsys.readouterr().out)
     assert tuple(answer["thresholds"]) == snapshot_child.BATCH_GC_THRESHOLDS != (700, 10, 10)
+
+
+def _waits_on_its_input(process: object, seconds: float = 60) -> bool:
+    """Whether the child comes to wait on a pipe (its standard input) within `seconds`,
+    seen in /proc, still running; where the kernel hides what a process waits on,
+    after 3 s."""
+    wchan = Path(f"/proc/{process.pid}/wchan")  # type: ignore[attr-defined]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            seen = wchan.read_text()
+        except OSError:  # the process ended
+            return False
+        if seen in ("", "0"):
+            time.sleep(3)
+            return True
+        if "pipe" in seen:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_child_started_ahead_of_its_inputs_reads_the_store_only_once_it_has_them(
+    night_two: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While it waits, the child holds nothing: a write commits beside it (SQLite
+    would wait for a reader's lock), and its read is of the store as the write left
+    it, as a read here is."""
+    engine = store.connect(night_two)
+    changed, wanted = _scope_keys(engine)
+    pending = ScopeRead(engine)
+    assert _waits_on_its_input(pending._child._process)
+    rec = store.source_records.c
+    key = wanted.iloc[0]
+    with sa.create_engine(night_two, connect_args={"timeout": 2}).begin() as conn:
+        done = conn.execute(
+            store.source_records.update()
+            .where(rec.source == key["source"], rec.source_key == key["source_key"])
+            .values(record_hash="changed-while-it-waited")
+        )
+        assert done.rowcount == 1
+    pending.start(changed)
+    with caplog.at_level(logging.WARNING, logger=background.__name__), engine.connect() as conn:
+        got = pending.result(conn, wanted)
+        want = store.read_scope(conn, wanted)
+    _assert_same_scope(got, want)
+    assert "changed-while-it-waited" in got.records["record_hash"].tolist()
+    assert "done in this one" not in caplog.text  # the child's answer, not a fallback
+    engine.dispose()
+
+
+def test_a_child_started_ahead_and_never_given_its_inputs_ends_without_a_read(
+    night_two: str,
+) -> None:
+    """Closed before its inputs (a run that failed first), the child is stopped and its
+    folder removed; one whose standard input ends without the word that hands them
+    over exits with an error and reads nothing."""
+    import subprocess
+    import sys
+
+    engine = store.connect(night_two)
+    pending = EvidenceRead(engine)
+    process, folder = pending._child._process, pending._child.folder
+    assert process is not None and folder is not None and Path(folder).is_dir()
+    assert _waits_on_its_input(process)
+    # The evidence's child waits at a lower priority than this process's.
+    nice = int(Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert nice == os.nice(0) + store_child.EVIDENCE_NICENESS
+    pending.close()
+    assert process.poll() is not None and not Path(folder).exists()
+    store_file = background._store_file(engine)
+    assert store_file is not None
+    empty = background.shared_folder("mdm-test-")
+    try:
+        module, deferred = background.STORE_CHILD_MODULE, background.DEFERRED
+        done = subprocess.run(
+            [sys.executable, "-m", module, "scope", store_file, empty, deferred],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.strip().splitlines()[-1] == "EOFError"
+        assert sorted(p.name for p in Path(empty).iterdir()) == []
+    finally:
+        shutil.rmtree(empty, ignore_errors=True)
+    engine.dispose()
