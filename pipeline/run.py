@@ -555,11 +555,6 @@ class Pipeline:
         # record become Python objects; the matching view stays in Arrow until a few
         # blocks need it (`inc.match_view`).
         pending = SnapshotRead(engine)
-        # The stored records of the golden records that changed and deleted records
-        # belong to, read by a second process while this one normalises, matches and
-        # clusters (`background`): most of the scope survivorship reads. Its process is
-        # started now, ahead of the keys it reads, to import its modules meanwhile.
-        scope_read = ScopeRead(engine)
         try:
             summary.model_run, summary.model_status = stored_model[0], "reused"
             model = Model.from_json(stored_model[1])
@@ -570,6 +565,11 @@ class Pipeline:
             snap = pending.result(convert={"records": inc.RECORD_COLUMNS})
         finally:
             pending.close()
+        # The stored records of the golden records that changed and deleted records
+        # belong to, read by a second process while this one normalises, matches and
+        # clusters (`background`): most of the scope survivorship reads. Its process is
+        # started now, ahead of the keys it reads, to import its modules meanwhile.
+        scope_read = ScopeRead(engine)
         if snap is None:
             raise StoreError(
                 "an incremental run starts from the snapshot the last full run left in "
