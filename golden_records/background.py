@@ -25,9 +25,10 @@ lock, and collects every answer before it writes anything (a child reading
 the store would otherwise hold up the transaction's commit).
 
 The scope's and the evidence's children import pandas and SQLAlchemy (most of a
-second of CPU each), so a night starts them ahead of their inputs: each imports
-while the run loads and matches, then waits, holding nothing of the store,
-until its inputs are handed over (`_Child.go`).
+second of CPU each), so a night starts them ahead of their inputs (the scope's
+once the snapshot is in, the evidence's once the delta is known): each imports
+while the run finds the delta, normalises and matches, then waits, holding
+nothing of the store, until its inputs are handed over (`_Child.go`).
 
 A PostgreSQL store, a store in memory, a small store (`BACKGROUND_MIN_BYTES`),
 or a child that fails for any reason: the read is done in this process, as
