@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -1090,13 +1091,14 @@ def write_run(
     # million payloads are gigabytes of Python strings), and each chunk's rows land
     # after the previous chunk's in the tables' B-trees.
     order = sort_order(keys, ["source", "source_key"])
+
     # The payloads a child made, waited for when the first records chunk is prepared
     # (in the worker, while the golden records are written), not before.
-    made: list[Chunks | None] = []
+    @cache
+    def made() -> Chunks | None:
+        return _made_payloads(payloads, order) if as_stored is None else None
 
     def records_chunk(start: int) -> _RecordsChunk:
-        if not made:
-            made.append(_made_payloads(payloads, order) if as_stored is None else None)
         rows = order[start : start + WRITE_CHUNK_ROWS]
         held = stored_row[rows]
         return _records_chunk(
@@ -1108,7 +1110,7 @@ def write_run(
             payload_columns,
             prev.iloc[held[held >= 0]],
             as_stored,
-            made[0].get(start) if made[0] is not None else None,
+            chunks.get(start) if (chunks := made()) is not None else None,
         )
 
     def write_records(chunk: _RecordsChunk) -> None:
@@ -1149,10 +1151,9 @@ def write_run(
             )
         )
 
-    found: list[tuple[str, str, dict[str, dict[str, list[str]]]]] = []
-
-    def write_events(events_found: list[tuple[str, str, dict[str, dict[str, list[str]]]]]) -> None:
-        found.extend(events_found)
+    def write_events(found: list[tuple[str, str, dict[str, dict[str, list[str]]]]]) -> None:
+        result.merges = sum(k == "merge" for k, _, _ in found)
+        result.splits = sum(k == "split" for k, _, _ in found)
         if found:
             _insert(
                 conn,
@@ -1185,8 +1186,6 @@ def write_run(
             ],
             idle,
         )
-    result.merges = sum(k == "merge" for k, _, _ in found)
-    result.splits = sum(k == "split" for k, _, _ in found)
 
     result.quarantine_rows = _write_quarantine(conn, run_id, quarantined, loaded_sources)
     return result, record_gid
@@ -1252,14 +1251,14 @@ def _overlapped(phases: Iterable[_Phase], idle: Iterator[object] | None = None) 
         return ahead.result()
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdm-store-prepare") as pool:
+        # The step prepared ahead: its future chunk, and the write that takes it.
         part, prepare, write = first
-        ahead, writing = pool.submit(prepare, part), write
+        ahead, write_ahead = pool.submit(prepare, part), write
         for part, prepare, write in steps:
-            chunk = ready(ahead)
-            ahead, written = pool.submit(prepare, part), writing
-            writing = write
-            written(chunk)
-        writing(ready(ahead))
+            chunk, write_chunk = ready(ahead), write_ahead
+            ahead, write_ahead = pool.submit(prepare, part), write
+            write_chunk(chunk)
+        write_ahead(ready(ahead))
 
 
 #: What an exhausted `idle` iterator gives.

@@ -565,16 +565,16 @@ class Pipeline:
             snap = pending.result(convert={"records": inc.RECORD_COLUMNS})
         finally:
             pending.close()
-        # The stored records of the golden records that changed and deleted records
-        # belong to, read by a second process while this one normalises, matches and
-        # clusters (`background`): most of the scope survivorship reads. Its process is
-        # started now, ahead of the keys it reads, to import its modules meanwhile.
-        scope_read = ScopeRead(engine)
         if snap is None:
             raise StoreError(
                 "an incremental run starts from the snapshot the last full run left in "
                 "the store, and there is none: run `mdm run` without --incremental first"
             )
+        # The stored records of the golden records that changed and deleted records
+        # belong to, read by a second process while this one normalises, matches and
+        # clusters (`background`): most of the scope survivorship reads. Its process is
+        # started now, ahead of the keys it reads, to import its modules meanwhile.
+        scope_read = ScopeRead(engine)
         state = snap[1]["records"]  # keys are text already (written so)
         deletions = pd.concat(
             [pd.DataFrame({"source": m.source, "source_key": m.deleted}) for m in mapped],
