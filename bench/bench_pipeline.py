@@ -24,6 +24,12 @@ nightly incremental job does: its figure is the steady state. Then each
 run's wall time over Splink's in this same benchmark run, and the ratio of
 each stage's time between consecutive sizes, beside the ratio of candidate
 pairs: no stage should grow faster.
+
+With --repeat N, the steady night and Splink each run N times, one after
+the other in turn (the night each time from the same stored state), and
+the middle run of each (the median, N odd) is the one compared: on a shared
+two-core machine the same run's time has been seen to vary by a third from
+one minute to the next, for either tool.
 """
 
 from __future__ import annotations
@@ -165,6 +171,13 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep generated data under this folder")
     parser.add_argument("--splink", action="store_true", help="run Splink 5 on the same records")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the steady night and Splink N times each and compare their medians",
+    )
+    parser.add_argument(
         "--engine",
         choices=("local", "spark", "both"),
         default="local",
@@ -204,33 +217,48 @@ def main() -> None:
                 again = json.loads(_last_line([*cmd, "--again"]))
                 print(json.dumps({"tool": f"mdm-pipeline ({engine}), rerun", **again}), flush=True)
                 row.setdefault("rerun", again)
+        splink_cmd = [sys.executable, str(HERE / "bench_matching.py"), "--data", str(workdir)]
+        splink_cmd += ["--tool", "splink"]
+        steady: list[dict] = []
+        splinks: list[dict] = []
+
         if args.night:
             night = _night_copy(workdir, args.night)
             stored, kept = night / "mdm.sqlite", night / BEFORE_NIGHT
             cmd = [sys.executable, __file__, "--night-child", "--records", str(n)]
             cmd += ["--keep", str(night)]
             try:
-                for run, name in (("first_night", "first"), ("night", "next")):
-                    if run == "night":
-                        # The same stored state again; the journal the first left stays.
-                        shutil.copy(kept, stored)
-                        os.sync()
-                    row[run] = json.loads(_last_line(cmd))
-                    tool = f"mdm-pipeline, incremental night ({name})"
-                    print(json.dumps({"tool": tool, **row[run]}), flush=True)
+                row["first_night"] = json.loads(_last_line(cmd))
+                tool = "mdm-pipeline, incremental night (first)"
+                print(json.dumps({"tool": tool, **row["first_night"]}), flush=True)
+                for _ in range(args.repeat):
+                    # The same stored state again; the journal the first left stays.
+                    shutil.copy(kept, stored)
+                    os.sync()
+                    steady.append(json.loads(_last_line(cmd)))
+                    tool = "mdm-pipeline, incremental night (next)"
+                    print(json.dumps({"tool": tool, **steady[-1]}), flush=True)
+                    # Each night beside a Splink run: a drift of the machine's speed
+                    # weighs on both sides alike.
+                    if args.splink:
+                        _run_splink(splink_cmd, splinks)
+                row["night"] = _median(steady, "run_wall_s")
             finally:
                 # Gigabytes (the store's copies and its journal), not kept.
                 shutil.rmtree(night, ignore_errors=True)
         if args.splink:
-            cmd = [sys.executable, str(HERE / "bench_matching.py"), "--data", str(workdir)]
-            splink = json.loads(_last_line([*cmd, "--tool", "splink"]))
-            print(json.dumps(splink), flush=True)
-            row["splink"] = splink
+            while len(splinks) < args.repeat:
+                _run_splink(splink_cmd, splinks)
+            splink = row["splink"] = _median(splinks, "seconds")
             over = {
                 f"{run}_over_splink": round(row[run]["run_wall_s"] / splink["seconds"], 2)
                 for run in ("ours", "rerun", "first_night", "night")
                 if run in row
             }
+            if args.repeat > 1:
+                over["medians_of"] = args.repeat
+                over["night_runs_s"] = [r["run_wall_s"] for r in steady]
+                over["splink_runs_s"] = [round(r["seconds"], 2) for r in splinks]
             print(json.dumps({"records": row["records"], **over}), flush=True)
         rows.append(row)
     for small, large in itertools.pairwise(rows):
@@ -248,6 +276,17 @@ def main() -> None:
                 }
             )
         )
+
+
+def _run_splink(cmd: list[str], runs: list[dict]) -> None:
+    """One Splink run (`bench_matching.py`), printed and added to `runs`."""
+    runs.append(json.loads(_last_line(cmd)))
+    print(json.dumps(runs[-1]), flush=True)
+
+
+def _median(runs: list[dict], key: str) -> dict:
+    """The middle run by `key` (of an even number, the later of the two middle ones)."""
+    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
 
 
 def _last_line(cmd: list[str]) -> str:
