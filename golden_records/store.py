@@ -2093,15 +2093,28 @@ def snapshot_frames(
             if c in table.column_names
             and table.schema.field(c).type in (pa.string(), pa.large_string())
         ]
-        frame = table.drop_columns(repeated).to_pandas(deduplicate_objects=False)
-        for c in sorted(repeated, key=table.column_names.index):
-            frame.insert(table.column_names.index(c), c, _shared_texts(table.column(c)))
+        arrow = [c for c in _ARROW_TEXTS if c in table.column_names]
+        frame = table.drop_columns([*repeated, *arrow]).to_pandas(deduplicate_objects=False)
+        for c in sorted([*repeated, *arrow], key=table.column_names.index):
+            column = table.column(c)
+            values = _shared_texts(column) if c in repeated else _arrow_text(column)
+            frame.insert(table.column_names.index(c), c, values)
         frames[name] = frame
     return last, frames, out
 
 
 #: Snapshot columns of a few distinct values (sources, NPAI states, record types).
 _FEW_VALUES = ("source", "npai_state", "record_type")
+#: Snapshot columns a night reads for a few records only (`incremental.HASH_COLUMNS`):
+#: kept as Arrow-backed texts (`text_dtype`), not made a million Python objects each
+#: that every reordering of the night's records then copied (0.3-0.4 s of a 5% night's
+#: match stage at 1M records, docs/benchmarks.md).
+_ARROW_TEXTS = ("source_hash", "address_hash")
+
+
+def _arrow_text(values: pa.ChunkedArray) -> pd.api.extensions.ExtensionArray:
+    """Texts as the project's Arrow-backed text column (`text_dtype`), not copied."""
+    return pd.array(values.cast(pa.large_string()), dtype=text_dtype())
 
 
 def _shared_texts(values: pa.ChunkedArray) -> np.ndarray:

@@ -76,10 +76,13 @@ def find_delta(
     """
     index = record_keys(state)
     pos = index.get_indexer(record_keys(records))
-    stored_hash = np.append(state["source_hash"].to_numpy(dtype=object), None)
-    same = (pos >= 0) & (records["source_hash"].to_numpy(dtype=object) == stored_hash[pos])
+    found = pos >= 0
+    same = np.zeros(len(pos), dtype=bool)
+    # Only the delivered records' stored hashes become Python texts.
+    stored_hash = state["source_hash"].take(pos[found]).to_numpy(dtype=object)
+    same[found] = records["source_hash"].to_numpy(dtype=object)[found] == stored_hash
     delivered = np.zeros(len(state), dtype=bool)
-    delivered[pos[pos >= 0]] = True
+    delivered[pos[found]] = True
     in_full = state["source"].isin(full_sources).to_numpy()
     gone = in_full & ~delivered
     listed = index.get_indexer(record_keys(deletions)) if len(deletions) else np.array([], int)
@@ -339,9 +342,14 @@ def affected_records(
     return np.isin(new, distinct(new[start]))
 
 
-#: What the store's snapshot keeps of every record besides its matching view: the
-#: only columns an incremental run needs for all records as Python objects.
+#: What the store's snapshot keeps of every record besides its matching view.
 RECORD_COLUMNS = [*KEYS, "source_line", "source_hash", "address_hash", "npai_state"]
+#: The hashes among them: a night compares or writes them for a few records only (the
+#: delivered ones, those flagged, those chosen again), so they stay in Arrow
+#: (`store.snapshot_frames`) and out of the frame of every current record.
+HASH_COLUMNS = ["source_hash", "address_hash"]
+#: What a night holds of every current record as Python objects, in its run order.
+CURRENT_COLUMNS = [c for c in RECORD_COLUMNS if c not in HASH_COLUMNS]
 
 #: What the store's snapshot keeps of every record, in a full run's record order.
 SNAPSHOT_COLUMNS = [*RECORD_COLUMNS, *MATCH_COLUMNS]

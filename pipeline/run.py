@@ -631,7 +631,7 @@ class Pipeline:
             unchanged = inc.take_rows(
                 state,
                 kept_pos,
-                inc.RECORD_COLUMNS,
+                inc.CURRENT_COLUMNS,
                 source_line=delta.unchanged["source_line"].to_numpy(),
                 snap_pos=kept_pos,
                 changed_pos=-1,
@@ -640,7 +640,7 @@ class Pipeline:
             fresh = inc.take_rows(
                 changed,
                 np.arange(len(changed)),
-                inc.RECORD_COLUMNS,
+                inc.CURRENT_COLUMNS,
                 npai_state=store.npai_state_text(changed).to_numpy(),
                 snap_pos=delta.index.get_indexer(inc.record_keys(changed)),
                 changed_pos=np.arange(len(changed)),
@@ -656,11 +656,11 @@ class Pipeline:
             stored_pos = np.where(is_changed, -1, current["snap_pos"].to_numpy(dtype=np.int64))
             changed_rows = pd.concat(
                 [
-                    inc.take_rows(current, np.flatnonzero(is_changed), inc.RECORD_COLUMNS),
+                    inc.take_rows(current, np.flatnonzero(is_changed), inc.CURRENT_COLUMNS),
                     inc.take_rows(
                         changed,
                         current["changed_pos"].to_numpy()[is_changed],
-                        list(store.MATCH_COLUMNS),
+                        [*inc.HASH_COLUMNS, *store.MATCH_COLUMNS],
                     ),
                 ],
                 axis=1,
@@ -812,6 +812,9 @@ class Pipeline:
         # memory survivorship and the store's write then take comes back from it
         # instead of from new pages the kernel must zero (docs/benchmarks.md).
         deleted = delta.deleted
+        # The stored hash of each snapshot record (Arrow texts): the records read back
+        # from their payloads keep theirs.
+        stored_hash = state["source_hash"]
         del loaded, state, delta, snap, edges, now_pos, el, er, live, kept
 
         # The transaction opens before survivorship, which reads the stored state of
@@ -832,7 +835,9 @@ class Pipeline:
                 )
             restored = restored.assign(
                 source_line=current["source_line"].to_numpy()[rows[at_row]],
-                source_hash=current["source_hash"].to_numpy()[rows[at_row]],
+                source_hash=stored_hash.take(current["snap_pos"].to_numpy()[rows[at_row]]).to_numpy(
+                    dtype=object
+                ),
             )
             restored = with_flags(restored, flags)
             # Changed records are all affected (they are matched again): with the

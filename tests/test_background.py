@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
+from mdm_pipeline.config import schema
 from mdm_pipeline.golden_records import background, store, store_child
 from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
 from mdm_pipeline.pipeline import incremental as inc
@@ -77,6 +78,10 @@ def test_the_child_process_reads_what_the_store_reads(night_two: str) -> None:
     got = pending.result(CONVERT)
     _assert_same(got, want)
     assert not Path(folder).exists()  # its files are gone once mapped
+    # The hashes stay Arrow texts (a night reads a few), the keys become Python texts.
+    records = got[1]["records"]
+    assert records["source_hash"].dtype == records["address_hash"].dtype == schema.text_dtype()
+    assert records["source_key"].dtype == object and records["source_hash"].notna().all()
     # Without `convert`, every column, as the store's own read.
     _assert_same(SnapshotRead(engine).result(), store.read_snapshot(engine))
     engine.dispose()

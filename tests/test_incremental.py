@@ -84,7 +84,9 @@ def _state(url: str) -> dict[str, object]:
     engine = sa.create_engine(url)
     with engine.connect() as conn:
         xref = pd.read_sql(
-            "select source, source_key, golden_id, record_hash from mdm_source_records", conn
+            "select source, source_key, golden_id, record_hash, source_hash "
+            "from mdm_source_records",
+            conn,
         )
         golden = pd.read_sql(
             "select golden_id, status, members, attributes, survivor_id, created_run "
@@ -114,6 +116,8 @@ def _state(url: str) -> dict[str, object]:
                 xref["source_key"],
                 xref["golden_id"].map(label),
                 xref["record_hash"],
+                # As its source sent it: a record read back keeps the stored one.
+                xref["source_hash"],
                 strict=True,
             )
         ),
