@@ -567,9 +567,9 @@ def test_match_view_from_the_snapshot_and_the_changed_records_is_the_pandas_view
     samples: Path, seed: int
 ) -> None:
     """The matching view an incremental run assembles (unchanged rows taken from the
-    snapshot's Arrow table, changed rows from tonight's frame) holds value for value
-    the frame a full run matches (texts as Python strings, missing as missing), for
-    any rows asked, in their order; and the block keys of both agree."""
+    snapshot's Arrow table, changed rows from tonight's frame) holds value for value,
+    and type for type, the frame a full run matches (Arrow-backed texts, missing as
+    missing), for any rows asked, in their order; and the block keys of both agree."""
     records = Pipeline.from_config(samples / "config.yaml").normalised_records()
     view = records[list(MATCH_COLUMNS)].reset_index(drop=True)
     rng = np.random.default_rng(seed)
@@ -587,6 +587,7 @@ def test_match_view_from_the_snapshot_and_the_changed_records_is_the_pandas_view
     got = inc.match_view(stored, changed_rows, stored_pos, rows)
     want = view.iloc[rows].reset_index(drop=True)
     assert list(got.columns) == list(want.columns) and len(got) == len(want)
+    assert got.dtypes.to_dict() == want.dtypes.to_dict()
     for c in want.columns:
         assert (got[c].isna() == want[c].isna()).all(), c
         here = want[c].notna()
