@@ -833,11 +833,11 @@ class Pipeline:
                     "the store's payloads do not match its snapshot: run `mdm run` "
                     "without --incremental to rebuild it"
                 )
+            at_current = rows[at_row]
+            at_snapshot = current["snap_pos"].to_numpy()[at_current]
             restored = restored.assign(
-                source_line=current["source_line"].to_numpy()[rows[at_row]],
-                source_hash=stored_hash.take(current["snap_pos"].to_numpy()[rows[at_row]]).to_numpy(
-                    dtype=object
-                ),
+                source_line=current["source_line"].to_numpy()[at_current],
+                source_hash=stored_hash.take(at_snapshot).to_numpy(dtype=object),
             )
             restored = with_flags(restored, flags)
             # Changed records are all affected (they are matched again): with the
