@@ -2,7 +2,7 @@
 
 Usage:
     python bench/bench_pipeline.py --records 100000 [--records 1000000] [--keep DIR] [--splink]
-                                   [--rerun] [--night SHARE]
+                                   [--rerun] [--night SHARE] [--repeat N]
 
 For each size: generate the four extracts with the seeded generator, run the
 whole pipeline (load, normalise, match, cluster, survive, store, export) into
