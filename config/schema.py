@@ -192,3 +192,12 @@ def text_dtype() -> pd.StringDtype:
     import pandas as pd
 
     return pd.StringDtype("pyarrow", na_value=np.nan)
+
+
+def text_types(arrow_type: pa.DataType) -> pd.StringDtype | None:
+    """`to_pandas`'s types mapper for the stages' texts: an Arrow text column becomes
+    `text_dtype` (its buffers kept, no Python string per value), any other type what
+    Arrow makes of it."""
+    import pyarrow as pa
+
+    return text_dtype() if arrow_type in (pa.string(), pa.large_string()) else None

@@ -47,7 +47,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from mdm_pipeline.config.schema import text_dtype
+from mdm_pipeline.config.schema import text_types
 from mdm_pipeline.golden_records.jsonrows import as_texts
 from mdm_pipeline.golden_records.snapshot_child import child_answer, stop_child
 from mdm_pipeline.golden_records.store import hash_rows
@@ -108,7 +108,6 @@ def read_inputs(folder: Path) -> Iterator[pd.DataFrame]:
     with open(folder / OTHERS, "rb") as source:
         # This run's own file, in the private folder it made for the child.
         others = pickle.load(source)
-    as_str = {pa.string(): text_dtype()}.get
     with (
         open(folder / TEXTS, "rb") as file,
         mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as mapped,
@@ -124,7 +123,7 @@ def read_inputs(folder: Path) -> Iterator[pd.DataFrame]:
                 if name in part.columns:
                     data[name] = part[name].array
                 else:
-                    data[name] = taken.column(name).to_pandas(types_mapper=as_str).array
+                    data[name] = taken.column(name).to_pandas(types_mapper=text_types).array
             yield pd.DataFrame(data, index=pd.RangeIndex(len(rows)), copy=False)
         del texts
 

@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.errors import StoreLockedError
-from mdm_pipeline.config.schema import contiguous, distinct, text_dtype
+from mdm_pipeline.config.schema import contiguous, distinct, text_dtype, text_types
 from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the store's API)
     MIGRATIONS,
     _alembic_config,
@@ -2093,11 +2093,15 @@ def snapshot_frames(
             if c in table.column_names
             and table.schema.field(c).type in (pa.string(), pa.large_string())
         ]
-        arrow = [c for c in _ARROW_TEXTS if c in table.column_names]
+        arrow = [c for c in SNAPSHOT_ARROW_TEXTS if c in table.column_names]
         frame = table.drop_columns([*repeated, *arrow]).to_pandas(deduplicate_objects=False)
         for c in sorted([*repeated, *arrow], key=table.column_names.index):
             column = table.column(c)
-            values = _shared_texts(column) if c in repeated else _arrow_text(column)
+            values = (
+                _shared_texts(column)
+                if c in repeated
+                else column.to_pandas(types_mapper=text_types).array
+            )
             frame.insert(table.column_names.index(c), c, values)
         frames[name] = frame
     return last, frames, out
@@ -2105,16 +2109,11 @@ def snapshot_frames(
 
 #: Snapshot columns of a few distinct values (sources, NPAI states, record types).
 _FEW_VALUES = ("source", "npai_state", "record_type")
-#: Snapshot columns a night reads for a few records only (`incremental.HASH_COLUMNS`):
-#: kept as Arrow-backed texts (`text_dtype`), not made a million Python objects each
-#: that every reordering of the night's records then copied (0.3-0.4 s of a 5% night's
-#: match stage at 1M records, docs/benchmarks.md).
-_ARROW_TEXTS = ("source_hash", "address_hash")
-
-
-def _arrow_text(values: pa.ChunkedArray) -> pd.api.extensions.ExtensionArray:
-    """Texts as the project's Arrow-backed text column (`text_dtype`), not copied."""
-    return pd.array(values.cast(pa.large_string()), dtype=text_dtype())
+#: Snapshot columns a night reads for a few records only (the hashes,
+#: `incremental.HASH_COLUMNS`): kept as Arrow-backed texts (`text_dtype`), not made a
+#: million Python objects each that every reordering of the night's records then
+#: copied (0.3-0.4 s of a 5% night's match stage at 1M records, docs/benchmarks.md).
+SNAPSHOT_ARROW_TEXTS = ("source_hash", "address_hash")
 
 
 def _shared_texts(values: pa.ChunkedArray) -> np.ndarray:

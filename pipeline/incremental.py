@@ -37,7 +37,7 @@ from mdm_pipeline.config import schema
 from mdm_pipeline.config.schema import distinct, record_keys
 from mdm_pipeline.config.settings import BlockingRule, MatchingSettings
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
-from mdm_pipeline.golden_records.store import StoredRecords, sort_order
+from mdm_pipeline.golden_records.store import SNAPSHOT_ARROW_TEXTS, StoredRecords, sort_order
 from mdm_pipeline.matching.blocking import block_hashes
 from mdm_pipeline.matching.clustering import components
 from mdm_pipeline.matching.keys import Fields, prepare
@@ -347,7 +347,7 @@ RECORD_COLUMNS = [*KEYS, "source_line", "source_hash", "address_hash", "npai_sta
 #: The hashes among them: a night compares or writes them for a few records only (the
 #: delivered ones, those flagged, those chosen again), so they stay in Arrow
 #: (`store.snapshot_frames`) and out of the frame of every current record.
-HASH_COLUMNS = ["source_hash", "address_hash"]
+HASH_COLUMNS = list(SNAPSHOT_ARROW_TEXTS)
 #: What a night holds of every current record as Python objects, in its run order.
 CURRENT_COLUMNS = [c for c in RECORD_COLUMNS if c not in HASH_COLUMNS]
 
@@ -374,9 +374,8 @@ def match_view(
     pos = stored_pos[rows]
     from_stored = pos >= 0
     columns = list(MATCH_COLUMNS)
-    texts = {pa.string(): schema.text_dtype(), pa.large_string(): schema.text_dtype()}.get
     old = stored.take(pos[from_stored], columns).to_pandas(
-        deduplicate_objects=False, types_mapper=texts
+        deduplicate_objects=False, types_mapper=schema.text_types
     )
     rank = np.cumsum(stored_pos < 0) - 1  # each changed record's row in changed_rows
     new = take_rows(changed_rows, rank[rows[~from_stored]], columns)
@@ -488,9 +487,8 @@ def parse_json_lines(text: str | bytes, strings: Collection[str] = ()) -> pd.Dat
         n for n in strings if n in table.column_names and table.schema.field(n).type in text_like
     ]
     frame = table.drop_columns(kept).to_pandas()
-    as_str = {pa.string(): pd.StringDtype("pyarrow", na_value=np.nan)}.get
     for name in kept:
-        frame[name] = table.column(name).cast(pa.string()).to_pandas(types_mapper=as_str)
+        frame[name] = table.column(name).cast(pa.string()).to_pandas(types_mapper=schema.text_types)
     return frame[table.column_names]
 
 
