@@ -66,16 +66,6 @@ def schema_revision(engine: Engine) -> str | None:
 #: records about a second slower than 128 MiB, and the full run no faster
 #: (docs/benchmarks.md, tenth pass).
 SQLITE_CACHE_KIB = 128 * 1024
-#: The page cache of an incremental night's transaction (KiB). A night's writes
-#: change some 180k pages (700 MB) spread over the whole store, which 128 MiB does not
-#: hold: SQLite dropped and read back half of them (298k reads for 143k pages changed
-#: and 199k page writes for 179k pages, at 1M records), each a system call on a
-#: virtual disk. With 512 MiB: 182k reads and 183k writes, the store stage about
-#: 1 s shorter (4.0 s against 5.1 s, medians of four); 1 GiB was no better, the
-#: memory the kernel zeroes for it costing what the reads saved. A night's peak
-#: (about 2 GB at 1M records) has that memory to spare; a full run (whose peak is the
-#: first run's, 3.7 GB) keeps `SQLITE_CACHE_KIB` (docs/benchmarks.md, session 29).
-SQLITE_NIGHT_CACHE_KIB = 512 * 1024
 
 
 #: The rollback journal is kept between transactions (journal_mode PERSIST, its header

@@ -41,8 +41,6 @@ from mdm_pipeline.config.errors import StoreLockedError
 from mdm_pipeline.config.schema import contiguous, distinct, text_dtype, text_types
 from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the store's API)
     MIGRATIONS,
-    SQLITE_CACHE_KIB,
-    SQLITE_NIGHT_CACHE_KIB,
     _alembic_config,
     connect,
     schema_revision,
@@ -653,29 +651,17 @@ def _datetime_texts(column: pd.Series) -> np.ndarray:
 
 
 @contextmanager
-def transaction(engine: Engine, cache_kib: int | None = None) -> Iterator[Connection]:
+def transaction(engine: Engine) -> Iterator[Connection]:
     """One transaction for the whole write: all of it lands, or none of it.
 
     On SQLite it is begun at once: Python's driver otherwise begins it only at
     the first INSERT, UPDATE or DELETE, and what runs before (the reads the write
     is decided on, and DDL such as a bulk insert's index rebuild) would run, and
-    a DDL statement be committed, outside it. `cache_kib`, a SQLite page cache of
-    that size for this transaction only (`connection.SQLITE_NIGHT_CACHE_KIB`):
-    the connection goes back to its pool with the usual one."""
+    a DDL statement be committed, outside it."""
     with engine.begin() as conn, _writeback(engine):
-        sqlite = conn.dialect.name == "sqlite"
-        if sqlite and cache_kib is not None:
-            # Before BEGIN: the size holds from the next page the connection reads.
-            conn.exec_driver_sql(f"PRAGMA cache_size = -{int(cache_kib)}")
-        try:
-            if sqlite and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
-                conn.exec_driver_sql("BEGIN")
-            yield conn
-        finally:
-            if sqlite and cache_kib is not None:
-                # Shrinking the cache drops its clean pages; dirty ones stay until
-                # the transaction ends (SQLite's pager), so this changes no write.
-                conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+        if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            conn.exec_driver_sql("BEGIN")
+        yield conn
 
 
 #: How often the files of a SQLite store are asked to start writing their dirty pages.

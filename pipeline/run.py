@@ -851,8 +851,7 @@ class Pipeline:
         with (
             ThreadPoolExecutor(1, thread_name_prefix="mdm-snapshot") as pool,
             ThreadPoolExecutor(1, thread_name_prefix="mdm-survive") as survivor,
-            # A larger page cache: the night's writes spread over the whole store.
-            store.transaction(engine, cache_kib=store.SQLITE_NIGHT_CACHE_KIB) as conn,
+            store.transaction(engine) as conn,
         ):
             with self._stage("survive", summary, emit):
                 # The stored state of every record in scope (tonight's affected ones and

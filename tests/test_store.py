@@ -929,57 +929,6 @@ def test_a_sqlite_transaction_hands_its_dirty_pages_to_the_disk_while_it_runs(
     assert flushed == []
 
 
-def test_a_transaction_can_take_a_larger_sqlite_cache_for_itself_alone(tmp_path: Path) -> None:
-    """An incremental night's transaction reads and writes with a larger page cache;
-    the pooled connection then goes back to the usual one, and the transaction's
-    writes land (or roll back) as with any other."""
-    engine = store.connect(f"sqlite:///{tmp_path / 'store.sqlite'}")
-    engine.pool.dispose()
-
-    def cache(conn: sa.Connection) -> int:
-        return conn.exec_driver_sql("PRAGMA cache_size").scalar()
-
-    night = connection.SQLITE_NIGHT_CACHE_KIB
-    assert night > connection.SQLITE_CACHE_KIB
-    with store.transaction(engine, cache_kib=night) as conn:
-        assert cache(conn) == -night
-        assert conn.connection.dbapi_connection.in_transaction
-        store.start_run(conn, "r1", "hash", datetime(2026, 1, 1))
-        raw = conn.connection.dbapi_connection
-    with engine.connect() as conn:
-        assert conn.connection.dbapi_connection is raw  # the same pooled connection
-        assert cache(conn) == -connection.SQLITE_CACHE_KIB
-        assert conn.execute(sa.select(sa.func.count()).select_from(store.runs)).scalar() == 1
-    with pytest.raises(RuntimeError), store.transaction(engine, cache_kib=night) as conn:
-        store.start_run(conn, "r2", "hash", datetime(2026, 1, 2))
-        raise RuntimeError("a stage failed")
-    with engine.connect() as conn:
-        assert cache(conn) == -connection.SQLITE_CACHE_KIB
-        assert conn.execute(sa.select(sa.func.count()).select_from(store.runs)).scalar() == 1
-    engine.dispose()
-
-
-def test_an_incremental_night_writes_with_the_larger_cache(
-    samples: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The night's transaction asks for `SQLITE_NIGHT_CACHE_KIB`; a full run keeps
-    the usual cache (its peak is the first run's, the highest)."""
-    from mdm_pipeline.pipeline.run import Pipeline
-
-    asked: list[int | None] = []
-    opened = store.transaction
-
-    def recording(engine: sa.Engine, cache_kib: int | None = None) -> object:
-        asked.append(cache_kib)
-        return opened(engine, cache_kib)
-
-    monkeypatch.setattr(store, "transaction", recording)
-    pipeline = Pipeline.from_config(samples / "config.yaml")
-    pipeline.run()
-    pipeline.run(incremental=True)
-    assert asked == [None, connection.SQLITE_NIGHT_CACHE_KIB]
-
-
 def test_read_gives_what_sqlalchemy_gives_with_its_datetimes_parsed_by_column(
     url: str, six_people: pd.DataFrame
 ) -> None:
