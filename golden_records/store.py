@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.errors import StoreLockedError
-from mdm_pipeline.config.schema import contiguous, distinct, text_dtype, text_types
+from mdm_pipeline.config.schema import contiguous, distinct, record_keys, text_dtype, text_types
 from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the store's API)
     MIGRATIONS,
     _alembic_config,
@@ -901,25 +901,34 @@ def _texts(payloads: np.ndarray) -> np.ndarray:
 
 
 def _payload_hashes(
-    records: pd.DataFrame, payload_columns: list[str], as_stored: pd.DataFrame | None
+    records: pd.DataFrame,
+    payload_columns: list[str],
+    as_stored: pd.DataFrame | None,
+    stored_at: np.ndarray | None = None,
 ) -> tuple[pd.Series, pd.Series]:
     """(hash, JSON payload) per record; those in `as_stored` keep their stored ones, as
     they were read (UTF-8 bytes from SQLite): only the few a night writes again (records
-    that moved to another golden record) are decoded, by `_texts` when written."""
+    that moved to another golden record) are decoded, by `_texts` when written.
+    `stored_at`, each record's row in `as_stored` (-1: none), where the caller found
+    them already (`_rows_in`)."""
     if as_stored is None or not len(as_stored):
         return hash_rows(records[payload_columns])
-    keys = records[["source", "source_key"]].astype({"source_key": str})
-    known = keys.merge(
-        as_stored[["source", "source_key", "record_hash", "payload"]].astype({"source_key": str}),
-        on=["source", "source_key"],
-        how="left",
-    )
-    have = known["record_hash"].notna().to_numpy()
-    digest = pd.Series(known["record_hash"].to_numpy(), index=records.index, dtype=object)
-    text = pd.Series(known["payload"].to_numpy(), index=records.index, dtype=object)
+    if stored_at is None:
+        stored_at = _rows_in(records, as_stored)
+    have = stored_at >= 0
+    digest = pd.Series(None, index=records.index, dtype=object)
+    text = pd.Series(None, index=records.index, dtype=object)
+    digest[have] = as_stored["record_hash"].to_numpy(dtype=object)[stored_at[have]]
+    text[have] = as_stored["payload"].to_numpy(dtype=object)[stored_at[have]]
     fresh_hash, fresh_text = hash_rows(records.loc[~have, payload_columns])
     digest[~have], text[~have] = fresh_hash.to_numpy(), fresh_text.to_numpy()
     return digest, text
+
+
+def _rows_in(records: pd.DataFrame, stored: pd.DataFrame) -> np.ndarray:
+    """Each record's row in `stored` (-1: not there), by source and key: `stored` holds
+    each record once."""
+    return record_keys(stored).get_indexer(record_keys(records))
 
 
 def _reason(detail: dict[str, dict[str, list[str]]], steward: pd.DataFrame | None) -> str:
@@ -1098,9 +1107,17 @@ def write_run(
     def made() -> Chunks | None:
         return _made_payloads(payloads, order) if as_stored is None else None
 
+    # Each record's row in `as_stored`, found once (in the worker, with the first
+    # chunk): merged chunk by chunk with the whole of it, a night's four chunks
+    # factorised its keys four times, holding the GIL the writes wait for.
+    @cache
+    def as_stored_at() -> np.ndarray | None:
+        return _rows_in(records, as_stored) if as_stored is not None else None
+
     def records_chunk(start: int) -> _RecordsChunk:
         rows = order[start : start + WRITE_CHUNK_ROWS]
         held = stored_row[rows]
+        stored_at = as_stored_at()
         return _records_chunk(
             run_id,
             at,
@@ -1111,6 +1128,7 @@ def write_run(
             prev.iloc[held[held >= 0]],
             as_stored,
             chunks.get(start) if (chunks := made()) is not None else None,
+            stored_at[rows] if stored_at is not None else None,
         )
 
     def write_records(chunk: _RecordsChunk) -> None:
@@ -1372,11 +1390,13 @@ def _records_chunk(
     prev: pd.DataFrame,
     as_stored: pd.DataFrame | None,
     made: tuple[pd.Series, pd.Series] | None = None,
+    stored_at: np.ndarray | None = None,
 ) -> _RecordsChunk:
     """One chunk of `write_run`'s source records with their payloads, compared with
     `prev` (the stored rows of these records, those the store has); `made`, their
-    (hash, payload) if a child process made them."""
-    r_hash, r_json = made or _payload_hashes(records, payload_columns, as_stored)
+    (hash, payload) if a child process made them; `stored_at`, their rows in
+    `as_stored`."""
+    r_hash, r_json = made or _payload_hashes(records, payload_columns, as_stored, stored_at)
     new_xref = pd.DataFrame(
         {
             "source": keys["source"].to_numpy(),
