@@ -1129,6 +1129,7 @@ def write_run(
             as_stored,
             chunks.get(start) if (chunks := made()) is not None else None,
             stored_at[rows] if stored_at is not None else None,
+            held >= 0,
         )
 
     def write_records(chunk: _RecordsChunk) -> None:
@@ -1389,12 +1390,13 @@ def _records_chunk(
     payload_columns: list[str],
     prev: pd.DataFrame,
     as_stored: pd.DataFrame | None,
-    made: tuple[pd.Series, pd.Series] | None = None,
-    stored_at: np.ndarray | None = None,
+    made: tuple[pd.Series, pd.Series] | None,
+    stored_at: np.ndarray | None,
+    stored: np.ndarray,
 ) -> _RecordsChunk:
     """One chunk of `write_run`'s source records with their payloads, compared with
-    `prev` (the stored rows of these records, those the store has); `made`, their
-    (hash, payload) if a child process made them; `stored_at`, their rows in
+    `prev` (the stored rows of the records `stored` marks, in their order); `made`,
+    their (hash, payload) if a child process made them; `stored_at`, their rows in
     `as_stored`."""
     r_hash, r_json = made or _payload_hashes(records, payload_columns, as_stored, stored_at)
     new_xref = pd.DataFrame(
@@ -1414,7 +1416,20 @@ def _records_chunk(
             "source_hash": records["source_hash"].to_numpy() if "source_hash" in records else None,
         }
     )
-    both = new_xref.merge(prev, on=["source", "source_key"], how="left", suffixes=("", "_old"))
+    # The stored rows come in the records' order, one for each record `stored` marks:
+    # put beside them by position (a left merge's missing values where there is none),
+    # not merged on their keys again.
+    indexer = np.full(len(new_xref), -1, dtype=np.int64)
+    indexer[stored] = np.arange(len(prev))
+    both = new_xref.assign(
+        **{
+            (f"{name}_old" if name in new_xref else name): pd.api.extensions.take(
+                _array(prev[name]), indexer, allow_fill=True
+            )
+            for name in prev.columns
+            if name not in ("source", "source_key")
+        }
+    )
     existed = both["record_hash_old"].notna()
     payload_changed = existed & (both["record_hash"] != both["record_hash_old"])
     moved = existed & (both["golden_id"] != both["golden_id_old"])
@@ -1422,6 +1437,12 @@ def _records_chunk(
     to_write = both[dirty][[c.name for c in source_records.columns]].copy()
     to_write["payload"] = _texts(to_write["payload"].to_numpy())
     return _RecordsChunk(both, existed, payload_changed, moved, to_write)
+
+
+def _array(column: pd.Series) -> np.ndarray | pd.api.extensions.ExtensionArray:
+    """A column's values as pandas' `take` wants them: numpy's own array, or the
+    extension array (Arrow texts) as it is."""
+    return column.to_numpy() if isinstance(column.dtype, np.dtype) else column.array
 
 
 def _write_records(
