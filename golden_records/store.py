@@ -904,17 +904,14 @@ def _payload_hashes(
     records: pd.DataFrame,
     payload_columns: list[str],
     as_stored: pd.DataFrame | None,
-    stored_at: np.ndarray | None = None,
+    stored_at: np.ndarray | None,
 ) -> tuple[pd.Series, pd.Series]:
     """(hash, JSON payload) per record; those in `as_stored` keep their stored ones, as
     they were read (UTF-8 bytes from SQLite): only the few a night writes again (records
     that moved to another golden record) are decoded, by `_texts` when written.
-    `stored_at`, each record's row in `as_stored` (-1: none), where the caller found
-    them already (`_rows_in`)."""
-    if as_stored is None or not len(as_stored):
+    `stored_at`, each record's row in `as_stored` (-1: none; given with it)."""
+    if as_stored is None or stored_at is None or not len(as_stored):
         return hash_rows(records[payload_columns])
-    if stored_at is None:
-        stored_at = _rows_in(records, as_stored)
     have = stored_at >= 0
     digest = pd.Series(None, index=records.index, dtype=object)
     text = pd.Series(None, index=records.index, dtype=object)
@@ -923,12 +920,6 @@ def _payload_hashes(
     fresh_hash, fresh_text = hash_rows(records.loc[~have, payload_columns])
     digest[~have], text[~have] = fresh_hash.to_numpy(), fresh_text.to_numpy()
     return digest, text
-
-
-def _rows_in(records: pd.DataFrame, stored: pd.DataFrame) -> np.ndarray:
-    """Each record's row in `stored` (-1: not there), by source and key: `stored` holds
-    each record once."""
-    return record_keys(stored).get_indexer(record_keys(records))
 
 
 def _reason(detail: dict[str, dict[str, list[str]]], steward: pd.DataFrame | None) -> str:
@@ -1107,12 +1098,15 @@ def write_run(
     def made() -> Chunks | None:
         return _made_payloads(payloads, order) if as_stored is None else None
 
-    # Each record's row in `as_stored`, found once (in the worker, with the first
-    # chunk): merged chunk by chunk with the whole of it, a night's four chunks
-    # factorised its keys four times, holding the GIL the writes wait for.
+    # Each record's row in `as_stored` (-1: none; it holds each record once), found
+    # once (in the worker, with the first chunk): merged chunk by chunk with the whole
+    # of it, a night's four chunks factorised its keys four times, holding the GIL the
+    # writes wait for.
     @cache
     def as_stored_at() -> np.ndarray | None:
-        return _rows_in(records, as_stored) if as_stored is not None else None
+        if as_stored is None:
+            return None
+        return record_keys(as_stored).get_indexer(record_keys(records))
 
     def records_chunk(start: int) -> _RecordsChunk:
         rows = order[start : start + WRITE_CHUNK_ROWS]
@@ -1417,19 +1411,14 @@ def _records_chunk(
         }
     )
     # The stored rows come in the records' order, one for each record `stored` marks:
-    # put beside them by position (a left merge's missing values where there is none),
-    # not merged on their keys again.
-    indexer = np.full(len(new_xref), -1, dtype=np.int64)
-    indexer[stored] = np.arange(len(prev))
-    both = new_xref.assign(
-        **{
-            (f"{name}_old" if name in new_xref else name): pd.api.extensions.take(
-                _array(prev[name]), indexer, allow_fill=True
-            )
-            for name in prev.columns
-            if name not in ("source", "source_key")
-        }
+    # put beside them by position (reindexed: a left merge's missing values where there
+    # is none), not merged on their keys again.
+    old = (
+        prev.drop(columns=["source", "source_key"])
+        .set_axis(np.flatnonzero(stored))
+        .reindex(new_xref.index)
     )
+    both = new_xref.join(old, rsuffix="_old")
     existed = both["record_hash_old"].notna()
     payload_changed = existed & (both["record_hash"] != both["record_hash_old"])
     moved = existed & (both["golden_id"] != both["golden_id_old"])
@@ -1437,12 +1426,6 @@ def _records_chunk(
     to_write = both[dirty][[c.name for c in source_records.columns]].copy()
     to_write["payload"] = _texts(to_write["payload"].to_numpy())
     return _RecordsChunk(both, existed, payload_changed, moved, to_write)
-
-
-def _array(column: pd.Series) -> np.ndarray | pd.api.extensions.ExtensionArray:
-    """A column's values as pandas' `take` wants them: numpy's own array, or the
-    extension array (Arrow texts) as it is."""
-    return column.to_numpy() if isinstance(column.dtype, np.dtype) else column.array
 
 
 def _write_records(
