@@ -1140,10 +1140,7 @@ def write_run(
         ]
 
     def remove(missing: pd.DataFrame) -> None:
-        _archive_payloads(conn, missing, at, run_id)
-        _delete_keys(conn, source_records, missing)
-        _close_open(conn, xref, missing, at, run_id)
-        result.records_removed = len(missing)
+        result.records_removed = remove_records(conn, run_id, at, missing)
 
     # Merges and splits, with the members before and after.
     def change_events(_: object) -> list[tuple[str, str, dict[str, dict[str, list[str]]]]]:
@@ -1205,6 +1202,20 @@ def write_run(
 
     result.quarantine_rows = _write_quarantine(conn, run_id, quarantined, loaded_sources)
     return result, record_gid
+
+
+def remove_records(conn: Connection, run_id: str, at: datetime, keys: pd.DataFrame) -> int:
+    """These records (source, source_key) leave the store: their last payload goes to
+    the record history and their cross-reference is closed, at `at`. Returns how
+    many were asked for.
+
+    `write_run` removes the records it is told are gone; an incremental night can
+    remove its deleted ones before, while survivorship still chooses the golden
+    records (`pipeline.run`), and then tells `write_run` that none are left."""
+    _archive_payloads(conn, keys, at, run_id)
+    _delete_keys(conn, source_records, keys)
+    _close_open(conn, xref, keys, at, run_id)
+    return len(keys)
 
 
 def _write_keys(records: pd.DataFrame) -> pd.DataFrame:
