@@ -171,6 +171,45 @@ def test_the_scope_read_early_and_completed_here_is_the_scope_read_here(
     engine.dispose()
 
 
+def test_a_scope_the_child_answered_is_made_into_frames_before_it_is_asked_for(
+    night_two: str,
+) -> None:
+    """The child's answer is converted by a thread of this process as soon as it is
+    there: the run, asking for the scope once it has clustered, finds it ready."""
+    engine = store.connect(night_two)
+    changed, wanted = _scope_keys(engine)
+    pending = ScopeRead(engine, changed)
+    ready = pending._ready
+    assert ready is not None
+    deadline = time.monotonic() + 120
+    while not ready.done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Converted without being asked: the child has answered and exited.
+    assert ready.done() and ready.result() is not None
+    assert pending._child._process is not None and pending._child._process.poll() == 0
+    with engine.connect() as conn:
+        got = pending.result(conn, wanted)
+        want = store.read_scope(conn, wanted)
+    _assert_same_scope(got, want)
+    engine.dispose()
+
+
+def test_a_scope_read_closed_while_its_answer_is_awaited_stops_child_and_thread(
+    night_two: str,
+) -> None:
+    """A run that fails before it asks for the scope leaves no child, thread or files."""
+    engine = store.connect(night_two)
+    changed, _ = _scope_keys(engine)
+    pending = ScopeRead(engine, changed)
+    ready, process, folder = pending._ready, pending._child._process, pending._child.folder
+    assert ready is not None and process is not None and folder is not None
+    pending.close()
+    assert ready.done()
+    assert process.poll() is not None and not Path(folder).exists()
+    pending.close()  # again: nothing left to do
+    engine.dispose()
+
+
 def test_cluster_scope_holds_every_member_of_the_records_golden_records(night_two: str) -> None:
     engine = store.connect(night_two)
     changed, _ = _scope_keys(engine)
