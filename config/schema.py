@@ -93,18 +93,27 @@ def record_keys(frame: pd.DataFrame) -> pd.Index:
     numeric key, a missing one) take pandas' `astype(str)`, as they always did.
     """
     import pandas as pd  # here, not at the top: see the import above
-    import pyarrow as pa
+
+    joined = joined_keys(frame)
+    if joined is None:
+        return pd.Index(frame[SOURCE].astype(str) + "\x1f" + frame[SOURCE_KEY].astype(str))
+    return pd.Index(joined.to_numpy(zero_copy_only=False), dtype=object)
+
+
+def joined_keys(frame: pd.DataFrame) -> pa.Array | None:
+    """`record_keys`' texts as one Arrow array, when both columns are texts without
+    gaps; None otherwise (`record_keys` then joins them in pandas)."""
+    import pyarrow as pa  # here, not at the top: see the import above
     import pyarrow.compute as pc
 
     try:
         source = pa.array(frame[SOURCE], type=pa.string(), from_pandas=True)
         key = pa.array(frame[SOURCE_KEY], type=pa.string(), from_pandas=True)
     except (pa.ArrowException, TypeError, ValueError):
-        source = key = None
-    if source is None or key is None or source.null_count or key.null_count:
-        return pd.Index(frame[SOURCE].astype(str) + "\x1f" + frame[SOURCE_KEY].astype(str))
-    joined = pc.binary_join_element_wise(source, key, "\x1f")
-    return pd.Index(joined.to_numpy(zero_copy_only=False), dtype=object)
+        return None
+    if source.null_count or key.null_count:
+        return None
+    return pc.binary_join_element_wise(source, key, "\x1f")
 
 
 def require_columns(frame: pd.DataFrame, columns: Iterable[str], boundary: str) -> None:

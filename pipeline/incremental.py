@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from mdm_pipeline.config import schema
-from mdm_pipeline.config.schema import distinct, record_keys
+from mdm_pipeline.config.schema import distinct, joined_keys, record_keys
 from mdm_pipeline.config.settings import BlockingRule, MatchingSettings
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.golden_records.store import SNAPSHOT_ARROW_TEXTS, StoredRecords, sort_order
@@ -62,7 +62,39 @@ class Delta:
     changed: pd.DataFrame  # loaded records that are new or differ from the stored ones
     deleted: pd.DataFrame  # (source, source_key, snap_pos) stored, of a loaded source, gone
     unchanged: pd.DataFrame  # (snap_pos, source_line): the others, with tonight's line
-    index: pd.Index  # the snapshot's record keys (see `record_keys`), for further lookups
+    index: KeyPositions  # the snapshot's record keys, for further lookups
+
+
+class KeyPositions:
+    """Where record keys (`record_keys`' texts) are among the snapshot's records: what
+    `pd.Index.get_indexer` of the snapshot's keys gives, without that index.
+
+    An index of a million stored keys costs a Python text per record and a hash
+    table of them, 0.45-0.55 s at 1M records before a night can find its delta.
+    Here the stored keys stay one Arrow array, and each lookup hashes the few keys
+    it asks for (Arrow's `index_in`, with them as its value set) and probes the
+    million in C++: 0.15 s for the delta's 91k keys, array included, and about
+    0.03 s for each later lookup of tens of thousands (docs/benchmarks.md).
+    Keys that are not all texts take a pandas index, as before."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self._keys = joined_keys(frame)
+        self._index = record_keys(frame) if self._keys is None else None
+
+    def get_indexer(self, wanted: pd.Index) -> np.ndarray:
+        """Each wanted key's position among the stored ones (-1: not stored)."""
+        if self._index is not None:
+            return self._index.get_indexer(wanted)
+        target = pa.array(np.asarray(wanted, dtype=object), type=pa.string())
+        # A key asked for twice gets the same position: each is mapped to its first.
+        first = pc.index_in(target, value_set=target).to_numpy()
+        hit = pc.index_in(self._keys, value_set=target).fill_null(-1).to_numpy()
+        rows = np.flatnonzero(hit >= 0)
+        if len(np.unique(hit[rows])) != len(rows):
+            raise ValueError("the snapshot holds a record key twice")
+        out = np.full(len(target), -1, dtype=np.intp)
+        out[hit[rows]] = rows
+        return out[first]
 
 
 def find_delta(
@@ -74,7 +106,7 @@ def find_delta(
     delta extract deletes the keys it lists, and its other stored records are
     unchanged (with their stored line, as they are not in tonight's file).
     """
-    index = record_keys(state)
+    index = KeyPositions(state)
     pos = index.get_indexer(record_keys(records))
     found = pos >= 0
     same = np.zeros(len(pos), dtype=bool)

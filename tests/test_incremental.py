@@ -1085,3 +1085,36 @@ def test_a_failure_preparing_a_later_chunk_leaves_the_store_unchanged(
     after = dump_store(url)
     for name, frame in before.items():
         pd.testing.assert_frame_equal(after[name], frame, obj=name)
+
+
+_KEY_TEXTS = st.text(alphabet="ab1é\x1f ", max_size=3)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    stored=st.lists(st.tuples(st.sampled_from(["web", "shop", "b2b"]), _KEY_TEXTS), unique=True),
+    wanted=st.lists(st.tuples(st.sampled_from(["web", "shop", "crm"]), _KEY_TEXTS)),
+)
+def test_key_positions_are_what_an_index_of_the_stored_keys_gives(
+    stored: list[tuple[str, str]], wanted: list[tuple[str, str]]
+) -> None:
+    """The snapshot's keys looked up in Arrow give each wanted key (repeated, missing,
+    with accents or the separator itself in it) the position a pandas index gives."""
+    frame = pd.DataFrame(stored or [("web", "x")], columns=inc.KEYS)
+    asked = inc.record_keys(pd.DataFrame(wanted, columns=inc.KEYS, dtype=object))
+    got = inc.KeyPositions(frame).get_indexer(asked)
+    np.testing.assert_array_equal(got, inc.record_keys(frame).get_indexer(asked))
+
+
+def test_a_key_stored_twice_is_an_error_when_it_is_looked_up() -> None:
+    frame = pd.DataFrame({"source": ["web", "web", "web"], "source_key": ["1", "2", "1"]})
+    positions = inc.KeyPositions(frame)
+    np.testing.assert_array_equal(positions.get_indexer(inc.record_keys(frame.iloc[[1]])), [1])
+    with pytest.raises(ValueError, match="twice"):
+        positions.get_indexer(inc.record_keys(frame.iloc[[0]]))
+
+
+def test_key_positions_of_keys_that_are_not_all_texts_take_a_pandas_index() -> None:
+    frame = pd.DataFrame({"source": ["web", "web", "b2b"], "source_key": [7, 8, 7]})
+    asked = inc.record_keys(pd.DataFrame({"source": ["b2b", "web"], "source_key": ["7", "9"]}))
+    np.testing.assert_array_equal(inc.KeyPositions(frame).get_indexer(asked), [2, -1])
