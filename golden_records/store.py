@@ -38,7 +38,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.errors import StoreLockedError
-from mdm_pipeline.config.schema import contiguous, distinct, record_keys, text_dtype, text_types
+from mdm_pipeline.config.schema import (
+    contiguous,
+    distinct,
+    joined_keys,
+    record_keys,
+    text_dtype,
+    text_types,
+)
 from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the store's API)
     MIGRATIONS,
     _alembic_config,
@@ -993,16 +1000,7 @@ def write_run(
     # Each record's stored row (-1: none), found once: assigning golden IDs, writing
     # the records, finding removed ones and merges all pair the two. Merged each
     # time, a rerun at a million records matched a million keys four times.
-    stored_row = (
-        keys[["source", "source_key"]]
-        .merge(
-            prev[["source", "source_key"]].assign(row=np.arange(len(prev))),
-            on=["source", "source_key"],
-            how="left",
-        )["row"]
-        .fillna(-1)
-        .to_numpy(dtype=np.int64)
-    )
+    stored_row = _stored_rows(keys, prev)
     # The records the store holds, in its rows' order (as an inner merge gives them).
     both_at = np.flatnonzero(stored_row >= 0)
     both_at = both_at[np.argsort(stored_row[both_at], kind="stable")]
@@ -1225,6 +1223,28 @@ def remove_records(conn: Connection, run_id: str, at: datetime, keys: pd.DataFra
     _delete_keys(conn, source_records, keys)
     _close_open(conn, xref, keys, at, run_id)
     return len(keys)
+
+
+def _stored_rows(keys: pd.DataFrame, stored: pd.DataFrame) -> np.ndarray:
+    """Each key's row in `stored` (-1: none), both (source, source_key) frames.
+
+    Looked up in Arrow (`joined_keys`: the stored keys hashed and tonight's probed in
+    C++) where both are texts: a night's 90k keys against the 82k in scope took
+    0.11-0.14 s as a pandas merge on the two columns, at the start of the store
+    stage, before anything is written. Other keys are merged as before."""
+    want, have = joined_keys(keys), joined_keys(stored)
+    if want is not None and have is not None:
+        return pc.index_in(want, value_set=have).fill_null(-1).to_numpy().astype(np.int64)
+    return (
+        keys[["source", "source_key"]]
+        .merge(
+            stored[["source", "source_key"]].assign(row=np.arange(len(stored))),
+            on=["source", "source_key"],
+            how="left",
+        )["row"]
+        .fillna(-1)
+        .to_numpy(dtype=np.int64)
+    )
 
 
 def _write_keys(records: pd.DataFrame) -> pd.DataFrame:

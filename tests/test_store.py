@@ -1297,3 +1297,29 @@ def test_an_error_preparing_a_later_part_is_raised_after_the_earlier_writes() ->
     assert written == [0, 1, 2]
     store._overlapped([(range(0), prepare, written.append)])
     assert written == [0, 1, 2]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    keys=st.lists(st.tuples(st.sampled_from(["web", "b2b"]), st.text("ab1é", max_size=3))),
+    stored=st.lists(
+        st.tuples(st.sampled_from(["web", "shop"]), st.text("ab1é", max_size=3)), unique=True
+    ),
+)
+def test_each_records_stored_row_is_the_one_a_merge_on_its_key_finds(
+    keys: list[tuple[str, str]], stored: list[tuple[str, str]]
+) -> None:
+    """Looked up in Arrow, each key's row among the stored ones (-1: none) is the row a
+    left merge on source and key gives, texts or not."""
+    mine = pd.DataFrame(keys, columns=["source", "source_key"], dtype=object)
+    held = pd.DataFrame(stored, columns=["source", "source_key"], dtype=object)
+
+    def merged(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
+        rows = b.assign(row=np.arange(len(b)))
+        return a.merge(rows, on=["source", "source_key"], how="left")["row"].fillna(-1).to_numpy()
+
+    np.testing.assert_array_equal(store._stored_rows(mine, held), merged(mine, held))
+    numbered = held.assign(source_key=np.arange(len(held)))  # not texts: merged as before
+    np.testing.assert_array_equal(
+        store._stored_rows(numbered.iloc[::-1], numbered), merged(numbered.iloc[::-1], numbered)
+    )
