@@ -42,7 +42,6 @@ from mdm_pipeline.config.schema import (
     contiguous,
     distinct,
     joined_keys,
-    record_keys,
     text_dtype,
     text_types,
 )
@@ -1102,9 +1101,7 @@ def write_run(
     # writes wait for.
     @cache
     def as_stored_at() -> np.ndarray | None:
-        if as_stored is None:
-            return None
-        return record_keys(as_stored).get_indexer(record_keys(records))
+        return None if as_stored is None else _stored_rows(keys, as_stored)
 
     def records_chunk(start: int) -> _RecordsChunk:
         rows = order[start : start + WRITE_CHUNK_ROWS]
@@ -1231,7 +1228,11 @@ def _stored_rows(keys: pd.DataFrame, stored: pd.DataFrame) -> np.ndarray:
     Looked up in Arrow (`joined_keys`: the stored keys hashed and tonight's probed in
     C++) where both are texts: a night's 90k keys against the 82k in scope took
     0.11-0.14 s as a pandas merge on the two columns, at the start of the store
-    stage, before anything is written. Other keys are merged as before."""
+    stage, before anything is written. Other keys are merged as before.
+    (`incremental.KeyPositions` hashes the other side, the keys asked for, which
+    there are a few thousand against a million stored. Here both sides are as many,
+    and the stored side, the one known unique, is hashed once: a rerun's million
+    keys in 0.48-0.66 s, against 1.5-1.9 s the other way round.)"""
     want, have = joined_keys(keys), joined_keys(stored)
     if want is not None and have is not None:
         return pc.index_in(want, value_set=have).fill_null(-1).to_numpy().astype(np.int64)
