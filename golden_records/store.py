@@ -2286,6 +2286,14 @@ def evidence_changes(
     again score as they did, and rewriting them would cost a random page each (a
     5% delta at 1M records deleted and wrote again 40k pairs of which 16k had not
     changed, docs/benchmarks.md)."""
+    return compare_evidence(evidence, stored_evidence(conn, touched))
+
+
+def stored_evidence(conn: Connection, touched: pd.DataFrame) -> pd.DataFrame:
+    """The stored pairs that involve a touched record (source, source_key), each once:
+    what `evidence_changes` compares. Apart from the comparison, because the
+    records a night matches again are known before its match is done
+    (`background.EvidenceRead` reads these meanwhile)."""
     keys = touched[["source", "source_key"]].astype(str)
     old = []
     for side in ("left", "right"):
@@ -2294,8 +2302,7 @@ def evidence_changes(
     # A pair of two touched records is found from both sides (a side with no pair
     # is left out: an empty frame's untyped columns would decide nothing).
     stored = pd.concat([o for o in old if len(o)] or old[:1], ignore_index=True)
-    stored = stored.drop_duplicates(list(EVIDENCE_KEYS))
-    return compare_evidence(evidence, stored)
+    return stored.drop_duplicates(list(EVIDENCE_KEYS))
 
 
 def last_run(engine: Engine) -> tuple[str, datetime] | None:

@@ -15,8 +15,10 @@ TASK:
   changed.arrow), at a lower priority (`EVIDENCE_NICENESS`).
 
 With a last argument ``--deferred`` it starts ahead of its inputs and waits
-for them (`read`). Then it prints one JSON line naming the files
-(`snapshot_child.serve`: on failure, the error's class alone, exit status 1).
+for each as it needs it (`Inputs`): the evidence's child reads the stored pairs
+of the touched records before tonight's evidence is made. Then it prints one
+JSON line naming the files (`snapshot_child.serve`: on failure, the error's
+class alone, exit status 1).
 """
 
 from __future__ import annotations
@@ -38,13 +40,37 @@ from mdm_pipeline.golden_records.connection import _tune_sqlite
 from mdm_pipeline.golden_records.snapshot_child import serve, write_table
 
 
+class Inputs:
+    """A task's inputs by name, as tables in its folder. Started ahead of them
+    (`deferred`), it waits for each on its standard input, where the parent names
+    those it has written (`background.go_line`); an input that ends first (the run
+    stopped) ends the task."""
+
+    def __init__(self, folder: Path, deferred: bool) -> None:
+        self.folder = folder
+        self._deferred = deferred
+        self._given: set[str] = set()
+
+    def wait(self, name: str | None = None) -> None:
+        """Until `name` is given (None: the first inputs, whichever they are)."""
+        while self._deferred and (name not in self._given if name else not self._given):
+            self._given.update(background.given_inputs(sys.stdin.readline()))
+
+    def __call__(self, name: str) -> pd.DataFrame:
+        self.wait(name)
+        return background.map_table(self.folder / f"{name}.arrow").to_pandas()
+
+
 def _scope(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[str, pd.DataFrame]:
     scope = store.read_cluster_scope(conn, inputs("keys"))
     return {"records": scope.records, "golden": scope.golden}
 
 
 def _evidence(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    changes = store.evidence_changes(conn, inputs("touched"), inputs("evidence"))
+    # The stored pairs are read while the parent still matches, then compared with
+    # tonight's evidence once it comes.
+    stored = store.stored_evidence(conn, inputs("touched"))
+    changes = store.compare_evidence(inputs("evidence"), stored)
     return {"gone": changes.gone, "fresh": changes.fresh, "changed": changes.changed}
 
 
@@ -63,15 +89,12 @@ def read(task: str, store_file: str, folder: str, *deferred: str) -> dict[str, A
     """Do `task` on the store, its inputs and outputs in `folder`; what to print.
 
     Started ahead of its inputs (`background.DEFERRED` after the folder), it waits
-    for the line that says they are there (`background.GO`) on its standard input,
+    for the line that says the first are there (`Inputs`) on its standard input,
     its modules imported and the store not yet opened; an input that ends without
     it (the run stopped) ends this process without a read."""
     out = Path(folder)
-    if list(deferred) == [background.DEFERRED] and sys.stdin.readline() != background.GO:
-        raise EOFError("no inputs")
-
-    def inputs(name: str) -> pd.DataFrame:
-        return background.map_table(out / f"{name}.arrow").to_pandas()
+    inputs = Inputs(out, list(deferred) == [background.DEFERRED])
+    inputs.wait()
 
     # Read-only: this process never writes, whatever its code comes to do.
     engine = sa.create_engine(f"sqlite:///file:{quote(store_file)}?mode=ro&uri=true")

@@ -589,9 +589,9 @@ class Pipeline:
             pd.concat([delta.changed[inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True)
         )
         # Tonight's evidence against the stored pairs of the records matched again or
-        # deleted: read and compared by a second process while this one clusters and
-        # chooses golden records (`background`), started now, ahead of its inputs (the
-        # match's), to import its modules while this one normalises and matches.
+        # deleted: read by a second process while this one matches, compared there
+        # while this one clusters and chooses golden records (`background`), started
+        # now, ahead of its inputs, to import its modules while this one normalises.
         evidence_read = EvidenceRead(engine)
         kept_pos = delta.unchanged["snap_pos"].to_numpy()
 
@@ -690,6 +690,13 @@ class Pipeline:
             rematch, reach = inc.blocks_to_rematch(
                 block_now, block_old, is_changed, settings.matching
             )
+            # The stored pairs of the records matched again or deleted are read by the
+            # evidence's child while this process matches them.
+            evidence_read.start(
+                pd.concat(
+                    [current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True
+                )
+            )
             # Only the blocks a record to match again is in: the same pairs as over everyone.
             part = np.flatnonzero(reach)
             result = match(
@@ -701,10 +708,7 @@ class Pipeline:
             result.pairs["left"] = part[result.pairs["left"].to_numpy()]
             result.pairs["right"] = part[result.pairs["right"].to_numpy()]
             self._model = model.as_dict()
-        evidence_read.start(
-            pd.concat([current.loc[rematch, inc.KEYS], delta.deleted[inc.KEYS]], ignore_index=True),
-            _evidence(current, result),
-        )
+        evidence_read.compare(_evidence(current, result))
         pairs = result.pairs
         summary.candidate_pairs = len(pairs)
         summary.pairs_per_rule = {k: int(v) for k, v in pairs["rule"].value_counts().items()}

@@ -184,9 +184,9 @@ def test_a_scope_the_child_answered_is_made_into_frames_before_it_is_asked_for(
     deadline = time.monotonic() + 120
     while not ready.done() and time.monotonic() < deadline:
         time.sleep(0.05)
-    # Converted without being asked: the child has answered and exited.
+    # Converted without being asked: the child has answered (and ends cleanly).
     assert ready.done() and ready.result() is not None
-    assert pending._child._process is not None and pending._child._process.poll() == 0
+    assert pending._child._process is not None and pending._child._process.wait(60) == 0
     with engine.connect() as conn:
         got = pending.result(conn, wanted)
         want = store.read_scope(conn, wanted)
@@ -314,7 +314,12 @@ def test_the_evidence_compared_in_a_child_is_the_evidence_compared_here(
     touched, evidence = _evidence_inputs(engine)
     pending = EvidenceRead(engine) if ahead else EvidenceRead(engine, touched, evidence)
     if ahead:
-        pending.start(touched, evidence)
+        # The records first: the child reads their stored pairs, then waits for tonight's
+        # evidence, and answers only once it has it.
+        pending.start(touched)
+        assert _waits_on_its_input(pending._child._process)
+        assert pending._child._process.poll() is None
+        pending.compare(evidence)
     assert pending._child.started
     with engine.connect() as conn:
         got = pending.result(conn)
@@ -351,7 +356,8 @@ def _scope_ahead_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
 def _evidence_ahead_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
     touched, evidence = _evidence_inputs(engine)
     pending = EvidenceRead(engine)
-    pending.start(touched, evidence)
+    pending.start(touched)
+    pending.compare(evidence)
     got = pending.result(conn)
     return got, store.evidence_changes(conn, touched, evidence), _assert_same_changes
 
@@ -416,6 +422,44 @@ def test_a_child_collects_cyclic_garbage_as_rarely_as_the_run(
     assert status == 0
     answer = json.loads(capsys.readouterr().out)
     assert tuple(answer["thresholds"]) == snapshot_child.BATCH_GC_THRESHOLDS != (700, 10, 10)
+
+
+def test_a_child_s_answer_is_taken_when_it_comes_not_when_the_child_ends() -> None:
+    """A child lets go of what it read after it answers (0.3-0.6 s of a night's scope
+    and evidence children): the parent goes on with the answer meanwhile. This child
+    answers, then waits for its input to end: it cannot have ended when its answer
+    is taken."""
+    import subprocess
+    import sys
+
+    from mdm_pipeline.golden_records import snapshot_child
+
+    code = (
+        "import sys; from mdm_pipeline.golden_records.snapshot_child import serve; "
+        "serve(lambda: {'files': ['a']}, []); sys.stdin.read()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        answer, reason = snapshot_child.child_answer(child)
+        assert (answer, reason) == ({"files": ["a"]}, "")
+        assert child.poll() is None
+    finally:
+        snapshot_child.stop_child(child, None)
+    assert child.poll() is not None
+    # One that fails still gives its reason, once it has ended.
+    failed = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stderr.write('KeyError\\n'); sys.exit(1)"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert snapshot_child.child_answer(failed) == (None, "KeyError")
 
 
 def _waits_on_its_input(process: object, seconds: float = 60) -> bool:
