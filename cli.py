@@ -173,10 +173,14 @@ def run(
     from mdm_pipeline.pipeline.allocator import keep_freed_memory, no_blas_threads
 
     no_blas_threads()  # before numpy is imported (with the pipeline, below)
+    from mdm_pipeline.golden_records.zygote import Zygote
     from mdm_pipeline.pipeline.run import Pipeline
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
     keep_freed_memory()  # this process is the night's: its freed memory is for itself
+    # Before the progress display's thread: a copy of this process, its modules
+    # imported, that forks the night's readers of the store (`zygote`).
+    zygote = Zygote.start() if incremental else None
     try:
         pipeline = Pipeline.from_config(config)
         if engine is not None:
@@ -190,10 +194,16 @@ def run(
             disable=json_output,
         ) as progress:
             summary = pipeline.run(
-                on_event=_StageProgress(progress), retrain=retrain, incremental=incremental
+                on_event=_StageProgress(progress),
+                retrain=retrain,
+                incremental=incremental,
+                zygote=zygote,
             )
     except Exception as exc:
         raise _fail(exc, debug) from None
+    finally:
+        if zygote is not None:
+            zygote.close()
     if json_output:
         out.print_json(json.dumps(asdict(summary)))
         return

@@ -128,13 +128,19 @@ def _night(workdir: Path) -> dict:
     from mdm_pipeline.pipeline.allocator import keep_freed_memory, no_blas_threads
 
     no_blas_threads()  # as `mdm run` does, before numpy is imported
+    from mdm_pipeline.golden_records.zygote import Zygote
     from mdm_pipeline.pipeline.run import Pipeline
 
     keep_freed_memory()  # as `mdm run` does
     pipeline = Pipeline.from_config(workdir / "config.yaml")
     t0 = time.perf_counter()
-    with TreePeak() as tree:
-        summary = pipeline.run(incremental=True)
+    zygote = Zygote.start()  # as `mdm run` does, before any thread (the peak's sampler)
+    try:
+        with TreePeak() as tree:
+            summary = pipeline.run(incremental=True, zygote=zygote)
+    finally:
+        if zygote is not None:
+            zygote.close()
     wall = time.perf_counter() - t0
     return {
         "run_wall_s": round(wall, 2),

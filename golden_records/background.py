@@ -18,14 +18,17 @@ work it could overlap (a thread was tried for the snapshot: each slowed the
 other down, docs/benchmarks.md). So, for a SQLite store, each runs in a child
 process on the machine's other core and hands its tables over as Arrow IPC
 files in memory (`/dev/shm` where the system has it), which this process maps
-without copying. A child process rather than a fork: this one holds an open
-database connection and may hold Arrow's threads, neither of which is safe to
-fork. The store does not change in between: the run holds the store's run
+without copying. A child process rather than a fork of this one, which by then
+holds an open database connection, Arrow's threads and a gigabyte of memory:
+each child is either a program of its own (``python -m``), or, when the night
+hands one over (`zygote`), forked from a program started at the night's start
+that has imported every module a child needs, once.
+The store does not change in between: the run holds the store's run
 lock, and collects every answer before it writes anything (a child reading
 the store would otherwise hold up the transaction's commit).
 
-The scope's and the evidence's children import pandas and SQLAlchemy (most of a
-second of CPU each), so a night starts them ahead of their inputs (the scope's
+Started as programs, the scope's and the evidence's children import pandas and
+SQLAlchemy (most of a second of CPU each), so a night starts them ahead of their inputs (the scope's
 once the snapshot is in, the evidence's once the delta is known): each imports
 while the run finds the delta, normalises and matches, then waits, holding
 nothing of the store, until its inputs are handed over (`_Child.go`).
@@ -54,7 +57,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from mdm_pipeline.config.schema import SOURCE, SOURCE_KEY, record_keys
 from mdm_pipeline.golden_records import store
-from mdm_pipeline.golden_records.snapshot_child import child_answer, stop_child, write_table
+from mdm_pipeline.golden_records.snapshot_child import (
+    ChildProcess,
+    child_answer,
+    stop_child,
+    write_table,
+)
+from mdm_pipeline.golden_records.zygote import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +125,12 @@ def _store_file(engine: Engine) -> str | None:
     return database
 
 
+def start_zygote(engine: Engine) -> Zygote | None:
+    """The process a night forks its readers of `engine` from (`zygote`), started now;
+    None where no reader would be a child (see the module) or it cannot be had."""
+    return Zygote.start() if _store_file(engine) is not None else None
+
+
 def map_table(path: Path | str) -> pa.Table:
     """An Arrow IPC file's table, its buffers mapped rather than read: the file can go
     at once, its pages stay until the table is let go."""
@@ -134,13 +149,22 @@ class _Child:
     Without `inputs` the child is started ahead of them (`deferred`): it imports its
     modules (pandas and SQLAlchemy, most of a second of CPU) while the run works,
     then waits, without touching the store, until `go` hands it its inputs; its
-    answer then comes that much sooner after them."""
+    answer then comes that much sooner after them.
+
+    Given a `zygote`, the child is forked from it (no imports at all), the same
+    program started otherwise, or if the zygote cannot fork it."""
 
     def __init__(
-        self, engine: Engine, module: str, inputs: dict[str, pa.Table] | None, *args: str
+        self,
+        engine: Engine,
+        module: str,
+        inputs: dict[str, pa.Table] | None,
+        *args: str,
+        zygote: Zygote | None = None,
     ) -> None:
         self.engine = engine
-        self._process: subprocess.Popen[str] | None = None
+        self._zygote = zygote
+        self._process: ChildProcess | None = None
         self.folder: str | None = None
         store_file = _store_file(engine)
         if store_file is not None:
@@ -159,9 +183,12 @@ class _Child:
         try:
             self.folder = shared_folder("mdm-background-")
             self._write_inputs(inputs or {})
-            deferred = [DEFERRED] if inputs is None else []
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", module, *args, store_file, self.folder, *deferred],
+            argv = [*args, store_file, self.folder, *([DEFERRED] if inputs is None else [])]
+            forked = None
+            if self._zygote is not None:
+                forked = self._zygote.spawn(module, argv, stdin=inputs is None)
+            self._process = forked or subprocess.Popen(
+                [sys.executable, "-m", module, *argv],
                 stdin=subprocess.DEVNULL if inputs is not None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -234,8 +261,8 @@ class _Child:
 class SnapshotRead:
     """`store.read_snapshot`, started now and collected by `result` (see the module)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._child = _Child(engine, CHILD_MODULE, {})
+    def __init__(self, engine: Engine, zygote: Zygote | None = None) -> None:
+        self._child = _Child(engine, CHILD_MODULE, {}, zygote=zygote)
 
     def result(
         self, convert: dict[str, list[str]] | None = None
@@ -262,11 +289,13 @@ class ScopeRead:
     """`store.read_cluster_scope` of some records, started now; `result` completes it
     into `store.read_scope` of the records a night needs (see the module)."""
 
-    def __init__(self, engine: Engine, keys: pd.DataFrame | None = None) -> None:
+    def __init__(
+        self, engine: Engine, keys: pd.DataFrame | None = None, zygote: Zygote | None = None
+    ) -> None:
         """Started with the `keys` of tonight's changed and deleted records, or without
-        them, ahead of them (`start`)."""
+        them, ahead of them (`start`); forked from `zygote` if given."""
         inputs = None if keys is None else self._inputs(keys)
-        self._child = _Child(engine, STORE_CHILD_MODULE, inputs, "scope")
+        self._child = _Child(engine, STORE_CHILD_MODULE, inputs, "scope", zygote=zygote)
         self._frames: ThreadPoolExecutor | None = None
         self._ready: Future[tuple[pd.DataFrame, pd.DataFrame, pd.Index] | None] | None = None
         if inputs is not None:
@@ -346,15 +375,17 @@ class EvidenceRead:
         engine: Engine,
         touched: pd.DataFrame | None = None,
         evidence: pd.DataFrame | None = None,
+        zygote: Zygote | None = None,
     ) -> None:
         """Started with the records matched again or deleted (`touched`) and tonight's
-        `evidence`, or without them, ahead of them (`start`, then `compare`)."""
+        `evidence`, or without them, ahead of them (`start`, then `compare`); forked
+        from `zygote` if given."""
         self._touched: pd.DataFrame | None = None
         self._evidence: pd.DataFrame | None = None
         inputs = None
         if touched is not None and evidence is not None:
             inputs = {**self._touched_input(touched), **self._evidence_input(evidence)}
-        self._child = _Child(engine, STORE_CHILD_MODULE, inputs, "evidence")
+        self._child = _Child(engine, STORE_CHILD_MODULE, inputs, "evidence", zygote=zygote)
 
     def _touched_input(self, touched: pd.DataFrame) -> dict[str, pa.Table]:
         self._touched = touched[KEYS].astype(str)

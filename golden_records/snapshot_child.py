@@ -17,10 +17,9 @@ import json
 import os
 import shutil
 import sqlite3
-import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, Protocol
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -70,7 +69,23 @@ def read(store_file: str, folder: str) -> dict[str, Any]:
     return {"parts": [[name, run] for name, run, _ in rows], "files": files}
 
 
-def stop_child(child: subprocess.Popen[str] | None, folder: str | None) -> None:
+class ChildProcess(Protocol):
+    """What the parents use of a child: a `subprocess.Popen` (text mode), or a child
+    forked from a zygote (`zygote.ForkedChild`)."""
+
+    pid: int
+    returncode: int | None
+    stdin: IO[str] | None
+    stdout: IO[str] | None
+
+    def poll(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+    def communicate(self) -> tuple[str, str]: ...
+
+
+def stop_child(child: ChildProcess | None, folder: str | None) -> None:
     """Stop a child process if it still runs, and remove its folder (for the parents
     of this module's kind of child: a finalizer's work, so it must never raise)."""
     if child is not None and child.returncode is None:
@@ -80,7 +95,7 @@ def stop_child(child: subprocess.Popen[str] | None, folder: str | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def child_answer(child: subprocess.Popen[str]) -> tuple[dict[str, Any] | None, str]:
+def child_answer(child: ChildProcess) -> tuple[dict[str, Any] | None, str]:
     """What a child that `serve`s answered; else None, and why: the last line of its
     standard error (the error's class), or that it printed no JSON object.
 

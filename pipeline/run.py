@@ -33,11 +33,12 @@ from mdm_pipeline.config import schema
 from mdm_pipeline.config.errors import ConfigError, DataContractError, StoreError
 from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
 from mdm_pipeline.config.settings import BlockingRule, Settings
-from mdm_pipeline.golden_records import payloads, review, store
+from mdm_pipeline.golden_records import background, payloads, review, store
 from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
 from mdm_pipeline.golden_records.jsonrows import json_rows
 from mdm_pipeline.golden_records.snapshot_child import BATCH_GC_THRESHOLDS
 from mdm_pipeline.golden_records.survivorship import survive
+from mdm_pipeline.golden_records.zygote import Zygote
 from mdm_pipeline.matching.blocking import candidate_pairs, true_pairs_kept
 from mdm_pipeline.matching.clustering import guarded_clusters
 from mdm_pipeline.matching.engine import AUTO, REVIEW, MatchResult, match, train
@@ -254,12 +255,17 @@ class Pipeline:
         run_date: pd.Timestamp | None = None,
         retrain: bool = False,
         incremental: bool = False,
+        zygote: Zygote | None = None,
     ) -> RunSummary:
         """Run the whole chain once; the store changes only if every stage succeeds.
 
         The matching model is trained on the first run (and whenever the matching
         settings change, or `retrain` is asked for) and reused on later runs: a
         night's new records do not shift the weights of every pair in the store.
+
+        An incremental run forks its readers of the store from `zygote` if given
+        (the caller made it before starting threads of its own, and closes it), else
+        from one it starts (`background.start_zygote`).
         """
         self._retrain = retrain
         self._memory = PeakMemory()
@@ -289,7 +295,13 @@ class Pipeline:
         try:
             with store.run_lock(engine, summary.run_id), _batch_collection(), ExitStack() as done:
                 if incremental:
-                    return self._run_incremental(summary, engine, emit, run_date, now)
+                    # Started first, to import the readers' modules while the night
+                    # begins: the night's readers of the store are forked from it.
+                    if zygote is None:
+                        zygote = background.start_zygote(engine)
+                        if zygote is not None:
+                            done.callback(zygote.close)
+                    return self._run_incremental(summary, engine, emit, run_date, now, zygote)
                 return self._run(summary, engine, emit, run_date, now, done)
         finally:
             engine.dispose()
@@ -535,6 +547,7 @@ class Pipeline:
         emit: EventCallback,
         run_date: pd.Timestamp,
         now: datetime,
+        zygote: Zygote | None = None,
     ) -> RunSummary:
         """Normalise and match only what changed since the last run (see `incremental`).
 
@@ -554,7 +567,7 @@ class Pipeline:
         # loads the extracts (`background`). Only the columns needed for every
         # record become Python objects; the matching view stays in Arrow until a few
         # blocks need it (`inc.match_view`).
-        pending = SnapshotRead(engine)
+        pending = SnapshotRead(engine, zygote)
         try:
             summary.model_run, summary.model_status = stored_model[0], "reused"
             model = Model.from_json(stored_model[1])
@@ -574,7 +587,7 @@ class Pipeline:
         # belong to, read by a second process while this one normalises, matches and
         # clusters (`background`): most of the scope survivorship reads. Its process is
         # started now, ahead of the keys it reads, to import its modules meanwhile.
-        scope_read = ScopeRead(engine)
+        scope_read = ScopeRead(engine, zygote=zygote)
         state = snap[1]["records"]  # keys are text already (written so)
         deletions = pd.concat(
             [pd.DataFrame({"source": m.source, "source_key": m.deleted}) for m in mapped],
@@ -592,7 +605,7 @@ class Pipeline:
         # deleted: read by a second process while this one matches, compared there
         # while this one clusters and chooses golden records (`background`), started
         # now, ahead of its inputs, to import its modules while this one normalises.
-        evidence_read = EvidenceRead(engine)
+        evidence_read = EvidenceRead(engine, zygote=zygote)
         kept_pos = delta.unchanged["snap_pos"].to_numpy()
 
         with self._stage("normalize", summary, emit):

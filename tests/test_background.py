@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
 from mdm_pipeline.config import schema
-from mdm_pipeline.golden_records import background, store, store_child
+from mdm_pipeline.golden_records import background, store, store_child, zygote
 from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
 from mdm_pipeline.pipeline import incremental as inc
 
@@ -260,9 +260,9 @@ def test_nights_read_in_the_background_equal_full_runs(
     started = []
     real = background._Child.__init__
 
-    def spy(self: background._Child, *args: object) -> None:
-        real(self, *args)  # type: ignore[arg-type]
-        started.append(self.started)
+    def spy(self: background._Child, *args: object, **kwargs: object) -> None:
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+        started.append(isinstance(self._process, zygote.ForkedChild))
 
     monkeypatch.setattr(background._Child, "__init__", spy)
     cfg = samples / "config.yaml"
@@ -274,7 +274,9 @@ def test_nights_read_in_the_background_equal_full_runs(
         _run(cfg, f"sqlite:///{a}", "--incremental")
         _run(cfg, f"sqlite:///{b}")
         assert _state(f"sqlite:///{a}") == _state(f"sqlite:///{b}"), seed
-    assert started == [True] * 6  # the snapshot's, the scope's and the evidence's, nightly
+    # The snapshot's, the scope's and the evidence's, nightly, each forked from the
+    # night's zygote.
+    assert started == [zygote.available()] * 6
 
 
 def _evidence_inputs(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
