@@ -21,17 +21,18 @@ files in memory (`/dev/shm` where the system has it), which this process maps
 without copying. A child process rather than a fork of this one, which by then
 holds an open database connection, Arrow's threads and a gigabyte of memory:
 each child is either a program of its own (``python -m``), or, when the night
-hands one over (`zygote`), forked from a program started at the night's start
-that has imported every module a child needs, once.
-The store does not change in between: the run holds the store's run
-lock, and collects every answer before it writes anything (a child reading
-the store would otherwise hold up the transaction's commit).
+hands one over, forked from the night's zygote, a process made at the night's
+start with every module a child needs already imported (`zygote`). The store
+does not change in between: the run holds the store's run lock, and collects
+every answer before it writes anything (a child reading the store would
+otherwise hold up the transaction's commit).
 
-Started as programs, the scope's and the evidence's children import pandas and
-SQLAlchemy (most of a second of CPU each), so a night starts them ahead of their inputs (the scope's
-once the snapshot is in, the evidence's once the delta is known): each imports
-while the run finds the delta, normalises and matches, then waits, holding
-nothing of the store, until its inputs are handed over (`_Child.go`).
+The scope's and the evidence's children are started ahead of their inputs (the
+scope's once the snapshot is in, the evidence's once the delta is known): as
+programs, each imports pandas and SQLAlchemy (most of a second of CPU) while
+the run finds the delta, normalises and matches; forked, each is ready at once.
+Then each waits, holding nothing of the store, until its inputs are handed
+over (`_Child.go`).
 
 A PostgreSQL store, a store in memory, a small store (`BACKGROUND_MIN_BYTES`),
 or a child that fails for any reason: the read is done in this process, as
