@@ -193,12 +193,6 @@ class Zygote:
             self._process.kill()
             self._process.wait()
 
-    def __enter__(self) -> Zygote:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _fork(ours: socket.socket, theirs: socket.socket) -> int:
     """Fork this process into the forking process (in the copy: serve, never return)."""
