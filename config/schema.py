@@ -203,6 +203,18 @@ def text_dtype() -> pd.StringDtype:
     return pd.StringDtype("pyarrow", na_value=np.nan)
 
 
+def python_texts(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with its `text_dtype` columns as Python texts (None for missing), where
+    a value must be a Python object (JSON) or a dtype would be recorded (Parquet)."""
+    text = [c for c in frame.columns if frame[c].dtype == text_dtype()]
+    if not text:
+        return frame
+    out = frame.copy(deep=False)
+    for c in text:
+        out[c] = frame[c].to_numpy(dtype=object, na_value=None)
+    return out
+
+
 def text_types(arrow_type: pa.DataType) -> pd.StringDtype | None:
     """`to_pandas`'s types mapper for the stages' texts: an Arrow text column becomes
     `text_dtype` (its buffers kept, no Python string per value), any other type what

@@ -326,7 +326,7 @@ def map_extract(extract: RawExtract, spec: Source, run_date: pd.Timestamp) -> Ma
     raw = rows.loc[good.index].drop(columns=[LINE]).reset_index(drop=True)
     if not isinstance(spec, ParquetSource):
         # Written back as CSV, where the dtype leaves no trace (a Parquet file
-        # written back would record it in its schema).
+        # written back would record it in its schema: `writers.write_back_pieces`).
         raw = _compact(raw)
     # `good` is this function's own frame (`out` or a take of it): numbered in place,
     # where `reset_index` would copy its columns again.
@@ -372,7 +372,7 @@ def _to_quarantine(
     mask = pd.Series(mask, index=rows.index).astype(bool)
     if not mask.any():
         return pd.DataFrame(columns=list(QUARANTINE_COLUMNS))
-    sel = rows[mask].drop(columns=[LINE])
+    sel = schema.python_texts(rows[mask].drop(columns=[LINE]))  # missing: null, not NaN
     raws = [json.dumps(r, ensure_ascii=False) for r in sel.to_dict(orient="records")]
     return pd.DataFrame(
         {

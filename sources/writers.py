@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mdm_pipeline.config.schema import contiguous
+from mdm_pipeline.config.schema import contiguous, python_texts
 from mdm_pipeline.config.settings import CsvSource, ParquetSource, Source
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -264,8 +264,18 @@ def write_back_pieces(
     file, or a CSV of one column, is written from the pieces together."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = return_path(spec, out_dir)
+    # A Parquet extract's text columns are kept in Arrow (`readers.read_parquet`) and
+    # written back as the Python texts they were read as before: the file's schema
+    # (its pandas metadata) stays as it was.
+    parquet = isinstance(spec, ParquetSource)
     frames = (
-        pd.concat([raw.reset_index(drop=True), added.reset_index(drop=True)], axis=1)
+        pd.concat(
+            [
+                (python_texts(raw) if parquet else raw).reset_index(drop=True),
+                added.reset_index(drop=True),
+            ],
+            axis=1,
+        )
         for raw, added in pieces
     )
     first = next(frames, None)

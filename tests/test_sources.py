@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from hypothesis import example, given, settings
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from mdm_pipeline.config.errors import SourceError
 from mdm_pipeline.config.settings import Settings
-from mdm_pipeline.sources import load_source, mapping, readers
+from mdm_pipeline.sources import load_source, mapping, readers, write_back
 from mdm_pipeline.sources.mapping import split_full_name
 from mdm_pipeline.sources.readers import LINE, read_source
 
@@ -499,8 +500,9 @@ def test_the_blanks_arrow_trims_are_the_ones_python_strips() -> None:
 
 
 def test_rows_kept_for_the_return_file_hold_text_as_arrow_strings(tmp_path: Path) -> None:
-    """A CSV or SQL extract's text columns are held compactly until written back;
-    numbers stay numbers and a Parquet extract's columns keep their own types."""
+    """A CSV, SQL or Parquet extract's text columns are held compactly until written
+    back; numbers stay numbers, and a Parquet extract's return file records its text
+    columns as the Python texts pandas reads them as."""
     text = mapping.TEXT
     (tmp_path / "x.csv").write_text("id,nom,prenom\n1,A,B\n2,C,\n", encoding="utf-8")
     settings = _settings(tmp_path, _csv_source())
@@ -517,12 +519,19 @@ def test_rows_kept_for_the_return_file_hold_text_as_arrow_strings(tmp_path: Path
     kept = mapping._compact(mixed)
     assert kept.dtypes.tolist() == [mixed["n"].dtype, object, text, object]
 
-    pd.DataFrame({"id": ["1"], "nom": ["A"], "prenom": ["B"]}).to_parquet(tmp_path / "x.parquet")
+    extract = pd.DataFrame({"id": ["1", "2"], "nom": ["A", "C"], "prenom": ["B", None]})
+    extract.to_parquet(tmp_path / "x.parquet")
     src = _csv_source(format="parquet", path="x.parquet")
     del src["encoding"], src["delimiter"]
     settings = _settings(tmp_path, src)
     raw = load_source(settings.sources[0], settings, RUN_DATE).raw
-    assert all(raw[c].dtype == "object" for c in raw)
+    assert raw.dtypes.tolist() == [text, text, text]
+    path = write_back(settings.sources[0], raw, pd.DataFrame({"golden_id": ["G1", "G2"]}), tmp_path)
+    back = pd.read_parquet(path)
+    assert back.dtypes.tolist() == [object] * 4
+    pd.testing.assert_frame_equal(back[extract.columns], extract)
+    metadata = pq.read_schema(path).pandas_metadata["columns"]
+    assert [c["pandas_type"] for c in metadata] == ["unicode"] * 4
 
 
 def test_a_frame_concatenated_from_sources_is_put_in_one_piece_in_place() -> None:
