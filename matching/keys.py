@@ -220,6 +220,53 @@ def phonetic_fr(name: str) -> str:
     return code
 
 
+#: `_FR_RULES` as Arrow's regular expressions (RE2) run them, but for the last, which
+#: needs a back-reference (`_squeeze_runs`). RE2 has no look-ahead: the nasal rules
+#: take the letter after the vowel and put it back, which changes nothing, since that
+#: letter is not a vowel and every nasal starts with one (no match can begin on it).
+_FR_ARROW_RULES: tuple[tuple[str, str], ...] = tuple(
+    (p.replace("(?=[^AEIOU]|$)", "([^AEIOU]|$)"), r + r"\2" if "(?=" in p else r)
+    for p, r in _FR_RULES[:-1]
+)
+
+
+def _squeeze_runs(codes: pa.StringArray) -> pa.StringArray:
+    """Each run of one ASCII character in each text cut to one character (the last
+    French rule), over the array's bytes at once: no text holds a null."""
+    offsets = np.frombuffer(codes.buffers()[1], dtype=np.int32)[
+        codes.offset : codes.offset + len(codes) + 1
+    ]
+    data = np.frombuffer(codes.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    offsets = offsets - offsets[0]
+    keep = np.ones(len(data), dtype=bool)
+    keep[1:] = data[1:] != data[:-1]
+    keep[offsets[:-1][offsets[:-1] < len(data)]] = True  # a text's first character
+    kept = np.concatenate(([0], np.cumsum(keep, dtype=np.int32)))[offsets]
+    return pa.StringArray.from_buffers(
+        len(codes), pa.py_buffer(kept.astype(np.int32)), pa.py_buffer(data[keep].tobytes())
+    )
+
+
+def phonetic_fr_codes(names: np.ndarray) -> np.ndarray:
+    """`phonetic_fr` of each of these texts (no null), None where it leaves nothing.
+
+    The ASCII ones (all that normalisation leaves) go through Arrow's regular
+    expressions, a rule at a time over all of them: `phonetic_fr` called once per
+    distinct name took 0.16 s of a 5% night at 1M records. Any other text keeps
+    Python's upper-casing, which can add letters (ß: SS)."""
+    text = pa.array(names, type=pa.string())
+    ascii_ = pc.string_is_ascii(text).to_numpy(zero_copy_only=False)
+    out = np.empty(len(names), dtype=object)
+    if ascii_.any():
+        codes = pc.utf8_upper(text.filter(pa.array(ascii_)))
+        for pattern, repl in _FR_ARROW_RULES:
+            codes = pc.replace_substring_regex(codes, pattern=pattern, replacement=repl)
+        codes = _squeeze_runs(pa.array(codes) if isinstance(codes, pa.ChunkedArray) else codes)
+        out[ascii_] = pc.if_else(pc.equal(codes, ""), None, codes).to_numpy(zero_copy_only=False)
+    out[~ascii_] = [phonetic_fr(v) or None for v in names[~ascii_]]
+    return out
+
+
 _TRANSFORMS: dict[str, Callable[[str], str]] = {
     "soundex": jellyfish.soundex,
     "metaphone": jellyfish.metaphone,
@@ -234,6 +281,10 @@ def _reduce(values: pd.Series, transform: str, length: int | None) -> pd.Series:
     String cuts run in Arrow's kernels: pandas' `.str` methods loop in Python,
     and a million distinct e-mails make that loop the slowest step of a run.
     """
+    if transform == "phonetic_fr":
+        codes, uniques = pd.factorize(values)
+        table = np.append(phonetic_fr_codes(np.asarray(uniques, dtype=object)), None)
+        return pd.Series(table[codes], index=values.index)
     if transform in _TRANSFORMS:
         return per_distinct_value(values, _TRANSFORMS[transform])
     text = pa.array(values.to_numpy(dtype=object), type=pa.string(), from_pandas=True)

@@ -156,6 +156,24 @@ def test_french_phonetic_key_keeps_different_names_apart(a: str, b: str) -> None
     assert phonetic_fr(a) != phonetic_fr(b)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet="AEIOUYNMCHGQSZPTDXBVWKRLF aeinuß-É'", max_size=14),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_french_phonetic_key_over_arrays_equals_the_one_name_rules(names: list[str]) -> None:
+    """Arrow's regular expressions over all the distinct names give each name's code
+    as `phonetic_fr` does (look-ahead and back-reference rules, runs at either end,
+    texts that leave nothing, non-ASCII names)."""
+    from mdm_pipeline.matching.keys import phonetic_fr_codes
+
+    got = phonetic_fr_codes(np.asarray(names, dtype=object)).tolist()
+    assert got == [phonetic_fr(n) or None for n in names]
+
+
 # --- blocking --------------------------------------------------------------------------
 
 
