@@ -299,6 +299,26 @@ def with_block_keys(table: pa.Table, rules: list[BlockingRule], keys: list[np.nd
     return table
 
 
+#: Bits of a block key `_positions` sieves keys by: a table of 4 Mi flags (4 MiB).
+_SIEVE_BITS = 22
+
+
+def _positions(lookup: pd.Index, keys: np.ndarray) -> np.ndarray:
+    """`lookup.get_indexer(keys)` for the block keys of a million records against the
+    few thousand blocks a night's changes touch (int64 hashes, well mixed in their high
+    bits): a table of flags by each key's top bits sets aside most keys, and only the
+    rest are hashed and looked up (10 ms instead of 22 ms a rule at 1M records)."""
+    if len(keys) < len(lookup) * 8:
+        return lookup.get_indexer(keys)
+    shift = np.uint64(64 - _SIEVE_BITS)
+    sieve = np.zeros(1 << _SIEVE_BITS, dtype=bool)
+    sieve[lookup.to_numpy(dtype=np.int64).view(np.uint64) >> shift] = True
+    maybe = np.flatnonzero(sieve[keys.view(np.uint64) >> shift])
+    out = np.full(len(keys), -1, dtype=np.intp)
+    out[maybe] = lookup.get_indexer(keys[maybe])
+    return out
+
+
 def blocks_to_rematch(
     now: list[np.ndarray], old: list[np.ndarray], changed: np.ndarray, settings: MatchingSettings
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -316,16 +336,21 @@ def blocks_to_rematch(
     """
     cap = settings.blocking.max_block_size
     rematch = changed.copy()
+    # Per rule, the blocks a changed or deleted record joined or left, and each current
+    # record's among them (-1: none).
+    moved_blocks: list[tuple[pd.Index, np.ndarray]] = []
     for keys_now, keys_old in zip(now, old, strict=True):
         # Only a block a changed or deleted record joined or left can have crossed the
         # cap: sizes are counted for those few thousand keys, not for every block of a
         # million records (`pd.factorize` of every key, rule by rule, took twice as long).
         moved = distinct(np.r_[keys_now[changed], keys_old])
         moved = moved[moved != 0]  # 0: the record has no key under this rule
+        lookup = pd.Index(moved)
+        here = _positions(lookup, keys_now) if len(moved) else np.full(len(keys_now), -1)
+        moved_blocks.append((lookup, here))
         if not len(moved):
             continue
-        lookup = pd.Index(moved)
-        here, there = lookup.get_indexer(keys_now), lookup.get_indexer(keys_old)
+        there = lookup.get_indexer(keys_old)
         inside = here >= 0
         tonight = np.bincount(here[inside], minlength=len(moved))
         last = np.bincount(here[inside & ~changed], minlength=len(moved)) + np.bincount(
@@ -337,10 +362,20 @@ def blocks_to_rematch(
     # A record to match again reaches its blocks under every rule, including one whose
     # key no changed record shares (it may be matched again for another rule's block).
     reach = rematch.copy()
-    for keys_now in now:
+    for keys_now, (lookup, here) in zip(now, moved_blocks, strict=True):
         hit = distinct(keys_now[rematch])
         hit = hit[hit != 0]
-        if len(hit):
+        if not len(hit):
+            continue
+        # Most often every block hit is one a changed record is in: found by its
+        # record's place among those (a lookup of a million keys fewer per rule, 0.15 s
+        # of a 5% night at 1M records, docs/benchmarks.md).
+        at = lookup.get_indexer(hit)
+        if (at >= 0).all():
+            is_hit = np.zeros(len(lookup) + 1, dtype=bool)
+            is_hit[at] = True
+            reach |= is_hit[here]  # here = -1 takes the last entry: False
+        else:
             reach |= pd.Index(hit).get_indexer(keys_now) >= 0
     return rematch, reach
 

@@ -495,6 +495,28 @@ def test_blocks_to_rematch_counts_as_every_block_would(case: tuple, data: st.Dat
     assert reach.tolist() == want_reach
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=20, unique=True),
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 19), st.integers(0, 2**20)), max_size=300),
+)
+def test_block_keys_are_found_among_the_moved_blocks_as_a_hash_lookup_finds_them(
+    blocks: list[int], draws: list[tuple[int, int, int]]
+) -> None:
+    """The sieve by top bits finds each key's block as `get_indexer` does: members,
+    keys sharing a member's top bits but not its value, no key (0), any other."""
+    lookup = pd.Index(np.array(blocks, dtype=np.int64))
+    keys = []
+    for kind, i, low in draws:
+        member = blocks[i % len(blocks)]
+        near = (member & ~((1 << 20) - 1)) | low  # the same top bits
+        keys.append([member, near, 0, low * 7919 - 2**40][kind])
+    keys += blocks * 8  # enough keys for the sieve to be used
+    keys_array = np.array(keys, dtype=np.int64)
+    want = lookup.get_indexer(keys_array)
+    assert inc._positions(lookup, keys_array).tolist() == want.tolist()
+
+
 def test_a_new_return_for_an_unchanged_record_re_chooses_its_golden_record(
     samples: Path, tmp_path: Path
 ) -> None:
