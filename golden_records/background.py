@@ -277,7 +277,11 @@ class SnapshotRead:
             last = store.snapshot_run(engine, [tuple(p) for p in answer["parts"]])
             if last is None:
                 return None
-            tables = {name: map_table(path) for name, path in answer["files"].items()}
+            try:
+                tables = {name: map_table(path) for name, path in answer["files"].items()}
+            except (OSError, pa.ArrowInvalid) as exc:  # the base's cache gone meanwhile
+                log.warning("the snapshot's files could not be read (%s)", type(exc).__name__)
+                return store.read_snapshot(engine, convert)
             return store.snapshot_frames(last, tables, convert)
         finally:
             self.close()

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -71,6 +70,7 @@ from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tab
     source_records,
     xref,
 )
+from mdm_pipeline.golden_records.snapshot_child import sync_range
 
 if TYPE_CHECKING:  # the child's module imports this one
     from mdm_pipeline.golden_records.payloads import Chunks, PayloadJob
@@ -672,22 +672,6 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 
 #: How often the files of a SQLite store are asked to start writing their dirty pages.
 WRITEBACK_SECONDS = 0.25
-#: Linux's `sync_file_range` flag that starts writing dirty pages without waiting.
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _sync_range() -> Callable[[int], object] | None:
-    """`sync_file_range(fd, 0, 0, WRITE)` of the C library, or None where there is
-    none (not Linux)."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    call = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-    if call is None:
-        return None
-    zero = ctypes.c_int64(0)
-    return lambda fd: call(fd, zero, zero, _SYNC_FILE_RANGE_WRITE)
 
 
 @contextmanager
@@ -700,7 +684,7 @@ def _writeback(engine: Engine) -> Iterator[None]:
     writes the kernel could start at any time: SQLite's own fsyncs still order the
     journal before the pages it protects."""
     path = engine.url.database if engine.dialect.name == "sqlite" else None
-    flush = _sync_range() if path and path != ":memory:" else None
+    flush = sync_range() if path and path != ":memory:" else None
     if flush is None or path is None:
         yield
         return

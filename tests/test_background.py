@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
 from mdm_pipeline.config import schema
-from mdm_pipeline.golden_records import background, store, store_child, zygote
+from mdm_pipeline.golden_records import background, snapshot_child, store, store_child, zygote
 from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
 from mdm_pipeline.pipeline import incremental as inc
 
@@ -85,6 +85,80 @@ def test_the_child_process_reads_what_the_store_reads(night_two: str) -> None:
     # Without `convert`, every column, as the store's own read.
     _assert_same(SnapshotRead(engine).result(), store.read_snapshot(engine))
     engine.dispose()
+
+
+def _base_caches(url: str) -> list[Path]:
+    """The files beside a store that hold its snapshot's base decoded."""
+    path = Path(sa.make_url(url).database or "")
+    return sorted(path.parent.glob(path.name + snapshot_child.BASE_CACHE_INFIX + "*"))
+
+
+def test_the_snapshot_s_base_decoded_once_is_taken_from_beside_the_store(night_two: str) -> None:
+    """The first read decodes the base into a file beside the store; the next one hands
+    that file over instead of decoding it, with the same answer; a store whose base
+    is written again (a full run) gets a new file, and the old one goes."""
+    engine = store.connect(night_two)
+    want = store.read_snapshot(engine, CONVERT)
+    (left,) = _base_caches(night_two)  # the night read its snapshot in a child too
+    left.unlink()
+    _assert_same(SnapshotRead(engine).result(CONVERT), want)
+    (cache,) = _base_caches(night_two)
+    first = cache.stat()
+    pending = SnapshotRead(engine)
+    answer = pending._child.answer()
+    assert answer is not None and answer["files"]["records"] == str(cache)
+    pending.close()
+    got = SnapshotRead(engine).result(CONVERT)
+    _assert_same(got, want)
+    assert cache.stat().st_mtime_ns == first.st_mtime_ns  # read, not written again
+    engine.dispose()
+
+    samples = Path(__file__).resolve().parents[1] / "data" / "samples"
+    _run(samples / "config.yaml", night_two)  # a full run: a new base
+    engine = store.connect(night_two)
+    want = store.read_snapshot(engine, CONVERT)
+    _assert_same(SnapshotRead(engine).result(CONVERT), want)
+    (new,) = _base_caches(night_two)
+    assert new != cache and not cache.exists()
+    engine.dispose()
+
+
+def test_a_damaged_or_vanished_base_file_is_decoded_again(
+    night_two: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = store.connect(night_two)
+    want = store.read_snapshot(engine, CONVERT)
+    (cache,) = _base_caches(night_two)
+    cache.write_bytes(cache.read_bytes()[:1000])  # cut short: no footer
+    _assert_same(SnapshotRead(engine).result(CONVERT), want)
+    assert _base_caches(night_two) == [cache] and snapshot_child._readable(str(cache))
+    # Gone between the child's answer and this process's read of it: read here.
+    pending = SnapshotRead(engine)
+    answer = pending._child.answer
+    pending._child.answer = lambda: (answer(), cache.unlink())[0]  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger=background.__name__):
+        _assert_same(pending.result(CONVERT), want)
+    assert "could not be read" in caplog.text
+    engine.dispose()
+
+
+def test_a_base_file_that_cannot_be_written_leaves_the_base_in_the_child_s_folder(
+    tmp_path: Path,
+) -> None:
+    table = pa.table({"a": [1, 2]})
+    missing = str(tmp_path / "no such folder" / "store.sqlite-snapshot-0.arrow")
+    assert not snapshot_child._keep_base(table, missing)
+    assert list(tmp_path.iterdir()) == []
+    kept = str(tmp_path / "store.sqlite-snapshot-1.arrow")
+    for old in ("store.sqlite-snapshot-0.arrow", "store.sqlite-snapshot-1.arrow.9.partial"):
+        (tmp_path / old).write_bytes(b"old")
+    (tmp_path / "other.sqlite-snapshot-0.arrow").write_bytes(b"another store's")
+    assert snapshot_child._keep_base(table, kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "other.sqlite-snapshot-0.arrow",
+        "store.sqlite-snapshot-1.arrow",
+    ]
+    assert background.map_table(kept).equals(table)
 
 
 def _part_names(engine: sa.Engine) -> set[str]:

@@ -909,7 +909,7 @@ def test_a_sqlite_transaction_hands_its_dirty_pages_to_the_disk_while_it_runs(
 
     if sys.platform != "linux":
         pytest.skip("sync_file_range is Linux's")
-    monkeypatch.setattr(store, "_sync_range", lambda: recorder)
+    monkeypatch.setattr(store, "sync_range", lambda: recorder)
     monkeypatch.setattr(store, "WRITEBACK_SECONDS", 0.01)
     path = tmp_path / "store.sqlite"
     engine = store.connect(f"sqlite:///{path}")
