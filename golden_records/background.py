@@ -5,7 +5,9 @@ ask for well before it needs them:
 
 - the snapshot the last run left (every record's matching fields, about a
   hundred megabytes of compressed Parquet at a million records), needed once
-  tonight's extracts are loaded (`SnapshotRead`);
+  tonight's extracts are loaded (`SnapshotRead`); its base, the same from
+  night to night, is decoded once and kept beside the store
+  (`snapshot_child.base_cache`);
 - the stored records, with their payloads and golden records, of the golden
   records that tonight's changed and deleted records belong to: most of the
   records whose golden record the night chooses again (nine in ten at 1M
