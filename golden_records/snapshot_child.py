@@ -129,7 +129,7 @@ def _keep_base(table: pa.Table, cache: str) -> bool:
     folder, prefix = os.path.split(stem)
     for name in os.listdir(folder or "."):
         old = os.path.join(folder, name)
-        if name.startswith(prefix) and old != cache:
+        if name.startswith(prefix) and name.endswith((".arrow", ".partial")) and old != cache:
             with contextlib.suppress(OSError):
                 os.remove(old)
     return True

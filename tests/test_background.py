@@ -153,10 +153,12 @@ def test_a_base_file_that_cannot_be_written_leaves_the_base_in_the_child_s_folde
     for old in ("store.sqlite-snapshot-0.arrow", "store.sqlite-snapshot-1.arrow.9.partial"):
         (tmp_path / old).write_bytes(b"old")
     (tmp_path / "other.sqlite-snapshot-0.arrow").write_bytes(b"another store's")
+    (tmp_path / "store.sqlite-snapshot-notes.txt").write_bytes(b"not one of them")
     assert snapshot_child._keep_base(table, kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "other.sqlite-snapshot-0.arrow",
         "store.sqlite-snapshot-1.arrow",
+        "store.sqlite-snapshot-notes.txt",
     ]
     assert background.map_table(kept).equals(table)
 
