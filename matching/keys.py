@@ -175,8 +175,16 @@ def prepare(records: pd.DataFrame | Fields) -> Fields:
 
 def per_distinct_value(series: pd.Series, func: Callable[[str], str]) -> pd.Series:
     """`func` applied once per distinct non-null value, mapped back (None stays None)."""
+    return on_distinct_values(
+        series, lambda uniques: np.array([func(v) or None for v in uniques], dtype=object)
+    )
+
+
+def on_distinct_values(series: pd.Series, func: Callable[[np.ndarray], np.ndarray]) -> pd.Series:
+    """`func` of the distinct non-null values at once (an object array, each value's
+    result or None), mapped back (None stays None)."""
     codes, uniques = pd.factorize(series)
-    table = np.array([func(v) or None for v in uniques] + [None], dtype=object)
+    table = np.append(func(np.asarray(uniques, dtype=object)), None)
     return pd.Series(table[codes], index=series.index)
 
 
@@ -282,9 +290,7 @@ def _reduce(values: pd.Series, transform: str, length: int | None) -> pd.Series:
     and a million distinct e-mails make that loop the slowest step of a run.
     """
     if transform == "phonetic_fr":
-        codes, uniques = pd.factorize(values)
-        table = np.append(phonetic_fr_codes(np.asarray(uniques, dtype=object)), None)
-        return pd.Series(table[codes], index=values.index)
+        return on_distinct_values(values, phonetic_fr_codes)
     if transform in _TRANSFORMS:
         return per_distinct_value(values, _TRANSFORMS[transform])
     text = pa.array(values.to_numpy(dtype=object), type=pa.string(), from_pandas=True)

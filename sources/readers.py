@@ -305,20 +305,17 @@ def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
     for col in frame.columns:
         series = frame[col]
         if series.dtype == TEXT:  # a Parquet file's text columns, kept in Arrow
-            out[str(col)] = series
-            continue
-        if pd.api.types.is_datetime64_any_dtype(series):
+            text = series
+        elif pd.api.types.is_datetime64_any_dtype(series):
             text = _datetime_text(series)
-            if text.dtype == TEXT:
-                out[str(col)] = text
-                continue
         else:
             text = series.astype(object).where(series.notna(), None)
             # A text column (most of them) is left as it is: only numbers, decimals,
             # dates or mixed values are written out, one by one.
             if not only_text(text):
                 text = text.map(lambda v: v if v is None or isinstance(v, str) else str(v))
-        out[str(col)] = text.where(series.notna(), None)
+        # Arrow texts keep their own missing values; Python ones are None.
+        out[str(col)] = text if text.dtype == TEXT else text.where(series.notna(), None)
     return out
 
 
