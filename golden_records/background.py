@@ -13,7 +13,10 @@ ask for well before it needs them:
   records whose golden record the night chooses again (nine in ten at 1M
   records), needed once matching and clustering are done (`ScopeRead`);
 - the stored match evidence of the records matched again or deleted, compared
-  with tonight's, needed when the night writes (`EvidenceRead`).
+  with tonight's, needed when the night writes (`EvidenceRead`);
+- the stored records (payloads and golden IDs) of the rows of tonight's
+  extracts that did not change, and the members of their golden records, for
+  the return files written after the store (`ReturnsRead`).
 
 In one process each read would hold the GIL for much of its work beside the
 work it could overlap (a thread was tried for the snapshot: each slowed the
@@ -49,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import weakref
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -368,6 +372,43 @@ class ScopeRead:
             self._child.stop()
             with contextlib.suppress(Exception):  # what it failed on is of no use now
                 ready.result()
+        self._child.close()
+
+
+class ReturnsRead:
+    """`store.read_returns`, started now and collected by `result` (see the module): what
+    the store holds of the rows of tonight's extracts whose records did not change,
+    for the business units' return files. Most of a night's returned rows are such
+    (a full extract's), and neither their values nor their golden records change
+    tonight unless the night re-decides their cluster (then it has them itself)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        keys: pd.DataFrame,
+        member_sources: Collection[str],
+        zygote: Zygote | None = None,
+    ) -> None:
+        self._keys = keys[KEYS].astype(str).reset_index(drop=True)
+        self._member_sources = list(member_sources)
+        members = self._keys[SOURCE].isin(self._member_sources)
+        inputs = {"keys": _table(self._keys.assign(members=members))}
+        self._child = _Child(engine, STORE_CHILD_MODULE, inputs, "returns", zygote=zygote)
+
+    def result(self, conn: Connection) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """What `store.read_returns` answers. Collected before the run writes anything:
+        the child's read must not hold the store while the run's transaction needs it
+        whole (and what it read is the state the night started from)."""
+        try:
+            answer = self._child.answer()
+            if answer is None:
+                return store.read_returns(conn, self._keys, self._member_sources)
+            held, members = (map_table(answer[name]).to_pandas() for name in ("held", "members"))
+            return held, members
+        finally:
+            self.close()
+
+    def close(self) -> None:
         self._child.close()
 
 

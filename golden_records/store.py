@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -2287,6 +2287,38 @@ def stored_evidence(conn: Connection, touched: pd.DataFrame) -> pd.DataFrame:
     # is left out: an empty frame's untyped columns would decide nothing).
     stored = pd.concat([o for o in old if len(o)] or old[:1], ignore_index=True)
     return stored.drop_duplicates(list(EVIDENCE_KEYS))
+
+
+def read_returns(
+    conn: Connection, keys: pd.DataFrame, member_sources: Collection[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What the store holds for business units' return files: (source, source_key,
+    golden_id, payload) of the records among `keys` (source, source_key), and
+    (source, source_key, golden_id) of every record of a source in `member_sources`
+    in the golden records of its held ones (the unit's duplicates).
+
+    Read by key rather than whole sources: a night returns the rows its extracts
+    hold (a delta extract's few thousand of a source's million records). The
+    members are read for the sources whose extract may not hold them all (a delta
+    extract): a full extract holds every record of its unit."""
+    rec = source_records.c
+    if not len(keys):
+        columns = ("source", "source_key", "golden_id", "payload")
+        held = pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+        return held, held.drop(columns="payload")
+    held = _select_keys(
+        conn, sa.select(rec.source, rec.source_key, rec.golden_id, rec.payload), keys
+    )
+    of_members = held.loc[held["source"].isin(list(member_sources)), ["source", "golden_id"]]
+    in_golden = _temp_keys(conn, source_records, of_members)
+    members = _read(
+        conn,
+        sa.select(rec.source, rec.source_key, rec.golden_id).join(
+            in_golden,
+            sa.and_(rec.source == in_golden.c.source, rec.golden_id == in_golden.c.golden_id),
+        ),
+    )
+    return held, members
 
 
 def last_run(engine: Engine) -> tuple[str, datetime] | None:

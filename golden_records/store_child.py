@@ -9,6 +9,10 @@ TASK:
   and deleted records; it reads `store.read_cluster_scope` of them (every
   record of their golden records, payloads included, and the golden records)
   into FOLDER/records.arrow and FOLDER/golden.arrow;
+- ``returns``: FOLDER/keys.arrow holds (source, source_key, members) of the
+  rows of tonight's extracts whose record did not change; it reads
+  `store.read_returns` of them (members for the sources flagged so) into
+  FOLDER/held.arrow and FOLDER/members.arrow;
 - ``evidence``: FOLDER/touched.arrow and FOLDER/evidence.arrow hold the records
   tonight matches again or deletes and tonight's match evidence; it writes
   `store.evidence_changes` of them (FOLDER/gone.arrow, fresh.arrow,
@@ -38,6 +42,8 @@ from sqlalchemy.engine import Connection
 from mdm_pipeline.golden_records import background, store
 from mdm_pipeline.golden_records.connection import _tune_sqlite
 from mdm_pipeline.golden_records.snapshot_child import serve, write_table
+
+KEYS = background.KEYS
 
 
 class Inputs:
@@ -74,7 +80,15 @@ def _evidence(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[s
     return {"gone": changes.gone, "fresh": changes.fresh, "changed": changes.changed}
 
 
-TASKS = {"scope": _scope, "evidence": _evidence}
+def _returns(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    keys = inputs("keys")
+    held, members = store.read_returns(
+        conn, keys[KEYS], keys.loc[keys["members"], "source"].unique().tolist()
+    )
+    return {"held": held, "members": members}
+
+
+TASKS = {"scope": _scope, "evidence": _evidence, "returns": _returns}
 
 #: Added to the evidence's child's niceness. Started ahead of its inputs, it imports
 #: its modules while the run normalises and matches, and its answer is needed only

@@ -9,15 +9,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from mdm_pipeline.config import schema
 from mdm_pipeline.config.errors import ConfigError, StoreError
 from mdm_pipeline.config.loader import store_url
 from mdm_pipeline.config.settings import Settings
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.schema import golden_records, source_records
-from mdm_pipeline.pipeline.exporting import RETURN_COLUMNS, return_columns
+from mdm_pipeline.pipeline.exporting import RETURN_COLUMNS, bu_duplicates, return_columns
 from mdm_pipeline.pipeline.incremental import parse_json_lines
 from mdm_pipeline.sources import load_source, write_back
 from mdm_pipeline.sources.writers import write_csv
@@ -42,24 +44,102 @@ def export_bu(settings: Settings, name: str, out_dir: Path | None = None) -> Pat
     engine = store.connect(store_url(settings))
     try:
         with engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(
-                    source_records.c.source_key,
-                    source_records.c.golden_id,
-                    source_records.c.payload,
-                ).where(source_records.c.source == name)
-            ).all()
+            held_any = sa.select(source_records.c.source).where(source_records.c.source == name)
+            if conn.execute(held_any.limit(1)).first() is None:
+                raise StoreError(
+                    f"export bu: the store holds no record of '{name}': run `mdm run` first"
+                )
+            keys = mapped.records["source_key"]
+            wanted = pd.DataFrame({"source": name, "source_key": keys.astype(str)})
+            added = stored_return_columns(keys, *store.read_returns(conn, wanted, [name]))
     finally:
         engine.dispose()
-    if not rows:
-        raise StoreError(f"export bu: the store holds no record of '{name}': run `mdm run` first")
-    held = pd.DataFrame(rows, columns=["source_key", "golden_id", "payload"])
-    values = parse_json_lines("\n".join(held["payload"].tolist())).reindex(columns=_PAYLOAD_FIELDS)
-    stored = pd.concat([held[["source_key", "golden_id"]], values], axis=1)
-    keys = mapped.records[["source_key"]].astype(str)
-    frame = keys.merge(stored.astype({"source_key": str}), on="source_key", how="left")
     target = out_dir if out_dir is not None else settings.resolve(settings.export.dir)
-    return write_back(spec, mapped.raw, return_columns(frame), target)
+    return write_back(spec, mapped.raw, added, target)
+
+
+#: Return columns that are texts, booleans that may be unknown, and the NPAI flag: the
+#: types a run's own records give them, so that a file written from the store is the
+#: file the run writes (a Parquet file's schema included).
+_TEXT_FIELDS = [c for c in _PAYLOAD_FIELDS if c not in ("email_valid", "phone_valid", "npai_flag")]
+_UNKNOWN_BOOLEANS = ["email_valid", "phone_valid"]
+_TEXT_KEPT_AS_OBJECTS = ["npai_date", "npai_reason"]  # as `with_flags` leaves them
+
+
+def _typed(values: pd.DataFrame) -> pd.DataFrame:
+    """The return fields of `values` (missing ones empty) in the types a run gives them."""
+    out = values.reindex(columns=_PAYLOAD_FIELDS)
+    text = schema.text_dtype()
+    for c in _TEXT_FIELDS:
+        if c in _TEXT_KEPT_AS_OBJECTS:
+            out[c] = out[c].astype(object).where(out[c].notna(), np.nan)
+        else:
+            out[c] = out[c].astype(text)
+    for c in _UNKNOWN_BOOLEANS:
+        out[c] = out[c].astype("boolean")
+    out["npai_flag"] = out["npai_flag"].astype("boolean").fillna(False).astype(bool)
+    return out
+
+
+def _stored_values(held: pd.DataFrame) -> pd.DataFrame:
+    """source_key, golden_id and the typed return fields of stored records (`held`:
+    source_key, golden_id, payload)."""
+    if len(held):
+        values = parse_json_lines("\n".join(held["payload"].tolist()), strings=_TEXT_FIELDS)
+    else:
+        values = pd.DataFrame(index=held.index)
+    keyed = held[["source_key", "golden_id"]].astype(str).reset_index(drop=True)
+    return pd.concat([keyed, _typed(values.reset_index(drop=True))], axis=1)
+
+
+def stored_return_columns(
+    keys: pd.Series,
+    held: pd.DataFrame,
+    members: pd.DataFrame,
+    tonight: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The columns a return file adds to rows whose source keys are `keys` (in the
+    file's order), as `return_columns` makes them for a run's records.
+
+    Each row's record is taken from `tonight` (source_key, golden_id and the return
+    fields of the records a night chose golden records for, as it wrote them) or
+    else from the store as the night found it (`held`: source_key, golden_id,
+    payload; see `store.read_returns`); a row in neither comes back with the columns
+    empty. Its duplicates are the unit's other records in its golden record, among
+    those and the stored `members` (source_key, golden_id) of the golden records
+    `held` names: a golden record the night did not re-decide has the same members
+    as in the store, one it did has all its members among `tonight`.
+    """
+    stored = _stored_values(held)
+    if tonight is not None and len(tonight):
+        fresh = tonight[["source_key", "golden_id"]].astype(str).reset_index(drop=True)
+        fresh = pd.concat([fresh, _typed(tonight.reset_index(drop=True))], axis=1)
+        # A stored golden record one of tonight's records was in was re-decided whole:
+        # its stored members are tonight's records (or deleted), none a member now.
+        redecided = stored.loc[stored["source_key"].isin(fresh["source_key"]), "golden_id"]
+        members = members[~members["golden_id"].astype(str).isin(redecided)]
+        stored = pd.concat([fresh, stored], ignore_index=True)
+        stored = stored[~stored["source_key"].duplicated()]  # tonight's over the stored
+    wanted = keys.astype(str).to_numpy(dtype=object)
+    frame = stored.set_index("source_key").reindex(wanted).reset_index(drop=True)
+    frame = frame.assign(source_key=wanted)
+    # A row the store does not hold is not flagged either.
+    frame["npai_flag"] = frame["npai_flag"].astype("boolean").fillna(False).astype(bool)
+    members = pd.concat(
+        [stored[["source_key", "golden_id"]], members[["source_key", "golden_id"]].astype(str)],
+        ignore_index=True,
+    )
+    members = members[~members["source_key"].duplicated()]
+    duplicates = pd.Series(
+        bu_duplicates(
+            members["source_key"].to_numpy(dtype=object),
+            members["golden_id"].to_numpy(dtype=object),
+        ),
+        index=members["source_key"].to_numpy(),
+    )
+    found = duplicates.index.get_indexer(wanted)
+    others = np.where(found >= 0, duplicates.to_numpy()[np.maximum(found, 0)], "")
+    return return_columns(frame, others.astype(object))
 
 
 def export_golden(settings: Settings, path: Path) -> int:

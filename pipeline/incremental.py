@@ -63,6 +63,9 @@ class Delta:
     deleted: pd.DataFrame  # (source, source_key, snap_pos) stored, of a loaded source, gone
     unchanged: pd.DataFrame  # (snap_pos, source_line): the others, with tonight's line
     index: KeyPositions  # the snapshot's record keys, for further lookups
+    #: (source, source_key) of the loaded records that are unchanged: the rows of
+    #: tonight's extracts among `unchanged` (a delta source's others are not).
+    resent: pd.DataFrame
 
 
 class KeyPositions:
@@ -129,7 +132,8 @@ def find_delta(
         }
     )
     deleted = state.loc[gone, KEYS].assign(snap_pos=np.flatnonzero(gone)).reset_index(drop=True)
-    return Delta(records[~same].reset_index(drop=True), deleted, unchanged, index)
+    resent = records.loc[same, KEYS].reset_index(drop=True)
+    return Delta(records[~same].reset_index(drop=True), deleted, unchanged, index, resent)
 
 
 def decision_links(decided: pd.DataFrame, keys: pd.Index) -> tuple[pd.DataFrame, pd.DataFrame]:

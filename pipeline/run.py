@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -34,7 +34,12 @@ from mdm_pipeline.config.errors import ConfigError, DataContractError, StoreErro
 from mdm_pipeline.config.loader import config_hash, load_settings, matching_hash, store_url
 from mdm_pipeline.config.settings import BlockingRule, Settings
 from mdm_pipeline.golden_records import background, payloads, review, store
-from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
+from mdm_pipeline.golden_records.background import (
+    EvidenceRead,
+    ReturnsRead,
+    ScopeRead,
+    SnapshotRead,
+)
 from mdm_pipeline.golden_records.jsonrows import json_rows
 from mdm_pipeline.golden_records.snapshot_child import BATCH_GC_THRESHOLDS
 from mdm_pipeline.golden_records.survivorship import survive
@@ -50,6 +55,7 @@ from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.pipeline import exporting, report
 from mdm_pipeline.pipeline import incremental as inc
 from mdm_pipeline.pipeline.exporting import RETURN_COLUMNS, return_columns
+from mdm_pipeline.pipeline.exports import stored_return_columns
 from mdm_pipeline.pipeline.loading import load_sources
 from mdm_pipeline.pipeline.memory import PeakMemory
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
@@ -413,8 +419,7 @@ class Pipeline:
             ["npai"] if settings.npai_returns else []
         )
         export_dir = settings.resolve(settings.export.dir)
-        staging = Path(tempfile.mkdtemp(prefix=".mdm-export-", dir=_existing_parent(export_dir)))
-        try:
+        with _return_files(export_dir, summary) as (staging, staged):
             exports = self._export_job(mapped, sizes, records, staging, done)
             if exports is not None:  # the extracts' rows are the job's now
                 mapped = [replace(m, raw=pd.DataFrame()) for m in mapped]
@@ -467,24 +472,16 @@ class Pipeline:
                 summary.record_written(written)
                 with self._stage("export", summary, emit, total=len(mapped)):
                     if exports is not None:
-                        staged = exports.files()
+                        staged.extend(exports.files())
                         exports.close()
                         for m in mapped:
                             emit("export", "advance", {"source": m.source})
                     elif settings.export.enabled:
-                        staged = self._export(mapped, sizes, records, record_gid, staging, emit)
-                    else:
-                        staged = []
+                        staged.extend(
+                            self._export(mapped, sizes, records, record_gid, staging, emit)
+                        )
                 summary.peak_rss_mib = round(self._memory.run_peak(), 1)
                 store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
-            # Committed: only now do the return files replace the previous ones.
-            for path in staged:
-                export_dir.mkdir(parents=True, exist_ok=True)
-                final = export_dir / path.name
-                path.replace(final)
-                summary.exports.append(str(final))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         self._report(summary, engine, records, weights, cluster_ids, quarantined)
         return summary
 
@@ -606,7 +603,19 @@ class Pipeline:
         # while this one clusters and chooses golden records (`background`), started
         # now, ahead of its inputs, to import its modules while this one normalises.
         evidence_read = EvidenceRead(engine, zygote=zygote)
+        # What the store holds of tonight's unchanged rows, for the return files: read by
+        # a third child while this process normalises and matches (`background`).
         kept_pos = delta.unchanged["snap_pos"].to_numpy()
+        returns_read = (
+            ReturnsRead(
+                engine,
+                delta.resent,
+                [s.name for s in settings.sources if s.delta is not None],
+                zygote=zygote,
+            )
+            if settings.export.enabled
+            else None
+        )
 
         with self._stage("normalize", summary, emit):
             changed = normalize_records(delta.changed, settings.normalize)
@@ -866,6 +875,7 @@ class Pipeline:
 
         at = now.replace(tzinfo=None)
         with (
+            _return_files(settings.resolve(settings.export.dir), summary) as (staging, staged),
             ThreadPoolExecutor(1, thread_name_prefix="mdm-snapshot") as pool,
             ThreadPoolExecutor(1, thread_name_prefix="mdm-survive") as survivor,
             store.transaction(engine) as conn,
@@ -886,6 +896,7 @@ class Pipeline:
                 # Collected before the first write: the run's transaction must not
                 # wait on the child's read of the store.
                 evidence = evidence_read.result(conn)
+                returned = returns_read.result(conn) if returns_read is not None else None
                 store.start_run(conn, summary.run_id, config_hash(settings), at)
                 store.write_evidence_changes(conn, summary.run_id, evidence)
                 # The records deleted at their source leave the store now: their keys
@@ -902,6 +913,19 @@ class Pipeline:
             # GIL from the scope's answer and the choice of golden records, the night's
             # longest chain (0.9 s of work that is not needed before the end).
             snapshot_parts = pool.submit(next_snapshot)
+
+            # The return files are made on the survivor's thread (idle now) as soon as the
+            # records' golden IDs are assigned, while the store is written: SQLite's work
+            # leaves Python's lock free much of the stage.
+            returns: list[Future[list[Path]]] = []
+
+            def make_returns(golden_ids: pd.Series) -> None:
+                if returned is not None:
+                    returns.append(
+                        survivor.submit(
+                            self._night_returns, mapped, records, golden_ids, returned, staging
+                        )
+                    )
 
             with self._stage("store", summary, emit):
                 written, _ = store.write_run(
@@ -922,13 +946,19 @@ class Pipeline:
                         current.loc[affected & ~is_changed & ~resurvive, inc.KEYS], on=inc.KEYS
                     ),
                     steward=since,
+                    assigned=make_returns,
                 )
                 written.records_removed = removed
                 store.write_npai(conn, npai_before, npai_after)
                 store.write_snapshot(conn, summary.run_id, snapshot_parts.result())
                 summary.record_written(written)
-                summary.peak_rss_mib = round(self._memory.run_peak(), 1)
-                store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
+            if returns:
+                with self._stage("export", summary, emit, total=len(mapped)):
+                    staged.extend(returns[0].result())
+                    for m in mapped:
+                        emit("export", "advance", {"source": m.source})
+            summary.peak_rss_mib = round(self._memory.run_peak(), 1)
+            store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
         self._report(summary, engine, records, pairs["weight"].to_numpy(), cluster_ids, quarantined)
         return summary
 
@@ -1097,6 +1127,33 @@ class Pipeline:
             emit("export", "advance", {"source": m.source})
         return paths
 
+    def _night_returns(
+        self,
+        mapped: list[MappedSource],
+        records: pd.DataFrame,
+        golden_ids: pd.Series,
+        stored: tuple[pd.DataFrame, pd.DataFrame],
+        out_dir: Path,
+    ) -> list[Path]:
+        """An incremental night's return files: each source's rows of tonight (a delta
+        extract's upserts, a full extract's every row) written back, as a full run
+        writes them, with what the night made of their records (`records`, those it
+        re-decided, and their `golden_ids`) or else what the store holds of them
+        (`stored`: `ReturnsRead`, the rows that did not change)."""
+        held, members = stored
+        wanted = [c for c in ("source", "source_key", *RETURN_COLUMNS) if c in records.columns]
+        tonight = records[wanted].assign(golden_id=golden_ids.to_numpy())
+        paths = []
+        for m in mapped:
+            added = stored_return_columns(
+                m.records["source_key"],
+                held[held["source"] == m.source],
+                members[members["source"] == m.source],
+                tonight[tonight["source"] == m.source],
+            )
+            paths.append(write_back(self.settings.source(m.source), m.raw, added, out_dir))
+        return paths
+
     def _manifest(self, summary: RunSummary, mapped: list[MappedSource]) -> dict[str, Any]:
         return {
             "run_id": summary.run_id,
@@ -1205,6 +1262,27 @@ def _snapshot(
     )
     table = pa.Table.from_pandas(frame, preserve_index=False)
     return {"records": inc.with_block_keys(table, rules, block_keys), "edges": edges}
+
+
+@contextmanager
+def _return_files(export_dir: Path, summary: RunSummary) -> Iterator[tuple[Path, list[Path]]]:
+    """A staging folder for a run's return files, and the list of those written into it.
+
+    They replace the previous files only if the block (which holds the run's
+    transaction) ends without error, i.e. once the run has committed; the folder
+    goes either way. A business unit never gets files from a run the store does not
+    hold."""
+    staging = Path(tempfile.mkdtemp(prefix=".mdm-export-", dir=_existing_parent(export_dir)))
+    staged: list[Path] = []
+    try:
+        yield staging, staged
+        for path in staged:
+            export_dir.mkdir(parents=True, exist_ok=True)
+            final = export_dir / path.name
+            path.replace(final)
+            summary.exports.append(str(final))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _existing_parent(path: Path) -> Path:

@@ -18,11 +18,17 @@ from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
 from mdm_pipeline.config import schema
+from mdm_pipeline.config.loader import load_settings
 from mdm_pipeline.golden_records import background, snapshot_child, store, store_child, zygote
-from mdm_pipeline.golden_records.background import EvidenceRead, ScopeRead, SnapshotRead
+from mdm_pipeline.golden_records.background import (
+    EvidenceRead,
+    ReturnsRead,
+    ScopeRead,
+    SnapshotRead,
+)
 from mdm_pipeline.pipeline import incremental as inc
 
-from .test_incremental import _state, day2
+from .test_incremental import _returned, _state, day2
 
 runner = CliRunner()
 CONVERT = {"records": inc.RECORD_COLUMNS}
@@ -343,16 +349,27 @@ def test_nights_read_in_the_background_equal_full_runs(
     monkeypatch.setattr(background._Child, "__init__", spy)
     cfg = samples / "config.yaml"
     a, b = tmp_path / "incremental.sqlite", tmp_path / "full.sqlite"
+    settings = load_settings(cfg)
     _run(cfg, f"sqlite:///{a}")
     for seed in (1, 2):
         shutil.copy(a, b)
         day2(samples, seed)
         _run(cfg, f"sqlite:///{a}", "--incremental")
+        nightly = tmp_path / f"night{seed}"
+        shutil.copytree(samples / "out", nightly)
         _run(cfg, f"sqlite:///{b}")
         assert _state(f"sqlite:///{a}") == _state(f"sqlite:///{b}"), seed
-    # The snapshot's, the scope's and the evidence's, nightly, each forked from the
-    # night's zygote.
-    assert started == [zygote.available()] * 6
+        # Its return files (full extracts here) are the full run's, new golden records
+        # named by their members.
+        for path in sorted((samples / "out").glob("*_return.*")):
+            pd.testing.assert_frame_equal(
+                _returned(nightly / path.name, f"sqlite:///{a}", settings),
+                _returned(path, f"sqlite:///{b}", settings),
+                obj=f"{path.name}, night {seed}",
+            )
+    # The snapshot's, the scope's, the evidence's and the return files' reads, nightly,
+    # each forked from the night's zygote.
+    assert started == [zygote.available()] * 8
 
 
 def _evidence_inputs(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -440,10 +457,55 @@ def _evidence_ahead_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
     return got, store.evidence_changes(conn, touched, evidence), _assert_same_changes
 
 
+def _returns_keys(engine: sa.Engine) -> tuple[pd.DataFrame, list[str]]:
+    """Some stored records of every source, one key the store does not hold, and one
+    source whose members are read."""
+    with engine.connect() as conn:
+        keys = pd.read_sql(
+            "select source, source_key from mdm_source_records order by source_key", conn
+        )
+    picked = keys.groupby("source").head(7)
+    unknown = pd.DataFrame({"source": ["stores"], "source_key": ["never-stored"]})
+    return pd.concat([picked, unknown], ignore_index=True), ["stores"]
+
+
+def _assert_same_returns(got: tuple, want: tuple) -> None:
+    for name, g, w in zip(("held", "members"), got, want, strict=True):
+        pd.testing.assert_frame_equal(g, w, obj=name)
+    held, members = want
+    assert set(held["source"]) == {"ecommerce", "stores", "callcentre", "b2b"}
+    assert set(members["source"]) == {"stores"} and len(members) >= 7
+
+
+def _returns_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
+    keys, member_sources = _returns_keys(engine)
+    got = ReturnsRead(engine, keys, member_sources).result(conn)
+    return got, store.read_returns(conn, keys, member_sources), _assert_same_returns
+
+
+def test_the_returns_read_in_a_child_are_the_returns_read_here(night_two: str) -> None:
+    engine = store.connect(night_two)
+    keys, member_sources = _returns_keys(engine)
+    pending = ReturnsRead(engine, keys, member_sources)
+    assert pending._child.started
+    with engine.connect() as conn:
+        got = pending.result(conn)
+        want = store.read_returns(conn, keys, member_sources)
+    _assert_same_returns(got, want)
+    engine.dispose()
+
+
 @pytest.mark.parametrize(
     "both",
-    [_snapshot_both, _scope_both, _evidence_both, _scope_ahead_both, _evidence_ahead_both],
-    ids=["snapshot", "scope", "evidence", "scope-ahead", "evidence-ahead"],
+    [
+        _snapshot_both,
+        _scope_both,
+        _evidence_both,
+        _scope_ahead_both,
+        _evidence_ahead_both,
+        _returns_both,
+    ],
+    ids=["snapshot", "scope", "evidence", "scope-ahead", "evidence-ahead", "returns"],
 )
 # A child that exits with an error, and one that exits cleanly with no JSON answer.
 @pytest.mark.parametrize("module", ["mdm_pipeline.no_such_module", "this"])

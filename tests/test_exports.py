@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
+from mdm_pipeline.pipeline.exports import stored_return_columns
 
 runner = CliRunner()
 
@@ -96,3 +97,32 @@ def test_an_unknown_bu_is_one_line(samples: Path, tmp_path: Path) -> None:
     assert done.stderr.strip() == (
         "error: export bu: no source named 'nope' (sources: ecommerce, stores, callcentre, b2b)"
     )
+
+
+def test_a_row_s_duplicates_are_its_golden_record_s_members_after_the_night() -> None:
+    """A night returns an unchanged row (X) read from the store beside the records it
+    re-decided: X's stored golden record G lost Y (deleted tonight) and gained Z; X's
+    values are tonight's where the night has them, its duplicates G's members now.
+    A row of a golden record the night left alone (W) keeps its stored members (V)."""
+    held = pd.DataFrame(
+        {
+            "source_key": ["X", "W"],
+            "golden_id": ["G", "H"],
+            "payload": ['{"email_norm": "X@STORED"}', '{"email_norm": "W@STORED"}'],
+        }
+    )
+    members = pd.DataFrame({"source_key": ["X", "Y", "W", "V"], "golden_id": ["G", "G", "H", "H"]})
+    tonight = pd.DataFrame(
+        {"source_key": ["X", "Z"], "golden_id": ["G", "G"], "email_norm": ["X@NEW", "Z@NEW"]}
+    )
+    keys = pd.Series(["W", "X", "NEW"])
+    added = stored_return_columns(keys, held, members, tonight)
+    assert added["mdm_golden_id"].tolist()[:2] == ["H", "G"]
+    assert pd.isna(added["mdm_golden_id"].iloc[2])
+    assert added["mdm_email"].tolist()[:2] == ["W@STORED", "X@NEW"]
+    assert added["mdm_bu_duplicates"].tolist() == ["V", "Z", ""]
+    assert added["mdm_npai"].tolist() == [False, False, False]
+    # From the store alone (`mdm export bu`): the stored members.
+    alone = stored_return_columns(keys, held, members)
+    assert alone["mdm_bu_duplicates"].tolist() == ["V", "Y", ""]
+    assert alone["mdm_email"].tolist()[:2] == ["W@STORED", "X@STORED"]

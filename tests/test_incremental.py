@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from hypothesis import given, settings
@@ -21,6 +22,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
+from mdm_pipeline.config.loader import load_settings
+from mdm_pipeline.config.settings import Settings
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.matching.engine import match, train
@@ -37,7 +40,7 @@ STORES = "magasins_fidelite.csv"
 
 def _run(cfg: Path, url: str, *extra: str) -> dict:
     result = runner.invoke(
-        app, ["run", "--config", str(cfg), "--json", *extra], env={"MDM_STORE_URL": url}
+        app, ["run", "--config", str(cfg), "--json", "--debug", *extra], env={"MDM_STORE_URL": url}
     )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -79,6 +82,35 @@ def day2(folder: Path, seed: int) -> dict[str, int]:
     return {"moved": len(moved), "new": len(twins), "deleted": len(leavers)}
 
 
+def _labels(xref: pd.DataFrame, golden: pd.DataFrame, first_run: str) -> dict[str, str]:
+    """Golden ID -> itself if the first run made it, else its members: two stores that
+    made the same new golden record gave it different (random) IDs."""
+    old_ids = set(golden.loc[golden["created_run"] == first_run, "golden_id"])
+    members = xref.assign(m=xref["source"] + ":" + xref["source_key"]).groupby("golden_id")["m"]
+    return {g: (g if g in old_ids else "NEW:" + ",".join(sorted(m))) for g, m in members}
+
+
+def _returned(path: Path, url: str, settings: Settings) -> pd.DataFrame:
+    """A return file's rows as the texts it holds, its golden IDs labelled (`_labels`)."""
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        spec = settings.source(path.name.removesuffix("_return.csv"))
+        frame = pd.read_csv(
+            path, sep=spec.delimiter, encoding=spec.encoding, dtype=str, keep_default_na=False
+        )
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        xref = pd.read_sql("select source, source_key, golden_id from mdm_source_records", conn)
+        golden = pd.read_sql("select golden_id, created_run from mdm_golden_records", conn)
+        first_run = conn.execute(
+            sa.text("select run_id from mdm_runs order by started_at limit 1")
+        ).scalar()
+    engine.dispose()
+    label = _labels(xref, golden, first_run)
+    return frame.assign(mdm_golden_id=frame["mdm_golden_id"].map(lambda g: label.get(g, g)))
+
+
 def _state(url: str) -> dict[str, object]:
     """The store's current state with new golden IDs replaced by their members."""
     engine = sa.create_engine(url)
@@ -103,9 +135,7 @@ def _state(url: str) -> dict[str, object]:
             sa.text("select run_id from mdm_runs order by started_at limit 1")
         ).scalar()
     engine.dispose()
-    old_ids = set(golden.loc[golden["created_run"] == first_run, "golden_id"])
-    members = xref.assign(m=xref["source"] + ":" + xref["source_key"]).groupby("golden_id")["m"]
-    label = {g: (g if g in old_ids else "NEW:" + ",".join(sorted(m))) for g, m in members}
+    label = _labels(xref, golden, first_run)
     # A pair keeps the run that last changed it: the first run, or a later one.
     evidence["run_id"] = np.where(evidence["run_id"] == first_run, "first", "later")
     active = golden[golden["status"] == "active"]
@@ -300,6 +330,9 @@ def test_a_delta_extract_gives_the_store_a_full_run_gives(samples: Path, tmp_pat
         out.writerow([*header, "OP"])
         out.writerows([*[[*r, "U"] for r in upserts], *[[*r, "D"] for r in deletions]])
     full = _run(cfg, f"sqlite:///{b}")
+    full_files = tmp_path / "full_out"
+    shutil.copytree(samples / "out", full_files)
+    shutil.rmtree(samples / "out")
     text = cfg.read_text().replace("path: magasins_fidelite.csv", "path: magasins_delta.csv")
     text = text.replace(
         "path: magasins_delta.csv", "path: magasins_delta.csv\n    delta: {operation_column: OP}"
@@ -318,6 +351,31 @@ def test_a_delta_extract_gives_the_store_a_full_run_gives(samples: Path, tmp_pat
     for name in ("records", "edges"):
         pd.testing.assert_frame_equal(_by_key(got_snap)[name], _by_key(want_snap)[name])
     assert (inc["merges"], inc["splits"]) == (full["merges"], full["splits"])
+    # Each unit gets tonight's file back: a full extract's is the file a full run writes
+    # (the same texts, the Parquet file's schema too; new golden records by members),
+    # the delta's holds its upserts, each with what the full run's file says of that key,
+    # and its duplicates among all the unit's records.
+    assert sorted(Path(p).name for p in inc["exports"]) == sorted(
+        p.name for p in full_files.glob("*_return.*")
+    )
+    settings = load_settings(cfg)
+    for name in ("ecommerce_return.csv", "callcentre_return.csv", "b2b_return.parquet"):
+        pd.testing.assert_frame_equal(
+            _returned(samples / "out" / name, f"sqlite:///{a}", settings),
+            _returned(full_files / name, f"sqlite:///{b}", settings),
+        )
+    assert pq.read_schema(samples / "out" / "b2b_return.parquet").equals(
+        pq.read_schema(full_files / "b2b_return.parquet"), check_metadata=True
+    )
+    got_back = _returned(samples / "out" / "stores_return.csv", f"sqlite:///{a}", settings)
+    want_back = _returned(full_files / "stores_return.csv", f"sqlite:///{b}", settings)
+    assert got_back["NUM_CARTE"].tolist() == [r[0] for r in upserts]
+    added = [c for c in want_back.columns if c.startswith("mdm_")]
+    assert "mdm_bu_duplicates" in added and (got_back["mdm_bu_duplicates"] != "").any()
+    pd.testing.assert_frame_equal(
+        got_back.set_index("NUM_CARTE")[added],
+        want_back.set_index("NUM_CARTE").loc[got_back["NUM_CARTE"], added],
+    )
     # Once loaded, a delta source cannot be read by a full run (it would delete the rest).
     refused = runner.invoke(
         app, ["run", "--config", str(cfg)], env={"MDM_STORE_URL": f"sqlite:///{a}"}
@@ -731,6 +789,38 @@ def test_an_incremental_run_failing_mid_write_or_in_survivorship_leaves_the_stor
     monkeypatch.undo()
     assert real_survive is run_module.survive
     assert _run(cfg, url, "--incremental")["mode"] == "incremental"
+
+
+def test_a_night_failing_on_its_return_files_leaves_store_and_files_as_they_were(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dump_store
+) -> None:
+    """A night writes its return files after the store's writes, inside the run's
+    transaction, into a staging folder: a failure on the last one rolls the store
+    back and the previous night's files stay (none half-replaced); the next night
+    replaces them all."""
+    cfg, url, before = _stored_with_a_day_2(samples, tmp_path, dump_store, seed=6)
+    out = samples / "out"
+    previous = {p.name: p.read_bytes() for p in out.glob("*_return.*")}
+    assert len(previous) == 4
+    real_write_back = run_module.write_back
+    written: list[str] = []
+
+    def failing_write_back(spec, raw, added, out_dir):
+        written.append(spec.name)
+        if len(written) == 4:
+            raise RuntimeError("disk full")
+        return real_write_back(spec, raw, added, out_dir)
+
+    monkeypatch.setattr(run_module, "write_back", failing_write_back)
+    _fails_leaving_the_store_as_it_was(cfg, url, before, dump_store)
+    assert len(written) == 4
+    assert {p.name: p.read_bytes() for p in out.glob("*_return.*")} == previous
+    assert not list(out.parent.glob(".mdm-export-*"))  # the staging folder is gone
+    monkeypatch.undo()
+    night = _run(cfg, url, "--incremental")
+    assert sorted(Path(p).name for p in night["exports"]) == sorted(previous)
+    # Tonight's stores file holds tonight's extract (moved customers among them).
+    assert (out / "stores_return.csv").read_bytes() != previous["stores_return.csv"]
 
 
 def test_json_lines_keep_timestamp_looking_text_as_text() -> None:
