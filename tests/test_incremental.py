@@ -444,12 +444,24 @@ def test_incremental_run_equals_a_full_run_on_postgresql(samples: Path, pg_url: 
     try:
         day2(samples, seed=1)
         inc = _run(cfg, pg_url, "--incremental")
+        nightly = samples.parent / "night_out"
+        shutil.copytree(samples / "out", nightly)
         full = _run(cfg, full_url)
         assert full["model_status"] == "reused"
         assert inc["records_changed"] > 0
         got, want = _state(pg_url), _state(full_url)
         for part in ("xref", "golden", "retired", "evidence"):
             assert got[part] == want[part], part
+        # The night's return files (read from the store in this process here) too.
+        settings = load_settings(cfg)
+        assert len(inc["exports"]) == 4
+        for path in inc["exports"]:
+            name = Path(path).name
+            pd.testing.assert_frame_equal(
+                _returned(nightly / name, pg_url, settings),
+                _returned(samples / "out" / name, full_url, settings),
+                obj=name,
+            )
     finally:
         engine = sa.create_engine(pg_url)
         with engine.begin() as conn:
