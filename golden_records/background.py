@@ -265,6 +265,10 @@ class _Child:
         self.folder = None
 
 
+#: For a stage's own child started the same way (`pipeline.exports.NightReturns`).
+Child = _Child
+
+
 class SnapshotRead:
     """`store.read_snapshot`, started now and collected by `result` (see the module)."""
 

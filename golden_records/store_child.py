@@ -16,7 +16,7 @@ TASK:
 - ``evidence``: FOLDER/touched.arrow and FOLDER/evidence.arrow hold the records
   tonight matches again or deletes and tonight's match evidence; it writes
   `store.evidence_changes` of them (FOLDER/gone.arrow, fresh.arrow,
-  changed.arrow), at a lower priority (`EVIDENCE_NICENESS`).
+  changed.arrow), at a lower priority (`EVIDENCE_NICENESS`, as ``returns``).
 
 With a last argument ``--deferred`` it starts ahead of its inputs and waits
 for each as it needs it (`Inputs`): the evidence's child reads the stored pairs
@@ -95,7 +95,9 @@ TASKS = {"scope": _scope, "evidence": _evidence, "returns": _returns}
 #: after the scope's child's and survivorship's (`pipeline.run`): at a lower priority,
 #: the run and the scope's child, which the night waits for first, get the cores
 #: (a 5% night at 1M records: clusters ready 0.4-1.4 s sooner, the scope's answer
-#: waited for 0.80-0.87 s against 0.94-1.12 s, docs/benchmarks.md).
+#: waited for 0.80-0.87 s against 0.94-1.12 s, docs/benchmarks.md). The return
+#: files' read too: read while the run normalises, beside the scope's child, it took
+#: the run's core from it at its own priority (normalisation 0.5-1.5 s longer).
 EVIDENCE_NICENESS = 10
 
 
@@ -128,6 +130,6 @@ def read(task: str, store_file: str, folder: str, *deferred: str) -> dict[str, A
 
 if __name__ == "__main__":
     task = sys.argv[1] if len(sys.argv) > 1 else ""
-    if task == "evidence":
+    if task in ("evidence", "returns"):
         os.nice(EVIDENCE_NICENESS)
     sys.exit(serve(lambda *args: read(task, *args), sys.argv[2:]))

@@ -261,6 +261,11 @@ def _serve(sock: socket.socket, later: list[str]) -> int:
         if pid == 0:
             os.close(wake_read)
             os.close(wake_write)
+            # The other children's status pipes: a child holding one would keep its
+            # reader from the end of it (the run waiting for a child's exit status
+            # would wait for this child's end too).
+            for fd in status_of.values():
+                os.close(fd)
             _run_child(sock, module, argv, fds)
         for fd in fds[:3]:
             os.close(fd)

@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -55,7 +55,7 @@ from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.pipeline import exporting, report
 from mdm_pipeline.pipeline import incremental as inc
 from mdm_pipeline.pipeline.exporting import RETURN_COLUMNS, return_columns
-from mdm_pipeline.pipeline.exports import stored_return_columns
+from mdm_pipeline.pipeline.exports import NightReturns
 from mdm_pipeline.pipeline.loading import load_sources
 from mdm_pipeline.pipeline.memory import PeakMemory
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
@@ -616,6 +616,18 @@ class Pipeline:
             if settings.export.enabled
             else None
         )
+        # The return files' writer, a fourth child, started now ahead of its inputs.
+        night_returns = (
+            NightReturns(
+                engine,
+                [settings.source(m.source) for m in mapped],
+                [m.raw for m in mapped],
+                [m.records["source_key"] for m in mapped],
+                zygote=zygote,
+            )
+            if returns_read is not None
+            else None
+        )
 
         with self._stage("normalize", summary, emit):
             changed = normalize_records(delta.changed, settings.normalize)
@@ -914,18 +926,14 @@ class Pipeline:
             # longest chain (0.9 s of work that is not needed before the end).
             snapshot_parts = pool.submit(next_snapshot)
 
-            # The return files are made on the survivor's thread (idle now) as soon as the
-            # records' golden IDs are assigned, while the store is written: SQLite's work
-            # leaves Python's lock free much of the stage.
-            returns: list[Future[list[Path]]] = []
-
+            # The return files are handed to their child (else the survivor's thread,
+            # idle now) as soon as the records' golden IDs are assigned, and written
+            # while the store is.
             def make_returns(golden_ids: pd.Series) -> None:
-                if returned is not None:
-                    returns.append(
-                        survivor.submit(
-                            self._night_returns, mapped, records, golden_ids, returned, staging
-                        )
-                    )
+                if night_returns is not None and returned is not None:
+                    wanted = [c for c in (*inc.KEYS, *RETURN_COLUMNS) if c in records.columns]
+                    tonight = records[wanted].assign(golden_id=golden_ids.to_numpy())
+                    night_returns.start(returned, tonight, staging, survivor)
 
             with self._stage("store", summary, emit):
                 written, _ = store.write_run(
@@ -952,9 +960,9 @@ class Pipeline:
                 store.write_npai(conn, npai_before, npai_after)
                 store.write_snapshot(conn, summary.run_id, snapshot_parts.result())
                 summary.record_written(written)
-            if returns:
+            if night_returns is not None:
                 with self._stage("export", summary, emit, total=len(mapped)):
-                    staged.extend(returns[0].result())
+                    staged.extend(night_returns.files())
                     for m in mapped:
                         emit("export", "advance", {"source": m.source})
             summary.peak_rss_mib = round(self._memory.run_peak(), 1)
@@ -1125,33 +1133,6 @@ class Pipeline:
             added = return_columns(part.assign(golden_id=ids))
             paths.append(write_back(self.settings.source(m.source), m.raw, added, out_dir))
             emit("export", "advance", {"source": m.source})
-        return paths
-
-    def _night_returns(
-        self,
-        mapped: list[MappedSource],
-        records: pd.DataFrame,
-        golden_ids: pd.Series,
-        stored: tuple[pd.DataFrame, pd.DataFrame],
-        out_dir: Path,
-    ) -> list[Path]:
-        """An incremental night's return files: each source's rows of tonight (a delta
-        extract's upserts, a full extract's every row) written back, as a full run
-        writes them, with what the night made of their records (`records`, those it
-        re-decided, and their `golden_ids`) or else what the store holds of them
-        (`stored`: `ReturnsRead`, the rows that did not change)."""
-        held, members = stored
-        wanted = [c for c in ("source", "source_key", *RETURN_COLUMNS) if c in records.columns]
-        tonight = records[wanted].assign(golden_id=golden_ids.to_numpy())
-        paths = []
-        for m in mapped:
-            added = stored_return_columns(
-                m.records["source_key"],
-                held[held["source"] == m.source],
-                members[members["source"] == m.source],
-                tonight[tonight["source"] == m.source],
-            )
-            paths.append(write_back(self.settings.source(m.source), m.raw, added, out_dir))
         return paths
 
     def _manifest(self, summary: RunSummary, mapped: list[MappedSource]) -> dict[str, Any]:

@@ -334,7 +334,10 @@ def test_merged_scopes_are_one_read_of_all_their_records(night_two: str) -> None
 
 
 def test_nights_read_in_the_background_equal_full_runs(
-    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    samples: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The whole incremental run with both reads in children: the store a full run
     leaves, night after night (the patched snapshot included)."""
@@ -367,9 +370,11 @@ def test_nights_read_in_the_background_equal_full_runs(
                 _returned(path, f"sqlite:///{b}", settings),
                 obj=f"{path.name}, night {seed}",
             )
-    # The snapshot's, the scope's, the evidence's and the return files' reads, nightly,
-    # each forked from the night's zygote.
-    assert started == [zygote.available()] * 8
+    # The snapshot's, the scope's, the evidence's and the return files' reads, and the
+    # return files' writer, nightly, each forked from the night's zygote.
+    assert started == [zygote.available()] * 10
+    # Every child answered: nothing was done again in the run's own process.
+    assert "this one" not in caplog.text and "written here" not in caplog.text
 
 
 def _evidence_inputs(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:

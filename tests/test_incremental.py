@@ -28,8 +28,8 @@ from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.matching.engine import match, train
 from mdm_pipeline.matching.keys import prepare
+from mdm_pipeline.pipeline import exports, loading
 from mdm_pipeline.pipeline import incremental as inc
-from mdm_pipeline.pipeline import loading
 from mdm_pipeline.pipeline import run as run_module
 from mdm_pipeline.pipeline.run import Pipeline
 from mdm_pipeline.sources.synthetic import generate
@@ -814,7 +814,7 @@ def test_a_night_failing_on_its_return_files_leaves_store_and_files_as_they_were
     out = samples / "out"
     previous = {p.name: p.read_bytes() for p in out.glob("*_return.*")}
     assert len(previous) == 4
-    real_write_back = run_module.write_back
+    real_write_back = exports.write_back
     written: list[str] = []
 
     def failing_write_back(spec, raw, added, out_dir):
@@ -823,7 +823,7 @@ def test_a_night_failing_on_its_return_files_leaves_store_and_files_as_they_were
             raise RuntimeError("disk full")
         return real_write_back(spec, raw, added, out_dir)
 
-    monkeypatch.setattr(run_module, "write_back", failing_write_back)
+    monkeypatch.setattr(exports, "write_back", failing_write_back)
     _fails_leaving_the_store_as_it_was(cfg, url, before, dump_store)
     assert len(written) == 4
     assert {p.name: p.read_bytes() for p in out.glob("*_return.*")} == previous

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,26 @@ def test_a_child_is_stopped_and_its_end_known(forking: zygote.Zygote) -> None:
     stop_child(child, None)
     assert child.returncode == -9
     assert not Path(f"/proc/{child.pid}").exists() or _zombie_or_gone(child.pid)
+
+
+def test_a_child_s_end_is_known_while_a_later_child_still_runs(forking: zygote.Zygote) -> None:
+    """A child forked later holds nothing of an earlier one's: the earlier one's exit
+    status comes as it ends, not when the later one ends too (a night's scope read
+    was collected while the return files' child still waited for its inputs)."""
+    first = forking.spawn("zygote_probe", ["wait"], stdin=True)
+    later = forking.spawn("zygote_probe", ["echo", "later"], stdin=True)
+    assert first is not None and later is not None
+    first.stdin.write("go\n")
+    first.stdin.flush()
+    with ThreadPoolExecutor(1) as pool:
+        status = pool.submit(first.wait)
+        try:
+            assert status.result(timeout=10) == 0
+        finally:
+            later.kill()  # the wait, if it hangs, ends with the later child
+    # The later child held its own pipes and the listing's only.
+    stop_child(later, None)
+    stop_child(first, None)
 
 
 def _zombie_or_gone(pid: int) -> bool:
