@@ -676,6 +676,11 @@ class ExportSettings(Strict):
 
     enabled: bool = True
     dir: Path = Path("out")
+    #: Whether an incremental night writes them too. It returns every row of a full
+    #: extract, most of them read back from the store: with full extracts of a
+    #: million records that is every stored record (docs/benchmarks.md, session 34),
+    #: which a unit may rather take from a full run or `mdm export bu`.
+    incremental: bool = True
 
 
 class NpaiReturnFile(Strict):

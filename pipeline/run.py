@@ -613,7 +613,7 @@ class Pipeline:
                 [s.name for s in settings.sources if s.delta is not None],
                 zygote=zygote,
             )
-            if settings.export.enabled
+            if settings.export.enabled and settings.export.incremental
             else None
         )
         # The return files' writer, a fourth child, started now ahead of its inputs.

@@ -803,6 +803,27 @@ def test_an_incremental_run_failing_mid_write_or_in_survivorship_leaves_the_stor
     assert _run(cfg, url, "--incremental")["mode"] == "incremental"
 
 
+def test_a_night_set_not_to_return_files_leaves_the_previous_ones(
+    samples: Path, tmp_path: Path, dump_store
+) -> None:
+    """`export.incremental: false`: the night writes no file (the full run's stay), and
+    the store ends as with them."""
+    cfg, url, _ = _stored_with_a_day_2(samples, tmp_path, dump_store, seed=7)
+    out = samples / "out"
+    previous = {p.name: p.read_bytes() for p in out.glob("*_return.*")}
+    other = tmp_path / "other.sqlite"
+    shutil.copy(tmp_path / "store.sqlite", other)
+    with_files = _run(cfg, f"sqlite:///{other}", "--incremental")
+    assert len(with_files["exports"]) == 4
+    for path in out.glob("*_return.*"):  # the full run's files back in place
+        path.write_bytes(previous[path.name])
+    cfg.write_text(cfg.read_text().replace("  dir: out", "  dir: out\n  incremental: false", 1))
+    night = _run(cfg, url, "--incremental")
+    assert night["exports"] == [] and night["records_changed"] > 0
+    assert {p.name: p.read_bytes() for p in out.glob("*_return.*")} == previous
+    assert _state(url) == _state(f"sqlite:///{other}")
+
+
 def test_a_night_failing_on_its_return_files_leaves_store_and_files_as_they_were(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dump_store
 ) -> None:
