@@ -1,7 +1,10 @@
 """Files out of the store: a business unit's records back in its own format, and the
 golden records for the applications that read them as a file.
 
-Both read the store as the last run left it; neither changes it.
+Both commands read the store as the last run left it; neither changes it. An
+incremental night's return files are made here too (`NightReturns`): the same
+file `mdm export bu` writes, from what the night made of the records it
+re-decided and what the store held of the others.
 """
 
 from __future__ import annotations
