@@ -193,9 +193,9 @@ class NightReturns:
     steady night at 1M records 2.3 s and 4 s of CPU (docs/benchmarks.md): the
     stored rows' JSON, the duplicates and the files hold Python's lock. A child
     (forked from the night's zygote, where the night's other children are) is
-    started with the night's reads, ahead of its inputs, and is handed the
-    sources' rows at once and the rest once the golden IDs are assigned; the
-    store's own writes leave the machine's other core to it. On a store no child
+    started with the night's reads, ahead of its inputs, and is handed them all
+    (the sources' rows, the stored rows, tonight's records) once the golden IDs
+    are assigned; the store's own writes leave the machine's other core to it. On a store no child
     reads (`background`), or if the child fails, this process writes the files
     from the same inputs, with the same code."""
 

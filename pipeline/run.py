@@ -603,9 +603,9 @@ class Pipeline:
         # while this one clusters and chooses golden records (`background`), started
         # now, ahead of its inputs, to import its modules while this one normalises.
         evidence_read = EvidenceRead(engine, zygote=zygote)
-        # What the store holds of tonight's unchanged rows, for the return files: read by
-        # a third child while this process normalises and matches (`background`).
         kept_pos = delta.unchanged["snap_pos"].to_numpy()
+        # What the store holds of tonight's unchanged rows, for the return files: read by
+        # a fourth child while this process normalises and matches (`background`).
         returns_read = (
             ReturnsRead(
                 engine,
@@ -616,7 +616,7 @@ class Pipeline:
             if settings.export.enabled and settings.export.incremental
             else None
         )
-        # The return files' writer, a fourth child, started now ahead of its inputs.
+        # The return files' writer, a fifth child, started now ahead of its inputs.
         night_returns = (
             NightReturns(
                 engine,
