@@ -48,12 +48,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import tempfile
 import weakref
 from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +216,12 @@ class _Child:
         for name, table in inputs.items():
             write_table(table, str(Path(self.folder) / f"{name}.arrow"))
 
-    def go(self, inputs: dict[str, pa.Table], last: bool = True) -> None:
+    def go(
+        self, inputs: dict[str, pa.Table], last: bool = True, placed: Collection[str] = ()
+    ) -> None:
         """Hand a deferred child inputs: it goes on with its work from now on, until it
-        needs inputs not yet given (`last` False: more will come). A child that
+        needs inputs not yet given (`last` False: more will come). `placed` names
+        inputs already in its folder (moved there as NAME.arrow). A child that
         cannot take them (no room for the files, a child already gone) is stopped:
         `answer` then gives None, and the read is done in this process."""
         process = self._process
@@ -224,7 +229,7 @@ class _Child:
             return
         try:
             self._write_inputs(inputs)
-            process.stdin.write(go_line(list(inputs)))
+            process.stdin.write(go_line([*inputs, *placed]))
             process.stdin.flush()
             if not last:
                 return
@@ -379,36 +384,81 @@ class ScopeRead:
         self._child.close()
 
 
+@dataclass
+class Returns:
+    """What the store holds for the return files (`store.read_returns`): `held` (an
+    Arrow table, mapped from `file` when a child read it) and `members`."""
+
+    held: pa.Table
+    members: pd.DataFrame
+    #: The file `held` is mapped from, if any: a child that writes the files is handed
+    #: it as it is (`_Child.go`'s `placed`), its table never copied by this process.
+    file: Path | None = None
+
+
 class ReturnsRead:
-    """`store.read_returns`, started now and collected by `result` (see the module): what
-    the store holds of the rows of tonight's extracts whose records did not change,
-    for the business units' return files. Most of a night's returned rows are such
-    (a full extract's), and neither their values nor their golden records change
-    tonight unless the night re-decides their cluster (then it has them itself)."""
+    """`store.read_returns`, started at the night's start and collected by `result`
+    (see the module): what the store holds of the rows of tonight's extracts, for
+    the business units' return files, read while the run loads and normalises.
+
+    The extracts that are not deltas are read whole as soon as the child is
+    forked, while the run loads them: a full extract's rows are all returned, and
+    at a million records their payloads take the child 8-9 s to read and parse.
+    A delta extract's rows are read by key once the delta is known (`start`),
+    with the members of their golden records (its other records). A row whose
+    record changes tonight is read too and not used: the night has it itself."""
 
     def __init__(
         self,
         engine: Engine,
-        keys: pd.DataFrame,
+        fields: pa.Schema,
+        whole: Collection[str],
         member_sources: Collection[str],
         zygote: Zygote | None = None,
     ) -> None:
-        self._keys = keys[KEYS].astype(str).reset_index(drop=True)
-        self._member_sources = list(member_sources)
-        members = self._keys[SOURCE].isin(self._member_sources)
-        inputs = {"keys": _table(self._keys.assign(members=members))}
-        self._child = _Child(engine, STORE_CHILD_MODULE, inputs, "returns", zygote=zygote)
+        self._fields = fields
+        self._whole = sorted(whole)
+        self._member_sources = sorted(member_sources)
+        self._keys: pd.DataFrame | None = None
+        self._child = _Child(engine, STORE_CHILD_MODULE, None, "returns", zygote=zygote)
+        self._child.go(
+            {"fields": fields.empty_table(), "whole": pa.table({SOURCE: self._whole})}, last=False
+        )
 
-    def result(self, conn: Connection) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """What `store.read_returns` answers. Collected before the run writes anything:
-        the child's read must not hold the store while the run's transaction needs it
-        whole (and what it read is the state the night started from)."""
+    def start(self, keys: pd.DataFrame) -> None:
+        """The (source, source_key) of tonight's rows whose records did not change: the
+        delta extracts' are read from now on (the others' are read whole)."""
+        self._keys = keys[KEYS].astype(str).reset_index(drop=True)
+        self._keys = self._keys[~self._keys[SOURCE].isin(self._whole)]
+        members = self._keys[SOURCE].isin(self._member_sources)
+        self._child.go({"keys": _table(self._keys.assign(members=members))})
+
+    def result(self, conn: Connection, keep: str | None = None) -> Returns:
+        """What `store.read_returns` answers, its held table's file moved into folder
+        `keep` if given (a child's, which reads it next; see `Returns.file`).
+        Collected before the run writes anything: the child's read must not hold the
+        store while the run's transaction needs it whole (and what it read is the
+        state the night started from)."""
+        if self._keys is None:
+            self.close()
+            raise RuntimeError("the return files' read needs tonight's keys first")
         try:
             answer = self._child.answer()
             if answer is None:
-                return store.read_returns(conn, self._keys, self._member_sources)
-            held, members = (map_table(answer[name]).to_pandas() for name in ("held", "members"))
-            return held, members
+                held, members = store.read_returns(
+                    conn, self._fields, self._keys, self._whole, self._member_sources
+                )
+                return Returns(held, members)
+            path = Path(answer["held"])
+            if keep is not None:
+                moved = Path(keep) / path.name
+                try:
+                    os.replace(path, moved)
+                    path = moved
+                except OSError:  # another file system: the table is handed over as a copy
+                    keep = None
+            members = map_table(answer["members"]).to_pandas()
+            return Returns(map_table(path), members, path if keep is not None else None)
         finally:
             self.close()
 

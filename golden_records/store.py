@@ -51,7 +51,7 @@ from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the
     schema_revision,
     upgrade,
 )
-from mdm_pipeline.golden_records.jsonrows import json_rows
+from mdm_pipeline.golden_records.jsonrows import json_rows, read_fields
 from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tables)
     MATCH_COLUMNS,
     events,
@@ -2289,36 +2289,83 @@ def stored_evidence(conn: Connection, touched: pd.DataFrame) -> pd.DataFrame:
     return stored.drop_duplicates(list(EVIDENCE_KEYS))
 
 
-def read_returns(
-    conn: Connection, keys: pd.DataFrame, member_sources: Collection[str]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """What the store holds for business units' return files: (source, source_key,
-    golden_id, payload) of the records among `keys` (source, source_key), and
-    (source, source_key, golden_id) of every record of a source in `member_sources`
-    in the golden records of its held ones (the unit's duplicates).
+#: Stored records whose payloads `read_returns` parses at a time: a million payloads
+#: are a gigabyte of JSON, held a part at a time (about 60 MB).
+RETURNS_CHUNK_ROWS = 50_000
+#: The held records' own columns, before their payloads' fields (`read_returns`).
+RETURNS_KEYS = ("source", "source_key", "golden_id")
 
-    Read by key rather than whole sources: a night returns the rows its extracts
-    hold (a delta extract's few thousand of a source's million records). The
-    members are read for the sources whose extract may not hold them all (a delta
-    extract): a full extract holds every record of its unit."""
+
+def read_returns(
+    conn: Connection,
+    fields: pa.Schema,
+    keys: pd.DataFrame | None = None,
+    whole: Collection[str] = (),
+    member_sources: Collection[str] = (),
+) -> tuple[pa.Table, pd.DataFrame]:
+    """What the store holds for business units' return files: (source, source_key,
+    golden_id, then the payload members `fields` names, in its types) of the records
+    among `keys` (source, source_key) and of every record of the sources in `whole`;
+    and (source, source_key, golden_id) of every record of a source in
+    `member_sources` in the golden records of its held ones (the unit's duplicates).
+
+    A night returns the rows its extracts hold: a delta extract's few thousand of
+    a source's million records are read by key, a full extract's by source (all
+    of them, a scan instead of a million lookups). The payloads come as bytes, a
+    part at a time, and only the members `fields` names are parsed (`read_fields`),
+    into Arrow: a million payloads read whole and parsed as Python objects held
+    gigabytes of the night's memory. The members are read for the sources whose
+    extract may not hold them all (a delta extract): a full extract holds every
+    record of its unit."""
     rec = source_records.c
-    if not len(keys):
-        columns = ("source", "source_key", "golden_id", "payload")
-        held = pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
-        return held, held.drop(columns="payload")
-    held = _select_keys(
-        conn, sa.select(rec.source, rec.source_key, rec.golden_id, rec.payload), keys
+    columns = [rec.source, rec.source_key, rec.golden_id]
+    if conn.dialect.name == "postgresql":
+        payload = sa.func.convert_to(rec.payload, "UTF8", type_=sa.LargeBinary)
+    else:  # SQLite's text as its bytes, unchanged: no Python text per payload
+        payload = sa.cast(rec.payload, sa.LargeBinary)
+    query = sa.select(*columns, payload)
+    parts = []
+    if whole:
+        parts.append(_held(conn, query.where(rec.source.in_(sorted(whole))), fields))
+    if keys is not None:
+        wanted = keys.loc[~keys["source"].isin(list(whole)), ["source", "source_key"]]
+        if len(wanted):
+            tmp, on = _source_keys(conn, wanted)
+            parts.append(_held(conn, query.join(tmp, on), fields))
+    key_fields = [pa.field(c, pa.string()) for c in RETURNS_KEYS]
+    held = pa.concat_tables(
+        [pa.schema([*key_fields, *fields]).empty_table(), *itertools.chain(*parts)]
     )
-    of_members = held.loc[held["source"].isin(list(member_sources)), ["source", "golden_id"]]
-    in_golden = _temp_keys(conn, source_records, of_members)
+    of_members = held.select(["source", "golden_id"]).filter(
+        pc.is_in(held.column("source"), pa.array(sorted(member_sources), type=pa.string()))
+    )
+    if not of_members.num_rows:
+        empty = pd.DataFrame({c: pd.Series(dtype=object) for c in RETURNS_KEYS})
+        return held, empty
+    in_golden = _temp_keys(conn, source_records, of_members.to_pandas())
     members = _read(
         conn,
-        sa.select(rec.source, rec.source_key, rec.golden_id).join(
+        sa.select(*columns).join(
             in_golden,
             sa.and_(rec.source == in_golden.c.source, rec.golden_id == in_golden.c.golden_id),
         ),
     )
     return held, members
+
+
+def _held(conn: Connection, query: sa.Select, fields: pa.Schema) -> Iterator[pa.Table]:
+    """`query`'s rows (source, source_key, golden_id, payload as bytes) as tables of
+    their keys and their payloads' `fields`, `RETURNS_CHUNK_ROWS` at a time."""
+    # The statement's option, not the connection's: that would stream every later
+    # statement of the connection (on PostgreSQL through a server-side cursor).
+    result = conn.execute(query.execution_options(yield_per=RETURNS_CHUNK_ROWS))
+    for rows in result.partitions():
+        source, source_key, golden_id, payloads = zip(*rows, strict=True)
+        keyed = [pa.array(v, type=pa.string()) for v in (source, source_key, golden_id)]
+        values = read_fields(payloads, fields)
+        yield pa.Table.from_arrays(
+            [*keyed, *values.columns], names=[*RETURNS_KEYS, *values.column_names]
+        )
 
 
 def last_run(engine: Engine) -> tuple[str, datetime] | None:

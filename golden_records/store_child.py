@@ -9,9 +9,11 @@ TASK:
   and deleted records; it reads `store.read_cluster_scope` of them (every
   record of their golden records, payloads included, and the golden records)
   into FOLDER/records.arrow and FOLDER/golden.arrow;
-- ``returns``: FOLDER/keys.arrow holds (source, source_key, members) of the
-  rows of tonight's extracts whose record did not change; it reads
-  `store.read_returns` of them (members for the sources flagged so) into
+- ``returns``: FOLDER/fields.arrow (an empty table) gives the payload fields
+  to read, FOLDER/whole.arrow the sources whose every record is read, at once;
+  then FOLDER/keys.arrow holds (source, source_key, members) of the other rows
+  of tonight's extracts whose record did not change; it reads
+  `store.read_returns` of them all (members for the sources flagged so) into
   FOLDER/held.arrow and FOLDER/members.arrow;
 - ``evidence``: FOLDER/touched.arrow and FOLDER/evidence.arrow hold the records
   tonight matches again or deletes and tonight's match evidence; it writes
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -63,16 +64,20 @@ class Inputs:
             self._given.update(background.given_inputs(sys.stdin.readline()))
 
     def __call__(self, name: str) -> pd.DataFrame:
+        return self.table(name).to_pandas()
+
+    def table(self, name: str) -> pa.Table:
+        """Input `name` as the Arrow table it was handed as (mapped, not read)."""
         self.wait(name)
-        return background.map_table(self.folder / f"{name}.arrow").to_pandas()
+        return background.map_table(self.folder / f"{name}.arrow")
 
 
-def _scope(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def _scope(conn: Connection, inputs: Inputs) -> dict[str, pd.DataFrame | pa.Table]:
     scope = store.read_cluster_scope(conn, inputs("keys"))
     return {"records": scope.records, "golden": scope.golden}
 
 
-def _evidence(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def _evidence(conn: Connection, inputs: Inputs) -> dict[str, pd.DataFrame | pa.Table]:
     # The stored pairs are read while the parent still matches, then compared with
     # tonight's evidence once it comes.
     stored = store.stored_evidence(conn, inputs("touched"))
@@ -80,12 +85,16 @@ def _evidence(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[s
     return {"gone": changes.gone, "fresh": changes.fresh, "changed": changes.changed}
 
 
-def _returns(conn: Connection, inputs: Callable[[str], pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def _returns(conn: Connection, inputs: Inputs) -> dict[str, pd.DataFrame | pa.Table]:
+    # The extracts that are not deltas are read whole at once, while the run loads
+    # them; the delta extracts' rows by key once the run has found the delta.
+    fields = inputs.table("fields").schema
+    whole, _ = store.read_returns(conn, fields, whole=inputs("whole")["source"].tolist())
     keys = inputs("keys")
-    held, members = store.read_returns(
-        conn, keys[KEYS], keys.loc[keys["members"], "source"].unique().tolist()
+    by_key, members = store.read_returns(
+        conn, fields, keys[KEYS], member_sources=keys.loc[keys["members"], "source"].unique()
     )
-    return {"held": held, "members": members}
+    return {"held": pa.concat_tables([whole, by_key]), "members": members}
 
 
 TASKS = {"scope": _scope, "evidence": _evidence, "returns": _returns}
@@ -123,7 +132,12 @@ def read(task: str, store_file: str, folder: str, *deferred: str) -> dict[str, A
     answer = {}
     for name, frame in frames.items():
         path = out / f"{name}.arrow"
-        write_table(pa.Table.from_pandas(frame, preserve_index=False), str(path))
+        table = (
+            frame
+            if isinstance(frame, pa.Table)
+            else pa.Table.from_pandas(frame, preserve_index=False)
+        )
+        write_table(table, str(path))
         answer[name] = str(path)
     return answer
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from mdm_pipeline.config import schema
@@ -25,10 +26,10 @@ from mdm_pipeline.config.errors import ConfigError, StoreError
 from mdm_pipeline.config.loader import store_url
 from mdm_pipeline.config.settings import Settings, Source
 from mdm_pipeline.golden_records import background, store
+from mdm_pipeline.golden_records.jsonrows import parse_json_lines
 from mdm_pipeline.golden_records.schema import golden_records, source_records
 from mdm_pipeline.golden_records.zygote import Zygote
 from mdm_pipeline.pipeline.exporting import RETURN_COLUMNS, bu_duplicates, return_columns
-from mdm_pipeline.pipeline.incremental import parse_json_lines
 from mdm_pipeline.sources import load_source, write_back
 from mdm_pipeline.sources.writers import write_csv
 
@@ -36,6 +37,12 @@ log = logging.getLogger(__name__)
 
 #: What a business unit's return file needs from each stored payload.
 _PAYLOAD_FIELDS = [c for c in RETURN_COLUMNS if c != "golden_id"]
+#: Flags among them; the others are texts.
+_FLAGS = ("email_valid", "phone_valid", "npai_flag")
+#: Those fields as `store.read_returns` parses them out of the payloads.
+RETURN_FIELDS = pa.schema(
+    [pa.field(c, pa.bool_() if c in _FLAGS else pa.string()) for c in _PAYLOAD_FIELDS]
+)
 
 
 def export_bu(settings: Settings, name: str, out_dir: Path | None = None) -> Path:
@@ -61,7 +68,8 @@ def export_bu(settings: Settings, name: str, out_dir: Path | None = None) -> Pat
                 )
             keys = mapped.records["source_key"]
             wanted = pd.DataFrame({"source": name, "source_key": keys.astype(str)})
-            added = stored_return_columns(keys, *store.read_returns(conn, wanted, [name]))
+            held, members = store.read_returns(conn, RETURN_FIELDS, wanted, member_sources=[name])
+            added = stored_return_columns(keys, held, members)
     finally:
         engine.dispose()
     target = out_dir if out_dir is not None else settings.resolve(settings.export.dir)
@@ -71,7 +79,7 @@ def export_bu(settings: Settings, name: str, out_dir: Path | None = None) -> Pat
 #: Return columns that are texts, booleans that may be unknown, and the NPAI flag: the
 #: types a run's own records give them, so that a file written from the store is the
 #: file the run writes (a Parquet file's schema included).
-_TEXT_FIELDS = [c for c in _PAYLOAD_FIELDS if c not in ("email_valid", "phone_valid", "npai_flag")]
+_TEXT_FIELDS = [c for c in _PAYLOAD_FIELDS if c not in _FLAGS]
 _UNKNOWN_BOOLEANS = ["email_valid", "phone_valid"]
 _TEXT_KEPT_AS_OBJECTS = ["npai_date", "npai_reason"]  # as `with_flags` leaves them
 
@@ -91,20 +99,31 @@ def _typed(values: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _stored_values(held: pd.DataFrame) -> pd.DataFrame:
-    """source_key, golden_id and the typed return fields of stored records (`held`:
-    source_key, golden_id, payload)."""
-    if len(held):
-        values = parse_json_lines("\n".join(held["payload"].tolist()), strings=_TEXT_FIELDS)
-    else:
-        values = pd.DataFrame(index=held.index)
-    keyed = held[["source_key", "golden_id"]].astype(str).reset_index(drop=True)
-    return pd.concat([keyed, _typed(values.reset_index(drop=True))], axis=1)
+def _as_held(records: pd.DataFrame) -> pa.Table:
+    """Records of the night (source_key, golden_id and return fields in the run's
+    types) as `store.read_returns` gives stored ones."""
+    values = _typed(records.reset_index(drop=True))
+    columns = [
+        pa.array(records[c].astype(str).to_numpy(dtype=object), type=pa.string())
+        for c in ("source_key", "golden_id")
+    ]
+    for field in RETURN_FIELDS:
+        column = values[field.name]
+        if field.name in _TEXT_KEPT_AS_OBJECTS:  # texts or missing (`with_flags`)
+            column = column.astype(schema.text_dtype())
+        columns.append(pa.array(column, type=field.type, from_pandas=True))
+    return pa.Table.from_arrays(columns, names=["source_key", "golden_id", *RETURN_FIELDS.names])
+
+
+def _positions(keys: pa.Array, records: pa.Table) -> np.ndarray:
+    """Each key's row among `records` (their first with it), -1 where none has it."""
+    found = pc.index_in(keys, value_set=records.column("source_key"))
+    return pc.fill_null(found, -1).to_numpy()
 
 
 def stored_return_columns(
     keys: pd.Series,
-    held: pd.DataFrame,
+    held: pa.Table,
     members: pd.DataFrame,
     tonight: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
@@ -113,50 +132,70 @@ def stored_return_columns(
 
     Each row's record is taken from `tonight` (source_key, golden_id and the return
     fields of the records a night chose golden records for, as it wrote them) or
-    else from the store as the night found it (`held`: source_key, golden_id,
-    payload; see `store.read_returns`); a row in neither comes back with the columns
-    empty. Its duplicates are the unit's other records in its golden record, among
-    those and the stored `members` (source_key, golden_id) of the golden records
-    `held` names: a golden record the night did not re-decide has the same members
-    as in the store, one it did has all its members among `tonight`.
+    else from the store as the night found it (`held`: `store.read_returns`' table;
+    the records it holds that are not among the rows, a full extract's deleted
+    ones, are not their duplicates either); a row in neither comes back with the
+    columns empty. Its duplicates are the unit's other records in its golden
+    record, among those and the stored `members` (source_key, golden_id) of the
+    golden records `held` names: a golden record the night did not re-decide has
+    the same members as in the store, one it did has all its members among
+    `tonight`.
+
+    The rows are found among the records by one hash lookup in Arrow each, and
+    taken there: a full extract's million rows as pandas frames keyed by text
+    took most of the files' time.
     """
-    stored = _stored_values(held)
-    if tonight is not None and len(tonight):
-        fresh = tonight[["source_key", "golden_id"]].astype(str).reset_index(drop=True)
-        fresh = pd.concat([fresh, _typed(tonight.reset_index(drop=True))], axis=1)
+    wanted = pa.array(keys.astype(str).to_numpy(dtype=object), type=pa.string())
+    held = held.select(["source_key", "golden_id", *RETURN_FIELDS.names])
+    fresh = _as_held(tonight) if tonight is not None else held.schema.empty_table()
+    if len(members) and fresh.num_rows:
         # A stored golden record one of tonight's records was in was re-decided whole:
         # its stored members are tonight's records (or deleted), none a member now.
-        redecided = stored.loc[stored["source_key"].isin(fresh["source_key"]), "golden_id"]
+        was_in = pc.is_in(held.column("source_key"), value_set=fresh.column("source_key"))
+        redecided = held.column("golden_id").filter(was_in).to_numpy(zero_copy_only=False)
         members = members[~members["golden_id"].astype(str).isin(redecided)]
-        stored = pd.concat([fresh, stored], ignore_index=True)
-        stored = stored[~stored["source_key"].duplicated()]  # tonight's over the stored
-    wanted = keys.astype(str).to_numpy(dtype=object)
-    frame = stored.set_index("source_key").reindex(wanted).reset_index(drop=True)
-    frame = frame.assign(source_key=wanted)
-    # A row the store does not hold is not flagged either.
-    frame["npai_flag"] = frame["npai_flag"].astype("boolean").fillna(False).astype(bool)
-    members = pd.concat(
-        [stored[["source_key", "golden_id"]], members[["source_key", "golden_id"]].astype(str)],
-        ignore_index=True,
+    # Each row's record: tonight's over the stored.
+    at_fresh, at_held = _positions(wanted, fresh), _positions(wanted, held)
+    at = np.where(at_fresh >= 0, at_fresh, np.where(at_held >= 0, fresh.num_rows + at_held, -1))
+    both = pa.concat_tables([fresh, held])
+    rows = both.take(pa.array(at, mask=at < 0))
+    frame = _typed(rows.select(RETURN_FIELDS.names).to_pandas(types_mapper=schema.text_types))
+    # A row the store does not hold is not flagged either (`_typed`).
+    golden_ids = rows.column("golden_id").to_numpy(zero_copy_only=False)
+    frame.insert(0, "golden_id", golden_ids)
+    frame.insert(0, "source_key", keys.astype(str).to_numpy(dtype=object))
+    # The unit's records that may share a golden record with a row: the rows, tonight's
+    # other records (re-decided, not in a delta extract), the stored members.
+    used = np.zeros(fresh.num_rows, dtype=bool)
+    used[at_fresh[at_fresh >= 0]] = True
+    others = fresh.filter(pa.array(~used))
+    extra = members[["source_key", "golden_id"]].astype(str)
+    if len(extra):
+        known = pa.concat_arrays([wanted, others.column("source_key").combine_chunks()])
+        extra = extra[~pc.is_in(pa.array(extra["source_key"]), value_set=known).to_numpy(False)]
+    member_keys = np.concatenate(
+        [
+            frame["source_key"].to_numpy(),
+            others.column("source_key").to_numpy(zero_copy_only=False),
+            extra["source_key"].to_numpy(dtype=object),
+        ]
     )
-    members = members[~members["source_key"].duplicated()]
-    duplicates = pd.Series(
-        bu_duplicates(
-            members["source_key"].to_numpy(dtype=object),
-            members["golden_id"].to_numpy(dtype=object),
-        ),
-        index=members["source_key"].to_numpy(),
+    member_ids = np.concatenate(
+        [
+            golden_ids,
+            others.column("golden_id").to_numpy(zero_copy_only=False),
+            extra["golden_id"].to_numpy(dtype=object),
+        ]
     )
-    found = duplicates.index.get_indexer(wanted)
-    others = np.where(found >= 0, duplicates.to_numpy()[np.maximum(found, 0)], "")
-    return return_columns(frame, others.astype(object))
+    duplicates = bu_duplicates(member_keys, member_ids)[: len(frame)]
+    return return_columns(frame, duplicates)
 
 
 def night_return_files(
     specs: list[Source],
     raws: list[pd.DataFrame],
     keys: list[pd.Series],
-    stored: tuple[pd.DataFrame, pd.DataFrame],
+    stored: tuple[pa.Table, pd.DataFrame],
     tonight: pd.DataFrame,
     out_dir: Path,
 ) -> list[Path]:
@@ -171,7 +210,7 @@ def night_return_files(
     for spec, raw, rows in zip(specs, raws, keys, strict=True):
         added = stored_return_columns(
             rows,
-            held[held["source"] == spec.name],
+            held.filter(pc.equal(held.column("source"), spec.name)),
             members[members["source"] == spec.name],
             tonight[tonight["source"] == spec.name],
         )
@@ -209,30 +248,39 @@ class NightReturns:
     ) -> None:
         self._sources = (specs, raws, keys)
         self._child = background.Child(engine, RETURNS_CHILD_MODULE, None, zygote=zygote)
-        self._stored: tuple[pd.DataFrame, pd.DataFrame] | None = None
+        self._stored: tuple[pa.Table, pd.DataFrame] | None = None
         self._tonight: pd.DataFrame | None = None
         self._out_dir: Path | None = None
         self._here: Future[list[Path]] | None = None
 
+    @property
+    def folder(self) -> str | None:
+        """The child's private folder, where an input can be placed ahead (`start`)."""
+        return self._child.folder if self._child.started else None
+
     def start(
         self,
-        stored: tuple[pd.DataFrame, pd.DataFrame],
+        stored: background.Returns,
         tonight: pd.DataFrame,
         out_dir: Path,
         pool: ThreadPoolExecutor,
     ) -> None:
         """Everything is known: the child writes the files from now on (else a thread
-        of `pool`)."""
-        self._stored, self._tonight, self._out_dir = stored, tonight, out_dir
-        folder = self._child.folder
-        if self._child.started and folder is not None:
+        of `pool`). The stored rows' table is handed over as its file when it is in
+        the child's folder already (`background.ReturnsRead.result`)."""
+        self._stored = (stored.held, stored.members)
+        self._tonight, self._out_dir = tonight, out_dir
+        folder = self.folder
+        if folder is not None:
             try:
                 with open(Path(folder) / RETURNS_SOURCES, "wb") as out:
                     pickle.dump((*self._sources, str(out_dir)), out, protocol=5)
-                tables = {"held": stored[0], "members": stored[1], "tonight": tonight}
-                self._child.go(
-                    {n: pa.Table.from_pandas(t, preserve_index=False) for n, t in tables.items()}
-                )
+                tables = {"members": pa.Table.from_pandas(stored.members, preserve_index=False)}
+                tables["tonight"] = pa.Table.from_pandas(tonight, preserve_index=False)
+                placed = stored.file is not None and stored.file.parent == Path(folder)
+                if not placed:
+                    tables["held"] = stored.held
+                self._child.go(tables, placed=["held"] if placed else [])
                 return
             except (OSError, pa.ArrowException) as exc:
                 log.warning("return files could not be handed to a child (%s)", type(exc).__name__)

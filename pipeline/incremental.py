@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +30,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pa_json
 
 from mdm_pipeline.config import schema
 from mdm_pipeline.config.schema import distinct, joined_keys, record_keys
 from mdm_pipeline.config.settings import BlockingRule, MatchingSettings
+from mdm_pipeline.golden_records.jsonrows import parse_json_lines
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.golden_records.store import SNAPSHOT_ARROW_TEXTS, StoredRecords, sort_order
 from mdm_pipeline.matching.blocking import block_hashes
@@ -531,39 +530,6 @@ def snapshot_edges(
             "probability": np.asarray(probability, dtype=np.float64)[order],
         }
     )
-
-
-def parse_json_lines(text: str | bytes, strings: Collection[str] = ()) -> pd.DataFrame:
-    """JSON lines into a frame with Arrow's parser (several times pandas' speed).
-
-    Arrow reads text that looks like a timestamp as one, which would turn a raw
-    value into a date: columns it read so are read again as text, and only they
-    (the other fields are skipped: a third of a full parse). The text columns
-    named in `strings` stay in Arrow (pandas's Arrow-backed string dtype, as
-    normalisation makes them) instead of becoming Python objects.
-    """
-    data = text if isinstance(text, bytes) else text.encode()
-    table = pa_json.read_json(pa.BufferReader(data))
-    timestamps = [f.name for f in table.schema if pa.types.is_timestamp(f.type)]
-    if timestamps:
-        options = pa_json.ParseOptions(
-            explicit_schema=pa.schema([pa.field(name, pa.string()) for name in timestamps]),
-            unexpected_field_behavior="ignore",
-        )
-        texts = pa_json.read_json(pa.BufferReader(data), parse_options=options)
-        for name in timestamps:
-            i = table.schema.get_field_index(name)
-            table = table.set_column(i, pa.field(name, pa.string()), texts.column(name))
-    # A column no line has a value in is read as Arrow's null type: typed as text too
-    # (a column of Python Nones is what pandas's concatenation scans value by value).
-    text_like = (pa.string(), pa.null())
-    kept = [
-        n for n in strings if n in table.column_names and table.schema.field(n).type in text_like
-    ]
-    frame = table.drop_columns(kept).to_pandas()
-    for name in kept:
-        frame[name] = table.column(name).cast(pa.string()).to_pandas(types_mapper=schema.text_types)
-    return frame[table.column_names]
 
 
 def records_from_payload(payloads: pd.DataFrame, like: pd.Series | None = None) -> pd.DataFrame:

@@ -5,9 +5,10 @@ Run as ``python -m mdm_pipeline.pipeline.returns_child STORE_FILE FOLDER --defer
 (forked from the night's zygote where there is one). It starts ahead of its
 inputs and waits until the run names them on its standard input
 (`background.go_line`): FOLDER/sources.pickle (each source's spec, extract rows
-and keys, and the folder to write into), and the Arrow files held.arrow,
-members.arrow (what the store held of the rows whose records did not change)
-and tonight.arrow (the records the night re-decided, with their golden IDs).
+and keys, and the folder to write into), and the Arrow files held.arrow (what
+the store held of the rows of tonight's extracts: the reading child's file,
+moved here, and mapped, not read), members.arrow and tonight.arrow (the
+records the night re-decided, with their golden IDs).
 Then it writes the files (`exports.night_return_files`) and prints one JSON line
 naming them; on failure, or if its input ends first, the error's class alone
 (a message could quote a customer's values) and exit status 1. It never opens
@@ -37,7 +38,7 @@ def write_returns(store_file: str, folder: str, *deferred: str) -> dict[str, Any
     """The child's work once its inputs are there; what to answer."""
     inputs = Inputs(Path(folder), list(deferred) == [background.DEFERRED])
     tonight = inputs("tonight")
-    stored = (inputs("held"), inputs("members"))
+    stored = (inputs.table("held"), inputs("members"))
     # This run's own file, in the private folder it made for the child.
     with open(Path(folder) / RETURNS_SOURCES, "rb") as source:
         specs, raws, keys, out_dir = pickle.load(source)

@@ -55,7 +55,7 @@ from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.pipeline import exporting, report
 from mdm_pipeline.pipeline import incremental as inc
 from mdm_pipeline.pipeline.exporting import RETURN_COLUMNS, return_columns
-from mdm_pipeline.pipeline.exports import NightReturns
+from mdm_pipeline.pipeline.exports import RETURN_FIELDS, NightReturns
 from mdm_pipeline.pipeline.loading import load_sources
 from mdm_pipeline.pipeline.memory import PeakMemory
 from mdm_pipeline.sources import MappedSource, check_columns, load_source, write_back
@@ -565,6 +565,20 @@ class Pipeline:
         # record become Python objects; the matching view stays in Arrow until a few
         # blocks need it (`inc.match_view`).
         pending = SnapshotRead(engine, zygote)
+        # What the store holds of the rows the return files give back, read by another
+        # process from now on: a full extract's every record while this one loads, a
+        # delta extract's rows by key once the delta is known (`background`).
+        returns_read = (
+            ReturnsRead(
+                engine,
+                RETURN_FIELDS,
+                [s.name for s in settings.sources if s.delta is None],
+                [s.name for s in settings.sources if s.delta is not None],
+                zygote=zygote,
+            )
+            if settings.export.enabled and settings.export.incremental
+            else None
+        )
         try:
             summary.model_run, summary.model_status = stored_model[0], "reused"
             model = Model.from_json(stored_model[1])
@@ -573,6 +587,10 @@ class Pipeline:
             mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
             loaded = pd.concat([m.records for m in mapped], ignore_index=True)
             snap = pending.result(convert={"records": inc.RECORD_COLUMNS})
+        except BaseException:
+            if returns_read is not None:
+                returns_read.close()
+            raise
         finally:
             pending.close()
         if snap is None:
@@ -604,18 +622,10 @@ class Pipeline:
         # now, ahead of its inputs, to import its modules while this one normalises.
         evidence_read = EvidenceRead(engine, zygote=zygote)
         kept_pos = delta.unchanged["snap_pos"].to_numpy()
-        # What the store holds of tonight's unchanged rows, for the return files: read by
-        # a fourth child while this process normalises and matches (`background`).
-        returns_read = (
-            ReturnsRead(
-                engine,
-                delta.resent,
-                [s.name for s in settings.sources if s.delta is not None],
-                zygote=zygote,
-            )
-            if settings.export.enabled and settings.export.incremental
-            else None
-        )
+        # The delta extracts' unchanged rows, for the return files: read by key while
+        # this process normalises and matches.
+        if returns_read is not None:
+            returns_read.start(delta.resent)
         # The return files' writer, a fifth child, started now ahead of its inputs.
         night_returns = (
             NightReturns(
@@ -908,7 +918,11 @@ class Pipeline:
                 # Collected before the first write: the run's transaction must not
                 # wait on the child's read of the store.
                 evidence = evidence_read.result(conn)
-                returned = returns_read.result(conn) if returns_read is not None else None
+                returned = (
+                    returns_read.result(conn, keep=night_returns.folder)
+                    if returns_read is not None and night_returns is not None
+                    else None
+                )
                 store.start_run(conn, summary.run_id, config_hash(settings), at)
                 store.write_evidence_changes(conn, summary.run_id, evidence)
                 # The records deleted at their source leave the store now: their keys

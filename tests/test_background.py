@@ -22,11 +22,13 @@ from mdm_pipeline.config.loader import load_settings
 from mdm_pipeline.golden_records import background, snapshot_child, store, store_child, zygote
 from mdm_pipeline.golden_records.background import (
     EvidenceRead,
+    Returns,
     ReturnsRead,
     ScopeRead,
     SnapshotRead,
 )
 from mdm_pipeline.pipeline import incremental as inc
+from mdm_pipeline.pipeline.exports import RETURN_FIELDS
 
 from .test_incremental import _returned, _state, day2
 
@@ -350,6 +352,14 @@ def test_nights_read_in_the_background_equal_full_runs(
         started.append(isinstance(self._process, zygote.ForkedChild))
 
     monkeypatch.setattr(background._Child, "__init__", spy)
+    placed = []
+    real_go = background._Child.go
+
+    def go_spy(self: background._Child, *args: object, **kwargs: object) -> None:
+        real_go(self, *args, **kwargs)  # type: ignore[arg-type]
+        placed.extend(kwargs.get("placed", ()))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(background._Child, "go", go_spy)
     cfg = samples / "config.yaml"
     a, b = tmp_path / "incremental.sqlite", tmp_path / "full.sqlite"
     settings = load_settings(cfg)
@@ -373,6 +383,9 @@ def test_nights_read_in_the_background_equal_full_runs(
     # The snapshot's, the scope's, the evidence's and the return files' reads, and the
     # return files' writer, nightly, each forked from the night's zygote.
     assert started == [zygote.available()] * 10
+    # The stored rows the files need went from their reader to their writer as a file,
+    # never copied by the run.
+    assert placed == ["held", "held"]
     # Every child answered: nothing was done again in the run's own process.
     assert "this one" not in caplog.text and "written here" not in caplog.text
 
@@ -462,41 +475,65 @@ def _evidence_ahead_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
     return got, store.evidence_changes(conn, touched, evidence), _assert_same_changes
 
 
-def _returns_keys(engine: sa.Engine) -> tuple[pd.DataFrame, list[str]]:
-    """Some stored records of every source, one key the store does not hold, and one
-    source whose members are read."""
+#: The sources read whole in the returns' tests, the one whose members are read.
+_WHOLE, _MEMBERS = ["b2b", "ecommerce"], ["stores"]
+
+
+def _returns_keys(engine: sa.Engine) -> pd.DataFrame:
+    """Some stored records of every source, and one key the store does not hold."""
     with engine.connect() as conn:
         keys = pd.read_sql(
             "select source, source_key from mdm_source_records order by source_key", conn
         )
     picked = keys.groupby("source").head(7)
     unknown = pd.DataFrame({"source": ["stores"], "source_key": ["never-stored"]})
-    return pd.concat([picked, unknown], ignore_index=True), ["stores"]
+    return pd.concat([picked, unknown], ignore_index=True)
 
 
-def _assert_same_returns(got: tuple, want: tuple) -> None:
-    for name, g, w in zip(("held", "members"), got, want, strict=True):
-        pd.testing.assert_frame_equal(g, w, obj=name)
+def _assert_same_returns(got: Returns, want: tuple, engine: sa.Engine) -> None:
     held, members = want
-    assert set(held["source"]) == {"ecommerce", "stores", "callcentre", "b2b"}
+    assert got.held.equals(held), "held"
+    pd.testing.assert_frame_equal(got.members, members, obj="members")
+    with engine.connect() as conn:
+        stored = pd.read_sql("select source, count(*) n from mdm_source_records group by 1", conn)
+    whole = stored.set_index("source")["n"][_WHOLE]
+    by_source = held.column("source").value_counts().to_pylist()
+    counts = {c["values"]: c["counts"] for c in by_source}
+    # The whole sources' every record, 7 of each other source's (and not the unknown key).
+    assert counts == {**whole.to_dict(), "stores": 7, "callcentre": 7}
+    assert held.schema.names == [*store.RETURNS_KEYS, *RETURN_FIELDS.names]
     assert set(members["source"]) == {"stores"} and len(members) >= 7
 
 
+def _read_returns(engine: sa.Engine, keys: pd.DataFrame) -> ReturnsRead:
+    pending = ReturnsRead(engine, RETURN_FIELDS, _WHOLE, _MEMBERS)
+    pending.start(keys)
+    return pending
+
+
 def _returns_both(engine: sa.Engine, conn: sa.Connection) -> tuple:
-    keys, member_sources = _returns_keys(engine)
-    got = ReturnsRead(engine, keys, member_sources).result(conn)
-    return got, store.read_returns(conn, keys, member_sources), _assert_same_returns
+    keys = _returns_keys(engine)
+    got = _read_returns(engine, keys).result(conn)
+    want = store.read_returns(conn, RETURN_FIELDS, keys, _WHOLE, _MEMBERS)
+    return got, want, lambda g, w: _assert_same_returns(g, w, engine)
 
 
 def test_the_returns_read_in_a_child_are_the_returns_read_here(night_two: str) -> None:
     engine = store.connect(night_two)
-    keys, member_sources = _returns_keys(engine)
-    pending = ReturnsRead(engine, keys, member_sources)
+    keys = _returns_keys(engine)
+    pending = _read_returns(engine, keys)
     assert pending._child.started
     with engine.connect() as conn:
         got = pending.result(conn)
-        want = store.read_returns(conn, keys, member_sources)
-    _assert_same_returns(got, want)
+        assert got.file is None  # not asked to keep it
+        want = store.read_returns(conn, RETURN_FIELDS, keys, _WHOLE, _MEMBERS)
+        _assert_same_returns(got, want, engine)
+        # Kept: its file is moved into the folder named, and the table mapped from it.
+        keep = Path(background.shared_folder("mdm-test-"))
+        kept = _read_returns(engine, keys).result(conn, keep=str(keep))
+        assert kept.file is not None and kept.file.parent == keep and kept.file.is_file()
+        _assert_same_returns(kept, want, engine)
+        shutil.rmtree(keep)
     engine.dispose()
 
 

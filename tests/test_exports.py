@@ -7,11 +7,14 @@ import csv
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from mdm_pipeline.cli import app
-from mdm_pipeline.pipeline.exports import stored_return_columns
+from mdm_pipeline.golden_records.jsonrows import read_fields
+from mdm_pipeline.golden_records.store import RETURNS_KEYS
+from mdm_pipeline.pipeline.exports import RETURN_FIELDS, stored_return_columns
 
 runner = CliRunner()
 
@@ -99,17 +102,26 @@ def test_an_unknown_bu_is_one_line(samples: Path, tmp_path: Path) -> None:
     )
 
 
+def _held(keys: list[str], golden_ids: list[str], payloads: list[str]) -> pa.Table:
+    """Stored records as `store.read_returns` gives them."""
+    values = read_fields([p.encode() for p in payloads], RETURN_FIELDS)
+    own = [pa.array(v, type=pa.string()) for v in (["bu"] * len(keys), keys, golden_ids)]
+    return pa.Table.from_arrays(
+        [*own, *values.columns], names=[*RETURNS_KEYS, *RETURN_FIELDS.names]
+    )
+
+
 def test_a_row_s_duplicates_are_its_golden_record_s_members_after_the_night() -> None:
     """A night returns an unchanged row (X) read from the store beside the records it
     re-decided: X's stored golden record G lost Y (deleted tonight) and gained Z; X's
     values are tonight's where the night has them, its duplicates G's members now.
-    A row of a golden record the night left alone (W) keeps its stored members (V)."""
-    held = pd.DataFrame(
-        {
-            "source_key": ["X", "W"],
-            "golden_id": ["G", "H"],
-            "payload": ['{"email_norm": "X@STORED"}', '{"email_norm": "W@STORED"}'],
-        }
+    A row of a golden record the night left alone (W) keeps its stored members (V).
+    A stored record of G that is not among the rows (D, read with a full extract's
+    whole source but deleted from it tonight) is no one's duplicate."""
+    held = _held(
+        ["X", "W", "D"],
+        ["G", "H", "G"],
+        ['{"email_norm": "X@STORED"}', '{"email_norm": "W@STORED"}', '{"email_norm": "D"}'],
     )
     members = pd.DataFrame({"source_key": ["X", "Y", "W", "V"], "golden_id": ["G", "G", "H", "H"]})
     tonight = pd.DataFrame(

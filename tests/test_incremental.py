@@ -25,6 +25,7 @@ from mdm_pipeline.cli import app
 from mdm_pipeline.config.loader import load_settings
 from mdm_pipeline.config.settings import Settings
 from mdm_pipeline.golden_records import store
+from mdm_pipeline.golden_records.jsonrows import parse_json_lines
 from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
 from mdm_pipeline.matching.engine import match, train
 from mdm_pipeline.matching.keys import prepare
@@ -207,6 +208,8 @@ def _incremental_equals_full(folder: Path, tmp_path: Path, seed: int) -> dict:
     shutil.copy(a, b)
     edits = day2(folder, seed)
     inc = _run(cfg, f"sqlite:///{a}", "--incremental")
+    nightly = tmp_path / "night_out"
+    shutil.copytree(folder / "out", nightly)
     full = _run(cfg, f"sqlite:///{b}")
     assert inc["mode"] == "incremental" and full["mode"] == "full"
     assert full["model_status"] == "reused"
@@ -215,6 +218,16 @@ def _incremental_equals_full(folder: Path, tmp_path: Path, seed: int) -> dict:
     got, want = _state(f"sqlite:///{a}"), _state(f"sqlite:///{b}")
     for part in ("xref", "golden", "retired", "evidence"):
         assert got[part] == want[part], part
+    # The night's return files (full extracts, leavers among them) are the full run's.
+    settings = load_settings(cfg)
+    assert len(inc["exports"]) == len(settings.sources)
+    for path in inc["exports"]:
+        name = Path(path).name
+        pd.testing.assert_frame_equal(
+            _returned(nightly / name, f"sqlite:///{a}", settings),
+            _returned(folder / "out" / name, f"sqlite:///{b}", settings),
+            obj=name,
+        )
     # The snapshot the next incremental run starts from is the one a full run leaves.
     got_snap, want_snap = _snapshot(f"sqlite:///{a}"), _snapshot(f"sqlite:///{b}")
     for name in ("records", "edges"):
@@ -863,7 +876,7 @@ def test_json_lines_keep_timestamp_looking_text_as_text() -> None:
         '{"npai_date":"2026-04-23","raw":"2025-08-15T21:00:00","n":1,"name":"Zoé"}',
         '{"npai_date":null,"raw":"2024-01-02T03:04:05","n":2,"name":null}',
     ]
-    frame = inc.parse_json_lines("\n".join(lines))
+    frame = parse_json_lines("\n".join(lines))
     assert list(frame.columns) == ["npai_date", "raw", "n", "name"]
     assert frame["npai_date"].tolist()[0] == "2026-04-23" and pd.isna(frame["npai_date"][1])
     assert frame["raw"].tolist() == ["2025-08-15T21:00:00", "2024-01-02T03:04:05"]

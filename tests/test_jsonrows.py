@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mdm_pipeline.golden_records import store
-from mdm_pipeline.golden_records.jsonrows import drop_nulls, json_rows
+from mdm_pipeline.golden_records.jsonrows import drop_nulls, json_rows, read_fields
 
 #: Characters and pieces that JSON escapes, or that look like a member's boundary (a
 #: null member inside a text must survive `drop_nulls`).
@@ -101,3 +101,38 @@ def test_a_text_column_in_several_chunks_is_written_as_one_in_one_chunk() -> Non
     chunked = pd.concat([first, second], ignore_index=True).iloc[1:4]
     assert chunked["name"].array._pa_array.num_chunks == 2
     assert json_rows(chunked).to_pylist() == store._json_rows(chunked)
+
+
+FIELDS = pa.schema(
+    [("email_norm", pa.string()), ("email_valid", pa.bool_()), ("npai_date", pa.string())]
+)
+
+
+def test_fields_read_from_payloads_are_those_python_s_parser_reads() -> None:
+    """Only the named members, in their types (a date-looking text stays a text),
+    missing ones null, the others skipped; a row per payload, empty ones included."""
+    frame = pd.DataFrame(
+        {
+            "last_name": ["Lévy", None, "O'Neil"],
+            "email_norm": ['a"b@x.fr', None, "c/d@x.fr"],
+            "email_valid": [True, None, False],
+            "npai_date": ["2026-07-10", None, None],
+        }
+    )
+    payloads = [t.encode() for t in json_rows(frame, sparse=True).to_pylist()]
+    payloads.append(b"{}")
+    got = read_fields(payloads, FIELDS)
+    assert got.schema == FIELDS
+    want = [json.loads(p) for p in payloads]
+    assert got.to_pylist() == [{f: w.get(f) for f in FIELDS.names} for w in want]
+    assert read_fields([], FIELDS).num_rows == 0
+
+
+def test_a_member_of_another_type_is_read_as_pandas_converts_it() -> None:
+    """A member stored as a number where the field is a text (or a flag stored as a
+    text) does not fail the read: its rows are read as pandas converts the values."""
+    payloads = [b'{"email_norm":12,"email_valid":true}', b'{"email_norm":"x","npai_date":null}']
+    got = read_fields(payloads, FIELDS)
+    assert got.schema == FIELDS
+    assert got.column("email_norm").to_pylist() == ["12", "x"]
+    assert got.column("email_valid").to_pylist() == [True, None]
