@@ -2,7 +2,7 @@
 
 Usage:
     python bench/bench_pipeline.py --records 100000 [--records 1000000] [--keep DIR] [--splink]
-                                   [--rerun] [--night SHARE] [--repeat N]
+                                   [--rerun] [--night SHARE] [--full-night] [--repeat N]
 
 For each size: generate the four extracts with the seeded generator (in a
 process of its own, before the run's, as a night's extracts come), run the
@@ -21,7 +21,10 @@ extract's rows, made as `bench_incremental.py` makes it (new e-mails, new
 postcodes, deletions, new keys), run twice from the same stored state. The
 first creates the store's rollback journal, which SQLite keeps from then on
 (`journal_mode = PERSIST`); the second reuses it, as every later night of a
-nightly incremental job does: its figure is the steady state. Then each
+nightly incremental job does: its figure is the steady state. With
+--full-night, an incremental night on a copy of the first run's store and
+its extracts as they were, all full: the night of an installation that
+receives no delta files, its every row returned to its unit. Then each
 run's wall time over Splink's in this same benchmark run, and the ratio of
 each stage's time between consecutive sizes, beside the ratio of candidate
 pairs: no stage should grow faster.
@@ -171,6 +174,15 @@ def _night_copy(workdir: Path, share: float) -> Path:
     return night
 
 
+def _full_night_copy(workdir: Path) -> Path:
+    """A copy of `workdir` with its store, its extracts unchanged and all full."""
+    night = workdir.with_name(workdir.name + "-full-night")
+    shutil.rmtree(night, ignore_errors=True)
+    shutil.copytree(workdir, night, ignore=shutil.ignore_patterns("out", "truth.csv"))
+    os.sync()
+    return night
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, action="append", required=True)
@@ -184,6 +196,11 @@ def main() -> None:
         type=float,
         metavar="SHARE",
         help="then an incremental night on a delta of SHARE of each CSV extract",
+    )
+    parser.add_argument(
+        "--full-night",
+        action="store_true",
+        help="then an incremental night on the same full extracts (nothing changed)",
     )
     parser.add_argument("--night-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep", type=Path, help="keep generated data under this folder")
@@ -264,13 +281,22 @@ def main() -> None:
             finally:
                 # Gigabytes (the store's copies and its journal), not kept.
                 shutil.rmtree(night, ignore_errors=True)
+        if args.full_night:
+            night = _full_night_copy(workdir)
+            cmd = [sys.executable, __file__, "--night-child", "--records", str(n)]
+            try:
+                row["full_night"] = json.loads(_last_line([*cmd, "--keep", str(night)]))
+                tool = "mdm-pipeline, incremental night on full extracts"
+                print(json.dumps({"tool": tool, **row["full_night"]}), flush=True)
+            finally:
+                shutil.rmtree(night, ignore_errors=True)
         if args.splink:
             while len(splinks) < args.repeat:
                 _run_splink(splink_cmd, splinks)
             splink = row["splink"] = _median(splinks, "seconds")
             over = {
                 f"{run}_over_splink": round(row[run]["run_wall_s"] / splink["seconds"], 2)
-                for run in ("ours", "rerun", "first_night", "night")
+                for run in ("ours", "rerun", "first_night", "night", "full_night")
                 if run in row
             }
             if args.repeat > 1:
