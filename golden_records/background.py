@@ -14,9 +14,11 @@ ask for well before it needs them:
   records), needed once matching and clustering are done (`ScopeRead`);
 - the stored match evidence of the records matched again or deleted, compared
   with tonight's, needed when the night writes (`EvidenceRead`);
-- the stored records (payloads and golden IDs) of the rows of tonight's
-  extracts that did not change, and the members of their golden records, for
-  the return files written after the store (`ReturnsRead`).
+- what the return files need of the stored records of tonight's rows (their
+  golden IDs and the return fields of their payloads: a full extract's every
+  record, read while the run loads the extracts; a delta extract's rows by
+  key, with the members of their golden records), for the files written
+  while the store is (`ReturnsRead`).
 
 In one process each read would hold the GIL for much of its work beside the
 work it could overlap (a thread was tried for the snapshot: each slowed the
