@@ -23,9 +23,10 @@ ask for well before it needs them:
 In one process each read would hold the GIL for much of its work beside the
 work it could overlap (a thread was tried for the snapshot: each slowed the
 other down, docs/benchmarks.md). So, for a SQLite store, each runs in a child
-process on the machine's other core and hands its tables over as Arrow IPC
-files in memory (`/dev/shm` where the system has it), which this process maps
-without copying. A child process rather than a fork of this one, which by then
+process on the machine's other core and hands its tables over as files in
+memory (`/dev/shm` where the system has it): Arrow IPC files, which this
+process maps without copying, or, for frames of Python objects, pickles
+(`answer_frame`). A child process rather than a fork of this one, which by then
 holds an open database connection, Arrow's threads and a gigabyte of memory:
 each child is either a program of its own (``python -m``), or, when the night
 hands one over, forked from the night's zygote, a process made at the night's
@@ -51,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -140,6 +142,19 @@ def start_zygote(engine: Engine) -> Zygote | None:
     """The process a night forks its readers of `engine` from (`zygote`), started now;
     None where no reader would be a child (see the module) or it cannot be had."""
     return Zygote.start() if _store_file(engine) is not None else None
+
+
+def answer_frame(path: Path | str) -> pd.DataFrame:
+    """A frame a child handed back (`store_child.read`): a pickle, its own private
+    file, or an Arrow IPC file."""
+    if Path(path).suffix == ".pickle":
+        # Written by this run's child, in the private folder this run made for it.
+        with open(path, "rb") as source:
+            frame = pickle.load(source)
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError("a child's answer is not a frame")
+        return frame
+    return map_table(path).to_pandas()
 
 
 def map_table(path: Path | str) -> pa.Table:
@@ -349,8 +364,8 @@ class ScopeRead:
         answer = self._child.answer()
         if answer is None:
             return None
-        records = map_table(answer["records"]).to_pandas()
-        golden = map_table(answer["golden"]).to_pandas()
+        records = answer_frame(answer["records"])
+        golden = answer_frame(answer["golden"])
         index = record_keys(records)
         index.is_unique  # noqa: B018  (builds the lookup's hash table here)
         return records, golden, index
@@ -459,7 +474,7 @@ class ReturnsRead:
                     path = moved
                 except OSError:  # another file system: the table is handed over as a copy
                     keep = None
-            members = map_table(answer["members"]).to_pandas()
+            members = answer_frame(answer["members"])
             return Returns(map_table(path), members, path if keep is not None else None)
         finally:
             self.close()
@@ -523,7 +538,7 @@ class EvidenceRead:
             if answer is None:
                 return store.evidence_changes(conn, self._touched, self._evidence)
             return store.EvidenceChanges(
-                *(map_table(answer[name]).to_pandas() for name in ("gone", "fresh", "changed"))
+                *(answer_frame(answer[name]) for name in ("gone", "fresh", "changed"))
             )
         finally:
             self.close()

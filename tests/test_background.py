@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -730,3 +731,27 @@ def test_a_child_started_ahead_and_never_given_its_inputs_ends_without_a_read(
     finally:
         shutil.rmtree(empty, ignore_errors=True)
     engine.dispose()
+
+
+def test_a_child_s_frames_come_back_exactly_as_pickles_and_tables_as_arrow(
+    tmp_path: Path,
+) -> None:
+    """The scope's frames of Python objects travel as pickles (dtypes and values as
+    they were, bytes included), Arrow tables as IPC files; a pickle that is not a
+    frame is refused."""
+    frame = pd.DataFrame(
+        {
+            "payload": [b'{"a":1}', b"{}"],
+            "source_line": np.array([3, 4], dtype=np.int64),
+            "valid_from": pd.to_datetime(["2026-12-07 03:00", "2026-12-06 00:00"]),
+        }
+    )
+    pd.to_pickle(frame, tmp_path / "records.pickle")
+    got = background.answer_frame(tmp_path / "records.pickle")
+    pd.testing.assert_frame_equal(got, frame)
+    assert got["payload"].tolist() == [b'{"a":1}', b"{}"]
+    snapshot_child.write_table(pa.table({"k": ["x"]}), str(tmp_path / "t.arrow"))
+    assert background.answer_frame(tmp_path / "t.arrow")["k"].tolist() == ["x"]
+    pd.to_pickle([1, 2], tmp_path / "other.pickle")
+    with pytest.raises(TypeError):
+        background.answer_frame(tmp_path / "other.pickle")
