@@ -351,10 +351,11 @@ class ScopeRead:
         """Its answer, once there, made into frames by a thread of this process.
 
         The child answers while the run still matches or clusters, and the run
-        waited for nothing but this conversion when it asked for the scope:
-        Arrow to pandas and the hash table of the records' keys, 0.25-0.5 s at
-        1M records. Done as soon as the child answers, it takes the time the
-        run's own thread spends in numpy, rapidfuzz and scipy without the GIL."""
+        waited for nothing but this conversion when it asked for the scope: the
+        frames taken back (once from Arrow, now unpickled) and the hash table of
+        the records' keys, 0.25-0.5 s at 1M records. Done as soon as the child
+        answers, it takes the time the run's own thread spends in numpy,
+        rapidfuzz and scipy without the GIL."""
         if self._child.started and self._frames is None:
             self._frames = ThreadPoolExecutor(1, thread_name_prefix="mdm-scope")
             self._ready = self._frames.submit(self._take)
