@@ -254,8 +254,8 @@ def read_fields(rows: Sequence[bytes], fields: pa.Schema) -> pa.Table:
     them, and the texts stay in Arrow: parsing a million payloads whole and making
     them Python objects held gigabytes. A member of another type than `fields` gives
     (a number where a text is expected) makes Arrow's typed parse fail: those rows
-    are parsed again by inference, and each value converted as pandas converts it
-    (a number to its text, as the frames of the stages would)."""
+    are parsed again by Python's parser, and each value converted as pandas
+    converts it (a number to its text, as the frames of the stages would)."""
     if not rows:
         return fields.empty_table()
     data = b"\n".join(rows)

@@ -1,6 +1,7 @@
-"""The process `background.ScopeRead` and `background.EvidenceRead` start: a read of a
-SQLite store, handed back as files (Arrow IPC for Arrow tables, pickles for
-frames of Python objects: `background.answer_frame`).
+"""The process `background.ScopeRead`, `background.EvidenceRead` and
+`background.ReturnsRead` start: a read of a SQLite store, handed back as files
+(`read`: NAME.arrow, Arrow IPC, for an Arrow table; NAME.pickle for a frame of
+Python objects; `background.answer_frame` reads either).
 
 Run as ``python -m mdm_pipeline.golden_records.store_child TASK STORE_FILE FOLDER``,
 its inputs in FOLDER as Arrow IPC files. It opens the store read-only and does
@@ -9,17 +10,18 @@ TASK:
 - ``scope``: FOLDER/keys.arrow holds (source, source_key) of tonight's changed
   and deleted records; it reads `store.read_cluster_scope` of them (every
   record of their golden records, payloads included, and the golden records)
-  into FOLDER/records.arrow and FOLDER/golden.arrow;
+  into FOLDER/records.pickle and FOLDER/golden.pickle;
 - ``returns``: FOLDER/fields.arrow (an empty table) gives the payload fields
   to read, FOLDER/whole.arrow the sources whose every record is read, at once;
   then FOLDER/keys.arrow holds (source, source_key, members) of the other rows
   of tonight's extracts whose record did not change; it reads
   `store.read_returns` of them all (members for the sources flagged so) into
-  FOLDER/held.arrow and FOLDER/members.arrow;
+  FOLDER/held.arrow (an Arrow table, handed on to the return files' writer as
+  it is) and FOLDER/members.pickle;
 - ``evidence``: FOLDER/touched.arrow and FOLDER/evidence.arrow hold the records
   tonight matches again or deletes and tonight's match evidence; it writes
-  `store.evidence_changes` of them (FOLDER/gone.arrow, fresh.arrow,
-  changed.arrow), at a lower priority (`EVIDENCE_NICENESS`, as ``returns``).
+  `store.evidence_changes` of them (FOLDER/gone.pickle, fresh.pickle,
+  changed.pickle), at a lower priority (`EVIDENCE_NICENESS`, as ``returns``).
 
 With a last argument ``--deferred`` it starts ahead of its inputs and waits
 for each as it needs it (`Inputs`): the evidence's child reads the stored pairs

@@ -229,14 +229,15 @@ class NightReturns:
     process while the store is written, or on a thread of this process.
 
     Made in the run's process, on a thread beside the store's writes, they cost a
-    steady night at 1M records 2.3 s and 4 s of CPU (docs/benchmarks.md): the
-    stored rows' JSON, the duplicates and the files hold Python's lock. A child
-    (forked from the night's zygote, where the night's other children are) is
-    started with the night's reads, ahead of its inputs, and is handed them all
-    (the sources' rows, the stored rows, tonight's records) once the golden IDs
-    are assigned; the store's own writes leave the machine's other core to it. On a store no child
-    reads (`background`), or if the child fails, this process writes the files
-    from the same inputs, with the same code."""
+    steady night at 1M records 2.3 s and 4 s of CPU (docs/benchmarks.md, session
+    34): the stored rows' JSON, the duplicates and the files hold Python's lock. A
+    child (forked from the night's zygote, where the night's other children are)
+    is started with the night's reads, ahead of its inputs, and is handed them
+    all (the sources' rows, the stored rows as their reader's file, tonight's
+    records) once the golden IDs are assigned; the store's own writes leave the
+    machine's other core to it. On a store no child reads (`background`), or if
+    the child fails, this process writes the files from the same inputs, with
+    the same code."""
 
     def __init__(
         self,
