@@ -10,7 +10,6 @@ function of frames; reading return files and keeping the state are I/O done by
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,13 +67,13 @@ def address_hash(block: pd.DataFrame) -> pd.Series:
     flagged address changed: it must stay the same function from one version to
     the next. The lines are joined in Arrow (Python's `+` over a million objects,
     four times, took 0.4 s of the run's own thread); the hash is pandas' of the
-    same text."""
+    same text (`schema.row_hashes`)."""
     lines = [
         pc.fill_null(schema.contiguous(to_arrow(block[f"rnvp_line{i}"])), "") for i in range(2, 7)
     ]
     joined = pc.binary_join_element_wise(*lines, pa.scalar("|", lines[0].type))
     text = pd.Series(pd.array(joined, dtype=schema.text_dtype()))
-    hashed = pd.util.hash_pandas_object(text, index=False).to_numpy(dtype=np.uint64)
+    hashed = schema.row_hashes(text)
     return pd.Series(hashed.astype(str), index=block.index, dtype=object)
 
 

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from mdm_pipeline.config import schema
@@ -220,11 +219,12 @@ def source_hashes(records: pd.DataFrame) -> pd.Series:
     The line number is left out: a record that only moved in the file is unchanged.
 
     A 64-bit hash of the typed values, computed column by column in C (pandas'
-    `hash_pandas_object`): it only has to tell a record from its own previous version,
-    and serialising a million records to JSON to hash them cost more than loading them.
+    `hash_pandas_object`, through `schema.row_hashes`): it only has to tell a record
+    from its own previous version, and serialising a million records to JSON to hash
+    them cost more than loading them.
     """
     columns = [c for c in schema.CANONICAL_COLUMNS if c != schema.SOURCE_LINE]
-    hashed = pd.util.hash_pandas_object(records[columns], index=False).to_numpy(np.uint64)
+    hashed = schema.row_hashes(records[columns])
     return pd.Series(store.hex_digests(hashed), index=records.index, dtype=object)
 
 

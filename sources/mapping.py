@@ -28,6 +28,7 @@ from mdm_pipeline.config.settings import (
     ParquetSource,
     Source,
 )
+from mdm_pipeline.sources.dates import parse_dates
 from mdm_pipeline.sources.readers import LINE, RawExtract
 
 #: The canonical text columns' dtype (Arrow-backed strings).
@@ -185,10 +186,7 @@ def _parse_dates(text: pd.Series, spec: DateFieldSpec) -> pd.Series:
         todo = text.notna() & parsed.isna()
         if not todo.any():
             break
-        attempt = pd.to_datetime(text[todo], format=fmt, errors="coerce")
-        if getattr(attempt.dt, "tz", None) is not None:
-            attempt = attempt.dt.tz_convert("UTC").dt.tz_localize(None)
-        parsed[todo] = attempt.astype("datetime64[ns]")
+        parsed[todo] = parse_dates(text[todo], fmt)
     if not spec.with_time:
         parsed = parsed.dt.normalize()
     return parsed

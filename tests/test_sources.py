@@ -15,8 +15,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mdm_pipeline.config.errors import SourceError
+from mdm_pipeline.config.schema import text_dtype
 from mdm_pipeline.config.settings import Settings
-from mdm_pipeline.sources import load_source, mapping, readers, write_back
+from mdm_pipeline.sources import dates, load_source, mapping, readers, write_back
 from mdm_pipeline.sources.mapping import split_full_name
 from mdm_pipeline.sources.readers import LINE, read_source
 
@@ -558,3 +559,118 @@ def test_a_frame_concatenated_from_sources_is_put_in_one_piece_in_place() -> Non
     assert isinstance(pa.array(frame["name"].array), pa.Array)
     pd.testing.assert_frame_equal(frame, before)
     assert frame["n"].to_numpy() is numbers or np.shares_memory(frame["n"].to_numpy(), numbers)
+
+
+#: Numbers as extracts write them and as they go wrong: padded or not, out of range,
+#: a blank before a day, too many digits.
+_NUMBERS = st.sampled_from(
+    ["1", "01", "9", "12", "13", "29", "30", "31", "32", "00", " 5", "60", "61"]
+)
+_YEARS = st.sampled_from(["2020", "2019", "1900", "0000", "1600", "1677", "2262", "2263", "9999"])
+_SEPARATORS = st.sampled_from(
+    ["/", ".", "-", " ", "  ", "\t", "\x0b", "\x1c", "\xa0", ":", "T", "t"]
+)
+_DATE_TEXTS = (
+    st.lists(
+        st.one_of(_NUMBERS, _YEARS, _SEPARATORS, st.text("0123456789/. :", max_size=3)), max_size=12
+    ).map("".join)
+    | st.text(max_size=12)
+    | st.none()
+)
+#: Formats read in Arrow, then some pandas reads alone (ISO, names of months, %f).
+_FORMATS = [
+    "%d/%m/%Y",
+    "%d.%m.%Y",
+    "%d/%m/%Y %H:%M",
+    "%d/%m/%Y %H:%M:%S",
+    "%m/%d/%Y",
+    "%d-%m-%YT%H:%M",
+    "le %d/%m/%Y",
+    "%Y-%m-%d",
+    "%d %b %Y",
+    "%d/%m/%Y %H:%M:%S.%f",
+    "%d%m%Y",
+]
+
+
+def _shaped(fmt: str) -> st.SearchStrategy[str]:
+    """Texts in the shape of `fmt`: each directive a number that may not fit it, each
+    separator the format's or another."""
+    pieces = re.split(r"(%.)", fmt)
+    parts = [
+        (_YEARS if p == "%Y" else _NUMBERS) if p.startswith("%") else st.just(p) | _SEPARATORS
+        for p in pieces
+    ]
+    return st.tuples(*parts).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(_FORMATS).flatmap(
+        lambda fmt: st.tuples(st.lists(_shaped(fmt) | _DATE_TEXTS, max_size=8), st.just(fmt))
+    )
+)
+@example((["29/02/2020", "29/02/2019", "31/04/2020", " 5/03/2020", "05/03/2020 "], "%d/%m/%Y"))
+@example((["01/01/2020 10:00:60", "31/12/2020 23:59:61", "1/2/2020\x1c7:5:9"], "%d/%m/%Y %H:%M:%S"))
+@example((["21/09/1677", "20/09/1677", "11/04/2262", "12/04/2262", "01/01/0000"], "%d/%m/%Y"))
+@example((["21/09/1677 00:12", "21/09/1677 00:13", "11/04/2262 23:47"], "%d/%m/%Y %H:%M"))
+def test_dates_read_in_arrow_are_the_dates_pandas_reads(case: tuple[list, str]) -> None:
+    """A format read in Arrow gives every value pandas' date (or its NaT), the days
+    that do not exist, the dates beyond its range and the 60th second included."""
+    texts, fmt = case
+    text = pd.Series(texts, dtype=text_dtype(), index=pd.RangeIndex(len(texts)) * 2)
+    text = text[text.str.lower().isin(["now", "today"]) != True]  # noqa: E712 (pandas' clock)
+    want = pd.to_datetime(text, format=fmt, errors="coerce")
+    if getattr(want.dt, "tz", None) is not None:
+        want = want.dt.tz_convert("UTC").dt.tz_localize(None)
+    got = dates.parse_dates(text, fmt)
+    pd.testing.assert_series_equal(got, want.astype("datetime64[ns]"))
+
+
+@pytest.mark.parametrize("fmt", ["%d/%m/%Y", "%d.%m.%Y %H:%M", "%d/%m/%Y %H:%M:%S", "%m/%d/%Y"])
+def test_each_field_s_edge_values_are_read_as_pandas_reads_them(fmt: str) -> None:
+    """Every day, month and year of the edge values together (month lengths, leap
+    years, pandas' range), then each time field's edge values in a valid date."""
+    valid = {"%d": "15", "%m": "06", "%Y": "2020", "%H": "12", "%M": "30", "%S": "45"}
+    pieces = re.split(r"(%.)", fmt)
+    numbers = ["0", "00", "1", "01", "9", "12", "13", "23", "24", "28", "29", "30", "31"]
+    numbers += ["32", "35", "59", "60", "61", "62", "99", " 5", "123"]
+    years = ["2020", "2019", "2000", "1900", "0000", "1600", "1677", "1678", "2262", "2263"]
+
+    def text(values: dict[str, str]) -> str:
+        return "".join(values.get(p, valid.get(p, p)) for p in pieces)
+
+    texts = [
+        text({"%d": d, "%m": m, "%Y": y})
+        for d in numbers
+        for m in numbers
+        for y in [*years, "20201", "202"]
+    ]
+    for field in ("%H", "%M", "%S"):
+        texts += [text({field: n}) for n in numbers if field in pieces]
+    frame = pd.Series(texts, dtype=text_dtype())
+    want = pd.to_datetime(frame, format=fmt, errors="coerce")
+    pd.testing.assert_series_equal(dates.parse_dates(frame, fmt), want)
+    assert want.notna().sum() > 250  # dates among them, not only NaT
+
+
+def test_which_formats_are_read_in_arrow() -> None:
+    """Numeric fields each ended by a separator, and not ISO's order (pandas reads that
+    as fast); anything else is pandas' to read."""
+    for fmt in ["%d/%m/%Y", "%d.%m.%Y", "%d/%m/%Y %H:%M:%S", "%m/%d/%Y", "le %d/%m/%Y"]:
+        assert dates.arrow_pattern(fmt) is not None, fmt
+    for fmt in [
+        "%Y-%m-%d",
+        "%d%m%Y",
+        "%d %b %Y",
+        "%d/%m/%Y %H:%M:%S.%f",
+        "%d/%m/%d",
+        "%d/%m/%Y%z",
+        "ISO8601",
+        "à %d/%m/%Y",
+    ]:
+        assert dates.arrow_pattern(fmt) is None, fmt
+    texts = pd.Series(["05/03/2020", "5/3/2020", "today", None], dtype=text_dtype())
+    got = dates.parse_dates(texts, "%d/%m/%Y")
+    assert got.iloc[:2].tolist() == [pd.Timestamp("2020-03-05")] * 2
+    assert pd.notna(got.iloc[2]) and pd.isna(got.iloc[3])  # pandas' "today", left to it
