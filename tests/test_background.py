@@ -28,6 +28,7 @@ from mdm_pipeline.golden_records.background import (
     ScopeRead,
     SnapshotRead,
 )
+from mdm_pipeline.pipeline import exports
 from mdm_pipeline.pipeline import incremental as inc
 from mdm_pipeline.pipeline.exports import RETURN_FIELDS
 
@@ -361,6 +362,14 @@ def test_nights_read_in_the_background_equal_full_runs(
         placed.extend(kwargs.get("placed", ()))  # type: ignore[arg-type]
 
     monkeypatch.setattr(background._Child, "go", go_spy)
+    written_here: list[list[str]] = []
+    real_files = exports.night_return_files
+
+    def files_spy(specs: list, *args: object) -> list[Path]:
+        written_here.append([spec.name for spec in specs])
+        return real_files(specs, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(exports, "night_return_files", files_spy)
     cfg = samples / "config.yaml"
     a, b = tmp_path / "incremental.sqlite", tmp_path / "full.sqlite"
     settings = load_settings(cfg)
@@ -368,6 +377,9 @@ def test_nights_read_in_the_background_equal_full_runs(
     for seed in (1, 2):
         shutil.copy(a, b)
         day2(samples, seed)
+        # The second night's files are shared between the child and the run's process
+        # (as on a night of full extracts of many rows).
+        monkeypatch.setattr(exports, "RETURNS_SPLIT_ROWS", 0 if seed == 2 else 10**9)
         _run(cfg, f"sqlite:///{a}", "--incremental")
         nightly = tmp_path / f"night{seed}"
         shutil.copytree(samples / "out", nightly)
@@ -387,6 +399,8 @@ def test_nights_read_in_the_background_equal_full_runs(
     # The stored rows the files need went from their reader to their writer as a file,
     # never copied by the run.
     assert placed == ["held", "held"]
+    # The run's process wrote a share of the second night's files, the child the rest.
+    assert len(written_here) == 1 and 0 < len(written_here[0]) < len(settings.sources)
     # Every child answered: nothing was done again in the run's own process.
     assert "this one" not in caplog.text and "written here" not in caplog.text
 

@@ -14,7 +14,12 @@ from typer.testing import CliRunner
 from mdm_pipeline.cli import app
 from mdm_pipeline.golden_records.jsonrows import read_fields
 from mdm_pipeline.golden_records.store import RETURNS_KEYS
-from mdm_pipeline.pipeline.exports import RETURN_FIELDS, stored_return_columns
+from mdm_pipeline.pipeline.exports import (
+    RETURN_FIELDS,
+    RETURNS_SPLIT_ROWS,
+    stored_return_columns,
+    writers_shares,
+)
 
 runner = CliRunner()
 
@@ -138,3 +143,17 @@ def test_a_row_s_duplicates_are_its_golden_record_s_members_after_the_night() ->
     alone = stored_return_columns(keys, held, members)
     assert alone["mdm_bu_duplicates"].tolist() == ["V", "Y", ""]
     assert alone["mdm_email"].tolist()[:2] == ["W@STORED", "X@STORED"]
+
+
+def test_many_rows_returned_are_shared_between_the_child_and_the_run() -> None:
+    """The scale benchmark's full extracts: 364k, 320k, 229k and 50k rows; the larger
+    share goes to the child, which has a core of its own."""
+    rows = [364_286, 319_689, 228_785, 50_000]
+    shares = writers_shares(rows)
+    assert sorted(shares[0] + shares[1]) == [0, 1, 2, 3] and all(shares)
+    sizes = [sum(rows[i] for i in share) for share in shares]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[1] <= 150_000
+    # A delta night's few rows, or one source, go to one writer.
+    assert writers_shares([RETURNS_SPLIT_ROWS // 4] * 3) == [[0, 1, 2]]
+    assert writers_shares([RETURNS_SPLIT_ROWS * 4]) == [[0]]
+    assert writers_shares([]) == [[]]
