@@ -249,6 +249,11 @@ snapshot = sa.Table(
     sa.Column("run_id", sa.String(40), nullable=False),  # the run that wrote it
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
+#: Snapshot parts named so (`held.0`, `held.1`) hold what a night read back for the
+#: return files, as it left it: every stored record of the sources sent as full
+#: extracts (`store.write_held`). Apart from the snapshot proper, which its readers
+#: read without them.
+HELD_PREFIX = "held."
 #: Views the migrations create; declared apart from `metadata`, which lists the tables.
 views = sa.MetaData()
 

@@ -80,6 +80,8 @@ def write_table(table: pa.Table, path: str) -> None:
 
 #: The snapshot's part that `base_cache` keeps decoded.
 BASE = "records"
+#: `schema.HELD_PREFIX` (this module imports no SQLAlchemy; a test checks they agree).
+HELD_PREFIX = "held."
 #: Between the store's file name and the base's key in its cache's name.
 BASE_CACHE_INFIX = "-snapshot-"
 
@@ -143,15 +145,19 @@ def read(store_file: str, folder: str) -> dict[str, Any]:
     try:
         conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
         conn.execute("BEGIN")  # the list and the parts read are one state of the store
+        # Not the parts held for the return files (`HELD_PREFIX`): not the snapshot.
         listed = conn.execute(
-            "SELECT name, part, run_id, length(data) FROM mdm_snapshot ORDER BY name, part"
+            "SELECT name, part, run_id, length(data) FROM mdm_snapshot "
+            "WHERE substr(name, 1, ?) != ? ORDER BY name, part",
+            (len(HELD_PREFIX), HELD_PREFIX),
         ).fetchall()
         base = [(part, run, size) for name, part, run, size in listed if name == BASE]
         cache = base_cache(store_file, base) if base else None
         cached = cache is not None and _readable(cache)
         rows = conn.execute(
-            "SELECT name, run_id, data FROM mdm_snapshot WHERE name != ? ORDER BY name, part",
-            (BASE if cached else "",),
+            "SELECT name, run_id, data FROM mdm_snapshot WHERE name != ? "
+            "AND substr(name, 1, ?) != ? ORDER BY name, part",
+            (BASE if cached else "", len(HELD_PREFIX), HELD_PREFIX),
         ).fetchall()
         conn.execute("COMMIT")
     finally:

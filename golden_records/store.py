@@ -53,6 +53,7 @@ from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the
 )
 from mdm_pipeline.golden_records.jsonrows import json_rows, read_fields
 from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tables)
+    HELD_PREFIX,
     MATCH_COLUMNS,
     events,
     golden_history,
@@ -2073,9 +2074,9 @@ def snapshot_tables(engine: Engine) -> tuple[str, dict[str, pa.Table]] | None:
     `background` does this part in another process."""
     with engine.connect() as conn:
         parts = conn.execute(
-            sa.select(snapshot.c.name, snapshot.c.run_id, snapshot.c.data).order_by(
-                snapshot.c.name, snapshot.c.part
-            )
+            sa.select(snapshot.c.name, snapshot.c.run_id, snapshot.c.data)
+            .where(~snapshot.c.name.startswith(HELD_PREFIX, autoescape=True))
+            .order_by(snapshot.c.name, snapshot.c.part)
         ).all()
     last = snapshot_run(engine, [(name, run) for name, run, _ in parts])
     if last is None:
@@ -2311,24 +2312,27 @@ def read_returns(
 
     A night returns the rows its extracts hold: a delta extract's few thousand of
     a source's million records are read by key, a full extract's by source (all
-    of them, a scan instead of a million lookups). The payloads come as bytes, a
-    part at a time, and only the members `fields` names are parsed (`read_fields`),
-    into Arrow: a million payloads read whole and parsed as Python objects held
-    gigabytes of the night's memory. The members are read for the sources whose
+    of them, a scan instead of a million lookups), from the held parts the last
+    run left if it left one for the source (`read_held`). The payloads come as
+    bytes, a part at a time, and only the members `fields` names are parsed
+    (`read_fields`), into Arrow: a million payloads read whole and parsed as
+    Python objects held gigabytes of the night's memory. The members are read for the sources whose
     extract may not hold them all (a delta extract): a full extract holds every
     record of its unit."""
     rec = source_records.c
     columns = [rec.source, rec.source_key, rec.golden_id]
+    kept = read_held(conn, fields, whole)
+    whole = [s for s in whole if s not in kept]
     if conn.dialect.name == "postgresql":
         payload = sa.func.convert_to(rec.payload, "UTF8", type_=sa.LargeBinary)
     else:  # SQLite's text as its bytes, unchanged: no Python text per payload
         payload = sa.cast(rec.payload, sa.LargeBinary)
     query = sa.select(*columns, payload)
-    parts = []
+    parts: list[Iterable[pa.Table]] = [kept.values()]
     if whole:
         parts.append(_held(conn, query.where(rec.source.in_(sorted(whole))), fields))
     if keys is not None:
-        wanted = keys.loc[~keys["source"].isin(list(whole)), ["source", "source_key"]]
+        wanted = keys.loc[~keys["source"].isin([*whole, *kept]), ["source", "source_key"]]
         if len(wanted):
             tmp, on = _source_keys(conn, wanted)
             parts.append(_held(conn, query.join(tmp, on), fields))
@@ -2366,6 +2370,64 @@ def _held(conn: Connection, query: sa.Select, fields: pa.Schema) -> Iterator[pa.
         yield pa.Table.from_arrays(
             [*keyed, *values.columns], names=[*RETURNS_KEYS, *values.column_names]
         )
+
+
+def write_held(conn: Connection, run_id: str, parts: list[bytes]) -> None:
+    """Replace the held parts (`HELD_PREFIX`) by these Parquet files (inside the run's
+    transaction): each the return fields of every record of some sources sent as
+    full extracts, as the run leaves them (`pipeline.exports.next_held`), the
+    sources named in its metadata (`HELD_SOURCES`)."""
+    conn.execute(snapshot.delete().where(snapshot.c.name.startswith(HELD_PREFIX, autoescape=True)))
+    rows = [
+        {"name": f"{HELD_PREFIX}{n}", "part": part, "run_id": run_id, "data": data[at : at + step]}
+        for n, data in enumerate(parts)
+        for step in (SNAPSHOT_PART_BYTES,)
+        for part, at in enumerate(range(0, max(len(data), 1), step))
+    ]
+    if rows:
+        conn.execute(snapshot.insert(), rows)
+
+
+#: The Parquet metadata key of a held part that lists its sources (JSON): a source
+#: without a record is there too.
+HELD_SOURCES = b"mdm_sources"
+
+
+def read_held(conn: Connection, fields: pa.Schema, sources: Collection[str]) -> dict[str, pa.Table]:
+    """`read_returns`' rows of each of `sources` the held parts hold (source, source_key,
+    golden_id, then `fields`), if the last run that succeeded wrote them; a source
+    they do not hold is left out (its payloads are read).
+
+    A night on full extracts returns every row of each, and reading a million
+    payloads back (1.5 GB of SQLite's pages, 1.1 GB of JSON parsed) took 4-6 s of
+    CPU while the night loaded its extracts: the night before wrote what the
+    return files needed of them, as it left the store, in a few tens of MB."""
+    if not sources:
+        return {}
+    parts = conn.execute(
+        sa.select(snapshot.c.name, snapshot.c.run_id, snapshot.c.data)
+        .where(snapshot.c.name.startswith(HELD_PREFIX, autoescape=True))
+        .order_by(snapshot.c.name, snapshot.c.part)
+    ).all()
+    last = conn.execute(
+        sa.select(runs.c.run_id)
+        .where(runs.c.status == "succeeded")
+        .order_by(runs.c.started_at.desc(), runs.c.run_id.desc())
+        .limit(1)
+    ).scalar()
+    if not parts or any(run != last for _, run, _ in parts):
+        return {}
+    expected = pa.schema([*(pa.field(c, pa.string()) for c in RETURNS_KEYS), *fields])
+    found: dict[str, pa.Table] = {}
+    for name in dict.fromkeys(n for n, _, _ in parts):
+        table = pq.read_table(pa.BufferReader(b"".join(bytes(d) for n, _, d in parts if n == name)))
+        if table.schema.remove_metadata() != expected:  # another release's fields
+            continue
+        held = json.loads((table.schema.metadata or {}).get(HELD_SOURCES, b"[]"))
+        source = table.column("source")
+        for name_ in sorted(set(held) & set(sources)):
+            found[name_] = table.filter(pc.equal(source, name_)).replace_schema_metadata(None)
+    return found
 
 
 def last_run(engine: Engine) -> tuple[str, datetime] | None:

@@ -9,6 +9,8 @@ re-decided and what the store held of the others.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import pickle
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from mdm_pipeline.config import schema
@@ -219,6 +222,43 @@ def night_return_files(
     return paths
 
 
+def next_held(
+    specs: list[Source], held: pa.Table, tonight: pd.DataFrame, deleted: pd.DataFrame
+) -> bytes | None:
+    """What `store.read_returns` reads of the full extracts' sources among `specs` once
+    the night is stored, as a held part (`store.write_held`): the stored rows the
+    night read (`held`: every record of such a source) less the records it deleted
+    (`deleted`: source, source_key) or re-decided, and its re-decided ones
+    (`tonight`), as it wrote them. None without a full extract among `specs`.
+
+    The next night then reads these instead of a million payloads (a test compares
+    them with the payloads it would read)."""
+    whole = sorted(spec.name for spec in specs if spec.delta is None)
+    if not whole:
+        return None
+    names = pa.array(whole, type=pa.string())
+    mine = tonight[tonight["source"].isin(whole)]
+    fresh = _as_held(mine)
+    fresh = fresh.add_column(
+        0, "source", pa.array(mine["source"].astype(str).to_numpy(dtype=object), pa.string())
+    )
+    stored = held.filter(pc.is_in(held.column("source"), value_set=names))
+    gone = pd.concat([mine[["source", "source_key"]], deleted[["source", "source_key"]]])
+    gone_keys = pc.binary_join_element_wise(
+        *(pa.array(gone[c].astype(str).to_numpy(dtype=object), pa.string()) for c in gone), "\x1f"
+    )
+    stored_keys = pc.binary_join_element_wise(
+        stored.column("source"), stored.column("source_key"), "\x1f"
+    )
+    kept = stored.filter(pc.invert(pc.is_in(stored_keys, value_set=gone_keys)))
+    table = pa.concat_tables([kept.select(fresh.column_names), fresh]).replace_schema_metadata(
+        {store.HELD_SOURCES: json.dumps(whole)}
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
 #: The child process that writes a night's return files (`NightReturns`).
 RETURNS_CHILD_MODULE = "mdm_pipeline.pipeline.returns_child"
 #: The sources' specs, extract rows and keys, and the output folder, in its folder.
@@ -283,8 +323,11 @@ class NightReturns:
         self._child = background.Child(engine, RETURNS_CHILD_MODULE, None, zygote=zygote)
         self._stored: tuple[pa.Table, pd.DataFrame] | None = None
         self._tonight: pd.DataFrame | None = None
+        self._deleted: pd.DataFrame | None = None
         self._out_dir: Path | None = None
-        self._here: list[Future[list[Path]]] = []
+        self._here: list[Future[tuple[list[Path], bytes | None]]] = []
+        #: The held parts the files' writers made (`next_held`), once `files` is done.
+        self.held: list[bytes] = []
 
     @property
     def folder(self) -> str | None:
@@ -295,19 +338,28 @@ class NightReturns:
         self,
         stored: background.Returns,
         tonight: pd.DataFrame,
+        deleted: pd.DataFrame,
         out_dir: Path,
         pool: ThreadPoolExecutor,
     ) -> None:
         """Everything is known: the child writes its share of the files from now on,
         a thread of `pool` the rest. The stored rows' table is handed over as its
         file when it is in the child's folder already
-        (`background.ReturnsRead.result`)."""
+        (`background.ReturnsRead.result`). `deleted`: the records the night removes
+        (source, source_key), for the next night's held parts (`next_held`)."""
         self._stored = (stored.held, stored.members)
-        self._tonight, self._out_dir = tonight, out_dir
-        here = self._shares if not self._hand_over(stored, tonight, out_dir) else self._shares[1:]
+        self._tonight, self._deleted, self._out_dir = tonight, deleted, out_dir
+        handed = self._hand_over(stored, tonight, deleted, out_dir)
+        here = self._shares[1:] if handed else self._shares
         self._here = [pool.submit(self._write_here, share) for share in here]
 
-    def _hand_over(self, stored: background.Returns, tonight: pd.DataFrame, out_dir: Path) -> bool:
+    def _hand_over(
+        self,
+        stored: background.Returns,
+        tonight: pd.DataFrame,
+        deleted: pd.DataFrame,
+        out_dir: Path,
+    ) -> bool:
         """Whether the child took its share's inputs."""
         folder = self.folder
         if folder is None:
@@ -319,6 +371,9 @@ class NightReturns:
                 pickle.dump((*mine, str(out_dir)), out, protocol=5)
             tables = {"members": pa.Table.from_pandas(stored.members, preserve_index=False)}
             tables["tonight"] = pa.Table.from_pandas(tonight, preserve_index=False)
+            tables["deleted"] = pa.Table.from_pandas(
+                deleted[["source", "source_key"]].astype(str), preserve_index=False
+            )
             placed = stored.file is not None and stored.file.parent == Path(folder)
             if not placed:
                 tables["held"] = stored.held
@@ -329,10 +384,13 @@ class NightReturns:
             self._child.stop()
             return False
 
-    def _write_here(self, share: list[int]) -> list[Path]:
+    def _write_here(self, share: list[int]) -> tuple[list[Path], bytes | None]:
+        """Share `share`'s files and held part, made in this process."""
         assert self._stored is not None and self._tonight is not None and self._out_dir
+        assert self._deleted is not None
         specs, raws, keys = ([values[i] for i in share] for values in self._sources)
-        return night_return_files(specs, raws, keys, self._stored, self._tonight, self._out_dir)
+        paths = night_return_files(specs, raws, keys, self._stored, self._tonight, self._out_dir)
+        return paths, next_held(specs, self._stored[0], self._tonight, self._deleted)
 
     def files(self) -> list[Path]:
         """The return files, in the sources' order, once written (by the child, else
@@ -345,23 +403,30 @@ class NightReturns:
             if len(written) < len(self._shares):  # the child's share comes first
                 written.insert(0, self._childs_files())
             paths = {
-                i: p
-                for share, got in zip(self._shares, written, strict=True)
-                for i, p in zip(share, got, strict=True)
+                i: path
+                for share, (got, _) in zip(self._shares, written, strict=True)
+                for i, path in zip(share, got, strict=True)
             }
+            self.held = [held for _, held in written if held is not None]
             return [paths[i] for i in range(len(paths))]
         finally:
             self.close()
 
-    def _childs_files(self) -> list[Path]:
-        """The child's share of the files, from its answer, else written here."""
+    def _childs_files(self) -> tuple[list[Path], bytes | None]:
+        """The child's share of the files and its held part, from its answer, else
+        made here."""
         share = self._shares[0]
         answer = self._child.answer()
         if answer is not None:
             paths = [Path(p) for p in answer.get("paths", [])]
+            held = answer.get("held")
             if len(paths) == len(share) and all(p.is_file() for p in paths):
-                return paths
-            log.warning("return files written by a child are missing: written here")
+                try:
+                    return paths, Path(held).read_bytes() if held else None
+                except OSError:
+                    log.warning("a held part made by a child is missing: made here")
+            else:
+                log.warning("return files written by a child are missing: written here")
         return self._write_here(share)
 
     def close(self) -> None:

@@ -7,10 +7,11 @@ inputs and waits until the run names them on its standard input
 (`background.go_line`): FOLDER/sources.pickle (each source's spec, extract rows
 and keys, and the folder to write into), and the Arrow files held.arrow (what
 the store held of the rows of tonight's extracts: the reading child's file,
-moved here, and mapped, not read), members.arrow and tonight.arrow (the
-records the night re-decided, with their golden IDs).
-Then it writes the files (`exports.night_return_files`) and prints one JSON line
-naming them; on failure, or if its input ends first, the error's class alone
+moved here, and mapped, not read), members.arrow, tonight.arrow (the
+records the night re-decided, with their golden IDs) and deleted.arrow (the
+records it removes). Then it writes the files (`exports.night_return_files`)
+and the next night's held part (`exports.next_held`, FOLDER/held.parquet), and
+prints one JSON line naming them; on failure, or if its input ends first, the error's class alone
 (a message could quote a customer's values) and exit status 1. It never opens
 the store.
 
@@ -28,8 +29,10 @@ from typing import Any
 from mdm_pipeline.golden_records import background
 from mdm_pipeline.golden_records.snapshot_child import serve
 from mdm_pipeline.golden_records.store_child import Inputs
-from mdm_pipeline.pipeline.exports import RETURNS_SOURCES, night_return_files
+from mdm_pipeline.pipeline.exports import RETURNS_SOURCES, next_held, night_return_files
 
+#: The held part it makes for the next night (`exports.next_held`), in its folder.
+HELD_FILE = "held.parquet"
 #: Added to the child's niceness (see the module).
 NICENESS = 10
 
@@ -43,7 +46,12 @@ def write_returns(store_file: str, folder: str, *deferred: str) -> dict[str, Any
     with open(Path(folder) / RETURNS_SOURCES, "rb") as source:
         specs, raws, keys, out_dir = pickle.load(source)
     paths = night_return_files(specs, raws, keys, stored, tonight, Path(out_dir))
-    return {"paths": [str(p) for p in paths]}
+    held = next_held(specs, stored[0], tonight, inputs("deleted"))
+    answer: dict[str, Any] = {"paths": [str(p) for p in paths], "held": None}
+    if held is not None:
+        answer["held"] = str(Path(folder) / HELD_FILE)
+        Path(answer["held"]).write_bytes(held)
+    return answer
 
 
 if __name__ == "__main__":

@@ -947,7 +947,7 @@ class Pipeline:
                 if night_returns is not None and returned is not None:
                     wanted = [c for c in (*inc.KEYS, *RETURN_COLUMNS) if c in records.columns]
                     tonight = records[wanted].assign(golden_id=golden_ids.to_numpy())
-                    night_returns.start(returned, tonight, staging, survivor)
+                    night_returns.start(returned, tonight, deleted, staging, survivor)
 
             with self._stage("store", summary, emit):
                 written, _ = store.write_run(
@@ -977,6 +977,8 @@ class Pipeline:
             if night_returns is not None:
                 with self._stage("export", summary, emit, total=len(mapped)):
                     staged.extend(night_returns.files())
+                    # What the next night reads back of the full extracts' records.
+                    store.write_held(conn, summary.run_id, night_returns.held)
                     for m in mapped:
                         emit("export", "advance", {"source": m.source})
             summary.peak_rss_mib = round(self._memory.run_peak(), 1)

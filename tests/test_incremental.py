@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 from mdm_pipeline.cli import app
 from mdm_pipeline.config.loader import load_settings
 from mdm_pipeline.config.settings import Settings
-from mdm_pipeline.golden_records import store
+from mdm_pipeline.golden_records import snapshot_child, store
 from mdm_pipeline.golden_records.jsonrows import parse_json_lines
-from mdm_pipeline.golden_records.schema import MATCH_COLUMNS
+from mdm_pipeline.golden_records.schema import HELD_PREFIX, MATCH_COLUMNS
 from mdm_pipeline.matching.engine import match, train
 from mdm_pipeline.matching.keys import prepare
 from mdm_pipeline.pipeline import exports, loading
@@ -241,12 +241,71 @@ def _incremental_equals_full(folder: Path, tmp_path: Path, seed: int) -> dict:
     gid = xref.set_index("source_key")["golden_id"]
     twins = [k for k in gid.index if k.startswith("9")]
     assert twins and any((gid == gid[k]).sum() > 1 for k in twins)
-    # A rerun of the incremental mode on unchanged input changes nothing.
+    # What the night left for the next one to read back of its full extracts is what
+    # it would read of the payloads.
+    _held_is_the_payloads(a, settings)
+    # A rerun of the incremental mode on unchanged input changes nothing; it reads the
+    # stored rows of its full extracts from the held parts, and returns the same files.
     again = _run(cfg, f"sqlite:///{a}", "--incremental")
     assert again["records_changed"] == again["records_deleted"] == 0
     assert again["golden_created"] == again["golden_updated"] == again["golden_retired"] == 0
     assert _state(f"sqlite:///{a}") == got
+    for path in inc["exports"]:
+        name = Path(path).name
+        pd.testing.assert_frame_equal(
+            _returned(folder / "out" / name, f"sqlite:///{a}", settings),
+            _returned(nightly / name, f"sqlite:///{a}", settings),
+            obj=f"{name}, again",
+        )
+    _held_is_the_payloads(a, settings)
     return inc
+
+
+def _held_is_the_payloads(db: Path, settings: Settings) -> None:
+    """The held parts in store `db` hold what `store.read_returns` reads of its full
+    extracts' sources from their payloads, row for row."""
+    whole = [s.name for s in settings.sources if s.delta is None]
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        held = store.read_held(conn, exports.RETURN_FIELDS, whole)
+    engine.dispose()
+    assert sorted(held) == sorted(whole)
+    # The same store without them: read from the payloads.
+    bare = db.with_name("without-held.sqlite")
+    shutil.copy(db, bare)
+    engine = sa.create_engine(f"sqlite:///{bare}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM mdm_snapshot WHERE name LIKE 'held.%'"))
+    with engine.connect() as conn:
+        assert store.read_held(conn, exports.RETURN_FIELDS, whole) == {}
+        want, _ = store.read_returns(conn, exports.RETURN_FIELDS, whole=whole)
+    engine.dispose()
+    # Held parts a later run did not write (it returned no files) are not read, nor
+    # are they part of the snapshot.
+    later = db.with_name("later-run.sqlite")
+    shutil.copy(db, later)
+    engine = sa.create_engine(f"sqlite:///{later}")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO mdm_runs (run_id, started_at, finished_at, status, config_hash,"
+                " manifest) VALUES ('later', '2999-01-01', '2999-01-01', 'succeeded', '', '{}')"
+            )
+        )
+    with engine.connect() as conn:
+        assert store.read_held(conn, exports.RETURN_FIELDS, whole) == {}
+    engine.dispose()
+    engine = sa.create_engine(f"sqlite:///{db}")
+    found = store.snapshot_tables(engine)
+    engine.dispose()
+    assert found is not None and not any(n.startswith(HELD_PREFIX) for n in found[1])
+    assert snapshot_child.HELD_PREFIX == HELD_PREFIX
+    order = [("source", "ascending"), ("source_key", "ascending")]
+    got = pa.concat_tables(list(held.values())).sort_by(order)
+    want = want.sort_by(order)
+    assert got.num_rows == want.num_rows > 0
+    for name in want.column_names:
+        assert got.column(name).to_pylist() == want.column(name).to_pylist(), name
 
 
 def test_incremental_run_equals_a_full_run_on_the_samples(samples: Path, tmp_path: Path) -> None:
@@ -265,7 +324,11 @@ def _snapshot_parts(url: str) -> dict[str, bytes]:
     engine = sa.create_engine(url)
     snap = store.snapshot.c
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(snap.name, snap.data).order_by(snap.name, snap.part)).all()
+        rows = conn.execute(
+            sa.select(snap.name, snap.data)
+            .where(~snap.name.startswith(HELD_PREFIX))  # not the snapshot (returns' rows)
+            .order_by(snap.name, snap.part)
+        ).all()
     engine.dispose()
     out: dict[str, bytes] = {}
     for name, data in rows:
@@ -474,6 +537,17 @@ def test_incremental_run_equals_a_full_run_on_postgresql(samples: Path, pg_url: 
                 _returned(nightly / name, pg_url, settings),
                 _returned(samples / "out" / name, full_url, settings),
                 obj=name,
+            )
+        # A second night reads the full extracts' stored rows from the held parts the
+        # first left (bytea here), and returns the same files.
+        again = _run(cfg, pg_url, "--incremental")
+        assert again["records_changed"] == again["golden_updated"] == 0
+        for path in inc["exports"]:
+            name = Path(path).name
+            pd.testing.assert_frame_equal(
+                _returned(samples / "out" / name, pg_url, settings),
+                _returned(nightly / name, pg_url, settings),
+                obj=f"{name}, again",
             )
     finally:
         engine = sa.create_engine(pg_url)
