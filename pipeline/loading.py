@@ -46,6 +46,7 @@ from mdm_pipeline.config.settings import CsvSource, ParquetSource, Settings, Sou
 from mdm_pipeline.golden_records import store
 from mdm_pipeline.golden_records.background import shared_folder
 from mdm_pipeline.golden_records.snapshot_child import BATCH_GC_THRESHOLDS
+from mdm_pipeline.golden_records.zygote import ForkedChild, Zygote
 from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.sources import MappedSource, load_source
 
@@ -137,7 +138,11 @@ class _Answer:
 
 
 class _Child:
-    """`python -m` this module on a folder holding the job; `answer` waits for it."""
+    """`python -m` this module on a folder holding the job; `answer` waits for it.
+
+    Forked from the night's `zygote` when there is one: the program started anew
+    spends most of a second importing pandas, pyarrow and the stages before it
+    reads a row, at the head of the load, which the run then waits for."""
 
     def __init__(
         self,
@@ -146,14 +151,19 @@ class _Child:
         positions: list[int],
         normalised: bool,
         handed: list[int],
+        zygote: Zygote | None = None,
     ) -> None:
         self.folder: str | None = None
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | ForkedChild | None = None
         try:
             self.folder = shared_folder("mdm-load-")
             with open(Path(self.folder) / "job.pickle", "wb") as handle:
                 job = (settings, run_date, positions, normalised, handed)
                 pickle.dump(job, handle, protocol=5)
+            if zygote is not None:
+                self.process = zygote.spawn(MODULE, [self.folder], stdin=False)
+            if self.process is not None:
+                return
             # To a file, not a pipe: a child writing more than a pipe holds while this
             # process waits for its first answer would wait for ever.
             with open(Path(self.folder) / "stderr.txt", "wb") as err:
@@ -182,11 +192,14 @@ class _Child:
         """The child's answer, or None if it has none (it is then loaded here)."""
         if self.process is None or self.folder is None:
             return None
-        self.process.wait()
+        if isinstance(self.process, subprocess.Popen):
+            self.process.wait()
+            err = (Path(self.folder) / "stderr.txt").read_bytes().decode("utf-8", "replace")
+        else:  # forked: its standard error is a pipe, read to its end
+            _, err = self.process.communicate()
         result = Path(self.folder) / ANSWER
         if self.process.returncode != 0 or not result.is_file():
-            err = (Path(self.folder) / "stderr.txt").read_bytes()
-            last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
+            last = err.strip().splitlines()[-1:] or ["no message"]
             log.warning(
                 "the load's child process failed (exit %s: %s): its sources are loaded here",
                 self.process.returncode,
@@ -249,6 +262,7 @@ def load_sources(
     min_bytes: int = PARALLEL_LOAD_MIN_BYTES,
     start_bytes: int = CHILD_START_BYTES,
     normalised: bool = False,
+    zygote: Zygote | None = None,
 ) -> list[MappedSource]:
     """Every source read and mapped, its records with their `source_hash` (and their
     normalised columns with `normalised`), in the config's order; `loaded` is called
@@ -259,7 +273,7 @@ def load_sources(
     large = sum(s or 0 for s in sizes) >= min_bytes
     away = shared_out(sizes, start_bytes) if large else []
     handed = handed_back(sizes, away, start_bytes) if normalised else []
-    child = _Child(settings, run_date, away, normalised, handed) if away else None
+    child = _Child(settings, run_date, away, normalised, handed, zygote) if away else None
     done: dict[int, MappedSource] = {}
     try:
         first_error: tuple[int, MdmError] | None = None

@@ -584,7 +584,7 @@ class Pipeline:
             model = Model.from_json(stored_model[1])
             sources = [s.name for s in settings.sources]
             npai_before = store.read_npai(engine)
-            mapped, returns, npai_quarantine = self._load(summary, emit, run_date)
+            mapped, returns, npai_quarantine = self._load(summary, emit, run_date, zygote=zygote)
             loaded = pd.concat([m.records for m in mapped], ignore_index=True)
             snap = pending.result(convert={"records": inc.RECORD_COLUMNS})
         except BaseException:
@@ -1013,9 +1013,11 @@ class Pipeline:
         emit: EventCallback,
         run_date: pd.Timestamp,
         normalised: bool = False,
+        zygote: Zygote | None = None,
     ) -> tuple[list[MappedSource], list[pd.DataFrame], list[pd.DataFrame]]:
         """Every source and NPAI return file, read and mapped (and its records normalised
-        with `normalised`); rows read are accounted for."""
+        with `normalised`); rows read are accounted for. A load shared with a child
+        forks it from `zygote` if given."""
         settings = self.settings
         returns: list[pd.DataFrame] = []
         npai_quarantine: list[pd.DataFrame] = []
@@ -1030,7 +1032,7 @@ class Pipeline:
                     )
                 emit("load", "advance", {"source": m.source})
 
-            mapped = load_sources(settings, run_date, loaded, normalised=normalised)
+            mapped = load_sources(settings, run_date, loaded, normalised=normalised, zygote=zygote)
             summary.sources.extend(
                 SourceCounts(m.source, m.rows_read, len(m.records), len(m.quarantine), m.duplicates)
                 for m in mapped

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from mdm_pipeline.config.errors import SourceError
 from mdm_pipeline.golden_records.snapshot_child import BATCH_GC_THRESHOLDS
+from mdm_pipeline.golden_records.zygote import ForkedChild, Zygote
 from mdm_pipeline.normalize.stage import normalize_records
 from mdm_pipeline.pipeline import loading
 from mdm_pipeline.pipeline.run import Pipeline
@@ -71,13 +73,35 @@ def test_normalised_text_leaves_normalisation_as_arrow_strings(samples: Path) ->
         assert records["phone_norm"].dtype == TEXT and records["city_norm"].dtype == TEXT
 
 
+@pytest.fixture
+def forking() -> Iterator[Zygote]:
+    """A night's forking process (here a program of its own: the test has threads)."""
+    zygote = Zygote.start()
+    assert zygote is not None
+    yield zygote
+    zygote.close()
+
+
+@pytest.mark.parametrize("forked", [False, True], ids=["started", "forked"])
 @pytest.mark.parametrize("normalised", [False, True])
 def test_a_load_shared_with_a_child_maps_what_one_process_maps(
-    samples: Path, normalised: bool
+    samples: Path,
+    normalised: bool,
+    forked: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     settings = Pipeline.from_config(samples / "config.yaml").settings
     sizes = [loading._file_bytes(s, settings) for s in settings.sources]
     assert loading.shared_out(sizes, 0), "the samples must send a source to the child"
+    children: list[object] = []
+    real = loading._Child.__init__
+
+    def spy(self: loading._Child, *args: object) -> None:
+        real(self, *args)  # type: ignore[arg-type]
+        children.append(self.process)
+
+    monkeypatch.setattr(loading._Child, "__init__", spy)
     seen: list[str] = []
     got = loading.load_sources(
         settings,
@@ -86,7 +110,10 @@ def test_a_load_shared_with_a_child_maps_what_one_process_maps(
         min_bytes=0,
         start_bytes=0,
         normalised=normalised,
+        zygote=request.getfixturevalue("forking") if forked else None,
     )
+    # A night's load forks its child from the night's forking process, if there is one.
+    assert [isinstance(c, ForkedChild) for c in children] == [forked]
     want = [loading._load_hashed(spec, settings, DAY) for spec in settings.sources]
     if normalised:
         # What the normalise stage makes of all the records together, source by source.
@@ -207,13 +234,21 @@ def test_the_first_failing_source_in_order_is_reported_wherever_it_was_loaded(
     assert "no header line" in str(failed.value)
 
 
+@pytest.mark.parametrize("forked", [False, True], ids=["started", "forked"])
 def test_a_child_that_fails_leaves_its_sources_to_this_process(
-    samples: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    samples: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    forked: bool,
+    request: pytest.FixtureRequest,
 ) -> None:
     settings = Pipeline.from_config(samples / "config.yaml").settings
     monkeypatch.setattr(loading, "MODULE", "mdm_pipeline.no_such_module")
+    zygote = request.getfixturevalue("forking") if forked else None
     with caplog.at_level(logging.WARNING, logger=loading.__name__):
-        got = loading.load_sources(settings, DAY, lambda m: None, min_bytes=0, start_bytes=0)
+        got = loading.load_sources(
+            settings, DAY, lambda m: None, min_bytes=0, start_bytes=0, zygote=zygote
+        )
     assert "its sources are loaded here" in caplog.text
     _assert_same(got, [loading._load_hashed(spec, settings, DAY) for spec in settings.sources])
 
