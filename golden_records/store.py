@@ -2316,9 +2316,9 @@ def read_returns(
     run left if it left one for the source (`read_held`). The payloads come as
     bytes, a part at a time, and only the members `fields` names are parsed
     (`read_fields`), into Arrow: a million payloads read whole and parsed as
-    Python objects held gigabytes of the night's memory. The members are read for the sources whose
-    extract may not hold them all (a delta extract): a full extract holds every
-    record of its unit."""
+    Python objects held gigabytes of the night's memory. The members are read
+    for the sources whose extract may not hold them all (a delta extract): a full
+    extract holds every record of its unit."""
     rec = source_records.c
     columns = [rec.source, rec.source_key, rec.golden_id]
     kept = read_held(conn, fields, whole)
@@ -2378,12 +2378,12 @@ def write_held(conn: Connection, run_id: str, parts: list[bytes]) -> None:
     full extracts, as the run leaves them (`pipeline.exports.next_held`), the
     sources named in its metadata (`HELD_SOURCES`)."""
     conn.execute(snapshot.delete().where(snapshot.c.name.startswith(HELD_PREFIX, autoescape=True)))
-    rows = [
-        {"name": f"{HELD_PREFIX}{n}", "part": part, "run_id": run_id, "data": data[at : at + step]}
-        for n, data in enumerate(parts)
-        for step in (SNAPSHOT_PART_BYTES,)
-        for part, at in enumerate(range(0, max(len(data), 1), step))
-    ]
+    rows = []
+    for n, data in enumerate(parts):
+        for part, at in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES)):
+            piece = data[at : at + SNAPSHOT_PART_BYTES]
+            rows.append({"name": f"{HELD_PREFIX}{n}", "part": part, "run_id": run_id})
+            rows[-1]["data"] = piece
     if rows:
         conn.execute(snapshot.insert(), rows)
 

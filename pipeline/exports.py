@@ -308,7 +308,8 @@ class NightReturns:
     memory, which a run keeps at its peak (`allocator`): the night's tree of
     processes peaked 0.4-0.5 GiB higher at 1M records. On a store no child reads
     (`background`), or if the child fails, this process writes every share, from
-    the same inputs, with the same code."""
+    the same inputs, with the same code. Each writer also makes the held part of
+    its full extracts' sources for the next night (`next_held`)."""
 
     def __init__(
         self,
@@ -327,7 +328,7 @@ class NightReturns:
         self._out_dir: Path | None = None
         self._here: list[Future[tuple[list[Path], bytes | None]]] = []
         #: The held parts the files' writers made (`next_held`), once `files` is done.
-        self.held: list[bytes] = []
+        self.held_parts: list[bytes] = []
 
     @property
     def folder(self) -> str | None:
@@ -407,7 +408,7 @@ class NightReturns:
                 for share, (got, _) in zip(self._shares, written, strict=True)
                 for i, path in zip(share, got, strict=True)
             }
-            self.held = [held for _, held in written if held is not None]
+            self.held_parts = [part for _, part in written if part is not None]
             return [paths[i] for i in range(len(paths))]
         finally:
             self.close()

@@ -978,7 +978,7 @@ class Pipeline:
                 with self._stage("export", summary, emit, total=len(mapped)):
                     staged.extend(night_returns.files())
                     # What the next night reads back of the full extracts' records.
-                    store.write_held(conn, summary.run_id, night_returns.held)
+                    store.write_held(conn, summary.run_id, night_returns.held_parts)
                     for m in mapped:
                         emit("export", "advance", {"source": m.source})
             summary.peak_rss_mib = round(self._memory.run_peak(), 1)
