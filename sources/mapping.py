@@ -8,6 +8,7 @@ name fields and formats, never the offending value (it is personal data).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 
@@ -123,6 +124,64 @@ def _field_text(rows: pd.DataFrame, spec: FieldSpec, sep: str) -> pd.Series:
     return out
 
 
+def _split_words(text: pd.Series, order: str) -> tuple[np.ndarray, np.ndarray]:
+    """`split_full_name` of names without a comma (cleaned texts): (first, last) as
+    Python texts, None where empty.
+
+    Each name's words in Arrow (split on the space, flattened, each with its row
+    and place in the name), what a word tells (written in capitals, holding a
+    lower-case letter, its key among first names and surnames) found once per
+    distinct word in Python, as `str` and `unidecode` define it, then taken back
+    to every word and summed per name in numpy; the surname's and the first
+    name's words joined in Arrow. The call centre's 229k full names took 0.9 s
+    as pandas frames of Python words, exploded and grouped by name."""
+    names = pa.array(text.array) if text.dtype == TEXT else pa.array(text, type=pa.string())
+    lists = pc.split_pattern(schema.contiguous(names), " ")
+    offsets = lists.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    n_words = np.diff(offsets)
+    row = np.repeat(np.arange(len(n_words)), n_words)
+    pos = np.arange(len(row)) - offsets[:-1][row]
+    words = pc.list_flatten(lists)
+    encoded = words.dictionary_encode()
+    distinct = encoded.dictionary.to_pylist()
+    at = encoded.indices.to_numpy()
+    first_keys, surname_keys_ = first_name_keys(), surname_keys()
+    keys = [unidecode(w).upper() for w in distinct]
+    upper = np.array([w.isupper() and len(w) > 1 for w in distinct], dtype=bool)[at]
+    lower = np.array([_LOWER.search(w) is not None for w in distinct], dtype=bool)[at]
+    # +1 looks like a first name, -1 like a surname, 0 undecided.
+    score = np.array([(k in first_keys) - (k in surname_keys_) for k in keys], dtype=np.int64)[at]
+    per_name = len(n_words)
+    mixed = (np.bincount(row, upper, per_name) > 0) & (np.bincount(row, lower, per_name) > 0)
+    first_score = score[offsets[:-1]]  # every name has a word
+    last_score = score[offsets[1:] - 1]
+    if order == "first_last":
+        last_first = np.zeros(per_name, dtype=bool)
+    elif order == "last_first":
+        last_first = np.ones(per_name, dtype=bool)
+    else:
+        last_first = last_score > first_score
+    n = n_words[row]
+    surname_word = np.where(
+        mixed[row], upper, np.where(last_first[row], pos < n - 1, (pos >= 1) | (n == 1))
+    )
+
+    def joined(keep: np.ndarray) -> np.ndarray:
+        counts = np.bincount(row[keep], minlength=per_name)
+        ends = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        kept = pa.ListArray.from_arrays(pa.array(ends), words.filter(pa.array(keep)))
+        text = pc.binary_join(kept, pa.scalar(" ", words.type))
+        text = pc.utf8_trim(text, characters=_WHITESPACE)
+        return pc.if_else(pc.equal(text, ""), None, text).to_numpy(zero_copy_only=False)
+
+    return joined(~surname_word), joined(surname_word)
+
+
+#: A lower-case letter, as the surname's heuristics see one (`split_full_name`).
+_LOWER = re.compile(r"[a-zà-ÿ]")
+
+
 def split_full_name(full: pd.Series, order: str) -> tuple[pd.Series, pd.Series]:
     """Split "DUPONT Jean", "Jean Dupont" or "Dupont, Jean-Pierre" into (first, last).
 
@@ -143,40 +202,9 @@ def split_full_name(full: pd.Series, order: str) -> tuple[pd.Series, pd.Series]:
 
     rest = present & ~comma
     if rest.any():
-        words = text[rest].str.split(" ").explode()
-        pos = words.groupby(level=0).cumcount()
-        n_words = words.groupby(level=0).transform("size")
-        is_upper = words.str.isupper() & (words.str.len() > 1)
-        has_lower = words.str.contains(r"[a-zà-ÿ]", regex=True)
-        row_upper = is_upper.groupby(level=0).transform("any")
-        row_lower = has_lower.groupby(level=0).transform("any")
-        mixed = row_upper & row_lower
-
-        uniq = words.dropna().unique()
-        keys = words.map(dict(zip(uniq, (unidecode(w).upper() for w in uniq), strict=True)))
-        # +1 looks like a first name, -1 like a surname, 0 undecided.
-        given_score = keys.isin(first_name_keys()).astype(int) - keys.isin(surname_keys())
-        first_score = given_score.where(pos == 0, 0).groupby(level=0).transform("sum")
-        last_score = given_score.where(pos == n_words - 1, 0).groupby(level=0).transform("sum")
-        if order == "first_last":
-            last_first = pd.Series(False, index=words.index)
-        elif order == "last_first":
-            last_first = pd.Series(True, index=words.index)
-        else:
-            last_first = last_score > first_score
-        single = n_words == 1
-        # Which words are the surname.
-        surname_word = np.where(
-            mixed,
-            is_upper,
-            np.where(last_first, pos < n_words - 1, (pos >= 1) | single),
-        )
-        surname_word = pd.Series(surname_word, index=words.index).astype(bool)
-        spaced = words + " "
-        sur = spaced.where(surname_word, "").groupby(level=0).sum().str.strip()
-        giv = spaced.where(~surname_word, "").groupby(level=0).sum().str.strip()
-        last[rest] = sur.reindex(text[rest].index).replace("", None)
-        first[rest] = giv.reindex(text[rest].index).replace("", None)
+        given, surname = _split_words(text[rest], order)
+        last[rest] = surname
+        first[rest] = given
     return first, last
 
 

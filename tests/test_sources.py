@@ -253,6 +253,101 @@ def test_full_name_declared_order() -> None:
     assert f.tolist() == ["Jean", "Dupont"] and lst.tolist() == ["Dupont", "Jean"]
 
 
+def _split_full_name_in_pandas(full: pd.Series, order: str) -> tuple[pd.Series, pd.Series]:
+    """`split_full_name` as it was written before its words went to Arrow: the oracle
+    (each name's words exploded and grouped in pandas, Python objects throughout)."""
+    from unidecode import unidecode
+
+    from mdm_pipeline.config.reference import first_name_keys, surname_keys
+
+    text = mapping._clean(full)
+    first = pd.Series(None, index=full.index, dtype=object)
+    last = pd.Series(None, index=full.index, dtype=object)
+    present = text.notna()
+    comma = present & text.str.contains(",", regex=False)
+    parts = text[comma].str.split(",", n=1, expand=True)
+    if comma.any():
+        last[comma] = mapping._clean(parts[0])
+        first[comma] = mapping._clean(parts[1])
+    rest = present & ~comma
+    if rest.any():
+        words = text[rest].str.split(" ").explode()
+        pos = words.groupby(level=0).cumcount()
+        n_words = words.groupby(level=0).transform("size")
+        is_upper = words.str.isupper() & (words.str.len() > 1)
+        has_lower = words.str.contains(r"[a-zà-ÿ]", regex=True)
+        mixed = is_upper.groupby(level=0).transform("any") & has_lower.groupby(level=0).transform(
+            "any"
+        )
+        uniq = words.dropna().unique()
+        keys = words.map(dict(zip(uniq, (unidecode(w).upper() for w in uniq), strict=True)))
+        given_score = keys.isin(first_name_keys()).astype(int) - keys.isin(surname_keys())
+        first_score = given_score.where(pos == 0, 0).groupby(level=0).transform("sum")
+        last_score = given_score.where(pos == n_words - 1, 0).groupby(level=0).transform("sum")
+        if order == "first_last":
+            last_first = pd.Series(False, index=words.index)
+        elif order == "last_first":
+            last_first = pd.Series(True, index=words.index)
+        else:
+            last_first = last_score > first_score
+        single = n_words == 1
+        surname_word = np.where(
+            mixed, is_upper, np.where(last_first, pos < n_words - 1, (pos >= 1) | single)
+        )
+        surname_word = pd.Series(surname_word, index=words.index).astype(bool)
+        spaced = words + " "
+        sur = spaced.where(surname_word, "").groupby(level=0).sum().str.strip()
+        giv = spaced.where(~surname_word, "").groupby(level=0).sum().str.strip()
+        last[rest] = sur.reindex(text[rest].index).replace("", None)
+        first[rest] = giv.reindex(text[rest].index).replace("", None)
+    return first, last
+
+
+#: Words of full names: first names and surnames of the reference lists in their
+#: cases, particles, initials, hyphens, accents, other scripts, blanks Python strips.
+_NAME_WORDS = st.sampled_from(
+    [
+        "Jean",
+        "JEAN",
+        "jean",
+        "Marie-Claire",
+        "Dupont",
+        "DUPONT",
+        "Martin",
+        "MARTIN",
+        "de",
+        "LA",
+        "Le",
+        "J.",
+        "A",
+        "É",
+        "ÉLODIE",
+        "Élodie",
+        "Ñuñez",
+        "ß",
+        "\xa0",
+        "\u2003",
+        "O'NEIL",
+    ]
+) | st.text(st.characters(codec="utf-8", exclude_characters=" \t,"), min_size=1, max_size=6)
+_FULL_NAMES = (
+    st.none()
+    | st.lists(_NAME_WORDS, min_size=1, max_size=5).map(" ".join)
+    | (st.tuples(_NAME_WORDS, _NAME_WORDS).map(", ".join))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_FULL_NAMES, max_size=12), st.sampled_from(["auto", "first_last", "last_first"]))
+@example(["Jean DUPONT", "DUPONT", "jean", "Marie Claire MARTIN", "\xa0 Jean", "Jean \xa0"], "auto")
+@example(["Dupont Jean", "Jean Dupont", "Martin Marie-Claire", "dupont jean"], "auto")
+def test_full_names_are_split_as_the_frames_of_words_split_them(names: list, order: str) -> None:
+    full = pd.Series(names, dtype=object, index=pd.RangeIndex(len(names)) * 2 + 1)
+    got, want = split_full_name(full, order), _split_full_name_in_pandas(full, order)
+    for g, w in zip(got, want, strict=True):
+        pd.testing.assert_series_equal(g, w)
+
+
 def test_parquet_source(tmp_path: Path) -> None:
     pd.DataFrame({"id": [1, 2], "nom": ["A", None], "prenom": ["B", "C"]}).to_parquet(
         tmp_path / "x.parquet"
