@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import pickle
 import shutil
 import subprocess
@@ -62,6 +63,8 @@ CHILD_START_BYTES = 8 * 2**20
 MODULE = "mdm_pipeline.pipeline.loading"
 #: The child's answer files: the sources it hands back (`handed_back`), then the rest.
 EARLY, ANSWER = "early.pickle", "answer.pickle"
+#: The child's standard error, in its folder (`_main`).
+STDERR = "stderr.txt"
 
 
 def _file_bytes(spec: Source, settings: Settings) -> int | None:
@@ -166,7 +169,7 @@ class _Child:
                 return
             # To a file, not a pipe: a child writing more than a pipe holds while this
             # process waits for its first answer would wait for ever.
-            with open(Path(self.folder) / "stderr.txt", "wb") as err:
+            with open(Path(self.folder) / STDERR, "wb") as err:
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", MODULE, self.folder],
                     stdin=subprocess.DEVNULL,
@@ -194,12 +197,14 @@ class _Child:
             return None
         if isinstance(self.process, subprocess.Popen):
             self.process.wait()
-            err = (Path(self.folder) / "stderr.txt").read_bytes().decode("utf-8", "replace")
-        else:  # forked: its standard error is a pipe, read to its end
-            _, err = self.process.communicate()
+            piped = ""
+        else:  # forked: what it wrote before its standard error went to the file
+            _, piped = self.process.communicate()
         result = Path(self.folder) / ANSWER
         if self.process.returncode != 0 or not result.is_file():
-            last = err.strip().splitlines()[-1:] or ["no message"]
+            logged = Path(self.folder) / STDERR
+            err = logged.read_bytes().decode("utf-8", "replace") if logged.is_file() else ""
+            last = (piped + err).strip().splitlines()[-1:] or ["no message"]
             log.warning(
                 "the load's child process failed (exit %s: %s): its sources are loaded here",
                 self.process.returncode,
@@ -343,7 +348,15 @@ class _Collect(logging.Handler):
 def _main(folder: Path) -> None:
     """The child: load the job's sources, answer with each mapped (or its failure); the
     sources it hands back first, mapped only, in an answer of their own (`EARLY`).
-    It collects cyclic garbage as rarely as the run does (`BATCH_GC_THRESHOLDS`)."""
+    It collects cyclic garbage as rarely as the run does (`BATCH_GC_THRESHOLDS`).
+
+    Its standard error goes to the job's folder however it was started: a forked
+    child's is a pipe, which nobody reads while the parent waits for the early
+    answer, and a child that filled it (a run with debug logging) would wait for
+    ever."""
+    err = os.open(folder / STDERR, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(err, 2)
+    os.close(err)
     gc.set_threshold(*BATCH_GC_THRESHOLDS)
     with open(folder / "job.pickle", "rb") as handle:
         settings, run_date, positions, normalised, handed = pickle.load(handle)

@@ -234,6 +234,54 @@ def test_the_first_failing_source_in_order_is_reported_wherever_it_was_loaded(
     assert "no header line" in str(failed.value)
 
 
+#: A load child that writes more to its standard error than a pipe holds (a run with
+#: debug logging) while it maps its sources.
+_NOISY = """
+import sys
+from pathlib import Path
+from mdm_pipeline.pipeline import loading
+mapped = loading._load_hashed
+def noisy(*args, **kwargs):
+    sys.stderr.write("x" * 300_000)
+    sys.stderr.flush()
+    return mapped(*args, **kwargs)
+loading._load_hashed = noisy
+loading._main(Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_child_that_writes_much_to_its_error_output_does_not_stop(
+    samples: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its standard error goes to a file: a pipe nobody reads while the run waits for
+    the sources it hands back first would stop it for ever."""
+    (tmp_path / "noisy_load.py").write_text(_NOISY)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the forking program finds it
+    monkeypatch.setattr(loading, "MODULE", "noisy_load")
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    zygote = Zygote.start()
+    assert zygote is not None
+    try:
+        with caplog.at_level(logging.WARNING, logger=loading.__name__):
+            got = loading.load_sources(
+                settings,
+                DAY,
+                lambda m: None,
+                min_bytes=0,
+                start_bytes=0,
+                normalised=True,
+                zygote=zygote,
+            )
+    finally:
+        zygote.close()
+    assert [m.source for m in got] == [s.name for s in settings.sources]
+    assert "loaded here" not in caplog.text  # the child answered
+
+
 @pytest.mark.parametrize("forked", [False, True], ids=["started", "forked"])
 def test_a_child_that_fails_leaves_its_sources_to_this_process(
     samples: Path,
