@@ -42,6 +42,7 @@ one minute to the next, for either tool.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -51,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common import TreePeak, changes, peak_rss_mib  # bench/ is on sys.path when a script runs
@@ -263,48 +265,19 @@ def main() -> None:
         splinks: list[dict] = []
 
         if args.night:
+            # Each steady night beside a Splink run: a drift of the machine's speed
+            # weighs on both sides alike.
+            beside = functools.partial(_run_splink, splink_cmd, splinks) if args.splink else None
             night = _night_copy(workdir, args.night)
-            stored, kept = night / "mdm.sqlite", night / BEFORE_NIGHT
-            cmd = [sys.executable, __file__, "--night-child", "--records", str(n)]
-            cmd += ["--keep", str(night)]
-            try:
-                row["first_night"] = json.loads(_last_line(cmd))
-                tool = "mdm-pipeline, incremental night (first)"
-                print(json.dumps({"tool": tool, **row["first_night"]}), flush=True)
-                for _ in range(args.repeat):
-                    # The same stored state again; the journal the first left stays.
-                    shutil.copy(kept, stored)
-                    os.sync()
-                    steady.append(json.loads(_last_line(cmd)))
-                    tool = "mdm-pipeline, incremental night (next)"
-                    print(json.dumps({"tool": tool, **steady[-1]}), flush=True)
-                    # Each night beside a Splink run: a drift of the machine's speed
-                    # weighs on both sides alike.
-                    if args.splink:
-                        _run_splink(splink_cmd, splinks)
-                row["night"] = _median(steady, "run_wall_s")
-            finally:
-                # Gigabytes (the store's copies and its journal), not kept.
-                shutil.rmtree(night, ignore_errors=True)
+            row["first_night"], steady = _nights(
+                n, night, "incremental night", args.repeat, from_first=False, beside=beside
+            )
+            row["night"] = _median(steady, "run_wall_s")
         if args.full_night:
             night = _full_night_copy(workdir)
-            cmd = [sys.executable, __file__, "--night-child", "--records", str(n)]
-            cmd += ["--keep", str(night)]
-            try:
-                row["first_full_night"] = json.loads(_last_line(cmd))
-                tool = "mdm-pipeline, incremental night on full extracts (first)"
-                print(json.dumps({"tool": tool, **row["first_full_night"]}), flush=True)
-                shutil.copy(night / "mdm.sqlite", night / BEFORE_NIGHT)
-                full_nights = []
-                for _ in range(args.repeat):
-                    shutil.copy(night / BEFORE_NIGHT, night / "mdm.sqlite")
-                    os.sync()
-                    full_nights.append(json.loads(_last_line(cmd)))
-                    tool = "mdm-pipeline, incremental night on full extracts (next)"
-                    print(json.dumps({"tool": tool, **full_nights[-1]}), flush=True)
-                row["full_night"] = _median(full_nights, "run_wall_s")
-            finally:
-                shutil.rmtree(night, ignore_errors=True)
+            label = "incremental night on full extracts"
+            row["first_full_night"], full = _nights(n, night, label, args.repeat, from_first=True)
+            row["full_night"] = _median(full, "run_wall_s")
         if args.splink:
             while len(splinks) < args.repeat:
                 _run_splink(splink_cmd, splinks)
@@ -335,6 +308,41 @@ def main() -> None:
                 }
             )
         )
+
+
+def _nights(
+    n: int,
+    night: Path,
+    label: str,
+    repeat: int,
+    from_first: bool,
+    beside: Callable[[], None] | None = None,
+) -> tuple[dict, list[dict]]:
+    """A first incremental night in folder `night` (a copy made for it, removed after),
+    then `repeat` more, each from the same stored state: the store kept beside it
+    (`BEFORE_NIGHT`), or with `from_first` the store the first night left (what it
+    leaves for the next one, the held parts, is then part of the steady state).
+    `beside` runs after each of the next nights. Each night is printed as it ends."""
+    cmd = [sys.executable, __file__, "--night-child", "--records", str(n), "--keep", str(night)]
+    stored, kept = night / "mdm.sqlite", night / BEFORE_NIGHT
+    try:
+        first = json.loads(_last_line(cmd))
+        print(json.dumps({"tool": f"mdm-pipeline, {label} (first)", **first}), flush=True)
+        if from_first:
+            shutil.copy(stored, kept)
+        steady = []
+        for _ in range(repeat):
+            # The same stored state again; the journal the first left stays.
+            shutil.copy(kept, stored)
+            os.sync()
+            steady.append(json.loads(_last_line(cmd)))
+            print(json.dumps({"tool": f"mdm-pipeline, {label} (next)", **steady[-1]}), flush=True)
+            if beside is not None:
+                beside()
+        return first, steady
+    finally:
+        # Gigabytes (the store's copies and its journal), not kept.
+        shutil.rmtree(night, ignore_errors=True)
 
 
 def _run_splink(cmd: list[str], runs: list[dict]) -> None:
