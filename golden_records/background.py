@@ -421,7 +421,9 @@ class ReturnsRead:
 
     The extracts that are not deltas are read whole as soon as the child is
     forked, while the run loads them: a full extract's rows are all returned, and
-    at a million records their payloads take the child 8-9 s to read and parse.
+    at a million records their payloads take the child 8-9 s to read and parse
+    (under a second from the held parts the night before left, when it left
+    them: `store.read_held`).
     A delta extract's rows are read by key once the delta is known (`start`),
     with the members of their golden records (its other records). A row whose
     record changes tonight is read too and not used: the night has it itself."""
