@@ -6,8 +6,8 @@ ask for well before it needs them:
 - the snapshot the last run left (every record's matching fields, about a
   hundred megabytes of compressed Parquet at a million records), needed once
   tonight's extracts are loaded (`SnapshotRead`); its base, the same from
-  night to night, is decoded once and kept beside the store
-  (`snapshot_child.base_cache`);
+  night to night, is kept decoded beside the store
+  (`snapshot_child.base_cache`) by the run that writes it;
 - the stored records, with their payloads and golden records, of the golden
   records that tonight's changed and deleted records belong to: most of the
   records whose golden record the night chooses again (nine in ten at 1M
@@ -125,7 +125,7 @@ def shared_folder(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix)
 
 
-def _store_file(engine: Engine) -> str | None:
+def background_file(engine: Engine) -> str | None:
     """The file of a SQLite store large enough to be read in the background, else None."""
     if engine.dialect.name != "sqlite":
         return None
@@ -141,7 +141,7 @@ def _store_file(engine: Engine) -> str | None:
 def start_zygote(engine: Engine) -> Zygote | None:
     """The process a night forks its readers of `engine` from (`zygote`), started now;
     None where no reader would be a child (see the module) or it cannot be had."""
-    return Zygote.start() if _store_file(engine) is not None else None
+    return Zygote.start() if background_file(engine) is not None else None
 
 
 def answer_frame(path: Path | str) -> pd.DataFrame:
@@ -192,7 +192,7 @@ class _Child:
         self._zygote = zygote
         self._process: ChildProcess | None = None
         self.folder: str | None = None
-        store_file = _store_file(engine)
+        store_file = background_file(engine)
         if store_file is not None:
             self._start(store_file, module, inputs, args)
         # A run that fails before it collects the answer still stops the child and

@@ -18,7 +18,11 @@ of Parquet that took a second of a core to decode into 350 MB of fresh memory,
 and a night's first seconds waited for it (docs/benchmarks.md). The file is a
 copy of what the store holds, found by the base's run and sizes: a base written
 again (a full run, a compaction) has another name, and the file of the old one
-is removed when the new one's is written. Deleting the file costs one decode.
+is removed when the new one's is written. The run that writes a base writes its
+file too, from the table it serialised (`store.write_snapshot`), so that the
+first night after it decodes nothing either; a night that finds no file (the
+store was too small for background reads then, or the file was deleted)
+decodes the base and writes it. Deleting the file costs one decode.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def _readable(path: str) -> bool:
     return True
 
 
-def _keep_base(table: pa.Table, cache: str) -> bool:
+def keep_decoded_base(table: pa.Table, cache: str) -> bool:
     """Write the decoded base to `cache` (complete, then renamed into place) and remove
     the files of the store's earlier bases; False if it cannot be written there."""
     stem = cache[: cache.rindex(BASE_CACHE_INFIX) + len(BASE_CACHE_INFIX)]
@@ -167,7 +171,7 @@ def read(store_file: str, folder: str) -> dict[str, Any]:
         data = b"".join(d for n, _, d in rows if n == name)
         table = pq.read_table(pa.BufferReader(data))
         del data
-        if name == BASE and cache is not None and _keep_base(table, cache):
+        if name == BASE and cache is not None and keep_decoded_base(table, cache):
             files[name] = cache
             continue
         path = os.path.join(folder, f"{i}.arrow")

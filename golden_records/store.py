@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -71,7 +71,8 @@ from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tab
     source_records,
     xref,
 )
-from mdm_pipeline.golden_records.snapshot_child import sync_range
+from mdm_pipeline.golden_records.snapshot_child import BASE as SNAPSHOT_BASE
+from mdm_pipeline.golden_records.snapshot_child import base_cache, keep_decoded_base, sync_range
 
 if TYPE_CHECKING:  # the child's module imports this one
     from mdm_pipeline.golden_records.payloads import Chunks, PayloadJob
@@ -1958,10 +1959,13 @@ class SnapshotParts:
     """A snapshot serialised, ready to write: (name, part number, Parquet bytes).
 
     `keep_base`: the parts replace the nightly ones only (`NIGHTLY_PARTS`), and the
-    stored base ("records") stays; otherwise they replace the whole snapshot."""
+    stored base ("records") stays; otherwise they replace the whole snapshot.
+    `base`: the base's table as it was serialised, when the parts hold a new base
+    (kept decoded beside the store by `write_snapshot`)."""
 
     parts: tuple[tuple[str, int, bytes], ...]
     keep_base: bool = False
+    base: pa.Table | None = None
 
 
 def serialise_snapshot(
@@ -1974,6 +1978,7 @@ def serialise_snapshot(
     of the store (Arrow releases the GIL while it takes and compresses).
     """
     parts = []
+    base = None
     for name, frame in frames.items():
         sink = io.BytesIO()
         table = (
@@ -1981,13 +1986,15 @@ def serialise_snapshot(
             if isinstance(frame, pa.Table)
             else pa.Table.from_pandas(frame, preserve_index=False)
         )
+        if name == SNAPSHOT_BASE and not keep_base:
+            base = table
         # No dictionary pages: most columns are near-unique texts (names, e-mails),
         # for which they only slow the next night's read.
         pq.write_table(table, sink, compression="zstd", use_dictionary=False)
         data = sink.getvalue()
         for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES)):
             parts.append((name, part, data[start : start + SNAPSHOT_PART_BYTES]))
-    return SnapshotParts(tuple(parts), keep_base)
+    return SnapshotParts(tuple(parts), keep_base, base)
 
 
 def write_snapshot(
@@ -1997,7 +2004,14 @@ def write_snapshot(
     already serialised (inside the run's transaction). A snapshot that keeps its base
     replaces the nightly parts only: the base's rows are neither deleted nor written
     again (a hundred megabytes of pages a night, each journaled before it is
-    overwritten)."""
+    overwritten).
+
+    A new base is also written decoded beside a SQLite store that its nights read
+    in the background (`snapshot_child.base_cache`), from the table just
+    serialised: else the next night decodes it there (a second of a core at a
+    million records, in the night's first seconds, docs/benchmarks.md). Written
+    before the commit, under a name that only this run's parts give: if the run
+    fails, no night takes it, and the next base's file replaces it."""
     if not isinstance(content, SnapshotParts):
         content = serialise_snapshot(content)
     if content.keep_base:
@@ -2011,6 +2025,24 @@ def write_snapshot(
             for name, part, data in content.parts
         ],
     )
+    keep_base_beside(conn.engine, run_id, content)
+
+
+def keep_base_beside(engine: Engine, run_id: str, content: SnapshotParts) -> SnapshotParts:
+    """Write the new base `content` holds, if any, decoded beside the store (see
+    `write_snapshot`); the same parts without the table.
+
+    A night that writes a new base (a compaction) calls it where it serialised the
+    snapshot, so as not to hold the table until the store is written."""
+    if content.base is None:
+        return content
+    from mdm_pipeline.golden_records.background import background_file
+
+    path = background_file(engine)
+    if path is not None:
+        rows = [(p, run_id, len(d)) for n, p, d in content.parts if n == SNAPSHOT_BASE]
+        keep_decoded_base(content.base, base_cache(path, rows))
+    return replace(content, base=None)
 
 
 @dataclass(frozen=True)

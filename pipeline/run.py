@@ -852,7 +852,8 @@ class Pipeline:
 
         def next_snapshot() -> store.SnapshotParts:
             records, keep_base = inc.next_snapshot(*snapshot_inputs)
-            return store.serialise_snapshot({**records, "edges": links}, keep_base=keep_base)
+            parts = store.serialise_snapshot({**records, "edges": links}, keep_base=keep_base)
+            return store.keep_base_beside(engine, summary.run_id, parts)
 
         # What only finding the delta, the NPAI lookup and the clustering needed of
         # every stored record (a million keys as Python texts and their hash table, the

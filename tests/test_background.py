@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
@@ -133,6 +134,67 @@ def test_the_snapshot_s_base_decoded_once_is_taken_from_beside_the_store(night_t
     engine.dispose()
 
 
+def _stored_base(url: str) -> tuple[pa.Table, str]:
+    """The snapshot's base as a night decodes it from the store, and its file's name."""
+    engine = store.connect(url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(store.snapshot.c.part, store.snapshot.c.run_id, store.snapshot.c.data)
+            .where(store.snapshot.c.name == snapshot_child.BASE)
+            .order_by(store.snapshot.c.part)
+        ).all()
+    engine.dispose()
+    table = pq.read_table(pa.BufferReader(b"".join(bytes(d) for _, _, d in rows)))
+    path = sa.make_url(url).database or ""
+    return table, snapshot_child.base_cache(path, [(p, r, len(d)) for p, r, d in rows])
+
+
+def _assert_base_file(url: str) -> Path:
+    """The one base file beside the store: the decoded base, schema and metadata too."""
+    table, name = _stored_base(url)
+    (cache,) = _base_caches(url)
+    assert str(cache) == name
+    got = background.map_table(str(cache))
+    assert got.equals(table) and got.schema.equals(table.schema, check_metadata=True)
+    return cache
+
+
+def test_the_run_that_writes_a_base_leaves_it_decoded_for_the_next_night(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full run writes its base's file itself, and so does a night that writes a new
+    base (a compaction): the next night's child hands that file over, decoding and
+    writing nothing."""
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    _run(samples / "config.yaml", url)
+    cache = _assert_base_file(url)
+    written = cache.stat().st_mtime_ns
+    engine = store.connect(url)
+    want = store.read_snapshot(engine, CONVERT)
+    pending = SnapshotRead(engine)
+    answer = pending._child.answer()
+    assert answer is not None and answer["files"]["records"] == str(cache)
+    pending.close()
+    _assert_same(SnapshotRead(engine).result(CONVERT), want)
+    assert cache.stat().st_mtime_ns == written
+    engine.dispose()
+
+    monkeypatch.setattr(inc, "PATCH_SHARE", 0.0)  # every night writes a new base
+    day2(samples, 1)
+    _run(samples / "config.yaml", url, "--incremental")
+    new = _assert_base_file(url)
+    assert new != cache and not cache.exists()
+
+
+def test_a_store_read_in_this_process_gets_no_base_file(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(background, "BACKGROUND_MIN_BYTES", 2**40)
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    _run(samples / "config.yaml", url)
+    assert _base_caches(url) == []
+
+
 def test_a_damaged_or_vanished_base_file_is_decoded_again(
     night_two: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -157,14 +219,14 @@ def test_a_base_file_that_cannot_be_written_leaves_the_base_in_the_child_s_folde
 ) -> None:
     table = pa.table({"a": [1, 2]})
     missing = str(tmp_path / "no such folder" / "store.sqlite-snapshot-0.arrow")
-    assert not snapshot_child._keep_base(table, missing)
+    assert not snapshot_child.keep_decoded_base(table, missing)
     assert list(tmp_path.iterdir()) == []
     kept = str(tmp_path / "store.sqlite-snapshot-1.arrow")
     for old in ("store.sqlite-snapshot-0.arrow", "store.sqlite-snapshot-1.arrow.9.partial"):
         (tmp_path / old).write_bytes(b"old")
     (tmp_path / "other.sqlite-snapshot-0.arrow").write_bytes(b"another store's")
     (tmp_path / "store.sqlite-snapshot-notes.txt").write_bytes(b"not one of them")
-    assert snapshot_child._keep_base(table, kept)
+    assert snapshot_child.keep_decoded_base(table, kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "other.sqlite-snapshot-0.arrow",
         "store.sqlite-snapshot-1.arrow",
@@ -196,14 +258,14 @@ def test_only_a_large_enough_sqlite_file_is_read_in_a_child(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pg = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    assert background._store_file(pg) is None
-    assert background._store_file(sa.create_engine("sqlite://")) is None
-    assert background._store_file(sa.create_engine(f"sqlite:///{tmp_path}/absent")) is None
+    assert background.background_file(pg) is None
+    assert background.background_file(sa.create_engine("sqlite://")) is None
+    assert background.background_file(sa.create_engine(f"sqlite:///{tmp_path}/absent")) is None
     there = tmp_path / "there.sqlite"
     shutil.copy(Path(__file__), there)
-    assert background._store_file(sa.create_engine(f"sqlite:///{there}")) == str(there)
+    assert background.background_file(sa.create_engine(f"sqlite:///{there}")) == str(there)
     monkeypatch.setattr(background, "BACKGROUND_MIN_BYTES", there.stat().st_size + 1)
-    assert background._store_file(sa.create_engine(f"sqlite:///{there}")) is None
+    assert background.background_file(sa.create_engine(f"sqlite:///{there}")) is None
 
 
 def _scope_keys(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -727,7 +789,7 @@ def test_a_child_started_ahead_and_never_given_its_inputs_ends_without_a_read(
     assert nice == os.nice(0) + store_child.EVIDENCE_NICENESS
     pending.close()
     assert process.poll() is not None and not Path(folder).exists()
-    store_file = background._store_file(engine)
+    store_file = background.background_file(engine)
     assert store_file is not None
     empty = background.shared_folder("mdm-test-")
     try:
