@@ -186,6 +186,34 @@ def test_the_run_that_writes_a_base_leaves_it_decoded_for_the_next_night(
     assert new != cache and not cache.exists()
 
 
+def test_a_failed_run_s_base_file_is_never_taken(
+    night_two: str, samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full run that fails after writing its base's file leaves a file named after a
+    base the store does not hold: the next read decodes the stored base again, and
+    its file replaces the failed run's."""
+    engine = store.connect(night_two)
+    want = store.read_snapshot(engine, CONVERT)
+    engine.dispose()
+
+    def fail(*_: object) -> None:
+        raise RuntimeError("stopped after the snapshot")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "finish_run", fail)
+        result = runner.invoke(
+            app,
+            ["run", "--config", str(samples / "config.yaml")],
+            env={"MDM_STORE_URL": night_two},
+        )
+    assert result.exit_code != 0
+    (orphan,) = _base_caches(night_two)  # the failed run's: the stored base's is gone
+    engine = store.connect(night_two)
+    _assert_same(SnapshotRead(engine).result(CONVERT), want)
+    engine.dispose()
+    assert _assert_base_file(night_two) != orphan and not orphan.exists()
+
+
 def test_a_store_read_in_this_process_gets_no_base_file(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
