@@ -2420,6 +2420,14 @@ def write_held(conn: Connection, run_id: str, parts: list[bytes]) -> None:
         conn.execute(snapshot.insert(), rows)
 
 
+#: (run ID, start) of the last run that succeeded (`last_run`, `read_held`).
+_LAST_SUCCEEDED = (
+    sa.select(runs.c.run_id, runs.c.started_at)
+    .where(runs.c.status == "succeeded")
+    .order_by(runs.c.started_at.desc(), runs.c.run_id.desc())
+    .limit(1)
+)
+
 #: The Parquet metadata key of a held part that lists its sources (JSON): a source
 #: without a record is there too.
 HELD_SOURCES = b"mdm_sources"
@@ -2441,12 +2449,7 @@ def read_held(conn: Connection, fields: pa.Schema, sources: Collection[str]) -> 
         .where(snapshot.c.name.startswith(HELD_PREFIX, autoescape=True))
         .order_by(snapshot.c.name, snapshot.c.part)
     ).all()
-    last = conn.execute(
-        sa.select(runs.c.run_id)
-        .where(runs.c.status == "succeeded")
-        .order_by(runs.c.started_at.desc(), runs.c.run_id.desc())
-        .limit(1)
-    ).scalar()
+    last = conn.execute(_LAST_SUCCEEDED).scalar()
     if not parts or any(run != last for _, run, _ in parts):
         return {}
     expected = pa.schema([*(pa.field(c, pa.string()) for c in RETURNS_KEYS), *fields])
@@ -2465,12 +2468,7 @@ def read_held(conn: Connection, fields: pa.Schema, sources: Collection[str]) -> 
 def last_run(engine: Engine) -> tuple[str, datetime] | None:
     """(run ID, start) of the last run that succeeded."""
     with engine.connect() as conn:
-        row = conn.execute(
-            sa.select(runs.c.run_id, runs.c.started_at)
-            .where(runs.c.status == "succeeded")
-            .order_by(runs.c.started_at.desc(), runs.c.run_id.desc())
-            .limit(1)
-        ).first()
+        row = conn.execute(_LAST_SUCCEEDED).first()
     return (row[0], row[1]) if row else None
 
 
