@@ -1991,10 +1991,17 @@ def serialise_snapshot(
         # No dictionary pages: most columns are near-unique texts (names, e-mails),
         # for which they only slow the next night's read.
         pq.write_table(table, sink, compression="zstd", use_dictionary=False)
-        data = sink.getvalue()
-        for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES)):
-            parts.append((name, part, data[start : start + SNAPSHOT_PART_BYTES]))
+        parts.extend(_cut(name, sink.getvalue()))
     return SnapshotParts(tuple(parts), keep_base, base)
+
+
+def _cut(name: str, data: bytes) -> list[tuple[str, int, bytes]]:
+    """(name, part number, bytes) of `data` cut in parts of `SNAPSHOT_PART_BYTES` (one,
+    empty, for no bytes): the rows of `mdm_snapshot` it is stored as."""
+    return [
+        (name, part, data[start : start + SNAPSHOT_PART_BYTES])
+        for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES))
+    ]
 
 
 def write_snapshot(
@@ -2410,12 +2417,11 @@ def write_held(conn: Connection, run_id: str, parts: list[bytes]) -> None:
     full extracts, as the run leaves them (`pipeline.exports.next_held`), the
     sources named in its metadata (`HELD_SOURCES`)."""
     conn.execute(snapshot.delete().where(snapshot.c.name.startswith(HELD_PREFIX, autoescape=True)))
-    rows = []
-    for n, data in enumerate(parts):
-        for part, at in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES)):
-            piece = data[at : at + SNAPSHOT_PART_BYTES]
-            rows.append({"name": f"{HELD_PREFIX}{n}", "part": part, "run_id": run_id})
-            rows[-1]["data"] = piece
+    rows = [
+        {"name": name, "part": part, "run_id": run_id, "data": piece}
+        for n, data in enumerate(parts)
+        for name, part, piece in _cut(f"{HELD_PREFIX}{n}", data)
+    ]
     if rows:
         conn.execute(snapshot.insert(), rows)
 

@@ -1323,3 +1323,20 @@ def test_each_records_stored_row_is_the_one_a_merge_on_its_key_finds(
     np.testing.assert_array_equal(
         store._stored_rows(numbered.iloc[::-1], numbered), merged(numbered.iloc[::-1], numbered)
     )
+
+
+@given(st.binary(max_size=60), st.integers(min_value=1, max_value=16))
+def test_snapshot_rows_cut_bytes_in_numbered_parts_that_join_back(data: bytes, size: int) -> None:
+    """The snapshot's and the held parts' rows: each at most the part size, numbered
+    from 0, joined in order to the bytes; no bytes make one empty row."""
+    original = store.SNAPSHOT_PART_BYTES
+    store.SNAPSHOT_PART_BYTES = size
+    try:
+        rows = store._cut("held.0", data)
+    finally:
+        store.SNAPSHOT_PART_BYTES = original
+    assert [name for name, _, _ in rows] == ["held.0"] * len(rows)
+    assert [part for _, part, _ in rows] == list(range(len(rows)))
+    assert b"".join(piece for _, _, piece in rows) == data
+    assert all(0 < len(piece) <= size for _, _, piece in rows) or rows == [("held.0", 0, b"")]
+    assert len(rows) == max(1, -(-len(data) // size))
