@@ -92,7 +92,7 @@ class KeyPositions:
         first = pc.index_in(target, value_set=target).to_numpy()
         hit = pc.index_in(self._keys, value_set=target).fill_null(-1).to_numpy()
         rows = np.flatnonzero(hit >= 0)
-        if len(np.unique(hit[rows])) != len(rows):
+        if len(distinct(hit[rows])) != len(rows):
             raise ValueError("the snapshot holds a record key twice")
         out = np.full(len(target), -1, dtype=np.intp)
         out[hit[rows]] = rows
