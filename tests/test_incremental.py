@@ -1338,12 +1338,37 @@ def test_key_positions_are_what_an_index_of_the_stored_keys_gives(
     np.testing.assert_array_equal(got, inc.record_keys(frame).get_indexer(asked))
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    stored=st.lists(st.tuples(st.sampled_from(["web", "shop"]), _KEY_TEXTS), unique=True),
+    swap=st.one_of(st.none(), st.tuples(st.integers(0), st.integers(0))),
+    other=st.tuples(st.sampled_from(["web", "crm"]), _KEY_TEXTS),
+)
+def test_key_positions_of_the_stored_keys_in_their_order_or_nearly(
+    stored: list[tuple[str, str]], swap: tuple[int, int] | None, other: tuple[str, str]
+) -> None:
+    """A night on full extracts asks for every stored key in the stored order: the
+    positions are those a pandas index gives, and so they are when one key asked
+    differs (another key, stored or not) or two trade places."""
+    frame = pd.DataFrame(stored or [("web", "x")], columns=inc.KEYS)
+    wanted = list(frame.itertuples(index=False, name=None))
+    if swap is not None:
+        i, j = swap[0] % len(wanted), swap[1] % len(wanted)
+        wanted[i], wanted[j] = wanted[j], other if i == j else wanted[i]
+    asked = inc.record_keys(pd.DataFrame(wanted, columns=inc.KEYS, dtype=object))
+    got = inc.KeyPositions(frame).get_indexer(asked)
+    np.testing.assert_array_equal(got, inc.record_keys(frame).get_indexer(asked))
+
+
 def test_a_key_stored_twice_is_an_error_when_it_is_looked_up() -> None:
     frame = pd.DataFrame({"source": ["web", "web", "web"], "source_key": ["1", "2", "1"]})
     positions = inc.KeyPositions(frame)
     np.testing.assert_array_equal(positions.get_indexer(inc.record_keys(frame.iloc[[1]])), [1])
     with pytest.raises(ValueError, match="twice"):
         positions.get_indexer(inc.record_keys(frame.iloc[[0]]))
+    # Every stored key asked for in the stored order, as a night on full extracts asks.
+    with pytest.raises(ValueError, match="twice"):
+        positions.get_indexer(inc.record_keys(frame))
 
 
 def test_key_positions_of_keys_that_are_not_all_texts_take_a_pandas_index() -> None:
