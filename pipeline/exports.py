@@ -272,20 +272,42 @@ RETURNS_SOURCES = "sources.pickle"
 RETURNS_SPLIT_ROWS = 200_000
 
 
-def writers_shares(rows: list[int]) -> list[list[int]]:
+#: What writing one re-decided record to the store weighs in rows of return files, for
+#: the run's process, whose thread writes its share of them beside the store's writes:
+#: a steady night at 1M records writes 91k records in 4.2-4.6 s, and a return file
+#: row takes 5-6 µs (docs/benchmarks.md, session 38).
+STORE_RECORD_ROWS = 8
+#: What a row of return files weighs in the child against the run's process: it reads
+#: its inputs and fills new memory first (6.6-7.3 µs a row against 4.8-5.8 µs at 1M
+#: records, session 38).
+CHILD_ROW_COST = 1.3
+
+
+def writers_shares(rows: list[int], redecided: int = 0) -> list[list[int]]:
     """The sources' positions the writing child takes, then (with many rows) those the
     run's process writes: all to the child below `RETURNS_SPLIT_ROWS` rows in all
     (or with one source), else two shares of about as many rows
-    (`loading.shared_out`, which shares the load), the larger to the child, which
-    has a core of its own (the run's thread has the store's writes beside it)."""
+    (`loading.shared_out`, which shares the load).
+
+    The child takes the share that makes the two sides end sooner: the run's process
+    also writes the store meanwhile, `redecided` records (`STORE_RECORD_ROWS`), and
+    the child is slower by the row (`CHILD_ROW_COST`). A night that re-decided few
+    records leaves the larger share to the run's process, whose store is written in
+    tenths of a second; one that re-decided many leaves the larger to the child.
+    """
     everything = list(range(len(rows)))
     if sum(rows) < RETURNS_SPLIT_ROWS or len(rows) < 2:
         return [everything]
     away = shared_out(list(rows), start_bytes=0)
-    return sorted(
-        [[i for i in everything if i not in away], away],
-        key=lambda share: -sum(rows[i] for i in share),
+    small, large = sorted(
+        [[i for i in everything if i not in away], away], key=lambda s: sum(rows[i] for i in s)
     )
+    store = STORE_RECORD_ROWS * redecided
+
+    def ends(child: list[int], run: list[int]) -> float:
+        return max(CHILD_ROW_COST * sum(rows[i] for i in child), store + sum(rows[i] for i in run))
+
+    return [small, large] if ends(small, large) <= ends(large, small) else [large, small]
 
 
 class NightReturns:
@@ -320,6 +342,7 @@ class NightReturns:
         zygote: Zygote | None = None,
     ) -> None:
         self._sources = (specs, raws, keys)
+        # Chosen again by `start`, once the records the night re-decided are known.
         self._shares = writers_shares([len(k) for k in keys])
         self._child = background.Child(engine, RETURNS_CHILD_MODULE, None, zygote=zygote)
         self._stored: tuple[pa.Table, pd.DataFrame] | None = None
@@ -350,6 +373,7 @@ class NightReturns:
         (source, source_key), for the next night's held parts (`next_held`)."""
         self._stored = (stored.held, stored.members)
         self._tonight, self._deleted, self._out_dir = tonight, deleted, out_dir
+        self._shares = writers_shares([len(k) for k in self._sources[2]], len(tonight))
         handed = self._hand_over(stored, tonight, deleted, out_dir)
         here = self._shares[1:] if handed else self._shares
         self._here = [pool.submit(self._write_here, share) for share in here]
