@@ -103,7 +103,7 @@ def _quoted(values: pa.Array, prefix: str = "") -> pa.Array:
     quoted = pc.binary_join_element_wise(prefix + '"', escaped, '"', "")
     if present[_LONG_ESCAPES].any():
         hit = np.flatnonzero(np.isin(raw, _LONG_ESCAPES))
-        where = np.unique(np.searchsorted(offsets, hit, side="right") - 1)
+        where = schema.distinct(np.searchsorted(offsets, hit, side="right") - 1)
         fixed = quoted.to_numpy(zero_copy_only=False).astype(object)
         fixed[where] = [
             prefix + json.dumps(v, ensure_ascii=False).replace("/", "\\/")

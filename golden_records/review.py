@@ -194,7 +194,7 @@ def guard_splits(engine: Engine, source: str | None = None) -> pd.DataFrame:
         columns = ["item", "golden_ids", "links", "probability", "size", "sources"]
         if not len(cut):
             return pd.DataFrame(columns=columns)
-        gids, codes = np.unique(
+        gids, codes = np.unique(  # noqa: TID251 (return_inverse: it sorts)
             np.r_[cut["left_golden_id"].to_numpy(), cut["right_golden_id"].to_numpy()],
             return_inverse=True,
         )

@@ -234,7 +234,9 @@ def _assign(
         member_of = shared["cluster"].to_numpy(dtype=np.int64)
         low = int(member_of.min())
         width = int(member_of.max()) - low + 1
-        pair, n = np.unique(gid_code * width + (member_of - low), return_counts=True)
+        pair, n = np.unique(  # noqa: TID251 (return_counts: it sorts)
+            gid_code * width + (member_of - low), return_counts=True
+        )
         pair_gid, pair_cluster = pair // width, pair % width + low
         # Each stored ID goes to the cluster holding most of its records (then the
         # smaller cluster).
@@ -826,7 +828,9 @@ def _lineage_json(records: pd.DataFrame, lineage: pd.DataFrame, index: pd.Index)
     # Each winning record's label is made once, from its own row: a golden record's
     # attributes come from a few records, and labels per lineage row (a dozen times
     # as many) were texts made, then sorted, again and again.
-    members, member_of = np.unique(lineage["record"].to_numpy(), return_inverse=True)
+    members, member_of = np.unique(  # noqa: TID251 (return_inverse: it sorts)
+        lineage["record"].to_numpy(), return_inverse=True
+    )
     updated = pd.to_datetime(records["source_updated_at"].iloc[members].to_numpy(), errors="coerce")
     # Few distinct sources, rules and dates: each formatted once and taken per row.
     day_codes, days = pd.factorize(updated)

@@ -25,6 +25,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from mdm_pipeline.config.schema import distinct
 from mdm_pipeline.config.settings import ClusteringSettings
 
 
@@ -48,7 +49,7 @@ def components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 def _canonical(labels: np.ndarray) -> np.ndarray:
     """Renumber by first appearance so labels never depend on scipy's internals."""
-    _, first_seen = np.unique(labels, return_index=True)
+    _, first_seen = np.unique(labels, return_index=True)  # noqa: TID251 (return_index: it sorts)
     rank = np.empty_like(first_seen)
     rank[np.argsort(first_seen)] = np.arange(len(first_seen))
     return rank[labels]
@@ -131,9 +132,11 @@ def _cut_weak_bridges(
         common = np.asarray(adj[left[idx]].multiply(adj[right[idx]]).sum(axis=1)).ravel()
         cand[idx[common > 0]] = False
     edge_cluster = labels[left]
-    for c in np.unique(edge_cluster[cand]):
+    for c in distinct(edge_cluster[cand]):
         in_c = np.flatnonzero(edge_cluster == c)
-        nodes, local = np.unique(np.concatenate([left[in_c], right[in_c]]), return_inverse=True)
+        nodes, local = np.unique(  # noqa: TID251 (return_inverse: it sorts)
+            np.concatenate([left[in_c], right[in_c]]), return_inverse=True
+        )
         li, ri = local[: len(in_c)], local[len(in_c) :]
         alive = np.ones(len(in_c), dtype=bool)
         for k in np.flatnonzero(cand[in_c]):

@@ -23,7 +23,7 @@ def codes_column(flags: dict[str, pd.Series], index: pd.Index) -> pd.Series:
     for j, name in enumerate(names):
         mask = flags[name].reindex(index, fill_value=False).fillna(False).to_numpy(dtype=bool)
         bits |= mask.astype(np.int64) << j
-    combos, inverse = np.unique(bits, return_inverse=True)
+    combos, inverse = np.unique(bits, return_inverse=True)  # noqa: TID251 (return_inverse: it sorts)
     labels = np.array(
         ["|".join(n for j, n in enumerate(names) if c >> j & 1) or None for c in combos],
         dtype=object,
