@@ -16,7 +16,8 @@ it is done with), and it is as long as the load itself, so it takes the
 second core too instead of following the load on one. Sources are whole
 units of work, so the two sides can end far apart; the child then hands one
 of its sources back mapped only (`handed_back`), first and in an answer of
-its own, and this process normalises it once its own share is done.
+its own, and this process normalises it (on a night, when nothing is
+normalised in the load, hashes it) once its own share is done.
 
 The result is the sequential load's: the sources in the config's order, and,
 when several fail, the error of the first of them in that order. A child
@@ -102,19 +103,27 @@ def shared_out(sizes: list[int | None], start_bytes: int = CHILD_START_BYTES) ->
 #: 5.5 s of 7.2 to 10.2 s for the scale benchmark's three CSV extracts since Arrow
 #: parses them (it was 0.4 when the csv module did).
 NORMALISE_SHARE = 0.55
+#: The hash's share of a source's time when it is loaded but not normalised (a night):
+#: 0.55-0.65 s of 1.8-2.3 s for the e-commerce extract of a million records' benchmark.
+HASH_SHARE = 0.3
 
 
 def handed_back(
-    sizes: list[int | None], away: list[int], start_bytes: int = CHILD_START_BYTES
+    sizes: list[int | None],
+    away: list[int],
+    start_bytes: int = CHILD_START_BYTES,
+    share: float = NORMALISE_SHARE,
 ) -> list[int]:
     """The positions among `away` (the child's share) that the child maps and this
-    process normalises: at most one, the one that best evens out the two sides, and
-    only if it does.
+    process finishes (normalises, or on a night hashes): at most one, the one that
+    best evens out the two sides, and only if it does. `share`: what finishing it
+    weighs of its load (`NORMALISE_SHARE`, `HASH_SHARE`).
 
     Sources are indivisible, so the sides can be far apart (at a million records, 13
-    s here against 21 s in the child, with four extracts). The child maps the one
-    it hands back first and sends it at once, while this process is still busy with
-    its own share, so that its normalisation can follow here.
+    s here against 21 s in the child, with four extracts; on a night, 2.2 s here
+    against 3.2-4 s). The child maps the one it hands back first and sends it at
+    once, while this process is still busy with its own share, so that the rest of
+    its work can follow here.
     """
     if not away:
         return []
@@ -123,7 +132,7 @@ def handed_back(
     best: int | None = None
     longest = float(max(here, there))
     for i in away:
-        moved = NORMALISE_SHARE * (sizes[i] or 0)
+        moved = share * (sizes[i] or 0)
         side = max(here + moved, there - moved)
         if side < longest:
             best, longest = i, side
@@ -247,13 +256,20 @@ def source_hashes(records: pd.DataFrame) -> pd.Series:
 
 
 def _load_hashed(
-    spec: Source, settings: Settings, run_date: pd.Timestamp, normalised: bool = False
+    spec: Source,
+    settings: Settings,
+    run_date: pd.Timestamp,
+    normalised: bool = False,
+    hashed: bool = True,
 ) -> MappedSource:
-    """A source read and mapped, its records with their `source_hash` (and normalised if
-    asked): a row's hash and normalised values are its own values' alone, so each
-    source's are those of the records all together, and they are computed where the
-    source is loaded (on either core)."""
+    """A source read and mapped, its records with their `source_hash` (unless not
+    `hashed`: `_finished` adds it) and normalised if asked: a row's hash and
+    normalised values are its own values' alone, so each source's are those of the
+    records all together, and they are computed where the source is loaded (on
+    either core)."""
     mapped = load_source(spec, settings, run_date)
+    if not hashed:
+        return mapped
     mapped.records["source_hash"] = source_hashes(mapped.records)
     if normalised:
         return replace(mapped, records=normalize_records(mapped.records, settings.normalize))
@@ -277,7 +293,7 @@ def load_sources(
     sizes = [_file_bytes(spec, settings) for spec in specs]
     large = sum(s or 0 for s in sizes) >= min_bytes
     away = shared_out(sizes, start_bytes) if large else []
-    handed = handed_back(sizes, away, start_bytes) if normalised else []
+    handed = handed_back(sizes, away, start_bytes, NORMALISE_SHARE if normalised else HASH_SHARE)
     child = _Child(settings, run_date, away, normalised, handed, zygote) if away else None
     done: dict[int, MappedSource] = {}
     try:
@@ -292,9 +308,9 @@ def load_sources(
                 first_error = (i, exc)
                 break
             loaded(done[i])
-        # Normalised here while the child goes on with the rest of its share.
+        # Finished here (normalised, or hashed) while the child goes on with the rest.
         early = child.early() if child is not None and handed else None
-        _take(early, True, first_error, settings, done, loaded)
+        _take(early, normalised, first_error, settings, done, loaded)
         answer = child.answer() if child is not None else None
     finally:
         if child is not None:
@@ -323,12 +339,15 @@ def _take(
     done: dict[int, MappedSource],
     loaded: Callable[[MappedSource], None],
 ) -> None:
-    """The child's mapped sources into `done` (normalised here if `to_normalise`), those
-    before the first error this process met only."""
+    """The child's mapped sources into `done` (hashed here if the child did not, and
+    normalised here if `to_normalise`), those before the first error this process
+    met only."""
     if answer is None:
         return
     for i, mapped in answer.mapped.items():
         if first_error is None or i < first_error[0]:
+            if "source_hash" not in mapped.records.columns:
+                mapped.records["source_hash"] = source_hashes(mapped.records)
             if to_normalise:
                 records = normalize_records(mapped.records, settings.normalize)
                 mapped = replace(mapped, records=records)
@@ -365,13 +384,18 @@ def _main(folder: Path) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     root.addHandler(collect)
-    # Those handed back first, mapped only: the parent normalises them.
+    # Those handed back first, mapped (and, on a full run, hashed) only: the parent
+    # normalises them, or on a night hashes them.
     rest = [i for i in positions if i not in handed]
-    for part, share, norm in ((early, handed, False), (answer, rest, normalised)):
+    for part, share, norm, hashed in (
+        (early, handed, False, normalised),
+        (answer, rest, normalised, True),
+    ):
         collect.into = part.logged
         for i in share:
             try:
-                part.mapped[i] = _load_hashed(settings.sources[i], settings, run_date, norm)
+                spec = settings.sources[i]
+                part.mapped[i] = _load_hashed(spec, settings, run_date, norm, hashed)
             except MdmError:
                 part.failed.append(i)
         if share or part is answer:

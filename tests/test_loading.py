@@ -176,15 +176,29 @@ def test_the_childs_normalisation_is_handed_back_when_it_evens_the_sides() -> No
     assert loading.handed_back(sizes, [], 8 * mib) == []
 
 
-@given(st.lists(st.integers(0, 10**9), min_size=2, max_size=8), st.integers(0, 10**8))
-def test_a_source_handed_back_shortens_the_longer_side(sizes: list[int], start: int) -> None:
+def test_on_a_night_the_childs_hashing_is_handed_back_when_it_evens_the_sides() -> None:
+    """The scale benchmark's extracts on a night (nothing normalised in the load): the
+    stores' hash, the larger, evens the sides best."""
+    mib = 2**20
+    sizes = [52_738_112, 43_794_844, 28_839_562, 3_074_562]
+    assert loading.handed_back(sizes, [1, 2], 8 * mib, loading.HASH_SHARE) == [1]
+
+
+@given(
+    st.lists(st.integers(0, 10**9), min_size=2, max_size=8),
+    st.integers(0, 10**8),
+    st.sampled_from([loading.NORMALISE_SHARE, loading.HASH_SHARE]),
+)
+def test_a_source_handed_back_shortens_the_longer_side(
+    sizes: list[int], start: int, share: float
+) -> None:
     away = loading.shared_out(list(sizes), start)
-    handed = loading.handed_back(list(sizes), away, start)
+    handed = loading.handed_back(list(sizes), away, start, share)
     assert len(handed) <= 1 and set(handed) <= set(away)
     there = start + sum(sizes[i] for i in away)
     here = sum(s for i, s in enumerate(sizes) if i not in away)
     if handed:
-        moved = loading.NORMALISE_SHARE * sizes[handed[0]]
+        moved = share * sizes[handed[0]]
         assert max(here + moved, there - moved) < max(here, there)
 
 
@@ -195,7 +209,7 @@ def test_a_source_handed_back_is_normalised_here_as_the_child_would(
     process gives it, normalised, the handed one included."""
     settings = Pipeline.from_config(samples / "config.yaml").settings
     monkeypatch.setattr(loading, "shared_out", lambda sizes, start: [1, 2])
-    monkeypatch.setattr(loading, "handed_back", lambda sizes, away, start: [2])
+    monkeypatch.setattr(loading, "handed_back", lambda sizes, away, start, share: [2])
     normalised: list[int] = []
     real = loading.normalize_records
 
@@ -214,6 +228,32 @@ def test_a_source_handed_back_is_normalised_here_as_the_child_would(
     assert sorted(normalised) == sorted(len(want[i].records) for i in (0, 2, 3))
 
 
+def test_a_source_handed_back_on_a_night_is_hashed_here_as_the_child_would(
+    samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A night's load (nothing normalised) whose child hands a source back: every
+    source comes out as the load in one process gives it, hashed; the handed one's
+    hash is computed here."""
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    monkeypatch.setattr(loading, "shared_out", lambda sizes, start: [1, 2])
+    monkeypatch.setattr(loading, "handed_back", lambda sizes, away, start, share: [1])
+    hashed: list[int] = []
+    real = loading.source_hashes
+
+    def counted(records: pd.DataFrame) -> pd.Series:
+        hashed.append(len(records))
+        return real(records)
+
+    monkeypatch.setattr(loading, "source_hashes", counted)
+    got = loading.load_sources(settings, DAY, lambda m: None, min_bytes=0, start_bytes=0)
+    monkeypatch.setattr(loading, "source_hashes", real)
+    want = [loading._load_hashed(spec, settings, DAY) for spec in settings.sources]
+    _assert_same(got, want)
+    assert "street_norm" not in got[1].records.columns
+    # Here: sources 0 and 3, and the stores' handed back by the child.
+    assert sorted(hashed) == sorted(len(want[i].records) for i in (0, 1, 3))
+
+
 @pytest.mark.parametrize(("in_child", "handed"), [(1, []), (2, []), (1, [1]), (2, [2])])
 def test_the_first_failing_source_in_order_is_reported_wherever_it_was_loaded(
     samples: Path, monkeypatch: pytest.MonkeyPatch, in_child: int, handed: list[int]
@@ -225,7 +265,7 @@ def test_the_first_failing_source_in_order_is_reported_wherever_it_was_loaded(
     for spec in settings.sources[1:3]:
         settings.resolve(spec.path).write_bytes(b"")
     monkeypatch.setattr(loading, "shared_out", lambda sizes, start: [in_child])
-    monkeypatch.setattr(loading, "handed_back", lambda sizes, away, start: handed)
+    monkeypatch.setattr(loading, "handed_back", lambda sizes, away, start, share: handed)
     with pytest.raises(SourceError) as failed:
         loading.load_sources(
             settings, DAY, lambda m: None, min_bytes=0, start_bytes=0, normalised=True
@@ -368,3 +408,24 @@ def test_the_child_collects_what_it_logs_and_each_failure(
     assert "source_hash" in early.mapped[3].records.columns
     assert "street_norm" not in early.mapped[3].records.columns
     assert early.logged == [("mdm_pipeline.sources", logging.WARNING, "source 'b2b': read")]
+
+
+def test_on_a_night_the_child_hands_a_source_back_mapped_only(
+    samples: Path, tmp_path: Path
+) -> None:
+    """The child's loop for a night's load (nothing normalised): the source it hands
+    back comes without its hash, which this process computes; the others with it."""
+    import pickle
+
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    with open(tmp_path / "job.pickle", "wb") as handle:
+        pickle.dump((settings, DAY, [1, 2], False, [1]), handle)
+    loading._main(tmp_path)
+    with open(tmp_path / loading.EARLY, "rb") as handle:
+        early = pickle.load(handle)
+    with open(tmp_path / loading.ANSWER, "rb") as handle:
+        answer = pickle.load(handle)
+    assert list(early.mapped) == [1] and list(answer.mapped) == [2]
+    assert "source_hash" not in early.mapped[1].records.columns
+    assert "source_hash" in answer.mapped[2].records.columns
+    assert "street_norm" not in answer.mapped[2].records.columns
