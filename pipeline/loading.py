@@ -190,9 +190,10 @@ class _Child:
             self.close()
 
     def early(self) -> _Answer | None:
-        """The sources the child hands back to be normalised here (`handed_back`), as
-        soon as it has mapped them; None if it ends without them (they are then loaded
-        here with the rest of what it did not answer)."""
+        """The sources the child hands back to be finished here (normalised, or on a
+        night hashed: `handed_back`), as soon as it has mapped them; None if it ends
+        without them (they are then loaded here with the rest of what it did not
+        answer)."""
         if self.process is None or self.folder is None:
             return None
         result = Path(self.folder) / EARLY
