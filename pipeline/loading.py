@@ -264,7 +264,7 @@ def _load_hashed(
     hashed: bool = True,
 ) -> MappedSource:
     """A source read and mapped, its records with their `source_hash` (unless not
-    `hashed`: `_finished` adds it) and normalised if asked: a row's hash and
+    `hashed`: `_take` adds it) and normalised if asked: a row's hash and
     normalised values are its own values' alone, so each source's are those of the
     records all together, and they are computed where the source is loaded (on
     either core)."""
