@@ -342,8 +342,9 @@ class NightReturns:
         zygote: Zygote | None = None,
     ) -> None:
         self._sources = (specs, raws, keys)
-        # Chosen again by `start`, once the records the night re-decided are known.
-        self._shares = writers_shares([len(k) for k in keys])
+        #: The writers' shares (`writers_shares`), the child's first: chosen by `start`,
+        #: once the records the night re-decided are known.
+        self._shares: list[list[int]] = []
         self._child = background.Child(engine, RETURNS_CHILD_MODULE, None, zygote=zygote)
         self._stored: tuple[pa.Table, pd.DataFrame] | None = None
         self._tonight: pd.DataFrame | None = None
