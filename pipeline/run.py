@@ -871,9 +871,10 @@ class Pipeline:
         # beside the write of the match evidence's changes (`choose`).
         def choose(
             changed: pd.DataFrame, stored_payloads: pd.DataFrame
-        ) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame, pd.DataFrame]:
+        ) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame, pd.DataFrame, np.ndarray]:
             """Tonight's affected records (the changed ones and the stored ones restored
-            from their payloads), their clusters and their golden records."""
+            from their payloads), their clusters, their golden records, and the row in
+            `current` of each of `stored_payloads`' records."""
             restored = inc.records_from_payload(stored_payloads, changed.dtypes)
             # Tonight's line and source hash, by position (no merge against all records).
             at_row = inc.record_keys(from_store).get_indexer(inc.record_keys(restored))
@@ -894,7 +895,7 @@ class Pipeline:
             records = inc.run_order(inc.stack([changed, restored]), sources)
             # Positions follow `current` restricted to the affected records.
             labels = pd.Series(cluster_ids, index=records.index)
-            return records, labels, *survive(records, labels, settings.survivorship)
+            return records, labels, *survive(records, labels, settings.survivorship), at_current
 
         at = now.replace(tzinfo=None)
         with (
@@ -933,7 +934,7 @@ class Pipeline:
                 removed = store.remove_records(
                     conn, summary.run_id, at, deleted[inc.KEYS].astype(str)
                 )
-                records, labels, golden, lineage = chosen.result()
+                records, labels, golden, lineage, payload_rows = chosen.result()
             # The next snapshot is built on a second thread while the golden records and
             # source records are written, its GIL-free Arrow work beside the database's
             # (it is written last). Started with survivorship, its Python parts held the
@@ -964,10 +965,12 @@ class Pipeline:
                     quarantine_scope,
                     scope=scope,
                     removed=deleted[inc.KEYS].iloc[:0],  # removed above
-                    # Read back and not re-flagged: their payload is the stored one.
-                    as_stored=stored_payloads.merge(
-                        current.loc[affected & ~is_changed & ~resurvive, inc.KEYS], on=inc.KEYS
-                    ),
+                    # Read back and not re-flagged: their payload is the stored one. Taken
+                    # by each payload's row in `current`, which `choose` found: merged on
+                    # the keys, 80k records' keys were hashed again (0.1 s at 1M records).
+                    as_stored=stored_payloads.take(
+                        np.flatnonzero(~resurvive[payload_rows])
+                    ).reset_index(drop=True),
                     steward=since,
                     assigned=make_returns,
                 )
