@@ -55,19 +55,21 @@ def quality(records: pd.DataFrame) -> list[dict[str, Any]]:
         for c in ("email_valid", "phone_valid", "npai_flag")
         if c in records
     }
-    status = (
-        records["address_status"].fillna("missing").astype(str).to_numpy(dtype=object)
-        if "address_status" in records
-        else None
-    )
-
-    # Hashed, not sorted: sources in order of first appearance.
-    codes, sources = pd.factorize(records["source"].astype(str))
+    # Hashed, not sorted: sources in order of first appearance. Their names and the
+    # address statuses are counted by code: made Python texts first, a full run's
+    # million of each took 0.4 s of its report's 0.6 s.
+    codes, sources = pd.factorize(records["source"], use_na_sentinel=False)
+    per_status = None
+    if "address_status" in records:
+        status_codes, statuses = pd.factorize(records["address_status"].fillna("missing"))
+        per_status = np.bincount(
+            codes * len(statuses) + status_codes, minlength=len(sources) * len(statuses)
+        ).reshape(len(sources), len(statuses))
     out = []
     for i, source in enumerate(sources):
         here = codes == i
         n = int(here.sum())
-        row: dict[str, Any] = {"source": source, "records": n, "complete": {}}
+        row: dict[str, Any] = {"source": str(source), "records": n, "complete": {}}
         for label, col in QUALITY_FIELDS:
             if col in records:
                 row["complete"][label] = _rate(present[col][here], n)
@@ -76,9 +78,14 @@ def quality(records: pd.DataFrame) -> list[dict[str, Any]]:
             if valid in records:
                 has = present[norm if norm in records else valid][here]
                 row[valid] = _rate(true[valid][here], int(has.sum()))
-        if status is not None:
-            counts = pd.Series(status[here]).value_counts()
-            row["address_status"] = {k: int(v) for k, v in counts.items()}
+        if per_status is not None:
+            # The most frequent first, as `value_counts` lists them.
+            counts = per_status[i]
+            row["address_status"] = {
+                str(statuses[j]): int(counts[j])
+                for j in np.argsort(-counts, kind="stable")
+                if counts[j]
+            }
         if "npai_flag" in records:
             row["npai_rate"] = _rate(true["npai_flag"][here], n)
         out.append(row)

@@ -139,3 +139,28 @@ def test_quality_counts_each_source_over_its_own_records() -> None:
     assert b["address_status"] == {"valid": 2, "corrected": 1}
     assert a["address_status"] == {"missing": 1, "invalid": 1}
     assert b["npai_rate"] == 0.3333 and a["npai_rate"] == 0.5
+
+
+def test_quality_counts_address_statuses_per_source_most_frequent_first() -> None:
+    """Counted by code over Arrow texts, as each source's own `value_counts` lists them."""
+    import numpy as np
+    import pandas as pd
+
+    from mdm_pipeline.pipeline.report import quality
+
+    rng = np.random.default_rng(7)
+    n = 500
+    source = rng.choice(["stores", "web", "b2b"], n, p=[0.5, 0.3, 0.2])
+    status = rng.choice(["valid", "corrected", "invalid", "foreign", None], n)
+    records = pd.DataFrame(
+        {
+            "source": pd.array(source, dtype="string[pyarrow]"),
+            "address_status": pd.array(status, dtype="string[pyarrow]"),
+        }
+    )
+    got = {row["source"]: row["address_status"] for row in quality(records)}
+    filled = records["address_status"].fillna("missing").astype(str)
+    for name in ("stores", "web", "b2b"):
+        want = filled[records["source"] == name].value_counts()
+        assert got[name] == {k: int(v) for k, v in want.items()}
+        assert list(got[name].values()) == sorted(got[name].values(), reverse=True)
