@@ -610,7 +610,11 @@ class Pipeline:
         )
         delta_sources = [s.name for s in settings.sources if s.delta is not None]
         delta = inc.find_delta(
-            loaded, state, [s for s in sources if s not in delta_sources], deletions
+            loaded,
+            state,
+            [s for s in sources if s not in delta_sources],
+            deletions,
+            inc.snapshot_keys(snap[2]["records"]),
         )
         summary.records_changed, summary.records_deleted = len(delta.changed), len(delta.deleted)
         scope_read.start(

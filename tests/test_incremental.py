@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -1358,6 +1359,44 @@ def test_key_positions_of_the_stored_keys_in_their_order_or_nearly(
     asked = inc.record_keys(pd.DataFrame(wanted, columns=inc.KEYS, dtype=object))
     got = inc.KeyPositions(frame).get_indexer(asked)
     np.testing.assert_array_equal(got, inc.record_keys(frame).get_indexer(asked))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.sampled_from(["web", "shop"]), _KEY_TEXTS), min_size=1),
+    base=st.integers(0),
+    order=st.randoms(use_true_random=False),
+    wanted=st.lists(st.tuples(st.sampled_from(["web", "crm"]), _KEY_TEXTS)),
+)
+def test_snapshot_keys_are_the_state_frames_keys(
+    rows: list[tuple[str, str]],
+    base: int,
+    order: random.Random,
+    wanted: list[tuple[str, str]],
+) -> None:
+    """Joined in Arrow from the snapshot's rows (a base, a patch, each record's row
+    among them in any order), the keys are those of the frame a night makes of
+    them, and look keys up as it does."""
+    table = pa.table({"source": [r[0] for r in rows], "source_key": [r[1] for r in rows]})
+    at = np.arange(len(rows))
+    if base % 2:  # a patched snapshot: a record's row anywhere, some rows superseded
+        order.shuffle(at)
+        at = at[: max(1, len(at) - base % 3)]
+    stored = store.StoredRecords(table, at, base % (len(rows) + 1))
+    frame = table.take(pa.array(at)).to_pandas()
+    keys = inc.snapshot_keys(stored)
+    assert keys is not None and keys.to_pylist() == list(inc.record_keys(frame))
+    if len(set(keys.to_pylist())) == len(keys):
+        asked = inc.record_keys(pd.DataFrame(wanted + rows[:2], columns=inc.KEYS, dtype=object))
+        np.testing.assert_array_equal(
+            inc.KeyPositions(frame, keys).get_indexer(asked),
+            inc.record_keys(frame).get_indexer(asked),
+        )
+
+
+def test_snapshot_keys_with_a_missing_key_leave_the_frame_to_key() -> None:
+    table = pa.table({"source": ["web", None], "source_key": ["1", "2"]})
+    assert inc.snapshot_keys(store.StoredRecords.whole(table)) is None
 
 
 def test_a_key_stored_twice_is_an_error_when_it_is_looked_up() -> None:
