@@ -96,24 +96,37 @@ def record_keys(frame: pd.DataFrame) -> pd.Index:
 
     joined = joined_keys(frame)
     if joined is None:
-        return pd.Index(frame[SOURCE].astype(str) + "\x1f" + frame[SOURCE_KEY].astype(str))
+        return pd.Index(frame[SOURCE].astype(str) + KEY_SEPARATOR + frame[SOURCE_KEY].astype(str))
     return pd.Index(joined.to_numpy(zero_copy_only=False), dtype=object)
+
+
+#: Between a record's source and key in `record_keys`' texts.
+KEY_SEPARATOR = "\x1f"
 
 
 def joined_keys(frame: pd.DataFrame) -> pa.Array | None:
     """`record_keys`' texts as one Arrow array, when both columns are texts without
     gaps; None otherwise (`record_keys` then joins them in pandas)."""
     import pyarrow as pa  # here, not at the top: see the import above
-    import pyarrow.compute as pc
 
     try:
         source = pa.array(frame[SOURCE], type=pa.string(), from_pandas=True)
         key = pa.array(frame[SOURCE_KEY], type=pa.string(), from_pandas=True)
     except (pa.ArrowException, TypeError, ValueError):
         return None
+    return join_key_arrays(source, key)
+
+
+def join_key_arrays(
+    source: pa.Array | pa.ChunkedArray, key: pa.Array | pa.ChunkedArray
+) -> pa.Array | pa.ChunkedArray | None:
+    """`record_keys`' texts of two Arrow text columns, row by row; None if a key is
+    missing (its text would not be `record_keys`')."""
+    import pyarrow.compute as pc  # here, not at the top: see the import above
+
     if source.null_count or key.null_count:
         return None
-    return pc.binary_join_element_wise(source, key, "\x1f")
+    return pc.binary_join_element_wise(source, key, KEY_SEPARATOR)
 
 
 def require_columns(frame: pd.DataFrame, columns: Iterable[str], boundary: str) -> None:
