@@ -254,6 +254,11 @@ snapshot = sa.Table(
 #: extracts (`store.write_held`). Apart from the snapshot proper, which its readers
 #: read without them.
 HELD_PREFIX = "held."
+#: The Parquet metadata key of a held part that lists its sources (JSON): a source
+#: without a record is there too.
+HELD_SOURCES = b"mdm_sources"
+#: A held part's (and `store.read_returns`') own columns, before the return fields.
+RETURNS_KEYS = ("source", "source_key", "golden_id")
 #: Views the migrations create; declared apart from `metadata`, which lists the tables.
 views = sa.MetaData()
 

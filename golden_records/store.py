@@ -54,7 +54,9 @@ from mdm_pipeline.golden_records.connection import (  # noqa: F401  (part of the
 from mdm_pipeline.golden_records.jsonrows import json_rows, read_fields
 from mdm_pipeline.golden_records.schema import (  # noqa: F401  (the store's tables)
     HELD_PREFIX,
+    HELD_SOURCES,
     MATCH_COLUMNS,
+    RETURNS_KEYS,
     events,
     golden_history,
     golden_records,
@@ -2336,8 +2338,6 @@ def stored_evidence(conn: Connection, touched: pd.DataFrame) -> pd.DataFrame:
 #: Stored records whose payloads `read_returns` parses at a time: a million payloads
 #: are a gigabyte of JSON, held a part at a time (about 60 MB).
 RETURNS_CHUNK_ROWS = 50_000
-#: The held records' own columns, before their payloads' fields (`read_returns`).
-RETURNS_KEYS = ("source", "source_key", "golden_id")
 
 
 def read_returns(
@@ -2437,10 +2437,6 @@ _LAST_SUCCEEDED = (
     .order_by(runs.c.started_at.desc(), runs.c.run_id.desc())
     .limit(1)
 )
-
-#: The Parquet metadata key of a held part that lists its sources (JSON): a source
-#: without a record is there too.
-HELD_SOURCES = b"mdm_sources"
 
 
 def read_held(conn: Connection, fields: pa.Schema, sources: Collection[str]) -> dict[str, pa.Table]:

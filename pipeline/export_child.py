@@ -4,9 +4,10 @@ the run writes its store.
 Run as ``python -m mdm_pipeline.pipeline.export_child FOLDER OUT_DIR SOURCES``,
 its inputs in FOLDER (`exporting.write_inputs`). It waits for a line on its
 standard input, the sign that FOLDER holds the records' golden IDs, writes the
-files into OUT_DIR (`exporting.export_from`), and prints one JSON line naming
-them. On failure, or if the standard input ends first, it prints the error's
-class alone (a message could quote a customer's values) and exits with 1.
+files into OUT_DIR and the next night's held part into FOLDER
+(`exporting.export_from`), and prints one JSON line naming the files. On
+failure, or if the standard input ends first, it prints the error's class alone
+(a message could quote a customer's values) and exits with 1.
 
 It runs at a lower priority (`NICENESS`): the run's store stage, which the run
 waits for, comes first.

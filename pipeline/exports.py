@@ -10,7 +10,6 @@ re-decided and what the store held of the others.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import pickle
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,21 +31,21 @@ from mdm_pipeline.golden_records import background, store
 from mdm_pipeline.golden_records.jsonrows import parse_json_lines
 from mdm_pipeline.golden_records.schema import golden_records, source_records
 from mdm_pipeline.golden_records.zygote import Zygote
-from mdm_pipeline.pipeline.exporting import RETURN_COLUMNS, bu_duplicates, return_columns
+from mdm_pipeline.pipeline.exporting import (
+    HELD_PARQUET,
+    RETURN_FIELDS,
+    as_held,
+    bu_duplicates,
+    held_schema,
+    held_table,
+    return_columns,
+    typed_returns,
+)
 from mdm_pipeline.pipeline.loading import shared_out
 from mdm_pipeline.sources import load_source, write_back
 from mdm_pipeline.sources.writers import write_csv
 
 log = logging.getLogger(__name__)
-
-#: What a business unit's return file needs from each stored payload.
-_PAYLOAD_FIELDS = [c for c in RETURN_COLUMNS if c != "golden_id"]
-#: Flags among them; the others are texts.
-_FLAGS = ("email_valid", "phone_valid", "npai_flag")
-#: Those fields as `store.read_returns` parses them out of the payloads.
-RETURN_FIELDS = pa.schema(
-    [pa.field(c, pa.bool_() if c in _FLAGS else pa.string()) for c in _PAYLOAD_FIELDS]
-)
 
 
 def export_bu(settings: Settings, name: str, out_dir: Path | None = None) -> Path:
@@ -78,45 +77,6 @@ def export_bu(settings: Settings, name: str, out_dir: Path | None = None) -> Pat
         engine.dispose()
     target = out_dir if out_dir is not None else settings.resolve(settings.export.dir)
     return write_back(spec, mapped.raw, added, target)
-
-
-#: Return columns that are texts, booleans that may be unknown, and the NPAI flag: the
-#: types a run's own records give them, so that a file written from the store is the
-#: file the run writes (a Parquet file's schema included).
-_TEXT_FIELDS = [c for c in _PAYLOAD_FIELDS if c not in _FLAGS]
-_UNKNOWN_BOOLEANS = ["email_valid", "phone_valid"]
-_TEXT_KEPT_AS_OBJECTS = ["npai_date", "npai_reason"]  # as `with_flags` leaves them
-
-
-def _typed(values: pd.DataFrame) -> pd.DataFrame:
-    """The return fields of `values` (missing ones empty) in the types a run gives them."""
-    out = values.reindex(columns=_PAYLOAD_FIELDS)
-    text = schema.text_dtype()
-    for c in _TEXT_FIELDS:
-        if c in _TEXT_KEPT_AS_OBJECTS:
-            out[c] = out[c].astype(object).where(out[c].notna(), np.nan)
-        else:
-            out[c] = out[c].astype(text)
-    for c in _UNKNOWN_BOOLEANS:
-        out[c] = out[c].astype("boolean")
-    out["npai_flag"] = out["npai_flag"].astype("boolean").fillna(False).astype(bool)
-    return out
-
-
-def _as_held(records: pd.DataFrame) -> pa.Table:
-    """Records of the night (source_key, golden_id and return fields in the run's
-    types) as `store.read_returns` gives stored ones."""
-    values = _typed(records.reset_index(drop=True))
-    columns = [
-        pa.array(records[c].astype(str).to_numpy(dtype=object), type=pa.string())
-        for c in ("source_key", "golden_id")
-    ]
-    for field in RETURN_FIELDS:
-        column = values[field.name]
-        if field.name in _TEXT_KEPT_AS_OBJECTS:  # texts or missing (`with_flags`)
-            column = column.astype(schema.text_dtype())
-        columns.append(pa.array(column, type=field.type, from_pandas=True))
-    return pa.Table.from_arrays(columns, names=["source_key", "golden_id", *RETURN_FIELDS.names])
 
 
 def _positions(keys: pa.Array, records: pa.Table) -> np.ndarray:
@@ -151,7 +111,7 @@ def stored_return_columns(
     """
     wanted = pa.array(keys.astype(str).to_numpy(dtype=object), type=pa.string())
     held = held.select(["source_key", "golden_id", *RETURN_FIELDS.names])
-    fresh = _as_held(tonight) if tonight is not None else held.schema.empty_table()
+    fresh = as_held(tonight) if tonight is not None else held.schema.empty_table()
     if len(members) and fresh.num_rows:
         # A stored golden record one of tonight's records was in was re-decided whole:
         # its stored members are tonight's records (or deleted), none a member now.
@@ -163,8 +123,10 @@ def stored_return_columns(
     at = np.where(at_fresh >= 0, at_fresh, np.where(at_held >= 0, fresh.num_rows + at_held, -1))
     both = pa.concat_tables([fresh, held])
     rows = both.take(pa.array(at, mask=at < 0))
-    frame = _typed(rows.select(RETURN_FIELDS.names).to_pandas(types_mapper=schema.text_types))
-    # A row the store does not hold is not flagged either (`_typed`).
+    frame = typed_returns(
+        rows.select(RETURN_FIELDS.names).to_pandas(types_mapper=schema.text_types)
+    )
+    # A row the store does not hold is not flagged either (`typed_returns`).
     golden_ids = rows.column("golden_id").to_numpy(zero_copy_only=False)
     frame.insert(0, "golden_id", golden_ids)
     frame.insert(0, "source_key", keys.astype(str).to_numpy(dtype=object))
@@ -238,9 +200,8 @@ def next_held(
         return None
     names = pa.array(whole, type=pa.string())
     mine = tonight[tonight["source"].isin(whole)]
-    fresh = _as_held(mine)
-    fresh = fresh.add_column(
-        0, "source", pa.array(mine["source"].astype(str).to_numpy(dtype=object), pa.string())
+    fresh = held_table(
+        pa.array(mine["source"].astype(str).to_numpy(dtype=object), pa.string()), mine
     )
     stored = held.filter(pc.is_in(held.column("source"), value_set=names))
     gone = pd.concat([mine[["source", "source_key"]], deleted[["source", "source_key"]]])
@@ -251,11 +212,9 @@ def next_held(
         stored.column("source"), stored.column("source_key"), "\x1f"
     )
     kept = stored.filter(pc.invert(pc.is_in(stored_keys, value_set=gone_keys)))
-    table = pa.concat_tables([kept.select(fresh.column_names), fresh]).replace_schema_metadata(
-        {store.HELD_SOURCES: json.dumps(whole)}
-    )
+    table = pa.concat_tables([kept.select(fresh.column_names), fresh]).cast(held_schema(whole))
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, **HELD_PARQUET)
     return sink.getvalue()
 
 

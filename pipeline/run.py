@@ -9,6 +9,7 @@ manifest of the run.
 from __future__ import annotations
 
 import gc
+import io
 import logging
 import shutil
 import tempfile
@@ -471,15 +472,21 @@ class Pipeline:
                     )
                 summary.record_written(written)
                 with self._stage("export", summary, emit, total=len(mapped)):
+                    held_part: bytes | None = None
                     if exports is not None:
                         staged.extend(exports.files())
+                        held_part = exports.held_part
                         exports.close()
                         for m in mapped:
                             emit("export", "advance", {"source": m.source})
                     elif settings.export.enabled:
-                        staged.extend(
-                            self._export(mapped, sizes, records, record_gid, staging, emit)
+                        paths, held_part = self._export(
+                            mapped, sizes, records, record_gid, staging, emit
                         )
+                        staged.extend(paths)
+                    # What the first night reads back of the full extracts' records, as
+                    # later nights read what the night before held: not their payloads.
+                    store.write_held(conn, summary.run_id, [held_part] if held_part else [])
                 summary.peak_rss_mib = round(self._memory.run_peak(), 1)
                 store.finish_run(conn, summary.run_id, self._manifest(summary, mapped))
         self._report(summary, engine, records, weights, cluster_ids, quarantined)
@@ -1133,6 +1140,7 @@ class Pipeline:
                 [m.raw for m in mapped],
                 _return_parts(records, sizes),
                 out_dir,
+                held=self.settings.export.incremental,
             )
         except OSError as exc:  # no room for its inputs: the files are written here
             log.warning("return files could not be handed to a child (%s)", type(exc).__name__)
@@ -1148,18 +1156,29 @@ class Pipeline:
         golden_ids: pd.Series,
         out_dir: Path,
         emit: EventCallback,
-    ) -> list[Path]:
-        """Each source's file written back: its records are `sizes[i]` rows of `records`,
-        in the sources' order."""
+    ) -> tuple[list[Path], bytes | None]:
+        """Each source's file written back (its records are `sizes[i]` rows of
+        `records`, in the sources' order), and the held part of the sources sent as
+        full extracts, as an export job makes them (`exporting.HeldPart`)."""
+        specs = [self.settings.source(m.source) for m in mapped]
+        whole = (
+            [s.name for s in specs if s.delta is None] if self.settings.export.incremental else []
+        )
+        sink = io.BytesIO()
+        held = exporting.HeldPart(sink, whole) if whole else None
         paths = []
         offset = 0
-        for m, part in zip(mapped, _return_parts(records, sizes), strict=True):
-            ids = golden_ids.iloc[offset : offset + len(part)].to_numpy()
+        for spec, m, part in zip(specs, mapped, _return_parts(records, sizes), strict=True):
+            part = part.assign(golden_id=golden_ids.iloc[offset : offset + len(part)].to_numpy())
             offset += len(part)
-            added = return_columns(part.assign(golden_id=ids))
-            paths.append(write_back(self.settings.source(m.source), m.raw, added, out_dir))
+            if held is not None and spec.name in held.sources:
+                held.add(spec.name, part)
+            paths.append(write_back(spec, m.raw, return_columns(part), out_dir))
             emit("export", "advance", {"source": m.source})
-        return paths
+        if held is None:
+            return paths, None
+        held.close()
+        return paths, sink.getvalue()
 
     def _manifest(self, summary: RunSummary, mapped: list[MappedSource]) -> dict[str, Any]:
         return {

@@ -11,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from mdm_pipeline.config.settings import CsvSource, ParquetSource
 from mdm_pipeline.golden_records import store
+from mdm_pipeline.golden_records.schema import HELD_PREFIX
 from mdm_pipeline.pipeline import exporting
+from mdm_pipeline.pipeline.exports import RETURN_FIELDS
 from mdm_pipeline.pipeline.run import Pipeline
 from mdm_pipeline.sources import writers
 
@@ -28,6 +31,20 @@ def _files(samples: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((samples / "out").glob("*_return.*"))}
 
 
+def _held(samples: Path) -> dict[str, list[dict]]:
+    """What the next night reads back of each full extract's records: the held part
+    the last run wrote, its rows in key order."""
+    settings = Pipeline.from_config(samples / "config.yaml").settings
+    whole = [s.name for s in settings.sources if s.delta is None]
+    engine = store.connect(f"sqlite:///{samples / 'store.sqlite'}")
+    try:
+        with engine.connect() as conn:
+            held = store.read_held(conn, RETURN_FIELDS, whole)
+    finally:
+        engine.dispose()
+    return {name: t.sort_by("source_key").to_pylist() for name, t in held.items()}
+
+
 @pytest.fixture
 def written_here(samples: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
     """The samples' return files as the run writes them itself (its store kept: a
@@ -36,6 +53,14 @@ def written_here(samples: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, by
         here.setattr(exporting, "MIN_RECORDS", 10**12)
         _run(samples, here)
     return _files(samples)
+
+
+@pytest.fixture
+def held_here(samples: Path, written_here: dict[str, bytes]) -> dict[str, list[dict]]:
+    """The held part the run made itself, with `written_here`'s files."""
+    held = _held(samples)
+    assert len(held) == 4 and all(held.values())
+    return held
 
 
 @pytest.fixture
@@ -53,7 +78,10 @@ def _leftovers() -> list[Path]:
 
 @pytest.mark.usefixtures("any_run_exports_in_a_child")
 def test_the_childs_return_files_are_the_runs_own(
-    samples: Path, written_here: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+    samples: Path,
+    written_here: dict[str, bytes],
+    held_here: dict[str, list[dict]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def forbidden(*args: object) -> list[Path]:
         raise AssertionError("the run wrote the files the child was to write")
@@ -63,6 +91,7 @@ def test_the_childs_return_files_are_the_runs_own(
     before = _leftovers()
     _run(samples, monkeypatch)
     assert _files(samples) == written_here
+    assert _held(samples) == held_here  # the next night's held part, made by the child
     assert len(written_here) == 4 and all(written_here.values())
     assert _leftovers() == before  # the job's inputs are gone
 
@@ -73,6 +102,7 @@ def test_the_childs_return_files_are_the_runs_own(
 def test_a_failed_child_leaves_the_files_to_the_run(
     samples: Path,
     written_here: dict[str, bytes],
+    held_here: dict[str, list[dict]],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     module: str,
@@ -84,6 +114,7 @@ def test_a_failed_child_leaves_the_files_to_the_run(
         _run(samples, monkeypatch)
     assert "written here" in caplog.text
     assert _files(samples) == written_here
+    assert _held(samples) == held_here
 
 
 @pytest.mark.usefixtures("any_run_exports_in_a_child")
@@ -139,7 +170,7 @@ def test_return_files_written_by_pieces_are_the_files_written_whole(
     with monkeypatch.context() as here:
         here.setattr(exporting, "MIN_RECORDS", 10**12)
         _run(samples, here)
-    whole = _files(samples)
+    whole, held = _files(samples), _held(samples)
     monkeypatch.setattr(exporting, "MIN_RECORDS", 0)
     monkeypatch.setattr(exporting, "CHILD_MODULE", "mdm_pipeline.no_such_module")
     loaded: list[str] = []
@@ -153,6 +184,7 @@ def test_return_files_written_by_pieces_are_the_files_written_whole(
     _run(samples, monkeypatch)
     assert "0.5.pickle" in loaded  # the first source came in six pieces at least
     assert _files(samples) == whole
+    assert _held(samples) == held and all(held.values())  # held a piece at a time
 
 
 def test_a_source_with_columns_rendered_by_chunks_is_cut_in_the_writers_chunks() -> None:
@@ -170,3 +202,47 @@ def test_a_source_with_columns_rendered_by_chunks_is_cut_in_the_writers_chunks()
     assert exporting.piece_rows(parquet, texts, part) == 2
     # A return column the records lack is a column of missing numbers: by chunks too.
     assert exporting.piece_rows(spec, texts, part.drop(columns="city_norm")) == 100_000
+
+
+def test_a_full_run_whose_nights_return_no_files_holds_nothing_for_them(
+    samples: Path, held_here: dict[str, list[dict]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`export.incremental: false`: no night reads a held part, and the one an earlier
+    run left is removed, not kept beside the store's records."""
+    cfg = samples / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("  dir: out", "  dir: out\n  incremental: false", 1))
+    _run(samples, monkeypatch)
+    assert _held(samples) == {}
+    engine = store.connect(f"sqlite:///{samples / 'store.sqlite'}")
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(sa.select(store.snapshot.c.name)).scalars().all()
+    finally:
+        engine.dispose()
+    assert names and not any(n.startswith(HELD_PREFIX) for n in names)
+
+
+@pytest.mark.usefixtures("any_run_exports_in_a_child")
+def test_a_held_part_that_was_not_made_leaves_the_night_to_the_payloads(
+    samples: Path,
+    written_here: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The files are written (here: the child fails) but the held part never gets its
+    name: the run still succeeds with its files, and holds nothing for the next night,
+    which then reads the stored payloads."""
+    monkeypatch.setattr(exporting, "CHILD_MODULE", "mdm_pipeline.no_such_module")
+    export_from = exporting.export_from
+
+    def losing_the_held_part(folder: Path, *args: object) -> list[Path]:
+        paths = export_from(folder, *args)  # type: ignore[arg-type]
+        (folder / exporting.HELD_FILE).unlink()
+        return paths
+
+    monkeypatch.setattr(exporting, "export_from", losing_the_held_part)
+    with caplog.at_level(logging.WARNING, logger=exporting.__name__):
+        _run(samples, monkeypatch)
+    assert "held part made with the return files is missing" in caplog.text
+    assert _files(samples) == written_here
+    assert _held(samples) == {}

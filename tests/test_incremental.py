@@ -206,6 +206,9 @@ def _incremental_equals_full(folder: Path, tmp_path: Path, seed: int) -> dict:
     a, b = tmp_path / "incremental.sqlite", tmp_path / "full.sqlite"
     first = _run(cfg, f"sqlite:///{a}")
     assert first["model_status"] == "trained"
+    # The first night reads back what the full run held of its full extracts, as
+    # later nights read what the night before held, not their payloads.
+    _held_is_the_payloads(a, load_settings(cfg))
     shutil.copy(a, b)
     edits = day2(folder, seed)
     inc = _run(cfg, f"sqlite:///{a}", "--incremental")
@@ -213,6 +216,7 @@ def _incremental_equals_full(folder: Path, tmp_path: Path, seed: int) -> dict:
     shutil.copytree(folder / "out", nightly)
     full = _run(cfg, f"sqlite:///{b}")
     assert inc["mode"] == "incremental" and full["mode"] == "full"
+    _held_is_the_payloads(b, load_settings(cfg))  # a second full run's, not the first's
     assert full["model_status"] == "reused"
     assert inc["records_deleted"] == edits["deleted"]
     assert 0 < inc["records_changed"] < sum(s["records"] for s in inc["sources"]) / 4
