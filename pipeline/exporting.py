@@ -169,8 +169,8 @@ def typed_returns(values: pd.DataFrame) -> pd.DataFrame:
 
 
 def as_held(records: pd.DataFrame) -> pa.Table:
-    """Records of the night (source_key, golden_id and return fields in the run's
-    types) as `store.read_returns` gives stored ones."""
+    """Records a run stores (source_key, golden_id and return fields in the run's
+    types) as `store.read_returns` gives them back from their payloads."""
     values = typed_returns(records.reset_index(drop=True))
     columns = [
         pa.array(records[c].astype(str).to_numpy(dtype=object), type=pa.string())
