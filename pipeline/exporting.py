@@ -194,6 +194,12 @@ HELD_PARQUET: dict[str, Any] = {
 }
 
 
+def held_sources(specs: Iterable[Source]) -> list[str]:
+    """The sources a held part holds every record of, sorted: those sent as full
+    extracts (a delta extract's unchanged records are read by key instead)."""
+    return sorted(spec.name for spec in specs if spec.delta is None)
+
+
 def held_table(sources: pa.Array, records: pd.DataFrame) -> pa.Table:
     """Rows of a held part (`store.write_held`): `as_held(records)`, each record's
     source (`sources`) first."""
@@ -321,7 +327,7 @@ def _pieces(
         yield raw, return_columns(part, others)
 
 
-def _held_sources(folder: Path) -> list[str] | None:
+def _job_held_sources(folder: Path) -> list[str] | None:
     """The sources the job's held part is to hold (`HELD_SOURCES_FILE`), None if it
     makes none."""
     path = folder / HELD_SOURCES_FILE
@@ -333,7 +339,7 @@ def export_from(folder: Path, out_dir: Path, sources: int) -> list[Path]:
     part (`HELD_FILE`) if it makes one (what the child does, and what this process
     does if the child fails)."""
     golden_ids = _load(folder / GOLDEN_IDS)
-    whole = _held_sources(folder)
+    whole = _job_held_sources(folder)
     # Written under another name, and named `HELD_FILE` once whole.
     partial = folder / f"{HELD_FILE}.part"
     held = HeldPart(partial, whole) if whole is not None else None
@@ -385,7 +391,7 @@ class ExportJob:
         self._process: subprocess.Popen[str] | None = None
         #: The held part (Parquet), once the files are collected (`files`), if made.
         self.held_part: bytes | None = None
-        whole = sorted(spec.name for spec in specs if spec.delta is None)
+        whole = held_sources(specs)
         # The inputs are written whatever happens next: this process writes the files
         # from them if the child cannot.
         try:
@@ -433,7 +439,7 @@ class ExportJob:
         paths = self._childs_files()
         if paths is None:
             paths = export_from(self.folder, self.out_dir, self.sources)
-        if _held_sources(self.folder) is not None:
+        if _job_held_sources(self.folder) is not None:
             try:
                 self.held_part = (self.folder / HELD_FILE).read_bytes()
             except OSError:

@@ -37,6 +37,7 @@ from mdm_pipeline.pipeline.exporting import (
     as_held,
     bu_duplicates,
     held_schema,
+    held_sources,
     held_table,
     return_columns,
     typed_returns,
@@ -195,7 +196,7 @@ def next_held(
 
     The next night then reads these instead of a million payloads (a test compares
     them with the payloads it would read)."""
-    whole = sorted(spec.name for spec in specs if spec.delta is None)
+    whole = held_sources(specs)
     if not whole:
         return None
     names = pa.array(whole, type=pa.string())

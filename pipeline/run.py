@@ -579,7 +579,7 @@ class Pipeline:
             ReturnsRead(
                 engine,
                 RETURN_FIELDS,
-                [s.name for s in settings.sources if s.delta is None],
+                exporting.held_sources(settings.sources),
                 [s.name for s in settings.sources if s.delta is not None],
                 zygote=zygote,
             )
@@ -1161,9 +1161,7 @@ class Pipeline:
         `records`, in the sources' order), and the held part of the sources sent as
         full extracts, as an export job makes them (`exporting.HeldPart`)."""
         specs = [self.settings.source(m.source) for m in mapped]
-        whole = (
-            [s.name for s in specs if s.delta is None] if self.settings.export.incremental else []
-        )
+        whole = exporting.held_sources(specs) if self.settings.export.incremental else []
         sink = io.BytesIO()
         held = exporting.HeldPart(sink, whole) if whole else None
         paths = []
