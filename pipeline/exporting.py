@@ -230,7 +230,10 @@ class HeldPart:
         self._writer = pq.ParquetWriter(sink, held_schema(sources), **HELD_PARQUET)
 
     def add(self, source: str, records: pd.DataFrame) -> None:
-        """`records` of `source` (source_key, golden_id and the return fields)."""
+        """`records` of `source` (source_key, golden_id and the return fields), if it is
+        one of the part's `sources`: a delta extract's records are not held."""
+        if source not in self.sources:
+            return
         names = pa.array(np.full(len(records), source, dtype=object), type=pa.string())
         self._writer.write_table(held_table(names, records))
 
@@ -356,7 +359,7 @@ def export_from(folder: Path, out_dir: Path, sources: int) -> list[Path]:
             type=pa.string(),
         )
         del keys
-        mine = (held, spec.name) if held is not None and spec.name in held.sources else None
+        mine = (held, spec.name) if held is not None else None
         paths.append(
             write_back_pieces(spec, _pieces(folder, i, pieces, ids, duplicates, mine), out_dir)
         )

@@ -1169,7 +1169,7 @@ class Pipeline:
         for spec, m, part in zip(specs, mapped, _return_parts(records, sizes), strict=True):
             part = part.assign(golden_id=golden_ids.iloc[offset : offset + len(part)].to_numpy())
             offset += len(part)
-            if held is not None and spec.name in held.sources:
+            if held is not None:
                 held.add(spec.name, part)
             paths.append(write_back(spec, m.raw, return_columns(part), out_dir))
             emit("export", "advance", {"source": m.source})

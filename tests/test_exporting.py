@@ -4,12 +4,14 @@ leaves them to the run."""
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
@@ -246,3 +248,19 @@ def test_a_held_part_that_was_not_made_leaves_the_night_to_the_payloads(
     assert "held part made with the return files is missing" in caplog.text
     assert _files(samples) == written_here
     assert _held(samples) == {}
+
+
+def test_a_held_part_holds_only_its_own_sources_records() -> None:
+    """A delta extract's records handed to the part (the run hands it every source's)
+    are not held: the night reads those by key, and a part of a source it does not
+    list would only cost memory and room."""
+    sink = io.BytesIO()
+    part = exporting.HeldPart(sink, ["full"])
+    records = pd.DataFrame({"source_key": ["1", "2"], "golden_id": ["G1", "G2"]})
+    part.add("delta", records)
+    part.add("full", records)
+    part.close()
+    table = pq.read_table(io.BytesIO(sink.getvalue()))
+    assert table.column("source").to_pylist() == ["full", "full"]
+    assert table.column("source_key").to_pylist() == ["1", "2"]
+    assert table.column("golden_id").to_pylist() == ["G1", "G2"]
